@@ -1,0 +1,297 @@
+"""The M6-T Mixture-of-Experts layer with the Whale data flow (SPEC §1, paper appendix A.3).
+
+Dimension cheat sheet (letters of SPEC.md, used in every einsum and `# [..]` comment below):
+
+    D  workers in the expert-parallel group      e  experts per worker, E = e·D
+    E  experts in total                          C  capacity per expert (token slots)
+    M  model size                                I  expert intermediate size (N: linear experts)
+    T  tokens on this worker (B·L)               K  choices per token (k, or Z prototypes)
+
+Data flow of one forward pass:
+
+    x [T, M] → router logits [T, E] (float32) → routing → dispatch         [E, C, M]
+             → reshape [D, e, C, M] → all-to-all → experts → all-to-all back [D, e, C, M]
+             → reshape [E, C, M] → combine                                  [T, M]
+
+Parameters of one layer: router M·E, experts E·2·M·I (E·3·M·I with SwiGLU); each worker holds
+the router and its e = E/D experts. For the 1T config: 24 layers × 960 experts × 2 × 1024 × 21248
+= 1,002,795,171,840 expert parameters.
+
+Two dispatch implementations compute the same function:
+  * "einsum": the GShard reference, one-hot `TEC,TM->ECM` and `TEC,ECM->TM`, cost O(T·E·C·M);
+  * "index": gather the token rows into their slots and gather them back, cost O(K·T·M + E·C·M).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from m6t_tf.layers import experts as experts_lib
+from m6t_tf.layers import routing as routing_lib
+from m6t_tf.parallel import communicator as comm_lib
+
+ROUTINGS = ("top_k", "prototype")
+DISPATCHES = ("einsum", "index")
+EXPERT_TYPES = ("ffn", "linear")
+#: Names of the routing statistics every MoE layer exposes after each call (`MoE.stats`).
+STAT_NAMES = ("tokens_per_expert", "load_cv", "dropped_fraction", "aux_loss", "z_loss")
+
+
+def dispatch_einsum(x, routing: routing_lib.Routing):
+  """<T, M> -> <E, C, M> with the one-hot dispatch mask (reference)."""
+  return tf.einsum("TEC,TM->ECM", tf.cast(routing.dispatch_mask, x.dtype), x)
+
+
+def combine_einsum(y, routing: routing_lib.Routing):
+  """<E, C, M> -> <T, M>: Σ over (e, c) of combine_weights · y."""
+  return tf.einsum("TEC,ECM->TM", tf.cast(routing.combine_weights, y.dtype), y)
+
+
+def _flat_slots(routing: routing_lib.Routing, num_experts: int):
+  """<int32>[K, T] row of each choice in the flattened [E·C] buffer; E·C for dropped choices."""
+  c = routing.capacity
+  return tf.where(routing.kept, routing.expert_index * c + routing.slot, num_experts * c)
+
+
+def dispatch_index(x, routing: routing_lib.Routing, num_experts: int):
+  """<T, M> -> <E, C, M> by gathering each slot's token row (zeros for padding slots)."""
+  num_tokens = tf.shape(x)[0]
+  c = routing.capacity
+  rows = _flat_slots(routing, num_experts)                                 # [K, T]
+  tokens = tf.broadcast_to(tf.range(num_tokens, dtype=tf.int32)[None, :], tf.shape(rows))
+  # slot -> token; unfilled slots point at row T, a zero row. Kept slots are unique, so the
+  # update has no collisions except on the extra dump row E·C that collects dropped choices.
+  slot_token = tf.tensor_scatter_nd_update(
+      tf.fill([num_experts * c + 1], num_tokens), tf.reshape(rows, [-1, 1]),
+      tf.reshape(tokens, [-1]))[:-1]                                     # [E·C]
+  x_padded = tf.concat([x, tf.zeros_like(x[:1])], axis=0)                 # [T+1, M]
+  out = tf.gather(x_padded, slot_token)                                   # [E·C, M]
+  return tf.reshape(out, [num_experts, c, -1])
+
+
+def combine_index(y, routing: routing_lib.Routing, num_experts: int):
+  """<E, C, M> -> <T, M>: Σ over the K choices of gate · y[expert, slot]."""
+  c = routing.capacity
+  y_flat = tf.reshape(y, [num_experts * c, -1])
+  y_padded = tf.concat([y_flat, tf.zeros_like(y_flat[:1])], axis=0)       # [E·C+1, N]
+  rows = _flat_slots(routing, num_experts)                                 # [K, T]
+  picked = tf.gather(y_padded, rows)                                       # [K, T, N]
+  return tf.einsum("KTN,KT->TN", picked, tf.cast(routing.gate, y.dtype))
+
+
+@keras.saving.register_keras_serializable(package="m6t_tf")
+class MoE(keras.layers.Layer):
+  """Sparse Mixture-of-Experts feed-forward layer (M6-T), expert parallel over a communicator.
+
+  Args:
+    num_experts: E, experts in total over the expert-parallel group.
+    intermediate_size: I (for `expert_type="linear"`, ignored).
+    routing: "top_k" (looped argmax over all E) or "prototype" (k groups, top-1 in each).
+    k: choices per token; for "prototype" the number of prototypes Z (E must divide by Z).
+    capacity_factor: γ at training time (1.25 in M6-T).
+    eval_capacity_factor: γ at evaluation (`training=False`); defaults to `capacity_factor`.
+    capacity_mode: "k" (Capacity k×) or "1" (Capacity 1×, the paper's limited setting).
+    normalization: gate normalisation, see `routing.top_k_routing`; "auto" by default.
+    dispatch: "index" (fast gather) or "einsum" (GShard reference).
+    activation: "relu" | "gelu" | "swiglu" for FFN experts.
+    expert_type: "ffn" (two matmuls) or "linear" (one `[e, M, N]` matrix; MoE attention).
+    output_size: N for linear experts (defaults to M).
+    init_std: truncated-normal std of the experts (0.02; 0.002 at 1T).
+    router_init_std: std of the router `[M, E]` (defaults to `init_std`).
+    dropout_rate: dropout inside the experts.
+    aux_loss_weight: coefficient of the Switch load-balance loss (0 = off).
+    z_loss_weight: coefficient of the router z-loss (0 = off).
+    min_capacity: lower bound on C.
+    communicator: a `Communicator`; defaults to the process default (`LocalCommunicator`).
+  """
+
+  def __init__(self, num_experts: int, intermediate_size: int = 0, *, routing: str = "top_k",
+               k: int = 1, capacity_factor: float = 1.25,
+               eval_capacity_factor: Optional[float] = None, capacity_mode: str = "k",
+               normalization: str = "auto", dispatch: str = "index", activation: str = "gelu",
+               expert_type: str = "ffn", output_size: Optional[int] = None,
+               init_std: float = 0.02, router_init_std: Optional[float] = None,
+               dropout_rate: float = 0.0, aux_loss_weight: float = 0.0,
+               z_loss_weight: float = 0.0, min_capacity: int = 1,
+               communicator: Optional[comm_lib.Communicator] = None, **kwargs):
+    super().__init__(**kwargs)
+    if not isinstance(num_experts, int) or num_experts < 1:
+      raise ValueError(f"num_experts={num_experts!r} must be an integer >= 1")
+    if routing not in ROUTINGS:
+      raise ValueError(f"routing={routing!r}; allowed: {ROUTINGS}")
+    if not isinstance(k, int) or k < 1:
+      raise ValueError(f"k={k!r} must be an integer >= 1")
+    if k > num_experts:
+      raise ValueError(f"k={k} must be <= num_experts={num_experts}")
+    if routing == "prototype" and num_experts % k:
+      raise ValueError(f"num_experts={num_experts} must be divisible by the number of "
+                       f"prototypes k={k} (E = Z·F)")
+    for name, value in (("capacity_factor", capacity_factor),
+                        ("eval_capacity_factor", eval_capacity_factor)):
+      if value is not None and not value > 0:
+        raise ValueError(f"{name}={value!r} must be > 0 (M6-T uses 1.25, the second paper 2.0)")
+    if capacity_mode not in routing_lib.CAPACITY_MODES:
+      raise ValueError(f"capacity_mode={capacity_mode!r}; allowed: {routing_lib.CAPACITY_MODES}")
+    if normalization not in routing_lib.NORMALIZATIONS:
+      raise ValueError(f"normalization={normalization!r}; allowed: {routing_lib.NORMALIZATIONS}")
+    if dispatch not in DISPATCHES:
+      raise ValueError(f"dispatch={dispatch!r}; allowed: {DISPATCHES}")
+    if expert_type not in EXPERT_TYPES:
+      raise ValueError(f"expert_type={expert_type!r}; allowed: {EXPERT_TYPES}")
+    if expert_type == "ffn":
+      experts_lib.activation_fn(activation)
+      if intermediate_size < 1:
+        raise ValueError(f"intermediate_size={intermediate_size!r} must be >= 1 for FFN experts")
+    for name, value in (("aux_loss_weight", aux_loss_weight), ("z_loss_weight", z_loss_weight)):
+      if value < 0:
+        raise ValueError(f"{name}={value!r} must be >= 0 (0 turns it off)")
+    self.num_experts = num_experts
+    self.intermediate_size = intermediate_size
+    self.routing = routing
+    self.k = k
+    self.capacity_factor = capacity_factor
+    self.eval_capacity_factor = eval_capacity_factor
+    self.capacity_mode = capacity_mode
+    self.normalization = normalization
+    self.dispatch = dispatch
+    self.activation = activation
+    self.expert_type = expert_type
+    self.output_size = output_size
+    self.init_std = init_std
+    self.router_init_std = router_init_std
+    self.dropout_rate = dropout_rate
+    self.aux_loss_weight = aux_loss_weight
+    self.z_loss_weight = z_loss_weight
+    self.min_capacity = min_capacity
+    self.communicator = communicator or comm_lib.get_default()
+    # E must split evenly over the expert group; raised here, before any collective.
+    self.expert_ids = self.communicator.expert_ids(num_experts)
+    self.num_local_experts = len(self.expert_ids)
+    #: C of the last call (static), for reporting all-to-all volume.
+    self.last_capacity: Optional[int] = None
+
+  def build(self, input_shape):
+    m = int(input_shape[-1])
+    self.hidden_size = m
+    # The router stays float32 under mixed precision: its softmax and argmax decide placements.
+    self.router = keras.layers.Dense(
+        self.num_experts, use_bias=False, dtype="float32", name="router",
+        kernel_initializer=keras.initializers.TruncatedNormal(
+            stddev=self.router_init_std if self.router_init_std is not None else self.init_std))
+    self.router.build((None, m))
+    if self.expert_type == "ffn":
+      self.experts = experts_lib.Experts(
+          self.num_local_experts, m, self.intermediate_size, activation=self.activation,
+          init_std=self.init_std, dropout_rate=self.dropout_rate, dtype=self.dtype_policy,
+          name="experts")
+    else:
+      self.experts = experts_lib.LinearExperts(
+          self.num_local_experts, m, self.output_size or m, init_std=self.init_std,
+          dtype=self.dtype_policy, name="experts")
+    self.experts.build(None)
+    zeros = keras.initializers.Zeros()
+    self._stats = {
+        "tokens_per_expert": self.add_weight(name="tokens_per_expert", shape=(self.num_experts,),
+                                             dtype="int32", initializer=zeros, trainable=False),
+    }
+    for name in STAT_NAMES[1:]:
+      self._stats[name] = self.add_weight(name=name, shape=(), dtype="float32",
+                                          initializer=zeros, trainable=False)
+    self.built = True
+
+  @property
+  def stats(self) -> dict:
+    """Routing statistics of the last call, keyed by `STAT_NAMES` (this worker's tokens)."""
+    return {name: self._stats[name] for name in STAT_NAMES}
+
+  def compute_output_shape(self, input_shape):
+    n = self.output_size if self.expert_type == "linear" and self.output_size else input_shape[-1]
+    return tuple(input_shape[:-1]) + (n,)
+
+  def capacity_for(self, num_tokens: int, training: bool) -> int:
+    factor = self.capacity_factor
+    if not training and self.eval_capacity_factor is not None:
+      factor = self.eval_capacity_factor
+    return routing_lib.capacity(num_tokens, self.num_experts, k=self.k, capacity_factor=factor,
+                                mode=self.capacity_mode, min_capacity=self.min_capacity)
+
+  def alltoall_bytes_per_forward(self, capacity: Optional[int] = None) -> int:
+    """Bytes this worker sends by all-to-all in one forward pass: 2·E·C·M·bytes (same backward).
+
+    Counts the whole [D, e, C, M] buffer both ways, as the collective moves it (the row a
+    worker keeps for itself included), so the figure is independent of D.
+    """
+    c = capacity if capacity is not None else self.last_capacity
+    if c is None:
+      raise ValueError("alltoall_bytes_per_forward: call the layer once or pass capacity=")
+    wire = self.communicator.wire_dtype or self.compute_dtype
+    n_out = (self.output_size or self.hidden_size) if self.expert_type == "linear" else self.hidden_size
+    return self.num_experts * c * (self.hidden_size + n_out) * tf.as_dtype(wire).size
+
+  def call(self, inputs, training=None, token_mask=None):
+    """Routes `inputs` <float>[..., M] through the experts; returns <float>[..., M or N].
+
+    Args:
+      inputs: tokens; every leading dimension is flattened into T.
+      training: selects the capacity factor and dropout.
+      token_mask: optional <bool>[...] (same leading shape); False tokens (padding) are not
+        routed, take no capacity and get a zero output.
+    """
+    shape = tf.shape(inputs)
+    m = inputs.shape[-1]
+    x = tf.reshape(inputs, [-1, m])                                        # [T, M]
+    num_tokens = x.shape[0]
+    if num_tokens is None:
+      raise ValueError(f"MoE needs a static token count (capacity depends on it); got input "
+                       f"shape {inputs.shape}. Use fixed batch and sequence sizes.")
+    mask = None if token_mask is None else tf.reshape(token_mask, [-1])
+    c = self.capacity_for(num_tokens, bool(training))
+    self.last_capacity = c
+
+    logits = self.router(tf.cast(x, tf.float32))                          # [T, E] float32
+    r = routing_lib.route(logits, routing=self.routing, k=self.k, capacity=c,
+                          normalization=self.normalization, token_mask=mask)
+
+    if self.dispatch == "einsum":
+      dispatched = dispatch_einsum(x, r)                                   # [E, C, M]
+    else:
+      dispatched = dispatch_index(x, r, self.num_experts)                  # [E, C, M]
+    d = self.communicator.expert_group_size
+    e = self.num_local_experts
+    dispatched = tf.reshape(dispatched, [d, e, c, m])                      # [D, e, C, M]
+    received = self.communicator.all_to_all(dispatched)                   # [D, e, C, M]
+    y = self.experts(received, training=training)                         # [D, e, C, N]
+    n = y.shape[-1]
+    returned = self.communicator.all_to_all(y)                            # [D, e, C, N]
+    returned = tf.reshape(returned, [self.num_experts, c, n])             # [E, C, N]
+    if self.dispatch == "einsum":
+      out = combine_einsum(returned, r)                                    # [T, N]
+    else:
+      out = combine_index(returned, r, self.num_experts)                   # [T, N]
+
+    if self.aux_loss_weight > 0:
+      self.add_loss(self.aux_loss_weight * r.aux_loss)
+    if self.z_loss_weight > 0:
+      self.add_loss(self.z_loss_weight * r.z_loss)
+    self._stats["tokens_per_expert"].assign(r.tokens_per_expert)
+    self._stats["load_cv"].assign(routing_lib.coefficient_of_variation(r.tokens_per_expert))
+    self._stats["dropped_fraction"].assign(r.dropped_fraction)
+    self._stats["aux_loss"].assign(r.aux_loss)
+    self._stats["z_loss"].assign(r.z_loss)
+    return tf.reshape(out, tf.concat([shape[:-1], [n]], axis=0))
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(
+        num_experts=self.num_experts, intermediate_size=self.intermediate_size,
+        routing=self.routing, k=self.k, capacity_factor=self.capacity_factor,
+        eval_capacity_factor=self.eval_capacity_factor, capacity_mode=self.capacity_mode,
+        normalization=self.normalization, dispatch=self.dispatch, activation=self.activation,
+        expert_type=self.expert_type, output_size=self.output_size, init_std=self.init_std,
+        router_init_std=self.router_init_std, dropout_rate=self.dropout_rate,
+        aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
+        min_capacity=self.min_capacity)
+    return config

@@ -1,0 +1,285 @@
+"""Routing for M6-T Mixture-of-Experts layers: top-k (looped argmax) and expert prototyping.
+
+Dimension cheat sheet (SPEC §1; every einsum and shape comment in `m6t_tf.layers` uses it):
+
+    T  tokens routed together on this worker (B·L)     E  experts in total (E = e·D)
+    C  capacity per expert (token slots)               k  choices per token
+    Z  prototypes (groups of experts), F = E / Z       K  placements per token (k or Z)
+
+Both routing functions are pure: `[T, E]` float32 router logits in, a `Routing` out. They give
+the GShard form (`combine_weights`/`dispatch_mask` over `[T, E, C]`, used by the reference einsum
+dispatch) and an index form (`expert_index`/`slot`/`gate` over `[K, T]`, used by the index
+dispatch whose cost is O(K·T·M) instead of O(T·E·C·M)). Both forms describe the same placement.
+
+Priority (SPEC §1): top-k is a looped argmax. Round r places every token's r-th choice *after*
+all tokens that rounds < r already placed in that expert, in token order; a token whose slot
+would be ≥ C is dropped for that expert. First choices therefore always beat second choices.
+Prototype routing makes its Z choices in parallel: expert j of prototype z only ever receives
+tokens of prototype z, so one cumulative sum over tokens places them all (no loop over k),
+which is why its step time stays near top-1 (paper Table 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tensorflow as tf
+
+NORMALIZATIONS = ("auto", "none", "renormalize", "softmax_topk")
+CAPACITY_MODES = ("k", "1")
+
+
+def capacity(num_tokens: int, num_experts: int, *, k: int = 1, capacity_factor: float = 1.25,
+             mode: str = "k", min_capacity: int = 1) -> int:
+  """Expert capacity `C = ceil(k' · T / E · γ)` (SPEC §1).
+
+  Args:
+    num_tokens: T, tokens routed together on one worker.
+    num_experts: E, experts in total.
+    k: choices per token of the routing (for prototype routing, the number of prototypes Z).
+    capacity_factor: γ (1.25 in M6-T, 2.0 in the second paper; a separate factor is used at eval).
+    mode: "k" for "Capacity k×" (k' = k), "1" for the paper's limited "Capacity 1×" (k' = 1
+      whatever the routing).
+    min_capacity: lower bound, so that tiny test batches still route somewhere.
+
+  Returns:
+    The integer capacity C. It depends only on static shapes and config values, so it is
+    identical on every worker (a mismatch would deadlock the all-to-all).
+  """
+  if num_tokens < 1 or num_experts < 1:
+    raise ValueError(f"capacity: num_tokens={num_tokens} and num_experts={num_experts} must be >= 1")
+  if not capacity_factor > 0:
+    raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0 (M6-T uses 1.25)")
+  if mode not in CAPACITY_MODES:
+    raise ValueError(f"capacity mode={mode!r}; allowed: 'k' (Capacity k×) or '1' (Capacity 1×)")
+  k_eff = k if mode == "k" else 1
+  # A small epsilon keeps e.g. 1.25 * 8 = 10.000000000000002 from rounding up to 11.
+  return max(min_capacity, int(math.ceil(k_eff * num_tokens / num_experts * capacity_factor - 1e-9)))
+
+
+@dataclasses.dataclass
+class Routing:
+  """The placement of T tokens into E experts of C slots.
+
+  Attributes:
+    combine_weights: <float32>[T, E, C] gate of token t in slot c of expert e (0 if not there).
+    dispatch_mask: <bool>[T, E, C] whether token t occupies slot c of expert e.
+    expert_index: <int32>[K, T] expert of each token's choice (placement) K.
+    slot: <int32>[K, T] position in that expert's buffer (may be ≥ C when dropped).
+    gate: <float32>[K, T] combine weight of each choice, already 0 for dropped choices.
+    kept: <bool>[K, T] whether the choice fit under capacity.
+    probs: <float32>[T, E] router probabilities (per prototype for prototype routing).
+    valid: <bool>[T] tokens that take part in routing (padding tokens do not).
+    tokens_per_expert: <int32>[E] real tokens each expert computes (after capacity).
+    aux_loss: <float32>[] Switch load-balance loss; 1.0 at perfect balance.
+    z_loss: <float32>[] router z-loss, mean of logsumexp(logits)² over tokens (and prototypes).
+    capacity: C.
+  """
+  combine_weights: tf.Tensor
+  dispatch_mask: tf.Tensor
+  expert_index: tf.Tensor
+  slot: tf.Tensor
+  gate: tf.Tensor
+  kept: tf.Tensor
+  probs: tf.Tensor
+  valid: tf.Tensor
+  tokens_per_expert: tf.Tensor
+  aux_loss: tf.Tensor
+  z_loss: tf.Tensor
+  capacity: int
+
+  @property
+  def dropped_fraction(self) -> tf.Tensor:
+    """<float32>[] fraction of real token-choices that found their expert full."""
+    choices = tf.cast(tf.shape(self.kept)[0], tf.float32) * tf.reduce_sum(
+        tf.cast(self.valid, tf.float32))
+    return tf.math.divide_no_nan(
+        choices - tf.reduce_sum(tf.cast(self.kept, tf.float32)), choices)
+
+
+def _check_logits(logits: tf.Tensor) -> tuple[int, int]:
+  if logits.shape.rank != 2:
+    raise ValueError(f"router logits must be [T, E], got shape {logits.shape}")
+  t, e = logits.shape
+  if t is None or e is None:
+    raise ValueError(f"router logits need a static shape [T, E] (capacity depends on it), got {logits.shape}")
+  return t, e
+
+
+def _normalize(gates: tf.Tensor, top_logits: tf.Tensor, normalization: str, k: int) -> tf.Tensor:
+  """Gate values of the K choices, <float32>[K, T], before capacity drops."""
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f"normalization={normalization!r}; allowed: {NORMALIZATIONS}")
+  if normalization == "auto":
+    # Top-1 keeps the raw probability so that the router receives a gradient (Switch);
+    # k > 1 renormalises over the chosen k (GShard).
+    normalization = "none" if k == 1 else "renormalize"
+  if normalization == "none":
+    return gates
+  if normalization == "renormalize":
+    return gates / tf.maximum(tf.reduce_sum(gates, axis=0, keepdims=True), 1e-9)
+  # The paper's eq. (1): softmax over the top-k *logits*. In exact arithmetic this equals
+  # "renormalize"; it is computed from the logits, which is what the literal form means.
+  return tf.nn.softmax(top_logits, axis=0)
+
+
+def _valid_mask(token_mask, num_tokens):
+  if token_mask is None:
+    return tf.ones([num_tokens], tf.bool)
+  token_mask = tf.convert_to_tensor(token_mask)
+  if token_mask.shape.rank != 1 or token_mask.shape[0] not in (None, num_tokens):
+    raise ValueError(f"token_mask must be [T={num_tokens}], got shape {token_mask.shape}")
+  return tf.cast(token_mask, tf.bool)
+
+
+def _finish(expert_index, slot, gates, probs, logits_z, first_choice, capacity_, num_experts,
+            balance_groups, valid) -> Routing:
+  """Builds both placement forms from [K, T] choices and computes the router losses."""
+  kept = tf.logical_and(slot < capacity_, valid[None, :])                # [K, T]
+  gate = tf.where(kept, gates, tf.zeros_like(gates))                     # [K, T]
+  expert_onehot = tf.one_hot(expert_index, num_experts, dtype=tf.float32)  # [K, T, E]
+  slot_onehot = tf.one_hot(tf.where(kept, slot, -1), capacity_, dtype=tf.float32)  # [K, T, C]
+  # Σ over choices; a token sits in at most one slot of an expert (choices are distinct experts).
+  dispatch = tf.einsum("KTE,KTC->TEC", expert_onehot, slot_onehot)
+  combine_weights = tf.einsum("KTE,KTC,KT->TEC", expert_onehot, slot_onehot, gate)
+  tokens_per_expert = tf.cast(
+      tf.reduce_sum(expert_onehot * tf.cast(kept, tf.float32)[..., None], axis=[0, 1]), tf.int32)
+
+  # Switch load balance per balance group of G experts: G · Σ_i f_i · P_i, where f_i is the
+  # fraction of tokens whose (first) choice is i before capacity and P_i the mean probability.
+  v = tf.cast(valid, tf.float32)                                          # [T]
+  t = tf.maximum(tf.reduce_sum(v), 1.0)
+  z, g = balance_groups, num_experts // balance_groups
+  f = tf.reshape(tf.reduce_sum(first_choice * v[:, None], axis=0) / t, [z, g])  # [Z, F]
+  p = tf.reshape(tf.reduce_sum(probs * v[:, None], axis=0) / t, [z, g])         # [Z, F]
+  aux_loss = tf.reduce_mean(g * tf.reduce_sum(f * p, axis=-1))
+  lse2 = tf.square(tf.reduce_logsumexp(logits_z, axis=-1))               # [T] or [T, Z]
+  lse2 = tf.reshape(lse2, [tf.shape(lse2)[0], -1])
+  z_loss = tf.reduce_sum(tf.reduce_mean(lse2, axis=-1) * v) / t
+  return Routing(
+      combine_weights=combine_weights,
+      dispatch_mask=dispatch > 0.5,
+      expert_index=expert_index,
+      slot=slot,
+      gate=gate,
+      kept=kept,
+      probs=probs,
+      valid=valid,
+      tokens_per_expert=tokens_per_expert,
+      aux_loss=aux_loss,
+      z_loss=z_loss,
+      capacity=capacity_)
+
+
+def top_k_routing(logits: tf.Tensor, *, k: int, capacity: int, normalization: str = "auto",
+                  token_mask: tf.Tensor | None = None) -> Routing:
+  """Top-k routing by looped argmax (GShard / M6-T "top-k").
+
+  Args:
+    logits: <float32>[T, E] router logits.
+    k: experts per token, 1 ≤ k ≤ E.
+    capacity: C, slots per expert (see `capacity()`).
+    normalization: "auto" (raw probability for k = 1, renormalised over the chosen k for k > 1),
+      "none", "renormalize", or "softmax_topk" (the paper's eq. (1), softmax over top-k logits).
+    token_mask: optional <bool>[T]; False tokens (padding) take no slot and get a zero output.
+
+  Returns:
+    A `Routing` with K = k choices per token.
+  """
+  num_tokens, num_experts = _check_logits(logits)
+  if not 1 <= k <= num_experts:
+    raise ValueError(f"k={k} must satisfy 1 <= k <= num_experts={num_experts}")
+  if capacity < 1:
+    raise ValueError(f"capacity={capacity} must be >= 1")
+  valid = _valid_mask(token_mask, num_tokens)
+  logits = tf.cast(logits, tf.float32)
+  probs = tf.nn.softmax(logits, axis=-1)                                  # [T, E]
+  remaining = probs
+  placed = tf.zeros([num_experts], tf.int32)                              # tokens kept so far, [E]
+  indices, slots, gates, top_logits = [], [], [], []
+  first_choice = None
+  for _ in range(k):
+    index = tf.argmax(remaining, axis=-1, output_type=tf.int32)           # [T]
+    mask = tf.one_hot(index, num_experts, dtype=tf.int32)                 # [T, E]
+    mask *= tf.cast(valid, tf.int32)[:, None]
+    # Position of each token among the tokens choosing the same expert in this round,
+    # after those already placed there by earlier rounds.
+    position = tf.cumsum(mask, axis=0, exclusive=True) + placed[None, :]  # [T, E]
+    slot = tf.reduce_sum(position * mask, axis=-1)                        # [T]
+    placed = tf.minimum(placed + tf.reduce_sum(mask, axis=0), capacity)
+    indices.append(index)
+    slots.append(slot)
+    gates.append(tf.gather(probs, index, batch_dims=1))
+    top_logits.append(tf.gather(logits, index, batch_dims=1))
+    if first_choice is None:
+      first_choice = tf.cast(mask, tf.float32)
+    # Mask the chosen expert so the next round picks the next best.
+    remaining = tf.where(mask > 0, -1.0, remaining)
+  gate = _normalize(tf.stack(gates), tf.stack(top_logits), normalization, k)
+  return _finish(tf.stack(indices), tf.stack(slots), gate, probs, logits, first_choice, capacity,
+                 num_experts, balance_groups=1, valid=valid)
+
+
+def prototype_routing(logits: tf.Tensor, *, num_prototypes: int, capacity: int,
+                      normalization: str = "none", token_mask: tf.Tensor | None = None) -> Routing:
+  """Expert prototyping, "Z top-1" (M6-T §3.3): top-1 inside each of Z groups of F experts.
+
+  Experts [z·F, (z+1)·F) form prototype z; each prototype has its own softmax over its F logits
+  (the router's [M, F] slice). The output is `y = Σ_z Σ_j p_zj E_zj(x)` over the Z chosen experts.
+
+  Args:
+    logits: <float32>[T, E] router logits, E = Z·F.
+    num_prototypes: Z, 1 ≤ Z ≤ E with E divisible by Z.
+    capacity: C, slots per expert.
+    normalization: "none" (default, the paper's per-prototype probability), "renormalize" (over
+      the Z chosen gates), "softmax_topk" (softmax over the Z chosen logits), or "auto" (= "none").
+    token_mask: optional <bool>[T]; False tokens (padding) take no slot and get a zero output.
+
+  Returns:
+    A `Routing` with K = Z choices per token.
+  """
+  num_tokens, num_experts = _check_logits(logits)
+  z = num_prototypes
+  if not 1 <= z <= num_experts or num_experts % z:
+    raise ValueError(f"num_prototypes={z} must divide num_experts={num_experts} (E = Z·F)")
+  if capacity < 1:
+    raise ValueError(f"capacity={capacity} must be >= 1")
+  f = num_experts // z
+  valid = _valid_mask(token_mask, num_tokens)
+  logits = tf.cast(logits, tf.float32)
+  logits_z = tf.reshape(logits, [num_tokens, z, f])                       # [T, Z, F]
+  probs_z = tf.nn.softmax(logits_z, axis=-1)                              # [T, Z, F]
+  local = tf.argmax(probs_z, axis=-1, output_type=tf.int32)              # [T, Z]
+  index = local + tf.range(z, dtype=tf.int32)[None, :] * f                # [T, Z] global expert
+  mask = tf.reduce_sum(tf.one_hot(index, num_experts, dtype=tf.int32), axis=1)  # [T, E]
+  mask *= tf.cast(valid, tf.int32)[:, None]
+  position = tf.cumsum(mask, axis=0, exclusive=True)                      # [T, E]
+  slot = tf.gather(position, index, batch_dims=1)                         # [T, Z]
+  gates = tf.gather(probs_z, local, batch_dims=2)                         # [T, Z]
+  top_logits = tf.gather(logits_z, local, batch_dims=2)                   # [T, Z]
+  if normalization == "auto":
+    normalization = "none"
+  gate = _normalize(tf.transpose(gates), tf.transpose(top_logits), normalization, z)
+  probs = tf.reshape(probs_z, [num_tokens, num_experts])
+  return _finish(tf.transpose(index), tf.transpose(slot), gate, probs, logits_z,
+                 tf.cast(mask, tf.float32), capacity, num_experts, balance_groups=z, valid=valid)
+
+
+def route(logits: tf.Tensor, *, routing: str, k: int, capacity: int,
+          normalization: str = "auto", token_mask: tf.Tensor | None = None) -> Routing:
+  """Dispatches to `top_k_routing` ("top_k") or `prototype_routing` ("prototype", Z = k)."""
+  if routing == "top_k":
+    return top_k_routing(logits, k=k, capacity=capacity, normalization=normalization,
+                         token_mask=token_mask)
+  if routing == "prototype":
+    return prototype_routing(logits, num_prototypes=k, capacity=capacity,
+                             normalization=normalization, token_mask=token_mask)
+  raise ValueError(f"routing={routing!r}; allowed: 'top_k', 'prototype'")
+
+
+def coefficient_of_variation(tokens_per_expert: tf.Tensor) -> tf.Tensor:
+  """Population std / mean of real tokens per expert (SPEC §1), 0 when no token was kept."""
+  x = tf.cast(tokens_per_expert, tf.float32)
+  mean = tf.reduce_mean(x)
+  return tf.math.divide_no_nan(tf.math.reduce_std(x), mean)
+

@@ -1,0 +1,66 @@
+"""Communicators: how an MoE layer exchanges its `[D, e, C, M]` buffers between workers.
+
+The MoE layer never imports Horovod. It asks its communicator for D (the size of the expert
+group it belongs to) and calls `all_to_all` twice per forward pass (Whale data flow, SPEC §1):
+
+    dispatched [D, e, C, M]  --all_to_all-->  [D, e, C, M]   row d now holds worker d's tokens
+                                                            for *my* e experts
+    expert out [D, e, C, M]  --all_to_all-->  [D, e, C, M]   row d holds my tokens back from the
+                                                            experts of worker d
+
+`LocalCommunicator` (D = 1) is the identity; `m6t_tf.parallel.horovod` adds the real one.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+class Communicator:
+  """Interface of the expert-parallel exchange used by `m6t_tf.layers.moe.MoE`."""
+
+  #: D, workers in this worker's expert group.
+  expert_group_size: int = 1
+  #: this worker's index inside its expert group (which e experts it holds).
+  expert_rank: int = 0
+  #: bytes per element of the all-to-all payload, if it is cast for communication (else None).
+  wire_dtype = None
+
+  def all_to_all(self, x: tf.Tensor) -> tf.Tensor:
+    """Exchanges rows of `x` <[D, ...]>: row d goes to worker d; returns the rows received."""
+    raise NotImplementedError
+
+  def expert_ids(self, num_experts: int) -> list[int]:
+    """Global ids of the e = E / D experts this worker holds (contiguous block)."""
+    d = self.expert_group_size
+    if num_experts % d:
+      raise ValueError(
+          f"num_experts={num_experts} is not divisible by the expert-parallel group size D={d}; "
+          f"choose E as a multiple of {d} or change the mesh")
+    e = num_experts // d
+    return list(range(self.expert_rank * e, (self.expert_rank + 1) * e))
+
+
+class LocalCommunicator(Communicator):
+  """A single worker holding every expert: D = 1 and the all-to-all is the identity."""
+
+  expert_group_size = 1
+  expert_rank = 0
+
+  def all_to_all(self, x: tf.Tensor) -> tf.Tensor:
+    return x
+
+
+_DEFAULT: list[Communicator] = [LocalCommunicator()]
+
+
+def get_default() -> Communicator:
+  """The communicator MoE layers use when none is passed (set once by the trainer)."""
+  return _DEFAULT[0]
+
+
+def set_default(communicator: Communicator) -> None:
+  """Installs `communicator` for MoE layers built afterwards (e.g. Horovod's, in train.py)."""
+  if not isinstance(communicator, Communicator):
+    raise TypeError(f"expected a Communicator, got {type(communicator).__name__}")
+  _DEFAULT[0] = communicator
