@@ -54,7 +54,9 @@ class Experts(keras.layers.Layer):
     self.activation = activation
     self.init_std = init_std
     self.dropout_rate = dropout_rate
-    self._dropout = keras.layers.Dropout(dropout_rate)
+    # Same dtype policy as this layer: a Dropout on the global policy would cast the float16
+    # activations of a per-layer "mixed_float16" expert back to float32.
+    self._dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy)
 
   def build(self, input_shape=None):
     e, m, i = self.num_local_experts, self.hidden_size, self.intermediate_size

@@ -15,7 +15,7 @@ Data flow of one forward pass:
 
 Parameters of one layer: router M·E, experts E·2·M·I (E·3·M·I with SwiGLU); each worker holds
 the router and its e = E/D experts. For the 1T config: 24 layers × 960 experts × 2 × 1024 × 21248
-= 1,002,795,171,840 expert parameters.
+= 1,002,606,428,160 expert parameters.
 
 Two dispatch implementations compute the same function:
   * "einsum": the GShard reference, one-hot `TEC,TM->ECM` and `TEC,ECM->TM`, cost O(T·E·C·M);

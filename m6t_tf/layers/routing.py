@@ -200,8 +200,8 @@ def top_k_routing(logits: tf.Tensor, *, k: int, capacity: int, normalization: st
   first_choice = None
   for _ in range(k):
     index = tf.argmax(remaining, axis=-1, output_type=tf.int32)           # [T]
-    mask = tf.one_hot(index, num_experts, dtype=tf.int32)                 # [T, E]
-    mask *= tf.cast(valid, tf.int32)[:, None]
+    chosen = tf.one_hot(index, num_experts, dtype=tf.int32)               # [T, E]
+    mask = chosen * tf.cast(valid, tf.int32)[:, None]                     # real tokens only
     # Position of each token among the tokens choosing the same expert in this round,
     # after those already placed there by earlier rounds.
     position = tf.cumsum(mask, axis=0, exclusive=True) + placed[None, :]  # [T, E]
@@ -213,8 +213,9 @@ def top_k_routing(logits: tf.Tensor, *, k: int, capacity: int, normalization: st
     top_logits.append(tf.gather(logits, index, batch_dims=1))
     if first_choice is None:
       first_choice = tf.cast(mask, tf.float32)
-    # Mask the chosen expert so the next round picks the next best.
-    remaining = tf.where(mask > 0, -1.0, remaining)
+    # Mask the chosen expert so the next round picks the next best. `chosen`, not `mask`:
+    # padding tokens must also move on, or they would list the same expert k times.
+    remaining = tf.where(chosen > 0, -1.0, remaining)
   gate = _normalize(tf.stack(gates), tf.stack(top_logits), normalization, k)
   return _finish(tf.stack(indices), tf.stack(slots), gate, probs, logits, first_choice, capacity,
                  num_experts, balance_groups=1, valid=valid)

@@ -1,0 +1,269 @@
+"""The M6 Transformer over `[16 image patches ; caption tokens]` (SPEC §2, paper A.1).
+
+Patches attend to each other (bidirectionally); caption tokens are causal and see every patch.
+The network returns next-token logits for the caption positions only.
+
+Parameter count (tied embeddings, post-LN, FFN experts without biases), for V vocabulary,
+P patch width, S = 16 + L positions, N layers, H·d = M, X MoE layers:
+
+    embeddings  V·M + S·M + P·M + M (patch bias) + 2·M (embedding LayerNorm) + V (output bias)
+    attention   N · (4·M·M + 4·M + 2·M)        Q, K, V, output with biases, and its LayerNorm
+    dense FFN   (N − X) · (2·M·I + 2·M)
+    MoE FFN     X · (M·E + 2·E·M·I + 2·M)      router, experts, LayerNorm
+`tools/plan.py` implements the general formula (RMSNorm, SwiGLU, MoE attention) and its test
+checks it against `count_params()` of the built model for every gin file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from m6t_tf.layers import attention as attention_lib
+from m6t_tf.layers import embeddings
+from m6t_tf.layers import feedforward
+from m6t_tf.layers import moe as moe_lib
+from m6t_tf.layers import normalization
+
+PLACEMENTS = ("all", "every_k", "last_k", "none")
+NORMS = ("post_ln", "pre_rms")
+POSITIONS = ("learned", "rope")
+
+
+@dataclasses.dataclass
+class MoEConfig:
+  """Keyword arguments of every MoE layer of the network (see `m6t_tf.layers.moe.MoE`)."""
+  num_experts: int = 32
+  routing: str = "top_k"
+  k: int = 1
+  capacity_factor: float = 1.25
+  eval_capacity_factor: Optional[float] = None
+  capacity_mode: str = "k"
+  normalization: str = "auto"
+  dispatch: str = "index"
+  aux_loss_weight: float = 0.0
+  z_loss_weight: float = 0.0
+  min_capacity: int = 1
+
+  def kwargs(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def moe_layer_indices(num_layers: int, placement: str, every: int) -> list[int]:
+  """Which of the N layers have an MoE FFN.
+
+  "all": every layer (M6-T); "every_k": the last of every K layers, i.e. K-1, 2K-1, ... (the
+  second paper's Every-K); "last_k": the last K layers; "none": the dense baseline.
+  """
+  if placement not in PLACEMENTS:
+    raise ValueError(f"moe_placement={placement!r}; allowed: {PLACEMENTS}")
+  if placement == "all":
+    return list(range(num_layers))
+  if placement == "none":
+    return []
+  if every < 1:
+    raise ValueError(f"moe_every={every} must be >= 1 for placement {placement!r}")
+  if placement == "every_k":
+    return [i for i in range(num_layers) if (i + 1) % every == 0]
+  return list(range(max(0, num_layers - every), num_layers))
+
+
+def prefix_causal_mask(num_patches: int, text_length: int) -> tf.Tensor:
+  """<bool>[S, S]: patches see patches; text position i sees all patches and text ≤ i."""
+  s = num_patches + text_length
+  i = tf.range(s)[:, None]
+  j = tf.range(s)[None, :]
+  return tf.logical_or(j < num_patches, tf.logical_and(i >= num_patches, j <= i))
+
+
+@keras.saving.register_keras_serializable(package="m6t_tf")
+class TransformerBlock(keras.layers.Layer):
+  """Self-attention and FFN (dense or MoE), post-LN (BERT/M6) or pre-RMSNorm (LLaMA-2)."""
+
+  def __init__(self, *, num_heads: int, head_size: int, intermediate_size: int, norm: str,
+               activation: str, use_rope: bool, dropout_rate: float, init_std: float,
+               moe: Optional[dict] = None, moe_attention: Optional[dict] = None, **kwargs):
+    super().__init__(**kwargs)
+    if norm not in NORMS:
+      raise ValueError(f"norm={norm!r}; allowed: {NORMS}")
+    self.num_heads, self.head_size = num_heads, head_size
+    self.intermediate_size = intermediate_size
+    self.norm, self.activation, self.use_rope = norm, activation, use_rope
+    self.dropout_rate, self.init_std = dropout_rate, init_std
+    self.moe = dict(moe) if moe else None
+    self.moe_attention = dict(moe_attention) if moe_attention else None
+    self.attention = attention_lib.SelfAttention(
+        num_heads, head_size, init_std=init_std, dropout_rate=dropout_rate, use_rope=use_rope,
+        moe_projections=self.moe_attention, name="attention")
+    if self.moe:
+      self.ffn = moe_lib.MoE(intermediate_size=intermediate_size, activation=activation,
+                             init_std=init_std, name="moe", **self.moe)
+    else:
+      self.ffn = feedforward.FeedForward(intermediate_size, activation=activation,
+                                         init_std=init_std, name="ffn")
+    make_norm = ((lambda n: keras.layers.LayerNormalization(epsilon=1e-12, name=n))
+                 if norm == "post_ln" else (lambda n: normalization.RMSNorm(name=n)))
+    self.attention_norm = make_norm("attention_norm")
+    self.ffn_norm = make_norm("ffn_norm")
+    self._dropout = keras.layers.Dropout(dropout_rate)
+
+  def build(self, input_shape):
+    for layer in (self.attention, self.ffn, self.attention_norm, self.ffn_norm):
+      layer.build(input_shape)
+    self.built = True
+
+  def call(self, x, mask, training=None, token_mask=None):
+    if self.norm == "post_ln":
+      x = self.attention_norm(x + self._dropout(
+          self.attention(x, mask, training=training, token_mask=token_mask), training=training))
+      return self.ffn_norm(x + self._dropout(
+          self.ffn(x, training=training, token_mask=token_mask), training=training))
+    h = self.attention(self.attention_norm(x), mask, training=training, token_mask=token_mask)
+    x = x + self._dropout(h, training=training)
+    h = self.ffn(self.ffn_norm(x), training=training, token_mask=token_mask)
+    return x + self._dropout(h, training=training)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(num_heads=self.num_heads, head_size=self.head_size,
+                  intermediate_size=self.intermediate_size, norm=self.norm,
+                  activation=self.activation, use_rope=self.use_rope,
+                  dropout_rate=self.dropout_rate, init_std=self.init_std, moe=self.moe,
+                  moe_attention=self.moe_attention)
+    return config
+
+
+@keras.saving.register_keras_serializable(package="m6t_tf")
+class M6Transformer(keras.layers.Layer):
+  """Inputs `{"image" <uint8>[B,H,W,3] | "patch_features" <float>[B,16,P], "tokens" <int32>[B,L]}`.
+
+  Returns logits <float32>[B, L, V] where position i predicts caption token i+1 (the caller
+  feeds `tokens[:, :-1]` and scores against `tokens[:, 1:]`).
+
+  Args:
+    vocab_size: V (21128, BERT-Chinese).
+    hidden_size: M.  num_layers: N.  num_heads, head_size: H × d (16 × 64 in M6).
+    intermediate_size: I of dense FFNs and experts.
+    max_text_length: longest caption input (positions table is 16 + this).
+    norm: "post_ln" (BERT/M6) or "pre_rms" (second paper).
+    activation: "relu" | "gelu" | "swiglu".
+    positions: "learned" (M6) or "rope" (second paper).
+    dropout_rate: on attention probabilities and on the attention/FFN outputs (0.1).
+    init_std: truncated-normal std (0.02; 0.002 at 1T).
+    moe: an `MoEConfig` (or dict); None with placement "none" gives the dense baseline.
+    moe_placement: "all" | "every_k" | "last_k" | "none".  moe_every: K.
+    moe_attention: make Q, K, V, output MoEs of linear experts in the MoE layers (paper §3.4).
+  """
+
+  def __init__(self, *, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+               head_size: int, intermediate_size: int, max_text_length: int,
+               norm: str = "post_ln", activation: str = "gelu", positions: str = "learned",
+               dropout_rate: float = 0.1, init_std: float = 0.02, moe=None,
+               moe_placement: str = "all", moe_every: int = 4, moe_attention: bool = False,
+               **kwargs):
+    super().__init__(**kwargs)
+    if positions not in POSITIONS:
+      raise ValueError(f"positions={positions!r}; allowed: {POSITIONS}")
+    if num_heads * head_size < 1 or hidden_size % num_heads:
+      raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
+    if isinstance(moe, MoEConfig):
+      moe = moe.kwargs()
+    if moe_placement != "none" and not moe:
+      raise ValueError(f"moe_placement={moe_placement!r} needs an MoE config (moe=...)")
+    self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
+    self.num_heads, self.head_size = num_heads, head_size
+    self.intermediate_size, self.max_text_length = intermediate_size, max_text_length
+    self.norm, self.activation, self.positions = norm, activation, positions
+    self.dropout_rate, self.init_std = dropout_rate, init_std
+    self.moe = dict(moe) if moe else None
+    self.moe_placement, self.moe_every, self.moe_attention = moe_placement, moe_every, moe_attention
+    self.moe_layers = moe_layer_indices(num_layers, moe_placement, moe_every)
+
+    init = keras.initializers.TruncatedNormal(stddev=init_std)
+    self.token_embedding = keras.layers.Embedding(vocab_size, hidden_size,
+                                                  embeddings_initializer=init, name="token_embedding")
+    self.patch_embedding = embeddings.PatchEmbedding(hidden_size, init_std=init_std,
+                                                     name="patch_embedding")
+    self.position_embedding = (
+        embeddings.PositionEmbedding(embeddings.NUM_PATCHES + max_text_length, init_std=init_std,
+                                     name="position_embedding") if positions == "learned" else None)
+    self.embedding_norm = (keras.layers.LayerNormalization(epsilon=1e-12, name="embedding_norm")
+                           if norm == "post_ln" else None)
+    self.final_norm = normalization.RMSNorm(name="final_norm") if norm == "pre_rms" else None
+    self._dropout = keras.layers.Dropout(dropout_rate)
+    self.blocks = []
+    for i in range(num_layers):
+      is_moe = i in self.moe_layers
+      self.blocks.append(TransformerBlock(
+          num_heads=num_heads, head_size=head_size, intermediate_size=intermediate_size,
+          norm=norm, activation=activation, use_rope=positions == "rope",
+          dropout_rate=dropout_rate, init_std=init_std, moe=self.moe if is_moe else None,
+          moe_attention=self.moe if (is_moe and moe_attention) else None, name=f"block_{i}"))
+
+  def build(self, input_shape):
+    image_shape = input_shape.get("image", input_shape.get("patch_features"))
+    self.token_embedding.build(None)
+    self.patch_embedding.build(image_shape)
+    s_shape = (None, embeddings.NUM_PATCHES + self.max_text_length, self.hidden_size)
+    if self.position_embedding is not None:
+      self.position_embedding.build(s_shape)
+    for layer in (self.embedding_norm, self.final_norm, *self.blocks):
+      if layer is not None:
+        layer.build(s_shape)
+    self.output_bias = self.add_weight(name="output_bias", shape=(self.vocab_size,),
+                                       initializer="zeros")
+    self.built = True
+
+  def call(self, inputs, training=None):
+    tokens = inputs["tokens"]                                                # [B, L]
+    image = inputs["image"] if "image" in inputs else inputs["patch_features"]
+    length = tokens.shape[1]
+    if length is None or length > self.max_text_length:
+      raise ValueError(f"caption input length {length} must be static and <= "
+                       f"max_text_length={self.max_text_length}")
+    patches = self.patch_embedding(image)                                   # [B, 16, M]
+    text = self.token_embedding(tokens)                                     # [B, L, M]
+    x = tf.concat([tf.cast(patches, self.compute_dtype), tf.cast(text, self.compute_dtype)], 1)
+    if self.position_embedding is not None:
+      x = self.position_embedding(x)
+    if self.embedding_norm is not None:
+      x = self.embedding_norm(x)
+    x = self._dropout(x, training=training)
+    num_patches = embeddings.NUM_PATCHES
+    mask = prefix_causal_mask(num_patches, length)                          # [S, S]
+    # Padding caption tokens are not routed (they would take expert capacity for nothing).
+    token_mask = tf.concat([tf.ones_like(patches[..., 0], tf.bool), tokens != 0], axis=1)
+    for block in self.blocks:
+      x = block(x, mask, training=training, token_mask=token_mask)
+    if self.final_norm is not None:
+      x = self.final_norm(x)
+    text_states = tf.cast(x[:, num_patches:], tf.float32)                   # [B, L, M]
+    # Tied output embedding; logits in float32 so the softmax over 21128 entries is stable.
+    table = tf.cast(self.token_embedding.embeddings, tf.float32)
+    return tf.einsum("BLM,VM->BLV", text_states, table) + tf.cast(self.output_bias, tf.float32)
+
+  @property
+  def moe_sublayers(self) -> list:
+    """Every MoE layer of the network (FFN and, with MoE attention, the projections)."""
+    out = []
+    for block in self.blocks:
+      if isinstance(block.ffn, moe_lib.MoE):
+        out.append(block.ffn)
+      if block.moe_attention:
+        a = block.attention
+        out.extend([a.query, a.key, a.value, a.output_proj])
+    return out
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                  num_layers=self.num_layers, num_heads=self.num_heads, head_size=self.head_size,
+                  intermediate_size=self.intermediate_size, max_text_length=self.max_text_length,
+                  norm=self.norm, activation=self.activation, positions=self.positions,
+                  dropout_rate=self.dropout_rate, init_std=self.init_std, moe=self.moe,
+                  moe_placement=self.moe_placement, moe_every=self.moe_every,
+                  moe_attention=self.moe_attention)
+    return config

@@ -1,0 +1,75 @@
+"""The trainer's view of the worker world: one process (`LocalContext`) or Horovod ranks.
+
+The trainer calls only these methods, so the same step function runs on 1 CPU and on 480 GPUs:
+
+    rank, size, is_chief            who am I (rank 0 logs, writes TensorBoard and config.gin)
+    data_shard()                    (index, count) of the input shard this worker reads
+    reduce_gradients(grads, vars)   dense: mean over all workers; experts: mean over replicas
+    expert_norm_sq(sq)              Σ over the expert group of this worker's expert-gradient norm²
+    all_finite(flag)                AND over all workers (a skipped step is skipped everywhere)
+    broadcast_state(vars)           initial weights from rank 0 (experts from their replica root)
+    mean_metrics(dict)              averages for logging
+    barrier()
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def is_expert_variable(variable) -> bool:
+  """Expert weights are sharded over the expert axis; everything else is replicated."""
+  return "/experts/" in variable.path
+
+
+class LocalContext:
+  """A single process holding every expert (D = 1)."""
+
+  rank = 0
+  size = 1
+  is_chief = True
+  expert_group_size = 1
+  data_parallel_size = 1
+
+  def data_shard(self) -> tuple[int, int]:
+    return 0, 1
+
+  def reduce_gradients(self, grads, variables):
+    del variables
+    return grads
+
+  def expert_norm_sq(self, sq):
+    return sq
+
+  def all_finite(self, flag):
+    return flag
+
+  def broadcast_state(self, variables) -> None:
+    del variables
+
+  def mean_metrics(self, metrics: dict) -> dict:
+    return metrics
+
+  def sum_over_expert_group(self, x):
+    return x
+
+  def barrier(self) -> None:
+    pass
+
+  def describe(self) -> str:
+    return "1 process, all experts local (D = 1)"
+
+
+def global_norm(grads, variables, ctx) -> tf.Tensor:
+  """√(Σ g²) over the whole model: replicated grads once, expert grads summed over the group."""
+  dense_sq = tf.constant(0.0)
+  expert_sq = tf.constant(0.0)
+  for g, v in zip(grads, variables):
+    if g is None:
+      continue
+    sq = tf.reduce_sum(tf.square(tf.cast(g, tf.float32)))
+    if is_expert_variable(v):
+      expert_sq += sq
+    else:
+      dense_sq += sq
+  return tf.sqrt(dense_sq + ctx.expert_norm_sq(expert_sq))

@@ -1,0 +1,55 @@
+r"""Trains M6-T.  Single process, or one process per GPU under horovodrun / mpirun:
+
+  python -m m6t_tf.train --gin_file=gin/demo.gin --model_dir=runs/demo
+  horovodrun -np 2 -H localhost:2 --gloo python -m m6t_tf.train --gin_file=gin/demo.gin ...
+  python -m m6t_tf.train --gin_file=gin/1T.gin --gin_file=gin/layouts/480x1.gin \
+      --gin_bindings="train.train_data='/data/m6/train-*'" --model_dir=/ckpt/1T
+
+The final gin config is logged and written to model_dir/config.gin.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin config files (later ones override earlier ones).")
+flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings, e.g. \"train.num_steps=10\".")
+flags.DEFINE_multi_string("gin_search_paths", ["."], "Folders searched for gin includes.")
+flags.DEFINE_string("model_dir", None, "Checkpoints, summaries and config.gin go here.")
+flags.DEFINE_bool("check_numerics", False, "Debug: stop at the first non-finite tensor, naming "
+                  "the op and layer (slow).")
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import gin
+  import tensorflow as tf
+
+  from m6t_tf import configurables
+  from m6t_tf import training
+
+  if not FLAGS.gin_file:
+    raise app.UsageError("--gin_file is required, e.g. --gin_file=gin/demo.gin")
+  configurables.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+  if FLAGS.check_numerics:
+    tf.debugging.enable_check_numerics()
+  ctx = configurables.make_context_configured()
+  bindings = {}
+  if FLAGS.model_dir:
+    bindings["model_dir"] = FLAGS.model_dir
+  summary = configurables.run_train(ctx=ctx, **bindings)
+  logging.info("operative config:\n%s", gin.operative_config_str())
+  if ctx.is_chief and summary.get("eval"):
+    e = summary["eval"]
+    print(f"Validation perplexity {e['perplexity']:.2f} (log {e['log_perplexity']:.4f}) over "
+          f"{e['tokens']:,} caption tokens", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,369 @@
+"""The custom training loop: one `tf.function` step, dynamic loss scaling, checkpoints, logging.
+
+`train(*, ...)` is keyword-only and configured by gin (`train.*` in gin/base.gin); the entry
+point is `python -m m6t_tf.train`. The same step runs on one process and under Horovod: every
+cross-worker operation goes through the context (`m6t_tf.parallel.context`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from m6t_tf import optimizers
+from m6t_tf.models import m6_captioner
+from m6t_tf.networks import m6_transformer
+from m6t_tf.parallel import context as context_lib
+
+IMAGE_MODES = ("pixels", "features")
+
+
+def check_model_dir(model_dir: str) -> None:
+  """Fails at start-up, not at the first checkpoint, when `model_dir` cannot be written."""
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+    probe = os.path.join(model_dir, f".write-test-{os.getpid()}")
+    with open(probe, "wb") as f:
+      f.write(b"\0" * 4096)
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"model_dir={model_dir!r} is not writable ({e.strerror}); choose another "
+                     f"--model_dir or free space there") from e
+
+
+def build_model(network_fn=None, *, batch, mixed_precision: bool = False):
+  """Builds the captioner (its network from gin) and creates its weights on `batch`."""
+  if mixed_precision:
+    keras.mixed_precision.set_global_policy("mixed_float16")
+  network = (network_fn or m6_transformer.M6Transformer)(name="m6")
+  model = m6_captioner.M6Captioner(network=network)
+  model.build_from_batch(batch)
+  return model
+
+
+class LossScale:
+  """Dynamic loss scaling for mixed_float16: ×2 after `period` finite steps, ÷2 on overflow.
+
+  Overflowed steps are skipped on every worker (the finite flag is reduced over all of them)
+  and counted in `skipped`.
+  """
+
+  def __init__(self, enabled: bool, initial: float = 2.0 ** 15, period: int = 2000):
+    self.enabled = enabled
+    self.period = period
+    self.scale = tf.Variable(initial if enabled else 1.0, trainable=False, dtype=tf.float32,
+                             name="loss_scale")
+    self.good_steps = tf.Variable(0, trainable=False, dtype=tf.int64, name="good_steps")
+    self.skipped = tf.Variable(0, trainable=False, dtype=tf.int64, name="skipped_steps")
+
+  def update(self, finite):
+    if not self.enabled:
+      self.skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+      return
+    grow = tf.logical_and(finite, self.good_steps + 1 >= self.period)
+    self.scale.assign(tf.where(grow, self.scale * 2.0,
+                               tf.where(finite, self.scale, tf.maximum(self.scale / 2.0, 1.0))))
+    self.good_steps.assign(tf.where(tf.logical_and(finite, tf.logical_not(grow)),
+                                    self.good_steps + 1, 0))
+    self.skipped.assign_add(tf.cast(tf.logical_not(finite), tf.int64))
+
+
+class Trainer:
+  """Owns the model, optimiser, step functions and checkpoint of one run."""
+
+  def __init__(self, model, optimizer, *, ctx=None, clip_norm: float = 0.0,
+               mixed_precision: bool = False, jit_compile: bool = False,
+               skip_nonfinite: Optional[bool] = None):
+    self.model = model
+    self.optimizer = optimizer
+    self.ctx = ctx or context_lib.LocalContext()
+    self.clip_norm = clip_norm
+    self.loss_scale = LossScale(mixed_precision)
+    # Without loss scaling, a non-finite step is a bug to stop on, not an overflow to skip.
+    self.skip_nonfinite = mixed_precision if skip_nonfinite is None else skip_nonfinite
+    self.variables = model.trainable_variables
+    self.optimizer.build(self.variables)
+    self.train_step = tf.function(self._train_step, jit_compile=jit_compile)
+    self.eval_step = tf.function(self._eval_step, jit_compile=jit_compile)
+
+  def _train_step(self, batch):
+    with tf.GradientTape() as tape:
+      loss, metrics = self.model.losses_and_metrics(batch, training=True)
+      scaled = loss * self.loss_scale.scale
+    grads = tape.gradient(scaled, self.variables)
+    inv = 1.0 / self.loss_scale.scale
+    grads = [None if g is None else tf.cast(g, tf.float32) * inv for g in grads]
+    grads = self.ctx.reduce_gradients(grads, self.variables)
+    norm = context_lib.global_norm(grads, self.variables, self.ctx)
+    finite = self.ctx.all_finite(tf.math.is_finite(norm))
+    if self.clip_norm > 0:
+      factor = self.clip_norm / tf.maximum(norm, self.clip_norm)
+      grads = [None if g is None else g * factor for g in grads]
+    pairs = [(g, v) for g, v in zip(grads, self.variables) if g is not None]
+
+    def apply():
+      self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+      return tf.constant(True)
+
+    tf.cond(finite, apply, lambda: tf.constant(False))
+    self.loss_scale.update(finite)
+    metrics = dict(metrics)
+    metrics.update(grad_norm=norm, finite=tf.cast(finite, tf.float32),
+                   learning_rate=tf.cast(self.optimizer.learning_rate, tf.float32))
+    return metrics
+
+  def _eval_step(self, batch):
+    _, metrics = self.model.losses_and_metrics(batch, training=False)
+    return metrics
+
+  def moe_stats(self) -> dict:
+    """Per-MoE-layer routing statistics of the last step, for logging (numpy)."""
+    out = {}
+    for i, layer in enumerate(self.model.moe_layers):
+      name = layer.path.split("/", 1)[-1] if hasattr(layer, "path") else f"moe_{i}"
+      tokens = self.ctx.sum_over_expert_group(
+          tf.cast(layer.stats["tokens_per_expert"], tf.float32)).numpy()
+      mean = tokens.mean()
+      out[f"{name}/load_cv"] = float(tokens.std() / mean) if mean > 0 else 0.0
+      out[f"{name}/dropped_fraction"] = float(layer.stats["dropped_fraction"].numpy())
+      out[f"{name}/aux_loss"] = float(layer.stats["aux_loss"].numpy())
+      out[f"{name}/z_loss"] = float(layer.stats["z_loss"].numpy())
+    return out
+
+
+def evaluate_perplexity(trainer: Trainer, dataset, max_batches: Optional[int] = None) -> dict:
+  """Teacher-forced perplexity over `dataset`: exp(Σ NLL / Σ target tokens), padding excluded."""
+  nll_sum, count, batches = 0.0, 0.0, 0
+  for batch in dataset:
+    m = trainer.ctx.mean_metrics(
+        {k: v for k, v in trainer.eval_step(batch).items() if k in ("nll_sum", "num_tokens")})
+    nll_sum += float(m["nll_sum"])
+    count += float(m["num_tokens"])
+    batches += 1
+    if max_batches and batches >= max_batches:
+      break
+  if count == 0:
+    raise ValueError("evaluation saw no target tokens; is the validation split empty?")
+  log_ppl = nll_sum / count
+  return {"log_perplexity": log_ppl, "perplexity": math.exp(log_ppl), "tokens": int(count),
+          "batches": batches}
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+  """One console line per `every` steps: step, loss, perplexity, lr, tokens/s, ETA."""
+
+  def __init__(self, total: int, start: int, every: int, enabled: bool):
+    self.total, self.every, self.enabled = total, every, enabled
+    self.t0 = time.time()
+    self.start = start
+    self.interactive = sys.stdout.isatty()
+
+  def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+    if not self.enabled or (step % self.every and step != self.total):
+      return
+    done = step - self.start
+    rate = done / max(time.time() - self.t0, 1e-9)
+    eta = (self.total - step) / rate if rate > 0 else 0.0
+    bar_len = 20
+    filled = int(bar_len * step / max(self.total, 1))
+    line = (f"[{'#' * filled}{'.' * (bar_len - filled)}] step {step}/{self.total} | "
+            f"loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.1f} | lr {lr:.2e} | "
+            f"{tokens_per_s:,.0f} tok/s | ETA {format_duration(eta)}")
+    print(line, flush=True)
+
+
+def write_json(path: str, payload: dict) -> None:
+  """Atomic JSON write (temp file + rename): a crash never leaves half a file."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def set_seeds(seed: int, deterministic: bool) -> None:
+  keras.utils.set_random_seed(seed)
+  if deterministic:
+    tf.config.experimental.enable_op_determinism()
+
+
+def summary_scalars(writer, step: int, scalars: dict) -> None:
+  if writer is None:
+    return
+  with writer.as_default(step=step):
+    for k, v in scalars.items():
+      tf.summary.scalar(k, v)
+
+
+def numpy_metrics(metrics: dict) -> dict:
+  return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def _batches_for_eval(eval_data, *, batch_size, max_len, image_mode, ctx):
+  from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.training` light for tools
+  shard, shards = ctx.data_shard()
+  n = pipeline.eval_num_batches(eval_data, batch_size=batch_size, num_shards=shards)
+  return pipeline.make_dataset(eval_data, batch_size=batch_size, max_len=max_len, training=False,
+                               shard_index=shard, num_shards=shards, image_mode=image_mode,
+                               repeat=False, drop_remainder=False, num_batches=n)
+
+
+def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
+          num_steps: int, batch_size_per_worker: int = 8, max_len: int = 64,
+          image_mode: str = "pixels", optimizer: str = "adamw", learning_rate: float = 8e-5,
+          warmup_steps: int = 500, lr_decay: str = "constant", final_lr_fraction: float = 0.0,
+          weight_decay: float = 0.01, beta_1: float = 0.9, beta_2: float = 0.999,
+          epsilon: float = 1e-6, clip_norm: float = 1.0, mixed_precision: bool = False,
+          checkpoint_every: int = 500, keep_checkpoints: int = 3, log_every: int = 50,
+          eval_every: int = 0, eval_batches: int = 0, seed: int = 0,
+          deterministic: bool = False, jit_compile: bool = False, shuffle_buffer: int = 2048,
+          ctx=None, network_fn=None, stop_after: Optional[int] = None) -> dict:
+  """Trains the M6 captioner; resumes from the latest checkpoint in `model_dir` if there is one.
+
+  Args:
+    model_dir: checkpoints, TensorBoard events, config.gin and metrics JSON go here.
+    train_data, eval_data: TFRecord glob patterns (`m6t_tf.data.records` format).
+    num_steps: total optimiser steps of the run (the schedule's horizon).
+    batch_size_per_worker: B (8 per GPU in the paper; global batch = B × workers).
+    max_len: caption length L in tokens, [CLS] and [SEP] included.
+    image_mode: "pixels" or "features" (precomputed patch features).
+    optimizer: "adamw" or "adafactor" (1T).  learning_rate, warmup_steps, lr_decay,
+      final_lr_fraction: the `WarmupSchedule`.  weight_decay, beta_1, beta_2, epsilon: AdamW.
+    clip_norm: global gradient-norm clipping over the whole (sharded) model; 0 = off.
+    mixed_precision: mixed_float16 compute with dynamic loss scaling (router stays float32).
+    checkpoint_every, keep_checkpoints: checkpoint period (steps) and how many to keep.
+    log_every: console and TensorBoard period.  eval_every, eval_batches: periodic validation
+      (0 = only at the end; eval_batches 0 = the whole split).
+    seed: weights, dropout and data order.  deterministic: TF deterministic ops (exact resume).
+    jit_compile: XLA-compile the step.  shuffle_buffer: records in the shuffle buffer.
+    ctx: the worker context (`LocalContext` by default; Horovod's under horovodrun).
+    network_fn: builds the network (gin's `M6Transformer` by default).
+    stop_after: stop (with a checkpoint) after this many steps of *this* invocation — used to
+      test that N steps then M steps equal N+M straight.
+
+  Returns:
+    A summary dict: final step, the per-step losses of this invocation, final evaluation.
+  """
+  from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.training` light for tools
+  if image_mode not in IMAGE_MODES:
+    raise ValueError(f"train.image_mode={image_mode!r}; allowed: {IMAGE_MODES}")
+  for name, value in (("num_steps", num_steps), ("batch_size_per_worker", batch_size_per_worker),
+                      ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"train.{name}={value!r} must be an integer >= 1")
+  # Everything that can be checked without data or weights is checked first.
+  schedule = optimizers.WarmupSchedule(learning_rate, warmup_steps, decay=lr_decay,
+                                       total_steps=num_steps, final_fraction=final_lr_fraction)
+  if optimizer not in optimizers.OPTIMIZERS:
+    raise ValueError(f"train.optimizer={optimizer!r}; allowed: {optimizers.OPTIMIZERS}")
+  ctx = ctx or context_lib.LocalContext()
+  check_model_dir(model_dir)
+  set_seeds(seed, deterministic)
+  shard, shards = ctx.data_shard()
+  dataset = pipeline.make_dataset(train_data, batch_size=batch_size_per_worker, max_len=max_len,
+                                  training=True, seed=seed, shard_index=shard, num_shards=shards,
+                                  image_mode=image_mode, shuffle_buffer=shuffle_buffer)
+  model = build_model(network_fn, batch=next(iter(dataset.take(1))),
+                      mixed_precision=mixed_precision)
+  opt = optimizers.make_optimizer(optimizer, schedule, weight_decay=weight_decay, beta_1=beta_1,
+                                  beta_2=beta_2, epsilon=epsilon)
+  trainer = Trainer(model, opt, ctx=ctx, clip_norm=clip_norm, mixed_precision=mixed_precision,
+                    jit_compile=jit_compile)
+  iterator = iter(dataset)
+  step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+  ckpt = tf.train.Checkpoint(model=model, optimizer=opt, step=step_var, data=iterator,
+                             loss_scale=trainer.loss_scale.scale,
+                             good_steps=trainer.loss_scale.good_steps,
+                             skipped_steps=trainer.loss_scale.skipped)
+  manager = tf.train.CheckpointManager(ckpt, os.path.join(model_dir, "checkpoints"),
+                                       max_to_keep=keep_checkpoints)
+  if manager.latest_checkpoint:
+    ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(step_var))
+    if ctx.is_chief:
+      print(f"Resumed from {manager.latest_checkpoint} at step {int(step_var)}", flush=True)
+  else:
+    ctx.broadcast_state(model.variables)
+  start = int(step_var)
+  writer = tf.summary.create_file_writer(os.path.join(model_dir, "train")) if ctx.is_chief else None
+  if ctx.is_chief:
+    try:
+      import gin
+      with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(gin.config_str())
+    except ImportError:
+      pass
+    n_params = model.count_params()
+    print(f"Model: {n_params:,} parameters on this worker; {len(model.moe_layers)} MoE layers; "
+          f"{ctx.describe()}; steps {start}→{num_steps}", flush=True)
+  progress = Progress(num_steps, start, log_every, ctx.is_chief)
+  tokens_per_step = batch_size_per_worker * (max_len - 1 + 16) * ctx.size
+  losses = []
+  last_log_time, last_log_step = time.time(), start
+  end = num_steps if stop_after is None else min(num_steps, start + stop_after)
+  eval_result = None
+  step = start
+  for step in range(start + 1, end + 1):
+    t_step = time.time()
+    metrics = trainer.train_step(next(iterator))
+    step_var.assign(step)
+    loss = float(metrics["loss"])
+    losses.append(loss)
+    if not math.isfinite(loss) and not trainer.skip_nonfinite:
+      raise FloatingPointError(
+          f"non-finite loss {loss} at step {step}; the last good checkpoint is "
+          f"{manager.latest_checkpoint}. Re-run with --check_numerics to find the first layer.")
+    if step % log_every == 0 or step == end:
+      elapsed = time.time() - last_log_time
+      tok_s = tokens_per_step * (step - last_log_step) / max(elapsed, 1e-9)
+      m = numpy_metrics(ctx.mean_metrics({k: metrics[k] for k in ("loss", "moe_loss", "grad_norm")}))
+      lr = float(metrics["learning_rate"])
+      progress.update(step, m["loss"], lr, tok_s)
+      scalars = {"loss": m["loss"], "log_perplexity": m["loss"], "learning_rate": lr,
+                 "moe_loss": m["moe_loss"], "grad_norm": m["grad_norm"],
+                 "step_time_s": time.time() - t_step, "tokens_per_s": tok_s,
+                 "skipped_steps": float(trainer.loss_scale.skipped.numpy())}
+      scalars.update({f"moe/{k}": v for k, v in trainer.moe_stats().items()})
+      summary_scalars(writer, step, scalars)
+      last_log_time, last_log_step = time.time(), step
+    if step % checkpoint_every == 0 and step != end:
+      manager.save(checkpoint_number=step)
+    if eval_data and eval_every and step % eval_every == 0 and step != end:
+      r = evaluate_perplexity(trainer, _batches_for_eval(
+          eval_data, batch_size=batch_size_per_worker, max_len=max_len, image_mode=image_mode,
+          ctx=ctx), eval_batches or None)
+      summary_scalars(writer, step, {"eval/log_perplexity": r["log_perplexity"],
+                                     "eval/perplexity": r["perplexity"]})
+      if ctx.is_chief:
+        print(f"  eval @ {step}: perplexity {r['perplexity']:.2f}", flush=True)
+  if end > start:
+    manager.save(checkpoint_number=end)
+  if eval_data and end == num_steps:
+    eval_result = evaluate_perplexity(trainer, _batches_for_eval(
+        eval_data, batch_size=batch_size_per_worker, max_len=max_len, image_mode=image_mode,
+        ctx=ctx), eval_batches or None)
+    summary_scalars(writer, end, {"eval/log_perplexity": eval_result["log_perplexity"],
+                                  "eval/perplexity": eval_result["perplexity"]})
+  summary = {"step": end, "losses": losses, "eval": eval_result,
+             "skipped_steps": int(trainer.loss_scale.skipped.numpy())}
+  if ctx.is_chief:
+    write_json(os.path.join(model_dir, "train_summary.json"),
+               {k: v for k, v in summary.items() if k != "losses"})
+  if writer is not None:
+    writer.flush()
+  return summary

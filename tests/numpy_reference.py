@@ -1,0 +1,256 @@
+"""A pure-NumPy reference of M6-T routing, capacity and the MoE forward pass (SPEC §1).
+
+Written from the specification, not from the TensorFlow code, and deliberately naive: explicit
+Python loops over rounds, tokens and experts, float64 arithmetic, so that it is easy to check by
+eye. The tests compare `m6t_tf.layers.routing` / `m6t_tf.layers.moe` against it.
+
+Conventions (the letters of SPEC §1):
+  T tokens, E experts, C capacity, K choices per token (k for top-k, Z for prototypes).
+
+Ties: argmax picks the lowest expert index (NumPy's and TensorFlow's `argmax` both do), so
+e.g. all-zero logits send every token to expert 0 first, expert 1 second, and so on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import math
+
+import numpy as np
+
+
+def capacity(num_tokens, num_experts, *, k=1, capacity_factor=1.25, mode="k", min_capacity=1):
+  """C = ceil(k' · T / E · γ), k' = k for "Capacity k×" and 1 for "Capacity 1×", exactly.
+
+  γ is taken as the decimal number it was written as (1.1 means 11/10), in exact rational
+  arithmetic, so no float rounding can push an integer product up to the next integer.
+  """
+  k_eff = k if mode == "k" else 1
+  exact = fractions.Fraction(k_eff * num_tokens, num_experts) * fractions.Fraction(
+      repr(float(capacity_factor)))
+  return max(min_capacity, math.ceil(exact))
+
+
+def softmax(x, axis=-1):
+  x = np.asarray(x, np.float64)
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def logsumexp(x, axis=-1):
+  x = np.asarray(x, np.float64)
+  m = x.max(axis=axis, keepdims=True)
+  return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+@dataclasses.dataclass
+class Routing:
+  expert_index: np.ndarray      # int   [K, T]
+  slot: np.ndarray              # int   [K, T]  position in the expert (may be >= C); -1 padding
+  kept: np.ndarray              # bool  [K, T]
+  gate: np.ndarray              # float [K, T]  0 where not kept
+  probs: np.ndarray             # float [T, E]  (per-prototype softmax for prototypes)
+  combine_weights: np.ndarray   # float [T, E, C]
+  dispatch_mask: np.ndarray     # bool  [T, E, C]
+  tokens_per_expert: np.ndarray  # int  [E]
+  aux_loss: float
+  z_loss: float
+  dropped_fraction: float
+  capacity: int
+
+
+def _gates(chosen_probs, chosen_logits, normalization):
+  """[K] gate values of one token's K choices (before capacity)."""
+  if normalization == "none":
+    return chosen_probs
+  if normalization == "renormalize":
+    return chosen_probs / chosen_probs.sum()
+  if normalization == "softmax_topk":
+    return softmax(chosen_logits)
+  raise ValueError(normalization)
+
+
+def _assemble(expert_index, slot, kept, gate, probs, cap, num_experts, valid):
+  num_choices, num_tokens = expert_index.shape
+  combine = np.zeros((num_tokens, num_experts, cap))
+  dispatch = np.zeros((num_tokens, num_experts, cap), bool)
+  tokens_per_expert = np.zeros(num_experts, np.int64)
+  for r in range(num_choices):
+    for t in range(num_tokens):
+      if kept[r, t]:
+        e, s = expert_index[r, t], slot[r, t]
+        combine[t, e, s] = gate[r, t]
+        dispatch[t, e, s] = True
+        tokens_per_expert[e] += 1
+  n_valid = int(valid.sum())
+  dropped = 0.0 if n_valid == 0 else 1.0 - kept.sum() / (num_choices * n_valid)
+  return combine, dispatch, tokens_per_expert, dropped
+
+
+def top_k_routing(logits, *, k, capacity, normalization="auto", token_mask=None):
+  """Looped-argmax top-k routing.
+
+  Round r (r = 0..k-1) takes every token's r-th best expert. Inside an expert, round r's tokens
+  are placed in token order *after* every token that rounds < r kept there; a token whose
+  position reaches C is dropped for that expert. Padding tokens (token_mask False) are routed
+  nowhere and take no position.
+  """
+  logits = np.asarray(logits, np.float64)
+  num_tokens, num_experts = logits.shape
+  if normalization == "auto":
+    normalization = "none" if k == 1 else "renormalize"
+  valid = np.ones(num_tokens, bool) if token_mask is None else np.asarray(token_mask, bool)
+  probs = softmax(logits)
+
+  # The k choices of every token, best first.
+  expert_index = np.zeros((k, num_tokens), np.int64)
+  for t in range(num_tokens):
+    remaining = logits[t].copy()
+    for r in range(k):
+      e = int(np.argmax(remaining))
+      expert_index[r, t] = e
+      remaining[e] = -np.inf
+
+  slot = np.full((k, num_tokens), -1, np.int64)
+  kept = np.zeros((k, num_tokens), bool)
+  kept_so_far = np.zeros(num_experts, np.int64)    # tokens held by each expert after earlier rounds
+  for r in range(k):
+    next_position = kept_so_far.copy()
+    for t in range(num_tokens):
+      if not valid[t]:
+        continue
+      e = expert_index[r, t]
+      slot[r, t] = next_position[e]
+      next_position[e] += 1
+      kept[r, t] = slot[r, t] < capacity
+    kept_so_far = np.minimum(next_position, capacity)
+
+  gate = np.zeros((k, num_tokens))
+  for t in range(num_tokens):
+    g = _gates(probs[t, expert_index[:, t]], logits[t, expert_index[:, t]], normalization)
+    gate[:, t] = np.where(kept[:, t], g, 0.0)
+
+  combine, dispatch, tpe, dropped = _assemble(expert_index, slot, kept, gate, probs, capacity,
+                                              num_experts, valid)
+  # Switch load balance: E · Σ_i f_i · P_i over real tokens, f from first choices before capacity.
+  n = max(valid.sum(), 1)
+  f = np.zeros(num_experts)
+  for t in range(num_tokens):
+    if valid[t]:
+      f[expert_index[0, t]] += 1.0 / n
+  p = probs[valid].sum(axis=0) / n
+  aux = num_experts * float((f * p).sum())
+  z = float((logsumexp(logits)[valid] ** 2).sum() / n)
+  return Routing(expert_index, slot, kept, gate, probs, combine, dispatch, tpe, aux, z, dropped,
+                 capacity)
+
+
+def prototype_routing(logits, *, num_prototypes, capacity, normalization="none",
+                      token_mask=None):
+  """Expert prototyping ("Z top-1"): experts [z·F, (z+1)·F) form prototype z; each prototype
+  takes a softmax over its own F logits and sends the token to its best expert. Every expert
+  belongs to one prototype, so it simply keeps its first C real tokens in token order."""
+  logits = np.asarray(logits, np.float64)
+  num_tokens, num_experts = logits.shape
+  z_count = num_prototypes
+  f_size = num_experts // z_count
+  if normalization == "auto":
+    normalization = "none"
+  valid = np.ones(num_tokens, bool) if token_mask is None else np.asarray(token_mask, bool)
+
+  probs = np.zeros((num_tokens, num_experts))
+  expert_index = np.zeros((z_count, num_tokens), np.int64)
+  for z in range(z_count):
+    group = slice(z * f_size, (z + 1) * f_size)
+    probs[:, group] = softmax(logits[:, group])
+    for t in range(num_tokens):
+      expert_index[z, t] = z * f_size + int(np.argmax(logits[t, group]))
+
+  slot = np.full((z_count, num_tokens), -1, np.int64)
+  kept = np.zeros((z_count, num_tokens), bool)
+  next_position = np.zeros(num_experts, np.int64)
+  for t in range(num_tokens):
+    if not valid[t]:
+      continue
+    for z in range(z_count):
+      e = expert_index[z, t]
+      slot[z, t] = next_position[e]
+      next_position[e] += 1
+      kept[z, t] = slot[z, t] < capacity
+
+  gate = np.zeros((z_count, num_tokens))
+  for t in range(num_tokens):
+    g = _gates(probs[t, expert_index[:, t]], logits[t, expert_index[:, t]], normalization)
+    gate[:, t] = np.where(kept[:, t], g, 0.0)
+
+  combine, dispatch, tpe, dropped = _assemble(expert_index, slot, kept, gate, probs, capacity,
+                                              num_experts, valid)
+  # Load balance per prototype (F · Σ_j f_j · P_j inside the prototype), averaged over prototypes;
+  # z-loss averages logsumexp² of each prototype's own logits over tokens and prototypes.
+  n = max(valid.sum(), 1)
+  aux = 0.0
+  lse2 = np.zeros(num_tokens)
+  for z in range(z_count):
+    group = slice(z * f_size, (z + 1) * f_size)
+    f = np.zeros(f_size)
+    for t in range(num_tokens):
+      if valid[t]:
+        f[expert_index[z, t] - z * f_size] += 1.0 / n
+    p = probs[valid, group].sum(axis=0) / n
+    aux += f_size * float((f * p).sum()) / z_count
+    lse2 += logsumexp(logits[:, group]) ** 2 / z_count
+  z_loss = float(lse2[valid].sum() / n)
+  return Routing(expert_index, slot, kept, gate, probs, combine, dispatch, tpe, aux, z_loss,
+                 dropped, capacity)
+
+
+def route(logits, *, routing, k, capacity, normalization="auto", token_mask=None):
+  if routing == "top_k":
+    return top_k_routing(logits, k=k, capacity=capacity, normalization=normalization,
+                         token_mask=token_mask)
+  return prototype_routing(logits, num_prototypes=k, capacity=capacity,
+                           normalization=normalization, token_mask=token_mask)
+
+
+def coefficient_of_variation(tokens_per_expert):
+  x = np.asarray(tokens_per_expert, np.float64)
+  return 0.0 if x.mean() == 0 else float(x.std() / x.mean())   # population std (ddof=0)
+
+
+def gelu_tanh(x):
+  return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def silu(x):
+  return x / (1.0 + np.exp(-x))
+
+
+def ffn(x, wi, wo, activation, wi_gate=None):
+  """One expert: [.., M] -> [.., M]."""
+  h = x @ wi
+  if activation == "relu":
+    h = np.maximum(h, 0.0)
+  elif activation == "gelu":
+    h = gelu_tanh(h)
+  elif activation == "swiglu":
+    h = silu(x @ wi_gate) * h
+  elif activation != "linear":
+    raise ValueError(activation)
+  return h @ wo
+
+
+def moe_forward(x, router_kernel, wi, wo, *, activation, routing, k, capacity,
+                normalization="auto", token_mask=None, wi_gate=None):
+  """out[t] = Σ over token t's kept choices of gate · FFN_expert(x[t]); zero if none kept."""
+  x = np.asarray(x, np.float64)
+  r = route(x @ np.asarray(router_kernel, np.float64), routing=routing, k=k, capacity=capacity,
+            normalization=normalization, token_mask=token_mask)
+  out = np.zeros((x.shape[0], np.asarray(wo).shape[-1]))
+  for c in range(r.expert_index.shape[0]):
+    for t in range(x.shape[0]):
+      if r.kept[c, t]:
+        e = r.expert_index[c, t]
+        out[t] += r.gate[c, t] * ffn(x[t], wi[e], wo[e], activation,
+                                     None if wi_gate is None else wi_gate[e])
+  return out, r

@@ -1,0 +1,405 @@
+"""Tests of m6t_tf.layers.routing against the NumPy reference, hand-made cases and invariants."""
+
+import itertools
+
+from absl.testing import parameterized
+import hypothesis
+from hypothesis import strategies as st
+import numpy as np
+import tensorflow as tf
+
+from m6t_tf.layers import routing as routing_lib
+
+try:
+  from tests import numpy_reference as ref
+except ImportError:  # pytest run with tests/ (not the repository root) on sys.path
+  import numpy_reference as ref
+
+NORMALIZATIONS = ("auto", "none", "renormalize", "softmax_topk")
+
+
+def _random_logits(seed, num_tokens, num_experts, scale=2.0):
+  # Distinct float32 logits; near-ties (closer than float32 softmax resolves) are vanishingly rare.
+  return (np.random.default_rng(seed).standard_normal((num_tokens, num_experts)) * scale
+          ).astype(np.float32)
+
+
+def _random_mask(seed, num_tokens):
+  mask = np.random.default_rng(seed + 1000).random(num_tokens) < 0.7
+  mask[0] = True
+  return mask
+
+
+class CapacityTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      # (T, E, k, γ, mode, expected)
+      (8, 4, 1, 1.25, "k", 3),       # ceil(2.5)
+      (32, 8, 1, 1.25, "k", 5),      # exactly 5: no spurious round-up
+      (8, 2, 2, 1.25, "k", 10),      # 2·8/2·1.25 = 10 (1.25·8 is 10.000000000000002 in floats)
+      (8, 2, 2, 1.25, "1", 5),       # Capacity 1×: k' = 1 whatever the routing
+      (64, 32, 4, 1.25, "k", 10),
+      (64, 32, 4, 1.25, "1", 3),
+      (10, 7, 1, 1.1, "k", 2),       # ceil(1.571)
+      (70, 7, 1, 1.1, "k", 11),      # 10·1.1 = 11.000000000000002 in floats
+      (6, 5, 2, 2.0, "k", 5),
+      (3, 7, 1, 0.5, "k", 1),        # min_capacity
+  )
+  def test_values(self, t, e, k, gamma, mode, expected):
+    self.assertEqual(routing_lib.capacity(t, e, k=k, capacity_factor=gamma, mode=mode), expected)
+    self.assertEqual(ref.capacity(t, e, k=k, capacity_factor=gamma, mode=mode), expected)
+
+  def test_matches_exact_rational_reference_on_grid(self):
+    for t, e, k, gamma, mode in itertools.product(
+        (1, 2, 3, 5, 7, 8, 16, 24, 64, 100, 1024, 8192), (1, 2, 3, 5, 7, 8, 32, 960),
+        (1, 2, 4), (0.5, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0), ("k", "1")):
+      self.assertEqual(
+          routing_lib.capacity(t, e, k=k, capacity_factor=gamma, mode=mode),
+          ref.capacity(t, e, k=k, capacity_factor=gamma, mode=mode), (t, e, k, gamma, mode))
+
+  def test_min_capacity(self):
+    self.assertEqual(routing_lib.capacity(2, 7, capacity_factor=1.0, min_capacity=4), 4)
+    self.assertEqual(routing_lib.capacity(70, 7, capacity_factor=1.0, min_capacity=4), 10)
+
+  @parameterized.parameters(
+      dict(num_tokens=0, num_experts=2), dict(num_tokens=4, num_experts=0),
+      dict(num_tokens=4, num_experts=2, capacity_factor=0.0),
+      dict(num_tokens=4, num_experts=2, capacity_factor=-1.0),
+      dict(num_tokens=4, num_experts=2, mode="2"))
+  def test_bad_arguments(self, **kwargs):
+    with self.assertRaises(ValueError):
+      routing_lib.capacity(**kwargs)
+
+
+class _RoutingAsserts(tf.test.TestCase):
+
+  def assertRoutingMatches(self, got, want, valid):
+    """Exact placements, slots and masks; weights and losses to 1e-6."""
+    self.assertEqual(got.capacity, want.capacity)
+    kept = got.kept.numpy()
+    self.assertAllEqual(kept, want.kept)
+    self.assertAllEqual(got.expert_index.numpy()[:, valid], want.expert_index[:, valid])
+    self.assertAllEqual(got.slot.numpy()[:, valid], want.slot[:, valid])
+    self.assertAllEqual(got.dispatch_mask.numpy(), want.dispatch_mask)
+    self.assertAllEqual(got.tokens_per_expert.numpy(), want.tokens_per_expert)
+    self.assertAllEqual(got.valid.numpy(), valid)
+    self.assertAllClose(got.gate.numpy(), want.gate, atol=1e-6, rtol=0)
+    self.assertAllClose(got.combine_weights.numpy(), want.combine_weights, atol=1e-6, rtol=0)
+    self.assertAllClose(got.probs.numpy(), want.probs, atol=1e-6, rtol=0)
+    self.assertAllClose(got.aux_loss.numpy(), want.aux_loss, atol=1e-5, rtol=1e-6)
+    self.assertAllClose(got.z_loss.numpy(), want.z_loss, atol=1e-5, rtol=1e-6)
+    self.assertAllClose(got.dropped_fraction.numpy(), want.dropped_fraction, atol=1e-6)
+
+
+def _shapes():
+  """(T, E, k) over distinct small dims; capacity factors from heavy dropping to ample."""
+  return [(7, 5, 1), (7, 5, 2), (3, 2, 2), (5, 7, 3), (64, 7, 2), (64, 5, 4), (30, 3, 1),
+          (2, 3, 3)]
+
+
+class TopKRoutingTest(_RoutingAsserts, parameterized.TestCase):
+
+  @parameterized.parameters(*_shapes())
+  def test_matches_reference(self, t, e, k):
+    for seed, (gamma, normalization, masked) in enumerate(itertools.product(
+        (0.25, 1.0, 2.0), NORMALIZATIONS, (False, True))):
+      logits = _random_logits(seed, t, e)
+      mask = _random_mask(seed, t) if masked else None
+      cap = routing_lib.capacity(t, e, k=k, capacity_factor=gamma)
+      got = routing_lib.top_k_routing(tf.constant(logits), k=k, capacity=cap,
+                                      normalization=normalization, token_mask=mask)
+      want = ref.top_k_routing(logits, k=k, capacity=cap, normalization=normalization,
+                               token_mask=mask)
+      valid = np.ones(t, bool) if mask is None else mask
+      with self.subTest(seed=seed, gamma=gamma, normalization=normalization, masked=masked):
+        self.assertRoutingMatches(got, want, valid)
+
+  @parameterized.parameters(1, 2)
+  def test_heavy_dropping_capacity_one(self, k):
+    logits = _random_logits(3, 64, 3)
+    got = routing_lib.top_k_routing(tf.constant(logits), k=k, capacity=1)
+    want = ref.top_k_routing(logits, k=k, capacity=1)
+    self.assertRoutingMatches(got, want, np.ones(64, bool))
+    self.assertLessEqual(int(got.kept.numpy().sum()), 3)
+
+  def test_first_choices_have_priority_over_second_choices(self):
+    # Token 0: 1st expert 0, 2nd expert 1. Token 1: 1st expert 1. C = 1.
+    # Token 1's first choice takes expert 1's only slot although token 0 comes first.
+    logits = tf.constant([[2.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    r = routing_lib.top_k_routing(logits, k=2, capacity=1)
+    self.assertAllEqual(r.expert_index, [[0, 1], [1, 2]])
+    self.assertAllEqual(r.kept, [[True, True], [False, True]])
+    self.assertAllEqual(r.slot, [[0, 0], [1, 0]])
+    self.assertAllEqual(r.tokens_per_expert, [1, 1, 1])
+
+  def test_slots_continue_after_earlier_rounds(self):
+    # All tokens pick expert 0 then expert 1, except token 2 which picks 1 then 0.
+    logits = tf.constant([[1.0, 0.5, 0.0], [1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [1.0, 0.5, 0.0]])
+    r = routing_lib.top_k_routing(logits, k=2, capacity=4)
+    self.assertAllEqual(r.expert_index, [[0, 0, 1, 0], [1, 1, 0, 1]])
+    # Round 2 in expert 1 starts after token 2 (slot 0); in expert 0 after tokens 0, 1, 3.
+    self.assertAllEqual(r.slot, [[0, 1, 0, 2], [1, 2, 3, 3]])
+    self.assertAllEqual(r.kept, [[True] * 4, [True] * 4])
+
+  def test_ties_pick_lowest_index(self):
+    # Equal logits: argmax (TF and NumPy) takes the lowest index, so every token's r-th choice
+    # is expert r, and expert 0 fills up first. Documented in tests/numpy_reference.py.
+    r = routing_lib.top_k_routing(tf.zeros([5, 3]), k=2, capacity=3)
+    self.assertAllEqual(r.expert_index, [[0] * 5, [1] * 5])
+    self.assertAllEqual(r.slot, [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]])
+    self.assertAllEqual(r.kept, [[True] * 3 + [False] * 2] * 2)
+    self.assertAllEqual(r.tokens_per_expert, [3, 3, 0])
+    self.assertAllClose(r.gate, [[0.5] * 3 + [0.0] * 2] * 2)   # renormalised 1/3 + 1/3
+
+  def test_padding_takes_no_capacity(self):
+    logits = tf.zeros([4, 2])  # every real token wants expert 0
+    r = routing_lib.top_k_routing(logits, k=1, capacity=2,
+                                  token_mask=tf.constant([False, True, False, True]))
+    self.assertAllEqual(r.kept, [[False, True, False, True]])
+    self.assertAllEqual(r.slot.numpy()[0, [1, 3]], [0, 1])
+    self.assertAllEqual(r.tokens_per_expert, [2, 0])
+    self.assertAllEqual(r.gate, [[0.0, 0.5, 0.0, 0.5]])
+    self.assertAllClose(r.dropped_fraction, 0.0)
+
+  def test_padding_tokens_still_get_distinct_choices(self):
+    # Routing.expert_index lists K *distinct* experts for every token, padding included.
+    r = routing_lib.top_k_routing(tf.zeros([3, 4]), k=3, capacity=2,
+                                  token_mask=tf.constant([True, False, True]))
+    self.assertAllEqual(r.expert_index, [[0, 0, 0], [1, 1, 1], [2, 2, 2]])
+
+  def test_all_padding(self):
+    r = routing_lib.top_k_routing(tf.constant(_random_logits(0, 4, 3)), k=2, capacity=2,
+                                  token_mask=tf.zeros([4], tf.bool))
+    self.assertFalse(r.kept.numpy().any())
+    self.assertAllEqual(r.combine_weights, np.zeros([4, 3, 2]))
+    self.assertAllEqual(r.tokens_per_expert, [0, 0, 0])
+    for value in (r.aux_loss, r.z_loss, r.dropped_fraction):
+      self.assertAllEqual(value, 0.0)
+
+  def test_normalizations(self):
+    logits = np.array([[1.0, 0.0, -1.0, 2.0]], np.float32)
+    p = ref.softmax(logits)[0]
+    top = [3, 0]
+    cases = {"none": p[top], "auto": p[top] / p[top].sum(),
+             "renormalize": p[top] / p[top].sum(), "softmax_topk": ref.softmax(logits[0, top])}
+    logits = tf.constant(logits)
+    for normalization, expected in cases.items():
+      r = routing_lib.top_k_routing(logits, k=2, capacity=1, normalization=normalization)
+      self.assertAllClose(r.gate.numpy()[:, 0], expected, atol=1e-6, msg=normalization)
+    r = routing_lib.top_k_routing(logits, k=1, capacity=1)   # "auto", k = 1: raw probability
+    self.assertAllClose(r.gate.numpy()[:, 0], [p[3]], atol=1e-6)
+
+  def test_aux_loss_is_one_when_perfectly_uniform(self):
+    # Token t prefers expert t mod E, but with a uniform softmax P_i = 1/E... use a permutation
+    # of equal-magnitude logits so f_i = 1/E and P_i = 1/E exactly.
+    e = 4
+    logits = np.tile(np.eye(e, dtype=np.float32) * 3.0, (2, 1))  # [8, 4], f = P = 1/4
+    r = routing_lib.top_k_routing(tf.constant(logits), k=1, capacity=8)
+    self.assertAllClose(r.aux_loss, 1.0, atol=1e-6)
+    self.assertAllClose(r.aux_loss, ref.top_k_routing(logits, k=1, capacity=8).aux_loss)
+    # Everything on one expert with a confident router: loss approaches E.
+    r = routing_lib.top_k_routing(tf.constant(np.tile([[20.0, 0, 0, 0]], (8, 1)), tf.float32), k=1,
+                                  capacity=8)
+    self.assertAllClose(r.aux_loss, float(e), atol=1e-6)
+
+  def test_z_loss_value(self):
+    logits = tf.constant([[0.0, 0.0], [np.log(3.0), 0.0]], tf.float32)
+    r = routing_lib.top_k_routing(logits, k=1, capacity=2)
+    # logsumexp: log 2 and log 4.
+    self.assertAllClose(r.z_loss, (np.log(2.0) ** 2 + np.log(4.0) ** 2) / 2, atol=1e-6)
+
+  def test_gradient_reaches_logits_through_gates(self):
+    logits = tf.constant(_random_logits(1, 7, 5))
+    for normalization in ("none", "softmax_topk", "renormalize"):
+      with tf.GradientTape() as tape:
+        tape.watch(logits)
+        r = routing_lib.top_k_routing(logits, k=2, capacity=3, normalization=normalization)
+        loss = tf.reduce_sum(r.combine_weights * tf.random.stateless_normal(
+            r.combine_weights.shape, [1, 2]))
+      grad = tape.gradient(loss, logits)
+      self.assertGreater(float(tf.reduce_max(tf.abs(grad))), 0.0, normalization)
+
+  def test_routes_inside_tf_function(self):
+    logits = _random_logits(4, 7, 5)
+    fn = tf.function(lambda x: routing_lib.top_k_routing(x, k=2, capacity=2).combine_weights,
+                     jit_compile=True)
+    self.assertAllClose(fn(tf.constant(logits)),
+                        ref.top_k_routing(logits, k=2, capacity=2).combine_weights, atol=1e-6)
+
+  @parameterized.parameters(
+      dict(k=0), dict(k=4), dict(capacity=0), dict(normalization="softmax"),
+      dict(token_mask=[True, False]))
+  def test_bad_arguments(self, **kwargs):
+    args = dict(k=1, capacity=2)
+    args.update(kwargs)
+    with self.assertRaises(ValueError):
+      routing_lib.top_k_routing(tf.zeros([5, 3]), **args)
+
+  def test_bad_logits_shapes(self):
+    with self.assertRaisesRegex(ValueError, r"\[T, E\]"):
+      routing_lib.top_k_routing(tf.zeros([2, 5, 3]), k=1, capacity=2)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    def dynamic(x):
+      return routing_lib.top_k_routing(x, k=1, capacity=2).gate
+
+    with self.assertRaisesRegex(ValueError, "static shape"):
+      dynamic.get_concrete_function()
+
+
+class PrototypeRoutingTest(_RoutingAsserts, parameterized.TestCase):
+
+  @parameterized.parameters(
+      (7, 6, 2), (7, 6, 3), (5, 4, 4), (64, 4, 2), (64, 8, 4), (3, 2, 2), (30, 5, 1))
+  def test_matches_reference(self, t, e, z):
+    for seed, (gamma, mode, normalization, masked) in enumerate(itertools.product(
+        (0.25, 1.0, 2.0), ("k", "1"), NORMALIZATIONS, (False, True))):
+      logits = _random_logits(seed, t, e)
+      mask = _random_mask(seed, t) if masked else None
+      cap = routing_lib.capacity(t, e, k=z, capacity_factor=gamma, mode=mode)
+      got = routing_lib.prototype_routing(tf.constant(logits), num_prototypes=z, capacity=cap,
+                                          normalization=normalization, token_mask=mask)
+      want = ref.prototype_routing(logits, num_prototypes=z, capacity=cap,
+                                   normalization=normalization, token_mask=mask)
+      valid = np.ones(t, bool) if mask is None else mask
+      with self.subTest(seed=seed, gamma=gamma, mode=mode, normalization=normalization,
+                        masked=masked):
+        self.assertRoutingMatches(got, want, valid)
+
+  def test_one_prototype_is_top_1(self):
+    logits = tf.constant(_random_logits(5, 7, 5))
+    a = routing_lib.prototype_routing(logits, num_prototypes=1, capacity=2)
+    b = routing_lib.top_k_routing(logits, k=1, capacity=2)
+    for field in ("combine_weights", "dispatch_mask", "expert_index", "slot", "kept", "gate",
+                  "tokens_per_expert", "aux_loss", "z_loss"):
+      self.assertAllClose(getattr(a, field), getattr(b, field), atol=1e-7, msg=field)
+
+  def test_hand_computed(self):
+    # E = 4, Z = 2 (F = 2): prototype 0 = experts {0, 1}, prototype 1 = experts {2, 3}.
+    logits = np.array([[1.0, 0.0, 0.0, 2.0],
+                       [0.0, 3.0, 1.0, 0.0],
+                       [2.0, 0.0, 0.0, 1.0]], np.float32)
+    r = routing_lib.prototype_routing(tf.constant(logits), num_prototypes=2, capacity=1)
+    self.assertAllEqual(r.expert_index, [[0, 1, 0], [3, 2, 3]])
+    self.assertAllEqual(r.slot, [[0, 0, 1], [0, 0, 1]])
+    self.assertAllEqual(r.kept, [[True, True, False], [True, True, False]])
+    s = lambda d: 1.0 / (1.0 + np.exp(-d))   # two-way softmax = sigmoid of the difference
+    self.assertAllClose(r.gate, [[s(1.0), s(3.0), 0.0], [s(2.0), s(1.0), 0.0]], atol=1e-6)
+    self.assertAllEqual(r.tokens_per_expert, [1, 1, 1, 1])
+    self.assertAllClose(r.dropped_fraction, 2.0 / 6.0)
+
+  def test_ties_pick_first_expert_of_each_prototype(self):
+    r = routing_lib.prototype_routing(tf.zeros([2, 6]), num_prototypes=3, capacity=2)
+    self.assertAllEqual(r.expert_index, [[0, 0], [2, 2], [4, 4]])
+
+  @parameterized.parameters(
+      dict(num_prototypes=4), dict(num_prototypes=0), dict(num_prototypes=7),
+      dict(capacity=0), dict(normalization="bogus"))
+  def test_bad_arguments(self, **kwargs):
+    args = dict(num_prototypes=2, capacity=2)
+    args.update(kwargs)
+    with self.assertRaises(ValueError):
+      routing_lib.prototype_routing(tf.zeros([5, 6]), **args)
+
+  def test_route_dispatches_and_rejects_unknown(self):
+    logits = tf.constant(_random_logits(0, 5, 4))
+    a = routing_lib.route(logits, routing="prototype", k=2, capacity=2)
+    b = routing_lib.prototype_routing(logits, num_prototypes=2, capacity=2)
+    self.assertAllEqual(a.expert_index, b.expert_index)
+    a = routing_lib.route(logits, routing="top_k", k=2, capacity=2)
+    b = routing_lib.top_k_routing(logits, k=2, capacity=2)
+    self.assertAllEqual(a.expert_index, b.expert_index)
+    with self.assertRaisesRegex(ValueError, "routing"):
+      routing_lib.route(logits, routing="hash", k=1, capacity=2)
+
+
+class CoefficientOfVariationTest(tf.test.TestCase):
+
+  def test_population_std_over_mean(self):
+    tpe = np.array([4, 0, 2, 2])
+    self.assertAllClose(routing_lib.coefficient_of_variation(tpe), np.std(tpe) / np.mean(tpe))
+    self.assertAllClose(routing_lib.coefficient_of_variation(tpe),
+                        ref.coefficient_of_variation(tpe))
+    self.assertAllEqual(routing_lib.coefficient_of_variation([3, 3, 3]), 0.0)
+    self.assertAllEqual(routing_lib.coefficient_of_variation([0, 0]), 0.0)
+
+
+@st.composite
+def routing_problems(draw):
+  routing = draw(st.sampled_from(("top_k", "prototype")))
+  e = draw(st.sampled_from((2, 3, 4, 5, 6, 7, 8)))
+  if routing == "top_k":
+    k = draw(st.integers(1, min(e, 4)))
+  else:
+    k = draw(st.sampled_from([z for z in (1, 2, 3, 4) if e % z == 0]))
+  t = draw(st.integers(1, 40))
+  cap = draw(st.integers(1, max(1, 2 * t * k // e)))
+  normalization = draw(st.sampled_from(NORMALIZATIONS))
+  seed = draw(st.integers(0, 2 ** 31 - 1))
+  rng = np.random.default_rng(seed)
+  # Coarse logits make exact ties common, exercising the lowest-index rule too.
+  logits = rng.integers(-3, 4, size=(t, e)).astype(np.float32) * draw(
+      st.sampled_from((0.5, 1.0, 3.0)))
+  mask = rng.random(t) < draw(st.sampled_from((0.5, 1.0)))
+  return routing, k, cap, normalization, logits, mask
+
+
+class RoutingInvariantsTest(tf.test.TestCase):
+
+  @hypothesis.settings(max_examples=50, deadline=None, derandomize=True)
+  @hypothesis.given(routing_problems())
+  def test_invariants(self, problem):
+    routing, k, cap, normalization, logits, mask = problem
+    r = routing_lib.route(tf.constant(logits), routing=routing, k=k, capacity=cap,
+                          normalization=normalization, token_mask=mask)
+    t, e = logits.shape
+    index, slot, kept = r.expert_index.numpy(), r.slot.numpy(), r.kept.numpy()
+    dispatch, combine = r.dispatch_mask.numpy(), r.combine_weights.numpy()
+
+    # Every token's K choices are distinct experts (for prototypes: one in each prototype).
+    for tok in range(t):
+      self.assertLen(set(index[:, tok]), index.shape[0])
+    if routing == "prototype":
+      self.assertAllEqual(index // (e // k), np.repeat(np.arange(k)[:, None], t, axis=1))
+    # Padding takes nothing.
+    self.assertFalse(kept[:, ~mask].any())
+    self.assertFalse(dispatch[~mask].any())
+    # No expert above capacity; kept slots unique and contiguous from 0 in every expert.
+    for ex in range(e):
+      slots = sorted(slot[kept & (index == ex)].tolist())
+      self.assertEqual(slots, list(range(len(slots))))
+      self.assertLessEqual(len(slots), cap)
+      self.assertEqual(int(dispatch[:, ex, :].sum()), len(slots))
+      self.assertLessEqual(int(dispatch[:, ex, :].sum(axis=0).max(initial=0)), 1)
+    self.assertAllEqual(r.tokens_per_expert, dispatch.sum(axis=(0, 2)))
+    # Dropped choices are exactly those beyond capacity in priority order: per expert, the
+    # choices wanting it, ordered by (round, token) for top-k and by token for prototypes,
+    # and the first C of them are kept.
+    for ex in range(e):
+      wanting = [(rnd, tok) for rnd in range(index.shape[0]) for tok in range(t)
+                 if index[rnd, tok] == ex and mask[tok]]
+      if routing == "prototype":
+        wanting.sort(key=lambda rt: rt[1])
+      for position, (rnd, tok) in enumerate(wanting):
+        self.assertEqual(bool(kept[rnd, tok]), position < cap)
+        if position < cap:
+          self.assertEqual(slot[rnd, tok], position)
+          self.assertTrue(dispatch[tok, ex, position])
+    # Combine weights live on dispatched slots only, non-negative.
+    self.assertTrue((combine >= 0).all())
+    self.assertFalse((combine[~dispatch] != 0).any())
+    # Top-k gates are at most the top-k probabilities (sum <= 1) or renormalised; prototype
+    # gates with "none" are one probability per prototype and may sum to Z.
+    sums_to_one = routing == "top_k" or normalization in ("renormalize", "softmax_topk")
+    if sums_to_one:
+      self.assertTrue((combine.sum(axis=(1, 2)) <= 1 + 1e-6).all())
+    # And the whole thing agrees with the reference (exact ties included).
+    want = ref.route(logits, routing=routing, k=k, capacity=cap, normalization=normalization,
+                     token_mask=mask)
+    self.assertAllEqual(kept, want.kept)
+    self.assertAllEqual(dispatch, want.dispatch_mask)
+    self.assertAllClose(combine, want.combine_weights, atol=1e-6, rtol=0)
+
+
+if __name__ == "__main__":
+  tf.test.main()
