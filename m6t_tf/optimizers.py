@@ -96,9 +96,9 @@ class Adafactor(keras.optimizers.Adafactor):
     for var in var_list:
       if len(var.shape) >= 2:
         self._r.append(self.add_variable(shape=var.shape[:-1], dtype=var.dtype,
-                                         name=var.name + "_row"))
+                                         name=var.path.replace("/", "_") + "_row"))
         self._c.append(self.add_variable(shape=var.shape[:-2] + (var.shape[-1],),
-                                         dtype=var.dtype, name=var.name + "_col"))
+                                         dtype=var.dtype, name=var.path.replace("/", "_") + "_col"))
         self._v.append(None)
       else:
         self._r.append(None)
@@ -128,9 +128,10 @@ class Adafactor(keras.optimizers.Adafactor):
 
 
 def make_optimizer(name: str, schedule, *, weight_decay: float = 0.01, beta_1: float = 0.9,
-                   beta_2: float = 0.999, epsilon: float = 1e-6, mixed_precision: bool = False,
+                   beta_2: float = 0.999, epsilon: float = 1e-6,
                    exclude_from_weight_decay=("bias", "gamma", "beta", "scale", "embeddings")):
-  """The optimiser of a config; wrapped in a dynamic LossScaleOptimizer under mixed_float16.
+  """The optimiser of a config. Loss scaling for mixed_float16 is the trainer's (`LossScale`):
+  it must unscale before the cross-worker reduction and the global-norm clipping.
 
   Weight decay skips biases, norm scales and embeddings (BERT/AdamW practice).
   """
@@ -138,11 +139,9 @@ def make_optimizer(name: str, schedule, *, weight_decay: float = 0.01, beta_1: f
     raise ValueError(f"optimizer={name!r}; allowed: {OPTIMIZERS}")
   if name == "adamw":
     opt = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=weight_decay,
-                                 beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+                                 beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, name="adamw")
   else:
     opt = Adafactor(learning_rate=schedule, weight_decay=weight_decay or None)
   if weight_decay:
     opt.exclude_from_weight_decay(var_names=list(exclude_from_weight_decay))
-  if mixed_precision:
-    opt = keras.optimizers.LossScaleOptimizer(opt)
   return opt

@@ -140,6 +140,31 @@ class Trainer:
     return out
 
 
+def variables_by_path(model, optimizer=None) -> dict:
+  """Every variable of the run keyed by its Keras path, for `tf.train.Checkpoint`.
+
+  Keras 3 layers are not tracked as a tf.train object graph (only a layer's own weights are),
+  so checkpoints name variables by path instead: stable across processes and worker counts,
+  and readable with `tf.train.load_checkpoint`.
+  """
+  out = {}
+  rng = 0
+  for prefix, variables in (("model", model.variables),
+                            ("optimizer", optimizer.variables if optimizer is not None else [])):
+    for v in variables:
+      if "seed_generator" in v.path:
+        # Dropout RNG states carry a process-global auto-generated name; their order in the
+        # model is stable, so they are keyed by position.
+        key = f"{prefix}/rng/{rng}"
+        rng += 1
+      else:
+        key = f"{prefix}/{v.path}"
+      if key in out:
+        raise ValueError(f"two variables share the checkpoint key {key!r}; name the layers")
+      out[key] = v
+  return out
+
+
 def evaluate_perplexity(trainer: Trainer, dataset, max_batches: Optional[int] = None) -> dict:
   """Teacher-forced perplexity over `dataset`: exp(Σ NLL / Σ target tokens), padding excluded."""
   nll_sum, count, batches = 0.0, 0.0, 0
@@ -286,7 +311,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
                     jit_compile=jit_compile)
   iterator = iter(dataset)
   step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-  ckpt = tf.train.Checkpoint(model=model, optimizer=opt, step=step_var, data=iterator,
+  ckpt = tf.train.Checkpoint(variables=variables_by_path(model, opt), step=step_var, data=iterator,
                              loss_scale=trainer.loss_scale.scale,
                              good_steps=trainer.loss_scale.good_steps,
                              skipped_steps=trainer.loss_scale.skipped)

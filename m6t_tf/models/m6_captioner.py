@@ -33,6 +33,9 @@ class M6Captioner(keras.Model):
 
   def __init__(self, network: m6_transformer.M6Transformer | None = None, **kwargs):
     network_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("name", "dtype", "trainable")}
+    # A fixed name keeps variable paths (checkpoint keys) independent of how many models the
+    # process built before.
+    kwargs.setdefault("name", "m6_captioner")
     super().__init__(**kwargs)
     self.network = network or m6_transformer.M6Transformer(name="m6", **network_kwargs)
 

@@ -80,11 +80,12 @@ class Mesh:
           f"or use a mesh of {world_size} ranks: {options}")
     if num_experts is not None:
       if num_experts < 1 or num_experts % self.expert:
+        axes = [x for x in divisors(world_size) if num_experts >= 1 and num_experts % x == 0]
         raise ValueError(
             f"num_experts={num_experts} is not divisible by the expert axis expert={self.expert} "
-            f"(each rank of an expert group holds E / expert experts); choose E as a multiple "
-            f"of {self.expert} or an expert axis from {divisors(num_experts)} that divides "
-            f"{world_size} ranks")
+            f"of {self}: each rank of an expert group holds E / expert experts. Choose E as a "
+            f"multiple of {self.expert}, or an expert axis that divides both E and the "
+            f"{world_size} ranks: {axes}")
 
   def check_rank(self, rank: int) -> None:
     if not 0 <= rank < self.size:

@@ -1,0 +1,448 @@
+"""Expert parallelism over Horovod: the all-to-all communicator and the step's collectives.
+
+One process per GPU (or CPU worker), started by `horovodrun` or `mpirun` (SPEC §5). The ranks
+form a `Mesh(data, expert)` (see `m6t_tf.parallel.mesh`); each expert group of D = `expert`
+ranks holds all E experts, e = E / D per rank, and exchanges its `[D, e, C, M]` buffers with
+`hvd.alltoall` on its own process set. Typical use in a trainer:
+
+    ctx = init_horovod(Mesh.for_world(world, expert=8), num_experts=E, wire_dtype="float16")
+    model = build_model()            # MoE layers pick up ctx.communicator as the default
+    ctx.check_consistent(capacity_fingerprint(moe_layers, num_tokens=B * L))
+    ctx.broadcast_initial_state(dense_vars, expert_vars)
+    ...
+    grads_and_vars = ctx.allreduce_gradients(zip(grads, variables), is_expert)
+    ...
+    ctx.shutdown()                   # barrier first: see `HorovodContext.shutdown`
+
+Gradient scaling. Each rank r minimises its own mean loss L_r over its T tokens; the objective is
+L = (1/W) Σ_r L_r over the W = data × expert ranks (the usual data-parallel convention, which
+makes W ranks equal one process looping over the W token shards). Dense parameters are
+replicated and only see their own rank's tokens, so dL/dθ is the average of the ranks' grads.
+An expert's weights are different: the backward all-to-all already *sums* into the expert's
+holder the gradients of every rank of its expert group (D of them), so the holder's raw grad
+is Σ_{r in group} dL_r/dW. Summing that over the replica group covers all W ranks once, hence
+
+    dL/dW_expert = (1/W) · Σ_{replica group} raw grad      (= replica average / D, not average)
+
+Averaging over the replica group alone would overstate expert gradients by D.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+import zlib
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from m6t_tf.layers import experts as experts_lib
+from m6t_tf.parallel import communicator as comm_lib
+from m6t_tf.parallel.mesh import Mesh, make_process_sets
+
+#: Payload dtypes for the all-to-all: None keeps the compute dtype; "float16" halves the bytes
+#: (M6-T's FP16 communication). bfloat16 is not offered: Horovod 0.28's TF ops do not accept it.
+WIRE_DTYPES = (None, "float32", "float16")
+#: dtypes `hvd.alltoall` accepts; anything else (bfloat16 compute) travels as float32, losslessly.
+_HOROVOD_FLOATS = (tf.float16, tf.float32, tf.float64)
+#: Environment variables launchers set to the number of processes, read before `hvd.init` so
+#: that a wrong mesh fails on every rank before any rendezvous.
+_WORLD_SIZE_ENV = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+
+
+def check_build():
+  """Returns `horovod.tensorflow` after checking it has TensorFlow ops and a controller.
+
+  Raises:
+    RuntimeError: Horovod is missing, was built without TensorFlow, or without Gloo and MPI.
+  """
+  try:
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise RuntimeError(
+        f"Horovod with TensorFlow support is not importable ({e}). Build it from source with "
+        "HOROVOD_WITH_TENSORFLOW=1 and HOROVOD_WITH_GLOO=1 (tools/setup_env.sh does) and check "
+        "with `horovodrun --check-build`.") from e
+  if not (hvd.gloo_built() or hvd.mpi_built()):
+    raise RuntimeError(
+        "Horovod was built without Gloo and without MPI, so it cannot start collectives between "
+        "processes. Rebuild with HOROVOD_WITH_GLOO=1 (CPU hosts) or HOROVOD_WITH_MPI=1, and "
+        "check with `horovodrun --check-build`.")
+  return hvd
+
+
+def world_size_from_env() -> Optional[int]:
+  """Number of processes the launcher started (horovodrun, Open MPI, MPICH, PMIx), if known."""
+  for name in _WORLD_SIZE_ENV:
+    value = os.environ.get(name)
+    if value and value.isdigit():
+      return int(value)
+  return None
+
+
+def _check_wire_dtype(wire_dtype) -> Optional[str]:
+  if wire_dtype is not None:
+    wire_dtype = tf.as_dtype(wire_dtype).name
+  if wire_dtype not in WIRE_DTYPES:
+    raise ValueError(f"wire_dtype={wire_dtype!r}; allowed: {WIRE_DTYPES} (Horovod's all-to-all "
+                     "does not take bfloat16)")
+  return wire_dtype
+
+
+class HorovodCommunicator(comm_lib.Communicator):
+  """All-to-all over this rank's expert group with `hvd.alltoall` (gradient registered).
+
+  `hvd.alltoall` splits dimension 0 equally over the process set's ranks, in rank order, and
+  concatenates what it receives in the same order; the expert group's ranks are in expert_index
+  order, so row d of `[D, e, C, M]` goes to (and comes back from) the rank holding experts
+  [d·e, (d+1)·e). Its gradient is the reverse all-to-all, so backward needs nothing extra.
+
+  Args:
+    mesh: the layout.
+    rank: this process's Horovod rank.
+    process_set: the expert group's process set (`hvd.global_process_set` if it spans the
+      world; ignored when the group is one rank).
+    wire_dtype: None, "float32" or "float16": dtype of the payload on the wire. With "float16"
+      the buffer is cast before the exchange and back after it; the backward exchange then
+      also travels in float16, since the gradient of a cast is the reverse cast.
+  """
+
+  def __init__(self, mesh: Mesh, rank: int, process_set: Any = None, *,
+               wire_dtype: Optional[str] = None):
+    mesh.check_rank(rank)
+    self.mesh = mesh
+    self.rank = rank
+    self.expert_group_size = mesh.expert
+    self.expert_rank = mesh.expert_index(rank)
+    self.wire_dtype = _check_wire_dtype(wire_dtype)
+    if self.expert_group_size > 1 and process_set is None:
+      raise ValueError(f"rank {rank} of {mesh}: an expert group of {mesh.expert} ranks needs "
+                       "a process set")
+    self.process_set = process_set
+    #: Bytes handed to `hvd.alltoall` (wire dtype) and number of exchanges. Python counters:
+    #: they advance on every eager call, and once per trace under `tf.function`.
+    self.bytes_sent = 0
+    self.calls = 0
+
+  def reset_counters(self) -> None:
+    self.bytes_sent = 0
+    self.calls = 0
+
+  def all_to_all(self, x: tf.Tensor) -> tf.Tensor:
+    """Row d of `x` <[D, ...]> goes to rank d of the expert group; returns the rows received."""
+    x = tf.convert_to_tensor(x)
+    d = self.expert_group_size
+    if x.shape.rank is None or x.shape.rank < 1 or x.shape[0] != d:
+      raise ValueError(f"all_to_all expects a [D={d}, ...] tensor, got shape {x.shape}")
+    if d == 1:
+      return x
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    wire = tf.as_dtype(self.wire_dtype) if self.wire_dtype else x.dtype
+    if wire not in _HOROVOD_FLOATS and wire.is_floating:
+      wire = tf.float32
+    payload = tf.cast(x, wire) if wire != x.dtype else x
+    if payload.shape.is_fully_defined():
+      self.bytes_sent += payload.shape.num_elements() * wire.size
+    self.calls += 1
+    received = hvd.alltoall(payload, process_set=self.process_set)
+    # Every row has the same shape, so the output's shape is the input's; say so statically.
+    received = tf.ensure_shape(received, payload.shape)
+    return tf.cast(received, x.dtype) if wire != x.dtype else received
+
+
+@dataclasses.dataclass
+class HorovodContext:
+  """What `init_horovod` set up, and the collectives of a training step.
+
+  Attributes:
+    mesh: the (data, expert) layout.
+    rank, size, local_rank: Horovod's.
+    communicator: the `HorovodCommunicator` MoE layers use.
+    expert_process_set: process set of this rank's expert group (None if one rank).
+    replica_process_set: process set of this rank's replica group (None if one rank).
+  """
+  mesh: Mesh
+  rank: int
+  size: int
+  local_rank: int
+  communicator: HorovodCommunicator
+  expert_process_set: Any
+  replica_process_set: Any
+
+  @property
+  def data_index(self) -> int:
+    return self.mesh.data_index(self.rank)
+
+  @property
+  def expert_index(self) -> int:
+    return self.mesh.expert_index(self.rank)
+
+  @property
+  def is_chief(self) -> bool:
+    return self.rank == 0
+
+  def make_communicator(self, wire_dtype: Optional[str] = None) -> HorovodCommunicator:
+    """Another communicator over the same expert group (e.g. with a different wire dtype)."""
+    return HorovodCommunicator(self.mesh, self.rank, self.expert_process_set,
+                               wire_dtype=wire_dtype)
+
+  def allreduce_gradients(self, grads_and_vars: Iterable[tuple[Any, Any]],
+                          is_expert: Callable[[Any], bool], *,
+                          compression: str = "none") -> list[tuple[Any, Any]]:
+    """Reduces gradients: dense ones over all ranks, expert ones over their replica group.
+
+    Dense grads are averaged over the W ranks. Expert grads are summed over the replica group
+    and divided by W (see the module docstring: the backward all-to-all has already summed the
+    expert group's contributions). Both are then gradients of L = (1/W) Σ_r L_r. One grouped
+    allreduce per kind, so a step costs two fused collectives, not one per variable.
+
+    Every rank must call this with the same variables in the same order (Horovod matches
+    tensors by position and name); a None gradient stays None and must be None on every rank.
+
+    Args:
+      grads_and_vars: (gradient, variable) pairs, e.g. `zip(tape.gradient(...), variables)`.
+      is_expert: variable -> bool; True for expert-sharded weights (see
+        `expert_variable_filter`).
+      compression: "none" or "fp16" (cast to float16 for the reduction, back after).
+
+    Returns:
+      The (reduced gradient, variable) pairs, in the input order.
+    """
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    compressor = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}.get(compression)
+    if compressor is None:
+      raise ValueError(f"compression={compression!r}; allowed: 'none', 'fp16'")
+    pairs = list(grads_and_vars)
+    grads = [g for g, _ in pairs]
+    dense = [i for i, (g, v) in enumerate(pairs) if g is not None and not is_expert(v)]
+    expert = [i for i, (g, v) in enumerate(pairs) if g is not None and is_expert(v)]
+    if dense and self.size > 1:
+      reduced = hvd.grouped_allreduce([grads[i] for i in dense], op=hvd.Average,
+                                      compression=compressor,
+                                      process_set=hvd.global_process_set)
+      for i, g in zip(dense, reduced):
+        grads[i] = g
+    if expert:
+      scale = 1.0 / self.size
+      expert_grads = [tf.convert_to_tensor(grads[i]) for i in expert]
+      if self.replica_process_set is not None:
+        reduced = hvd.grouped_allreduce(expert_grads, op=hvd.Sum, prescale_factor=scale,
+                                        compression=compressor,
+                                        process_set=self.replica_process_set)
+      else:
+        reduced = [g * tf.cast(scale, g.dtype) for g in expert_grads]
+      for i, g in zip(expert, reduced):
+        grads[i] = g
+    return [(g, v) for g, (_, v) in zip(grads, pairs)]
+
+  def broadcast_initial_state(self, dense_vars: Sequence[Any], expert_vars: Sequence[Any]) -> None:
+    """Makes replicas identical before the first step.
+
+    Dense variables come from rank 0; expert variables from the first rank (data_index 0) of
+    each replica group, so each expert block keeps the values its holder at data_index 0 drew.
+
+    Args:
+      dense_vars: Keras or tf variables replicated on every rank (same order everywhere).
+      expert_vars: Keras or tf variables of this rank's e experts (same order everywhere).
+    """
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    dense = [_tf_variable(v) for v in dense_vars]
+    expert = [_tf_variable(v) for v in expert_vars]
+    if dense and self.size > 1:
+      hvd.broadcast_variables(dense, root_rank=0, process_set=hvd.global_process_set)
+    if expert and self.replica_process_set is not None:
+      hvd.broadcast_variables(expert, root_rank=self.mesh.replica_root(self.rank),
+                              process_set=self.replica_process_set)
+
+  def allreduce_metrics(self, metrics: Mapping[str, Any]) -> dict[str, tf.Tensor]:
+    """Averages scalar metrics over all ranks (for logging); keys must match on every rank."""
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    keys = sorted(metrics)  # the same order on every rank, whatever order the dict was built in
+    values = [tf.cast(tf.convert_to_tensor(metrics[k]), tf.float32) for k in keys]
+    if values and self.size > 1:
+      values = hvd.grouped_allreduce(values, op=hvd.Average, process_set=hvd.global_process_set)
+    return dict(zip(keys, values))
+
+  def check_consistent(self, values: Mapping[str, Any], *, what: str = "configuration") -> None:
+    """Raises ValueError on every rank if `values` differ between ranks (one cheap allgather).
+
+    Meant for the numbers that must agree for the all-to-all to be correct, above all the
+    capacity C, which depends on the tokens per worker T (see `capacity_fingerprint`). Call it
+    before the first step: with mismatched capacities the exchange would fail or deadlock
+    part-way, whereas here every rank sees the same gathered table and raises the same error.
+
+    Args:
+      values: name -> int, float, bool, str or None.
+      what: how the error message names the values.
+    """
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    keys = sorted(values)
+    row = [len(keys), zlib.crc32("\n".join(keys).encode())] + [_encode(values[k]) for k in keys]
+    if self.size == 1:
+      return
+    lengths = hvd.allgather(tf.constant([len(row)], tf.int64), name="m6t_fingerprint_length")
+    lengths = lengths.numpy().tolist()
+    if len(set(lengths)) > 1:
+      raise ValueError(f"{what} differs between ranks: they check different numbers of values "
+                       f"({', '.join(f'rank {r}: {n - 2}' for r, n in enumerate(lengths))}); "
+                       "every rank must run the same configuration")
+    table = hvd.allgather(tf.constant([row], tf.int64), name="m6t_fingerprint").numpy()
+    if len(set(table[:, 1].tolist())) > 1:
+      raise ValueError(f"{what} differs between ranks: they check differently named values "
+                       f"(this rank: {keys}); every rank must run the same configuration")
+    diffs = []
+    for j, key in enumerate(keys):
+      column = table[:, 2 + j].tolist()
+      if len(set(column)) > 1:
+        shown = ", ".join(f"rank {r}: {_decode(c, values[key])}" for r, c in enumerate(column))
+        diffs.append(f"{key} ({shown})")
+    if diffs:
+      raise ValueError(
+          f"{what} differs between ranks: {'; '.join(diffs)}. Expert-parallel ranks exchange "
+          "[D, e, C, M] buffers, so C (and the tokens per worker T it comes from) must be the "
+          "same everywhere: use the same per-worker batch size, sequence length, capacity "
+          "factors and number of experts on every rank")
+
+  def barrier(self) -> None:
+    """Blocks until every rank gets here (a one-element allreduce over the world)."""
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    if self.size > 1:
+      hvd.allreduce(tf.zeros([1]), op=hvd.Sum, name="m6t_barrier",
+                    process_set=hvd.global_process_set)
+
+  def shutdown(self) -> None:
+    """Barrier, then `hvd.shutdown()`.
+
+    The barrier matters: when the last collectives of a run are on process sets (all-to-alls,
+    expert reductions), an expert group that finishes first would otherwise shut Horovod down
+    under a group still working, which then fails with "Horovod has been shut down" or
+    "Process set provided does not exist".
+    """
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    self.barrier()
+    hvd.shutdown()
+
+
+def init_horovod(mesh: Optional[Mesh] = None, *, num_experts: Optional[int] = None,
+                 wire_dtype: Optional[str] = None, set_default: bool = True) -> HorovodContext:
+  """Initialises Horovod with the mesh's process sets and installs the MoE communicator.
+
+  Validation happens, when the launcher exports the world size, *before* `hvd.init`, so a wrong
+  mesh raises the same ValueError on every rank without any rendezvous; it is repeated against
+  `hvd.size()` afterwards.
+
+  Args:
+    mesh: the (data, expert) layout; None = one expert group over all ranks (data = 1).
+    num_experts: E, checked to divide by `mesh.expert` when given.
+    wire_dtype: all-to-all payload dtype, None or "float16" (FP16 communication).
+    set_default: install the communicator as `communicator.get_default()` for MoE layers.
+
+  Returns:
+    The `HorovodContext`.
+
+  Raises:
+    RuntimeError: Horovod unusable (see `check_build`) or already initialised.
+    ValueError: the mesh does not match the world size, or E does not split over it.
+  """
+  hvd = check_build()
+  wire_dtype = _check_wire_dtype(wire_dtype)
+  if hvd.is_initialized():
+    raise RuntimeError("Horovod is already initialised: call init_horovod once per process, "
+                       "before any other Horovod call (process sets are registered at init)")
+  env_size = world_size_from_env()
+  if mesh is None and env_size is not None:
+    mesh = Mesh.for_world(env_size)
+  if mesh is not None and env_size is not None:
+    mesh.validate(env_size, num_experts)
+  process_sets = make_process_sets(mesh, hvd.ProcessSet) if mesh is not None else {}
+  try:
+    hvd.init(process_sets=list(process_sets.values()))
+  except ValueError as e:
+    raise ValueError(f"Horovod could not start with the process sets of {mesh} "
+                     f"({[list(g) for g in process_sets]}): {e}. Does the mesh match the "
+                     "number of processes started?") from e
+  size, rank = hvd.size(), hvd.rank()
+  if mesh is None:
+    mesh = Mesh.for_world(size)
+  mesh.validate(size, num_experts)
+
+  def process_set_of(group):
+    if len(group) == 1:
+      return None
+    if len(group) == size:
+      return hvd.global_process_set
+    return process_sets[group]
+
+  expert_ps = process_set_of(mesh.expert_group(rank))
+  replica_ps = process_set_of(mesh.replica_group(rank))
+  communicator = HorovodCommunicator(mesh, rank, expert_ps, wire_dtype=wire_dtype)
+  if set_default:
+    comm_lib.set_default(communicator)
+  return HorovodContext(mesh=mesh, rank=rank, size=size, local_rank=hvd.local_rank(),
+                        communicator=communicator, expert_process_set=expert_ps,
+                        replica_process_set=replica_ps)
+
+
+def expert_variable_filter(model: keras.layers.Layer) -> Callable[[Any], bool]:
+  """`is_expert` for `allreduce_gradients`: True for variables of the model's expert layers.
+
+  Matches the Keras variables of every `Experts` / `LinearExperts` sub-layer (identity, not
+  name), i.e. what `model.trainable_variables` hands to the optimizer.
+  """
+  ids = set()
+  # Keras 3 has no public recursive layer walk; `_flatten_layers` is what Keras itself uses.
+  for layer in model._flatten_layers(include_self=True, recursive=True):  # pylint: disable=protected-access
+    if isinstance(layer, (experts_lib.Experts, experts_lib.LinearExperts)):
+      ids.update(id(v) for v in layer.variables)
+      ids.update(id(_tf_variable(v)) for v in layer.variables)
+  return lambda v: id(v) in ids
+
+
+def capacity_fingerprint(moe_layers: Sequence[Any], num_tokens: int) -> dict[str, int]:
+  """The values `check_consistent` must see equal on every rank before the first step.
+
+  Args:
+    moe_layers: the model's `MoE` layers, in a fixed order.
+    num_tokens: T, tokens per worker per MoE call (B·L).
+  """
+  out = {"tokens_per_worker": int(num_tokens)}
+  for i, layer in enumerate(moe_layers):
+    out[f"moe{i}.num_experts"] = layer.num_experts
+    out[f"moe{i}.expert_group_size"] = layer.communicator.expert_group_size
+    out[f"moe{i}.capacity_train"] = layer.capacity_for(num_tokens, True)
+    out[f"moe{i}.capacity_eval"] = layer.capacity_for(num_tokens, False)
+  return out
+
+
+def _tf_variable(v):
+  """The tf.Variable behind a Keras variable (Horovod's ops take tf.Variables)."""
+  if isinstance(v, keras.Variable):
+    return v.value
+  return v
+
+
+def _encode(value) -> int:
+  """An int64 standing for `value` (ints exact, floats by their bits, strings by CRC-32)."""
+  if value is None:
+    return -(2 ** 63)
+  if isinstance(value, (bool, int)):
+    return int(value)
+  if isinstance(value, float):
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+  if isinstance(value, str):
+    return zlib.crc32(value.encode())
+  raise TypeError(f"check_consistent takes int, float, bool, str or None values, got "
+                  f"{type(value).__name__}: {value!r}")
+
+
+def _decode(code: int, local_example) -> str:
+  """Shows a gathered code in the form of this rank's value of the same key."""
+  if code == -(2 ** 63):
+    return "None"
+  if isinstance(local_example, float):
+    return repr(struct.unpack("<d", struct.pack("<q", code))[0])
+  if isinstance(local_example, str):
+    return f"crc32={code:#010x}"
+  return str(code)

@@ -1,0 +1,324 @@
+"""One rank of the expert-parallel MoE checks; started by tests/test_parallel_moe.py under horovodrun.
+
+    horovodrun -np 4 -H localhost:4 --gloo python tests/distributed/moe_worker.py \
+        --mode equivalence --data 2 --expert 2 --out DIR
+
+What "a W-rank run equals a 1-process run" means here. Rank r routes its own T tokens with a
+capacity C computed from that T, so routing (and which tokens are dropped) is decided per rank.
+The reference is therefore one process holding all E experts that calls the same layer once per
+rank's token slice — W separate routing groups with the same C — on the same global batch and
+weights, and minimises L = (1/W) Σ_r L_r, L_r the mean loss of slice r (plus its aux/z losses).
+Feeding the whole global batch as a single group would be a different function (C computed from
+W·T tokens, first-come-first-served across ranks), not a reference.
+
+Under that objective the distributed run must give, on rank r (fp32, to ~1e-5):
+  * the output and loss of slice r;
+  * dL_r/dx_r (the rank's own tape, through both all-to-alls) = W · dL/dx_r of the reference;
+  * router grad after `allreduce_gradients` (average over all ranks) = the reference's;
+  * expert grads after `allreduce_gradients` (sum over the replica group / W) = the reference's
+    grads of the rank's e experts, i.e. rows `expert_ids` of the full [E, ...] gradients.
+
+Modes `bad_mesh`, `bad_experts_init`, `bad_experts_layer`, `capacity_mismatch` must fail on every
+rank: each rank writes DIR/rank{r}.err with its error, waits (by files, not Horovod, so a rank
+stuck in a collective shows up as a missing file) until all ranks wrote theirs, and exits 1.
+Without that wait horovodrun kills the remaining ranks as soon as the first one exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+import traceback
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Several ranks share a couple of cores: one thread each keeps them from thrashing.
+tf.config.threading.set_intra_op_parallelism_threads(1)
+tf.config.threading.set_inter_op_parallelism_threads(1)
+
+from m6t_tf.layers.moe import MoE  # noqa: E402
+from m6t_tf.parallel import communicator as comm_lib  # noqa: E402
+from m6t_tf.parallel import horovod as hvd_lib  # noqa: E402
+from m6t_tf.parallel.mesh import Mesh  # noqa: E402
+
+# Distinct small sizes so that a transposed axis shows up as a shape error.
+B, L, M, I, E = 2, 5, 6, 7, 8
+T = B * L
+CAPACITY_FACTOR = 1.0  # tight enough that some tokens are dropped
+ROUTINGS = (("top_k", 1), ("top_k", 2), ("prototype", 2))
+DISPATCHES = ("einsum", "index")
+TOL = 1e-5
+FP16_TOL = 1e-2
+
+
+def env_rank() -> int:
+  for name in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+    if os.environ.get(name, "").isdigit():
+      return int(os.environ[name])
+  return 0
+
+
+def global_batch(world: int, tokens: int = T):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((world, tokens, M)).astype(np.float32)
+  target = rng.standard_normal((world, tokens, M)).astype(np.float32)
+  return x, target
+
+
+def reference_weights():
+  rng = np.random.default_rng(1)
+  return dict(router=(0.5 * rng.standard_normal((M, E))).astype(np.float32),
+              wi=(0.3 * rng.standard_normal((E, M, I))).astype(np.float32),
+              wo=(0.3 * rng.standard_normal((E, I, M))).astype(np.float32))
+
+
+def make_layer(communicator, routing, k, dispatch, weights):
+  layer = MoE(E, I, routing=routing, k=k, capacity_factor=CAPACITY_FACTOR, dispatch=dispatch,
+              aux_loss_weight=0.01, z_loss_weight=0.001, communicator=communicator)
+  layer.build((None, M))
+  ids = layer.expert_ids
+  layer.router.kernel.assign(weights["router"])
+  layer.experts.wi.assign(weights["wi"][ids])
+  layer.experts.wo.assign(weights["wo"][ids])
+  return layer
+
+
+def slice_loss(layer, x, target):
+  y = layer(x, training=True)
+  loss = tf.reduce_mean(tf.reduce_sum(y * target, axis=-1)) + tf.add_n(layer.losses)
+  return y, loss
+
+
+def reference(routing, k, dispatch, weights, x_all, target_all):
+  """One process, all E experts, each rank's slice routed as its own group."""
+  world = x_all.shape[0]
+  layer = make_layer(comm_lib.LocalCommunicator(), routing, k, dispatch, weights)
+  x_all = tf.constant(x_all)
+  with tf.GradientTape() as tape:
+    tape.watch(x_all)
+    outs, losses = [], []
+    for s in range(world):
+      y, loss = slice_loss(layer, x_all[s], target_all[s])
+      outs.append(y)
+      losses.append(loss)
+    total = tf.add_n(losses) / world
+  grads = tape.gradient(total, [x_all, layer.router.kernel, layer.experts.wi, layer.experts.wo])
+  return dict(out=np.stack([o.numpy() for o in outs]), loss=np.array([l.numpy() for l in losses]),
+              x=grads[0].numpy(), router=grads[1].numpy(), wi=grads[2].numpy(),
+              wo=grads[3].numpy(), capacity=layer.last_capacity)
+
+
+def distributed_step(ctx, layer, x, target, compression="none"):
+  variables = [layer.router.kernel, layer.experts.wi, layer.experts.wo]
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    y, loss = slice_loss(layer, x, target)
+  grads = tape.gradient(loss, [x] + variables)
+  reduced = ctx.allreduce_gradients(zip(grads[1:], variables),
+                                    hvd_lib.expert_variable_filter(layer),
+                                    compression=compression)
+  return y, loss, grads[0], [g for g, _ in reduced]
+
+
+def rel_err(got, want) -> float:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  if got.shape != want.shape:
+    return float("inf")
+  return float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
+
+
+class Checks:
+
+  def __init__(self, rank):
+    self.rank = rank
+    self.items = []
+
+  def close(self, name, got, want, tol):
+    err = rel_err(got, want)
+    self.items.append(dict(name=name, err=err, tol=tol, ok=bool(err <= tol)))
+
+  def equal(self, name, got, want):
+    self.items.append(dict(name=name, got=repr(got), want=repr(want), ok=bool(got == want)))
+
+
+def compare(checks, tag, ref, ids, rank, world, y, loss, gx, grads, tol):
+  router, wi, wo = grads
+  checks.close(f"{tag}/out", y, ref["out"][rank], tol)
+  checks.close(f"{tag}/loss", loss, ref["loss"][rank], tol)
+  checks.close(f"{tag}/grad_x", gx, world * ref["x"][rank], tol)
+  checks.close(f"{tag}/grad_router", router, ref["router"], tol)
+  checks.close(f"{tag}/grad_wi", wi, ref["wi"][ids], tol)
+  checks.close(f"{tag}/grad_wo", wo, ref["wo"][ids], tol)
+
+
+def run_equivalence(args, checks):
+  mesh = Mesh(args.data, args.expert)
+  ctx = hvd_lib.init_horovod(mesh, num_experts=E)
+  rank, world = ctx.rank, ctx.size
+  checks.rank = rank
+  checks.equal("mesh/coords", (ctx.data_index, ctx.expert_index), mesh.coords(rank))
+  checks.equal("mesh/expert_rank", ctx.communicator.expert_rank, rank % args.expert)
+  weights = reference_weights()
+  x_all, target_all = global_batch(world)
+  x, target = tf.constant(x_all[rank]), tf.constant(target_all[rank])
+  comm = ctx.communicator
+
+  # Every routing × dispatch, eager; the all-to-all payload is counted on the first forward.
+  for routing, k in ROUTINGS:
+    for dispatch in DISPATCHES:
+      tag = f"{routing}{k}/{dispatch}"
+      ref = reference(routing, k, dispatch, weights, x_all, target_all)
+      layer = make_layer(comm, routing, k, dispatch, weights)
+      comm.reset_counters()
+      layer(x, training=True)
+      c = layer.last_capacity
+      checks.equal(f"{tag}/capacity", c, ref["capacity"])
+      checks.equal(f"{tag}/alltoall_bytes", comm.bytes_sent, 2 * E * c * M * 4)
+      checks.equal(f"{tag}/alltoall_bytes_reported", layer.alltoall_bytes_per_forward(),
+                   2 * E * c * M * 4)
+      checks.equal(f"{tag}/alltoall_calls", comm.calls, 2)
+      y, loss, gx, grads = distributed_step(ctx, layer, x, target)
+      compare(checks, tag, ref, layer.expert_ids, rank, world, y, loss, gx, grads, TOL)
+      if (routing, k, dispatch) == ("top_k", 2, "index"):
+        _, _, _, grads16 = distributed_step(ctx, layer, x, target, compression="fp16")
+        for name, g16, g in zip(("router", "wi", "wo"), grads16, grads):
+          checks.close(f"{tag}/fp16_gradient_compression/{name}", g16, g, FP16_TOL)
+
+  # Graph mode: the trainer runs the step under tf.function (named collectives in a graph).
+  routing, k, dispatch = "prototype", 2, "index"
+  ref = reference(routing, k, dispatch, weights, x_all, target_all)
+  layer = make_layer(comm, routing, k, dispatch, weights)
+  step = tf.function(lambda x, t: distributed_step(ctx, layer, x, t))
+  for attempt in range(2):  # the second call reuses the trace
+    y, loss, gx, grads = step(x, target)
+    compare(checks, f"tf_function{attempt}/{routing}{k}/{dispatch}", ref, layer.expert_ids, rank,
+            world, y, loss, gx, grads, TOL)
+
+  # FP16 communication (M6-T): payload cast to float16 both ways, results close to fp32.
+  comm16 = ctx.make_communicator("float16")
+  for routing, k in (("top_k", 2), ("prototype", 2)):
+    tag = f"fp16_wire/{routing}{k}/index"
+    ref = reference(routing, k, "index", weights, x_all, target_all)
+    layer = make_layer(comm16, routing, k, "index", weights)
+    comm16.reset_counters()
+    y, loss, gx, grads = distributed_step(ctx, layer, x, target)
+    c = layer.last_capacity
+    checks.equal(f"{tag}/alltoall_bytes", comm16.bytes_sent, 2 * E * c * M * 2)
+    checks.equal(f"{tag}/alltoall_bytes_reported", layer.alltoall_bytes_per_forward(),
+                 2 * E * c * M * 2)
+    compare(checks, tag, ref, layer.expert_ids, rank, world, y, loss, gx, grads, FP16_TOL)
+    checks.equal(f"{tag}/not_bit_identical", rel_err(y, ref["out"][rank]) > 0, True)
+
+  # Initial-state broadcast: dense from rank 0, experts from data_index 0 of the replica group.
+  layer = make_layer(comm, "top_k", 1, "index", weights)
+  layer.router.kernel.assign(np.full((M, E), rank + 1.0, np.float32))
+  layer.experts.wi.assign(np.full(layer.experts.wi.shape, rank + 1.0, np.float32))
+  layer.experts.wo.assign(np.full(layer.experts.wo.shape, -(rank + 1.0), np.float32))
+  ctx.broadcast_initial_state([layer.router.kernel], [layer.experts.wi, layer.experts.wo])
+  root = mesh.replica_root(rank)
+  checks.equal("broadcast/router", float(np.unique(layer.router.kernel.numpy())[0]), 1.0)
+  checks.equal("broadcast/wi", np.unique(layer.experts.wi.numpy()).tolist(), [root + 1.0])
+  checks.equal("broadcast/wo", np.unique(layer.experts.wo.numpy()).tolist(), [-(root + 1.0)])
+
+  # Metrics: averaged over ranks whatever order each rank built its dict in.
+  items = [("a", float(rank)), ("b", 2.0 * rank), ("steps", 3)]
+  metrics = ctx.allreduce_metrics(dict(items[::-1] if rank % 2 else items))
+  mean_rank = (world - 1) / 2
+  checks.close("metrics/a", metrics["a"].numpy(), mean_rank, 1e-6)
+  checks.close("metrics/b", metrics["b"].numpy(), 2 * mean_rank, 1e-6)
+  checks.close("metrics/steps", metrics["steps"].numpy(), 3.0, 1e-6)
+
+  # The consistency check passes silently when all ranks agree.
+  ctx.check_consistent(hvd_lib.capacity_fingerprint([layer], T))
+  ctx.check_consistent({"wire": "float16", "gamma": 1.25, "flag": True, "none": None})
+  checks.equal("check_consistent/agreeing_ranks_pass", True, True)
+  return ctx
+
+
+def run_failure(args):
+  """Each mode must raise on every rank; returns only if it (wrongly) did not."""
+  if args.mode == "bad_mesh":
+    hvd_lib.init_horovod(Mesh(args.data, args.expert))
+  elif args.mode == "bad_experts_init":
+    hvd_lib.init_horovod(Mesh(args.data, args.expert), num_experts=args.num_experts)
+  elif args.mode == "bad_experts_layer":
+    hvd_lib.init_horovod(Mesh(args.data, args.expert))
+    MoE(args.num_experts, I)
+  elif args.mode == "capacity_mismatch":
+    ctx = hvd_lib.init_horovod(Mesh(args.data, args.expert), num_experts=E)
+    # The last rank was given a larger per-worker batch, hence a larger T and capacity.
+    tokens = (B + 1) * L if ctx.rank == ctx.size - 1 else T
+    layer = MoE(E, I, capacity_factor=CAPACITY_FACTOR)
+    layer.build((None, M))
+    ctx.check_consistent(hvd_lib.capacity_fingerprint([layer], tokens))
+  else:
+    raise SystemExit(f"unknown mode {args.mode!r}")
+
+
+def wait_for_peers(out: pathlib.Path, world: int, timeout: float = 30.0) -> None:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if len(list(out.glob("rank*.err"))) >= world:
+      return
+    time.sleep(0.1)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--mode", required=True)
+  parser.add_argument("--data", type=int, default=1)
+  parser.add_argument("--expert", type=int, default=2)
+  parser.add_argument("--num_experts", type=int, default=E)
+  parser.add_argument("--world", type=int, default=0, help="processes started (failure modes)")
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  rank = env_rank()
+  started = time.monotonic()
+
+  if args.mode == "equivalence":
+    checks = Checks(rank)
+    ctx = run_equivalence(args, checks)
+    record = dict(rank=ctx.rank, world=ctx.size, mesh=[args.data, args.expert],
+                  seconds=time.monotonic() - started, checks=checks.items)
+    (out / f"rank{ctx.rank}.json").write_text(json.dumps(record, indent=1))
+    bad = [c for c in checks.items if not c["ok"]]
+    print(f"rank {ctx.rank}: {len(checks.items) - len(bad)}/{len(checks.items)} checks passed "
+          f"in {record['seconds']:.1f}s", flush=True)
+    # All ranks leave together (see HorovodContext.shutdown).
+    ctx.shutdown()
+    return
+
+  try:
+    run_failure(args)
+  except Exception as e:  # pylint: disable=broad-except
+    message = f"{type(e).__name__}: {e}"
+    (out / f"rank{rank}.err").write_text(message)
+    print(f"rank {rank} failed as expected after {time.monotonic() - started:.1f}s: {message}",
+          file=sys.stderr, flush=True)
+    wait_for_peers(out, args.world)
+    sys.exit(1)
+  (out / f"rank{rank}.noerror").write_text("no error raised")
+  print(f"rank {rank}: mode {args.mode} raised no error", file=sys.stderr, flush=True)
+  sys.exit(3)
+
+
+if __name__ == "__main__":
+  try:
+    main()
+  except SystemExit:
+    raise
+  except BaseException:  # an unexpected crash must still be visible in the test output
+    traceback.print_exc()
+    sys.stderr.flush()
+    sys.exit(2)

@@ -1,0 +1,209 @@
+"""Tests of m6t_tf.data.pipeline: static shapes, padding, sharding, determinism, resuming."""
+
+import math
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+from m6t_tf.data import pipeline, records  # pylint: disable=g-import-not-at-top
+
+H, W, P = 3, 5, 7  # distinct sizes so a transposed image would show
+FILE_SIZES = (7, 6, 5)  # 18 records in 3 files
+NUM = sum(FILE_SIZES)
+
+
+def _caption_ids(i: int) -> list[int]:
+  """Record i: [CLS] 1000+i, 2000, 2001, ... (1 + i % 6 body ids) [SEP]."""
+  return [101, 1000 + i] + [2000 + j for j in range(i % 6)] + [102]
+
+
+def _write_toy(folder: str) -> str:
+  i = 0
+  for f, size in enumerate(FILE_SIZES):
+    exs = []
+    for _ in range(size):
+      exs.append(records.make_example(
+          key=f"rec{i}", caption=f"caption {i}", caption_ids=_caption_ids(i),
+          image=np.full([H, W, 3], i, np.uint8),
+          patch_features=np.full([16, P], i, np.float32)))
+      i += 1
+    records.write_records(os.path.join(folder, records.shard_name("train", f, 3)), exs)
+  return os.path.join(folder, "train-*.tfrecord")
+
+
+def _ids(batches) -> list[int]:
+  """Record index of every real (non-padding) row, from the second token."""
+  out = []
+  for b in batches:
+    out += [int(t) - 1000 for t in b["tokens"][:, 1].numpy() if t != 0]
+  return out
+
+
+class PipelineTest(tf.test.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.pattern = _write_toy(self.get_temp_dir())
+
+  def test_static_shapes_and_dtypes(self):
+    ds = pipeline.make_dataset(self.pattern, batch_size=4, max_len=6, training=True)
+    self.assertEqual(ds.element_spec["image"].shape, (4, H, W, 3))
+    self.assertEqual(ds.element_spec["image"].dtype, tf.uint8)
+    self.assertEqual(ds.element_spec["tokens"].shape, (4, 6))
+    self.assertEqual(ds.element_spec["tokens"].dtype, tf.int32)
+    self.assertEqual(set(ds.element_spec), {"image", "tokens"})
+    feats = pipeline.make_dataset(self.pattern, batch_size=2, max_len=6, training=False,
+                                  image_mode="features")
+    self.assertEqual(feats.element_spec["patch_features"].shape, (2, 16, P))
+    self.assertEqual(feats.element_spec["patch_features"].dtype, tf.float32)
+    b = next(iter(feats))
+    i = int(b["tokens"][0, 1]) - 1000
+    self.assertAllEqual(b["patch_features"][0], np.full([16, P], i, np.float32))
+    # Padding rows of drop_remainder=False keep the static shape too.
+    ds = pipeline.make_dataset(self.pattern, batch_size=4, max_len=6, training=False,
+                               drop_remainder=False)
+    self.assertEqual(ds.element_spec["tokens"].shape, (4, 6))
+
+  def test_padding_truncation_and_remainder(self):
+    max_len = 5
+    ds = pipeline.make_dataset(self.pattern, batch_size=4, max_len=max_len, training=False,
+                               drop_remainder=False)
+    batches = list(ds)
+    self.assertLen(batches, math.ceil(NUM / 4))
+    tokens = np.concatenate([b["tokens"].numpy() for b in batches])
+    images = np.concatenate([b["image"].numpy() for b in batches])
+    self.assertEqual(sorted(_ids(batches)), list(range(NUM)))
+    for row, image in zip(tokens, images):
+      if row[0] == 0:  # filler row of the last batch: nothing to score, blank image
+        self.assertAllEqual(row, np.zeros(max_len))
+        self.assertAllEqual(image, np.zeros([H, W, 3]))
+        continue
+      i = row[1] - 1000
+      self.assertAllEqual(image, np.full([H, W, 3], i))
+      full = _caption_ids(i)
+      if len(full) <= max_len:
+        self.assertAllEqual(row, full + [0] * (max_len - len(full)))
+      else:  # truncated: the first max_len - 1 ids, then [SEP]
+        self.assertAllEqual(row, full[:max_len - 1] + [102])
+    self.assertEqual(int((tokens[:, 0] == 0).sum()), 4 * len(batches) - NUM)
+    dropped = list(pipeline.make_dataset(self.pattern, batch_size=4, max_len=5,
+                                         training=False))
+    self.assertLen(dropped, NUM // 4)
+
+  def test_shards_partition_the_data(self):
+    # 2 shards <= 3 files: by file; 4 shards > 3 files: by record.
+    for num_shards in (2, 4):
+      for training in (False, True):
+        with self.subTest(num_shards=num_shards, training=training):
+          seen = []
+          for k in range(num_shards):
+            ds = pipeline.make_dataset(self.pattern, batch_size=1, max_len=8,
+                                       training=training, repeat=False, seed=3,
+                                       shard_index=k, num_shards=num_shards)
+            seen.append(_ids(ds))
+          flat = [i for s in seen for i in s]
+          self.assertEqual(sorted(flat), list(range(NUM)))  # disjoint and complete
+          self.assertEqual([len(s) for s in seen],
+                           pipeline.shard_record_counts(self.pattern, num_shards))
+
+  def test_eval_num_batches_equal_on_every_shard(self):
+    n = pipeline.eval_num_batches(self.pattern, batch_size=4, num_shards=2)
+    self.assertEqual(n, math.ceil((7 + 5) / 4))  # shard 0 reads files 0 and 2
+    seen = []
+    for k in range(2):
+      batches = list(pipeline.make_dataset(self.pattern, batch_size=4, max_len=8,
+                                           training=False, shard_index=k, num_shards=2,
+                                           num_batches=n))
+      self.assertLen(batches, n)
+      seen += _ids(batches)
+    self.assertEqual(sorted(seen), list(range(NUM)))
+
+  def test_deterministic_for_a_seed(self):
+    def first(seed, n=6):
+      ds = pipeline.make_dataset(self.pattern, batch_size=3, max_len=8, training=True,
+                                 seed=seed)
+      return [b["tokens"].numpy() for b in ds.take(n)]
+    self.assertAllEqual(first(1), first(1))
+    self.assertNotAllEqual(first(1), first(2))
+    # Epochs are reshuffled: batches 0-5 and 6-11 (epoch 2 of 18 records) differ in order.
+    both = np.concatenate(first(1, 12))
+    self.assertNotAllEqual(both[:NUM, 1], both[NUM:, 1])
+    self.assertEqual(sorted(both[:NUM, 1]), sorted(both[NUM:, 1]))
+
+  def test_iterator_checkpoint_restores_next_batch(self):
+    def make():
+      return pipeline.make_dataset(self.pattern, batch_size=3, max_len=8, training=True,
+                                   seed=5, shuffle_buffer=8)
+    it = iter(make())
+    for _ in range(4):
+      next(it)
+    ckpt = tf.train.Checkpoint(data=it)
+    path = ckpt.save(os.path.join(self.get_temp_dir(), "ckpt"))
+    expected = [next(it) for _ in range(3)]
+
+    it2 = iter(make())
+    next(it2)  # a fresh iterator in another state
+    tf.train.Checkpoint(data=it2).restore(path).assert_consumed()
+    for want in expected:
+      got = next(it2)
+      self.assertAllEqual(got["tokens"], want["tokens"])
+      self.assertAllEqual(got["image"], want["image"])
+
+  def test_skip_batches_resumes_the_same_stream(self):
+    kwargs = dict(batch_size=3, max_len=8, training=True, seed=7)
+    base = [b["tokens"].numpy() for b in
+            pipeline.make_dataset(self.pattern, **kwargs).take(10)]
+    resumed = [b["tokens"].numpy() for b in
+               pipeline.make_dataset(self.pattern, skip_batches=7, **kwargs).take(3)]
+    self.assertAllEqual(resumed, base[7:10])
+
+  def test_malformed_image_size_names_the_record(self):
+    ds = pipeline.make_dataset(self.pattern, batch_size=2, max_len=8, training=False,
+                               image_size=(W, H))
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, r"image size(.|\n)*rec0"):
+      next(iter(ds))
+
+  def test_bad_arguments(self):
+    with self.assertRaisesRegex(ValueError, "shard_index"):
+      pipeline.make_dataset(self.pattern, batch_size=2, max_len=8, training=False,
+                            shard_index=2, num_shards=2)
+    with self.assertRaisesRegex(ValueError, "max_len"):
+      pipeline.make_dataset(self.pattern, batch_size=2, max_len=1, training=False)
+    with self.assertRaisesRegex(ValueError, "num_batches"):
+      pipeline.make_dataset(self.pattern, batch_size=2, max_len=8, training=True,
+                            num_batches=3)
+
+  def test_count_records(self):
+    self.assertEqual(pipeline.count_records(self.pattern), list(FILE_SIZES))
+
+
+class UnigramPerplexityTest(tf.test.TestCase):
+
+  def _write(self, name, id_lists):
+    path = os.path.join(self.get_temp_dir(), name)
+    records.write_records(path, [
+        records.make_example(key=f"{name}{i}", caption="c", caption_ids=ids,
+                             image=np.zeros([1, 1, 3], np.uint8))
+        for i, ids in enumerate(id_lists)])
+    return path
+
+  def test_hand_computed(self):
+    train = self._write("train.tfrecord", [[101, 5, 6, 102], [101, 5, 102]])
+    valid = self._write("valid.tfrecord", [[101, 5, 7, 102]])
+    # Train targets 5 6 [SEP] 5 [SEP]: c(5)=2, c(6)=1, c(SEP)=2, N=5, V=21128, N+V=21133.
+    # Validation targets 5 7 [SEP]: p = 3/21133, 1/21133, 3/21133.
+    # PPL = exp(-(log 3 + log 1 + log 3 - 3 log 21133) / 3) = 21133 / 9^(1/3).
+    self.assertAllClose(pipeline.unigram_perplexity(train, valid), 21133 / 9 ** (1 / 3))
+    # max_len=3 truncates like the pipeline: train targets 5 [SEP] 5 [SEP] (N=4);
+    # validation targets 5 [SEP], each p = 3/21132, so PPL = 21132/3.
+    self.assertAllClose(pipeline.unigram_perplexity(train, valid, max_len=3), 21132 / 3)
+    # A smaller vocabulary changes only the smoothing mass: V=200, N+V=205.
+    self.assertAllClose(pipeline.unigram_perplexity(train, valid, vocab_size=200),
+                        205 / 9 ** (1 / 3))
+
+
+if __name__ == "__main__":
+  tf.test.main()
