@@ -70,3 +70,14 @@ def run_train(**overrides) -> dict:
 
 def make_context_configured():
   return gin.get_configurable("make_context")()
+
+
+def query(name: str, default=None):
+  """`gin.query_parameter` with macros (`%X`) resolved; `default` if the binding is absent."""
+  try:
+    value = gin.query_parameter(name)
+  except ValueError:
+    return default
+  while isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro":
+    value = gin.query_parameter("%" + value.scoped_selector.split("/")[0])
+  return value

@@ -42,14 +42,12 @@ def evaluate(model_dir: str, *, eval_data: str | None = None, checkpoint: str | 
   gin.clear_config()
   configurables.parse([config_path], list(gin_bindings))
   ctx = ctx or configurables.make_context_configured()
-  q = lambda name: gin.query_parameter(f"train.{name}")
+  q = lambda name: configurables.query(f"train.{name}")
   eval_data = eval_data or q("eval_data")
   if not eval_data:
     raise ValueError("no evaluation data: pass --eval_data or set train.eval_data")
   batch = batch_size or q("batch_size_per_worker")
   max_len, image_mode = q("max_len"), q("image_mode")
-  if hasattr(max_len, "scoped_configurable_fn") or not isinstance(max_len, int):
-    max_len = gin.query_parameter("%MAX_LEN")
   dataset = training._batches_for_eval(eval_data, batch_size=batch, max_len=max_len,
                                        image_mode=image_mode, ctx=ctx)
   model = training.build_model(configurables.network_fn(), batch=next(iter(dataset.take(1))),

@@ -28,7 +28,9 @@ shuffle seeded, `deterministic=True` everywhere, no `py_function`). Two ways to 
 
 Sharding by worker rank: with at least `num_shards` files, worker i reads files i, i + D, ...;
 with fewer files every worker reads all files and keeps records i, i + D, ... of the (same,
-seeded) interleaved stream. Either way the shards partition the data.
+seeded) interleaved stream. Either way the shards partition the data. Shards may differ in
+size (by a record, or by whole files); a repeated training stream does not care, and a finite
+evaluation stream takes `num_batches=eval_num_batches(...)` so all workers step equally often.
 """
 
 from __future__ import annotations
@@ -262,7 +264,7 @@ def unigram_perplexity(train_pattern: str | Sequence[str],
   valid = _target_ids(validation_pattern, max_len)
   if valid.size == 0:
     raise ValueError(f"no validation targets in {validation_pattern!r}")
-  if train.size and train.max() >= vocab_size or valid.max() >= vocab_size:
+  if (train.size and train.max() >= vocab_size) or valid.max() >= vocab_size:
     raise ValueError(f"token ids exceed vocab_size={vocab_size}")
   counts = np.bincount(train, minlength=vocab_size).astype(np.float64)
   log_p = np.log(counts + 1.0) - np.log(train.size + vocab_size)

@@ -54,7 +54,7 @@ def capacity(num_tokens: int, num_experts: int, *, k: int = 1, capacity_factor: 
     raise ValueError(f"capacity mode={mode!r}; allowed: 'k' (Capacity k×) or '1' (Capacity 1×)")
   k_eff = k if mode == "k" else 1
   # A small epsilon keeps e.g. 1.25 * 8 = 10.000000000000002 from rounding up to 11.
-  return max(min_capacity, int(math.ceil(k_eff * num_tokens / num_experts * capacity_factor)))
+  return max(min_capacity, int(math.ceil(k_eff * num_tokens / num_experts * capacity_factor - 1e-9)))
 
 
 @dataclasses.dataclass

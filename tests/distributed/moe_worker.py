@@ -146,6 +146,9 @@ class Checks:
     err = rel_err(got, want)
     self.items.append(dict(name=name, err=err, tol=tol, ok=bool(err <= tol)))
 
+  def info(self, name, value):
+    self.items.append(dict(name=name, value=value, ok=True))
+
   def equal(self, name, got, want):
     self.items.append(dict(name=name, got=repr(got), want=repr(want), ok=bool(got == want)))
 
@@ -188,6 +191,11 @@ def run_equivalence(args, checks):
       checks.equal(f"{tag}/alltoall_calls", comm.calls, 2)
       y, loss, gx, grads = distributed_step(ctx, layer, x, target)
       compare(checks, tag, ref, layer.expert_ids, rank, world, y, loss, gx, grads, TOL)
+      # Guards against a vacuous pass: the gradients compared are not all zero, and some
+      # tokens were dropped (so capacity, not just the arithmetic, is being compared).
+      checks.equal(f"{tag}/reference_grads_nonzero",
+                   all(np.abs(ref[n]).max() > 1e-3 for n in ("router", "wi", "wo", "x")), True)
+      checks.info(f"{tag}/dropped_fraction", float(layer.stats["dropped_fraction"].numpy()))
       if (routing, k, dispatch) == ("top_k", 2, "index"):
         _, _, _, grads16 = distributed_step(ctx, layer, x, target, compression="fp16")
         for name, g16, g in zip(("router", "wi", "wo"), grads16, grads):
@@ -255,11 +263,12 @@ def run_failure(args):
     MoE(args.num_experts, I)
   elif args.mode == "capacity_mismatch":
     ctx = hvd_lib.init_horovod(Mesh(args.data, args.expert), num_experts=E)
-    # The last rank was given a larger per-worker batch, hence a larger T and capacity.
-    tokens = (B + 1) * L if ctx.rank == ctx.size - 1 else T
-    layer = MoE(E, I, capacity_factor=CAPACITY_FACTOR)
+    # The last rank was given another capacity factor (say, a stale config file): same T,
+    # capacity 2·C there.
+    factor = 2 * CAPACITY_FACTOR if ctx.rank == ctx.size - 1 else CAPACITY_FACTOR
+    layer = MoE(E, I, capacity_factor=factor)
     layer.build((None, M))
-    ctx.check_consistent(hvd_lib.capacity_fingerprint([layer], tokens))
+    ctx.check_consistent(hvd_lib.capacity_fingerprint([layer], T))
   else:
     raise SystemExit(f"unknown mode {args.mode!r}")
 

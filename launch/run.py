@@ -1,0 +1,108 @@
+r"""Builds and starts the horovodrun / mpirun command of a training run: one process per GPU.
+
+  python -m launch.run --gin_file=gin/1T.gin --gin_file=gin/layouts/1x480.gin \
+      --num_workers=480 --hostfile=hosts --backend=mpi --model_dir=/ckpt/1T --dry_run
+  python -m launch.run --gin_file=gin/demo.gin --gin_file=gin/layouts/1x2.gin \
+      --num_workers=2 --hosts=localhost:2 --backend=gloo --model_dir=runs/demo2
+
+Before anything starts, the config is checked against the worker count: the layout's
+(data × expert) mesh must multiply to --num_workers and the experts must divide over the expert
+axis — the errors a cluster would otherwise report as a hang in the first all-to-all.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin files passed to the trainer.")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings passed to the trainer.")
+flags.DEFINE_integer("num_workers", None, "Processes in total (one per GPU).")
+flags.DEFINE_string("hosts", None, "host1:slots,host2:slots (default localhost:N).")
+flags.DEFINE_string("hostfile", None, "A hostfile, one 'host slots=N' line per host.")
+flags.DEFINE_enum("backend", "gloo", ["gloo", "mpi"], "horovodrun --gloo, or mpirun.")
+flags.DEFINE_string("model_dir", None, "The trainer's --model_dir.")
+flags.DEFINE_string("python", sys.executable, "Python interpreter on every host.")
+flags.DEFINE_bool("dry_run", False, "Print the command and exit.")
+
+# The environment every rank needs. NCCL_* matter on GPUs only and are harmless on CPUs.
+FORWARDED_ENV = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME",
+                 "NCCL_IB_DISABLE", "TF_CPP_MIN_LOG_LEVEL", "HOROVOD_FUSION_THRESHOLD",
+                 "HOROVOD_CYCLE_TIME")
+
+
+def check_layout(gin_files, gin_bindings, num_workers: int) -> tuple[int, int]:
+  """(data, expert) of the config's mesh, validated against `num_workers` and E."""
+  import gin
+
+  from m6t_tf import configurables
+  gin.clear_config()
+  configurables.parse(gin_files, gin_bindings, ["."])
+  data = configurables.query("make_context.mesh_data", 1)
+  expert = configurables.query("make_context.mesh_expert", 0)
+  expert = expert or num_workers // max(data, 1)
+  if data * expert != num_workers:
+    raise ValueError(
+        f"the layout's mesh (data={data}) × (expert={expert}) = {data * expert} workers, but "
+        f"--num_workers={num_workers}; pick a gin/layouts/*.gin file for {num_workers} workers")
+  num_experts = configurables.query("MoEConfig.num_experts")
+  if num_experts % expert:
+    raise ValueError(f"num_experts={num_experts} is not divisible by the expert axis "
+                     f"({expert} workers); use a layout whose expert axis divides {num_experts}")
+  return data, expert
+
+
+def build_command(*, gin_files, gin_bindings, num_workers: int, hosts=None, hostfile=None,
+                  backend: str = "gloo", model_dir=None, python: str = sys.executable) -> list[str]:
+  """The launcher command line as a list of arguments."""
+  if num_workers < 1:
+    raise ValueError(f"--num_workers={num_workers} must be >= 1")
+  if hosts and hostfile:
+    raise ValueError("pass --hosts or --hostfile, not both")
+  trainer = [python, "-m", "m6t_tf.train"]
+  trainer += [f"--gin_file={f}" for f in gin_files]
+  trainer += [f"--gin_bindings={b}" for b in gin_bindings]
+  if model_dir:
+    trainer.append(f"--model_dir={model_dir}")
+  where = (["--hostfile", hostfile] if hostfile else ["-H", hosts or f"localhost:{num_workers}"])
+  if backend == "gloo":
+    horovodrun = shutil.which("horovodrun") or os.path.join(os.path.dirname(python), "horovodrun")
+    return [horovodrun, "-np", str(num_workers), *where, "--gloo", *trainer]
+  env = []
+  for name in FORWARDED_ENV:
+    if name in os.environ:  # Open MPI's -x of an unset variable is an error on some versions
+      env += ["-x", name]
+  # Horovod's recommended Open MPI flags: no core binding (TF manages its own threads), slot
+  # mapping (one rank per GPU), TCP/shared-memory transport for control (NCCL carries the data).
+  mpi = ["mpirun", "-np", str(num_workers), *where, "-bind-to", "none", "-map-by", "slot",
+         "-mca", "pml", "ob1", "-mca", "btl", "^openib", *env]
+  if os.geteuid() == 0:
+    mpi.insert(1, "--allow-run-as-root")
+  return [*mpi, *trainer]
+
+
+def main(argv):
+  del argv
+  if not FLAGS.gin_file:
+    raise app.UsageError("--gin_file is required")
+  if not FLAGS.num_workers:
+    raise app.UsageError("--num_workers is required")
+  check_layout(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.num_workers)
+  cmd = build_command(gin_files=FLAGS.gin_file, gin_bindings=FLAGS.gin_bindings,
+                      num_workers=FLAGS.num_workers, hosts=FLAGS.hosts, hostfile=FLAGS.hostfile,
+                      backend=FLAGS.backend, model_dir=FLAGS.model_dir, python=FLAGS.python)
+  print(shlex.join(cmd), flush=True)
+  if FLAGS.dry_run:
+    return 0
+  return subprocess.call(cmd)
+
+
+if __name__ == "__main__":
+  app.run(main)
