@@ -29,8 +29,7 @@ def evaluate(model_dir: str, *, eval_data: str | None = None, checkpoint: str | 
              gin_bindings=(), batch_size: int = 0, ctx=None) -> dict:
   """Evaluates the checkpoint of `model_dir`; returns (and writes) the result dict."""
   import gin
-  import tensorflow as tf
-
+  from m6t_tf import checkpointing
   from m6t_tf import configurables
   from m6t_tf import training
   from m6t_tf.data import pipeline
@@ -52,11 +51,14 @@ def evaluate(model_dir: str, *, eval_data: str | None = None, checkpoint: str | 
                                        image_mode=image_mode, ctx=ctx)
   model = training.build_model(configurables.network_fn(), batch=next(iter(dataset.take(1))),
                                mixed_precision=False)
-  ckpt = tf.train.Checkpoint(variables=training.variables_by_path(model))
-  path = checkpoint or tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+  num_experts = model.moe_layers[0].num_experts if model.moe_layers else 0
+  checkpointer = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"),
+                                            training.variables_by_path(model), ctx=ctx,
+                                            num_experts=num_experts)
+  path = checkpoint or checkpointer.latest()
   if not path:
     raise FileNotFoundError(f"no checkpoint in {model_dir}/checkpoints")
-  ckpt.restore(path).expect_partial().assert_existing_objects_matched()
+  checkpointer.restore(path)
   trainer = training.Trainer(model, _NoOpt(), ctx=ctx)
   result = training.evaluate_perplexity(trainer, dataset)
   train_data = q("train_data")

@@ -27,7 +27,8 @@ built on one worker (D = 1):
 `params_total` counts trainable parameters only (the "1T" of the paper). The split:
 
     embeddings        V·M (token table, tied with the output) + V (output bias)
-                      + (16 + max_text_length)·M (learned positions; 0 with RoPE) + P·M + M (patch)
+                      + (16 + max_text_length)·M (learned positions; 0 with RoPE)
+                      + P·M + M (patch projection)
     attention         per dense-attention layer: 4·M·A + 3·A + M (Q, K, V, output with biases)
     attention_experts per MoE-attention layer: E·(3·M·A + A·M) (linear experts, no bias)
     routers           per MoE FFN: M·E; per MoE-attention layer: (3·M + A)·E
@@ -62,13 +63,15 @@ either way; "mask" terms exist only when dropout_rate > 0). Saved for backward:
     every layer     2·T·M·a norm inputs + T·M·a attention input + T·M·a FFN input
                     + 2·T·M·a residual dropout masks
       attention     3·T·A·a (Q, K, V) + T·A·a (context)
-                    + B·H·S²·(f + a [+ a]) (float32 softmax output, probabilities, [dropout mask])
+                    + B·H·S²·(f + a [+ a]) (float32 softmax output, probabilities,
+                    [dropout mask])
       MoE attention instead of the attention input and context: per projection (input width
                     W_in, output W_out) the float32 router input T·W_in·f, router probabilities
                     T·E·f, expert input buffer E·C·W_in·a, combined rows k·T·W_out·a
       dense FFN     n_a·T·I·a, n_a = 2 (pre- and post-activation; fused GeLU) or 4 (SwiGLU:
                     gate, up, silu(gate), product)
-      MoE FFN       T·M·f (float32 router input) + T·E·f (router probabilities)
+      MoE FFN       instead of the FFN input (the gather-based dispatch does not keep it):
+                    T·M·f (float32 router input) + T·E·f (router probabilities)
                     + E·C·M·a (expert input buffer, after the all-to-all)
                     + n_a·E·C·I·a (expert hidden, on all E·C slots, padding included)
                     + k·T·M·a (combined rows, index dispatch) or, for einsum dispatch,
@@ -87,7 +90,8 @@ norms and the gather-based dispatch are not counted), which is what the tests ch
 MatMul/Einsum ops of the traced forward graph. Forward, by component:
 
     embeddings             2·B·16·P·M (patch projection; the token lookup is a gather)
-    attention_projections  2·T·4·M·A per dense-attention layer; 2·E·C·4·M·A per MoE-attention layer
+    attention_projections  2·T·4·M·A per dense-attention layer;
+                           2·E·C·4·M·A per MoE-attention layer (linear experts on E·C slots)
     attention_scores       4·B·S²·A per layer (Q·Kᵀ and P·V, masked entries included)
     dense_ffn              2·T·n_w·M·I per dense FFN
     experts                2·E·C·n_w·M·I per MoE FFN: this worker's e experts run on the E·C
@@ -363,6 +367,9 @@ def validate(config: PlanConfig) -> None:
     raise ValueError(f"train.max_len={config.max_len} feeds {config.max_len - 1} caption "
                      f"positions, more than M6Transformer.max_text_length="
                      f"{config.max_text_length}")
+  if config.moe_placement != "none" and not config.moe:
+    raise ValueError(f"M6Transformer.moe_placement={config.moe_placement!r} needs an MoE config "
+                     f"(M6Transformer.moe = @MoEConfig())")
   if config.moe and config.num_experts % config.mesh_expert:
     raise ValueError(f"E={config.num_experts} experts do not split over the expert axis "
                      f"D={config.mesh_expert}; choose a layout whose mesh_expert divides E")
@@ -403,10 +410,10 @@ def _moe_specs(prefix: str, num_experts: int, expert_shapes, router_in: int,
 
 
 def weight_specs(config: PlanConfig) -> list[WeightSpec]:
-  """Every variable `M6Captioner(network=M6Transformer(...))` creates, with full (all-expert) shapes."""
-  v, m, a, i = config.vocab_size, config.hidden_size, config.attention_width, config.intermediate_size
+  """Every variable `M6Captioner(network=M6Transformer(...))` creates; shapes with all E experts."""
+  v, m, a = config.vocab_size, config.hidden_size, config.attention_width
+  i = config.intermediate_size
   e = config.num_experts
-  specs = [WeightSpec("token_embedding", (v,), "embeddings")]
   specs = [WeightSpec("token_embedding/embeddings", (v, m), "embeddings"),
            WeightSpec("patch_embedding/kernel", (config.patch_dim, m), "embeddings"),
            WeightSpec("patch_embedding/bias", (m,), "embeddings")]
@@ -487,7 +494,8 @@ def _activation_bytes(config: PlanConfig) -> dict:
   a = 2 if config.mixed_precision else 4
   f = _FLOAT32
   b, s, t = config.batch_size_per_worker, config.sequence_length, config.tokens_per_worker
-  m, aw, i, v = config.hidden_size, config.attention_width, config.intermediate_size, config.vocab_size
+  m, aw, v = config.hidden_size, config.attention_width, config.vocab_size
+  i = config.intermediate_size
   e, c, k = config.num_experts, config.capacity, config.k
   drop = config.dropout_rate > 0
   n_act = 4 if config.activation == "swiglu" else 2
@@ -514,7 +522,7 @@ def _activation_bytes(config: PlanConfig) -> dict:
     else:
       total += t * aw * a                                      # context
     if layer in moe_layers:
-      total += moe_bytes(m, m, i)
+      total += moe_bytes(m, m, i) - t * m * a                  # the router's fp32 copy instead
     else:
       total += n_act * t * i * a
     layers.append(total)
@@ -553,7 +561,8 @@ def memory_bytes(config: PlanConfig, params: dict) -> dict:
 def flops_forward(config: PlanConfig) -> dict:
   """Matmul FLOPs of one forward pass on one worker, by component (module docstring)."""
   b, s, t = config.batch_size_per_worker, config.sequence_length, config.tokens_per_worker
-  m, aw, i, v = config.hidden_size, config.attention_width, config.intermediate_size, config.vocab_size
+  m, aw, v = config.hidden_size, config.attention_width, config.vocab_size
+  i = config.intermediate_size
   e, c, k, nw = config.num_experts, config.capacity, config.k, config.ffn_matrices
   einsum = bool(config.moe) and config.moe.get("dispatch", "index") == "einsum"
   out = {name: 0 for name in FLOP_COMPONENTS}
@@ -713,6 +722,10 @@ def _gib(x: int) -> str:
   return f"{x / GIB:.2f} GiB"
 
 
+def _bytes(x: int) -> str:
+  return _gib(x) if x >= GIB else f"{x / 2 ** 20:.1f} MiB"
+
+
 def table_rows(p: dict) -> list[tuple[str, str]]:
   """(quantity, value) rows of one plan, for people."""
   c, mem, fl = p["config"], p["memory_bytes"], p["flops_forward"]
@@ -732,7 +745,8 @@ def table_rows(p: dict) -> list[tuple[str, str]]:
   rows += [(f"  {name}", f"{by[name]:,}") for name in PARAM_COMPONENTS if by[name]]
   rows += [
       ("params per worker", f"{p['params_per_worker']:,} ({_si(p['params_per_worker'])})"),
-      ("optimizer / mixed precision", f"{c['optimizer']} / {'yes' if c['mixed_precision'] else 'no'}"),
+      ("optimizer / mixed precision",
+       f"{c['optimizer']} / {'yes' if c['mixed_precision'] else 'no'}"),
       ("memory: weights (fp32)", _gib(mem["weights"])),
       ("memory: fp16 weight casts", _gib(mem["weight_casts"])),
       ("memory: gradients", _gib(mem["gradients"])),
@@ -748,12 +762,12 @@ def table_rows(p: dict) -> list[tuple[str, str]]:
   rows += [
       ("FLOPs per step (fwd + bwd)", _si(p["flops_per_step"], "FLOP")),
       ("expert share of an MoE layer", f"{100 * share:.1f}%" if share is not None else "-"),
-      ("all-to-all per step", f"{_gib(p['alltoall_bytes_per_step'])} "
+      ("all-to-all per step", f"{_bytes(p['alltoall_bytes_per_step'])} "
                               f"({p['alltoall_bytes_per_element']}-byte elements)"),
-      ("allreduce per step (dense + expert)",
-       f"{_gib(p['allreduce_bytes_per_step']['total'])} ("
-       f"{_gib(p['allreduce_bytes_per_step']['dense'])} + "
-       f"{_gib(p['allreduce_bytes_per_step']['expert'])})"),
+      ("allreduce payload per step (dense + expert)",
+       f"{_bytes(p['allreduce_bytes_per_step']['total'])} ("
+       f"{_bytes(p['allreduce_bytes_per_step']['dense'])} + "
+       f"{_bytes(p['allreduce_bytes_per_step']['expert'])})"),
   ]
   return rows
 

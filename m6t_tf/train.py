@@ -34,6 +34,8 @@ def main(argv):
   from m6t_tf import configurables
   from m6t_tf import training
 
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # the progress lines are the console output
   if not FLAGS.gin_file:
     raise app.UsageError("--gin_file is required, e.g. --gin_file=gin/demo.gin")
   configurables.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
@@ -44,7 +46,11 @@ def main(argv):
   if FLAGS.model_dir:
     bindings["model_dir"] = FLAGS.model_dir
   summary = configurables.run_train(ctx=ctx, **bindings)
-  logging.info("operative config:\n%s", gin.operative_config_str())
+  operative = gin.operative_config_str()
+  logging.info("operative config:\n%s", operative)
+  if ctx.is_chief and FLAGS.model_dir:
+    with open(os.path.join(FLAGS.model_dir, "operative_config.gin"), "w") as f:
+      f.write(operative)
   if ctx.is_chief and summary.get("eval"):
     e = summary["eval"]
     print(f"Validation perplexity {e['perplexity']:.2f} (log {e['log_perplexity']:.4f}) over "

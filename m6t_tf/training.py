@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from m6t_tf import checkpointing
 from m6t_tf import optimizers
 from m6t_tf.models import m6_captioner
 from m6t_tf.networks import m6_transformer
@@ -92,8 +93,11 @@ class Trainer:
     self.skip_nonfinite = mixed_precision if skip_nonfinite is None else skip_nonfinite
     self.variables = model.trainable_variables
     self.optimizer.build(self.variables)
-    self.train_step = tf.function(self._train_step, jit_compile=jit_compile)
-    self.eval_step = tf.function(self._eval_step, jit_compile=jit_compile)
+    # The steps use explicit tf.cond and Python loops over variables: no AutoGraph needed.
+    self.train_step = tf.function(tf.autograph.experimental.do_not_convert(self._train_step),
+                                  jit_compile=jit_compile)
+    self.eval_step = tf.function(tf.autograph.experimental.do_not_convert(self._eval_step),
+                                 jit_compile=jit_compile)
 
   def _train_step(self, batch):
     with tf.GradientTape() as tape:
@@ -300,30 +304,39 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   check_model_dir(model_dir)
   set_seeds(seed, deterministic)
   shard, shards = ctx.data_shard()
-  dataset = pipeline.make_dataset(train_data, batch_size=batch_size_per_worker, max_len=max_len,
-                                  training=True, seed=seed, shard_index=shard, num_shards=shards,
-                                  image_mode=image_mode, shuffle_buffer=shuffle_buffer)
-  model = build_model(network_fn, batch=next(iter(dataset.take(1))),
+  def stream(skip):
+    return pipeline.make_dataset(train_data, batch_size=batch_size_per_worker, max_len=max_len,
+                                 training=True, seed=seed, shard_index=shard, num_shards=shards,
+                                 image_mode=image_mode, shuffle_buffer=shuffle_buffer,
+                                 skip_batches=skip)
+
+  model = build_model(network_fn, batch=next(iter(stream(0).take(1))),
                       mixed_precision=mixed_precision)
   opt = optimizers.make_optimizer(optimizer, schedule, weight_decay=weight_decay, beta_1=beta_1,
                                   beta_2=beta_2, epsilon=epsilon)
   trainer = Trainer(model, opt, ctx=ctx, clip_norm=clip_norm, mixed_precision=mixed_precision,
                     jit_compile=jit_compile)
-  iterator = iter(dataset)
   step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-  ckpt = tf.train.Checkpoint(variables=variables_by_path(model, opt), step=step_var, data=iterator,
-                             loss_scale=trainer.loss_scale.scale,
-                             good_steps=trainer.loss_scale.good_steps,
-                             skipped_steps=trainer.loss_scale.skipped)
-  manager = tf.train.CheckpointManager(ckpt, os.path.join(model_dir, "checkpoints"),
-                                       max_to_keep=keep_checkpoints)
-  if manager.latest_checkpoint:
-    ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(step_var))
+  entries = variables_by_path(model, opt)
+  entries.update({"train/step": step_var, "train/loss_scale": trainer.loss_scale.scale,
+                  "train/good_steps": trainer.loss_scale.good_steps,
+                  "train/skipped_steps": trainer.loss_scale.skipped})
+  num_experts = model.moe_layers[0].num_experts if model.moe_layers else 0
+  checkpointer = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"), entries,
+                                            ctx=ctx, num_experts=num_experts,
+                                            max_to_keep=keep_checkpoints)
+  latest = checkpointer.latest()
+  if latest:
+    checkpointer.restore(latest)
+    logging.info("resumed from %s at step %d", latest, int(step_var))
     if ctx.is_chief:
-      print(f"Resumed from {manager.latest_checkpoint} at step {int(step_var)}", flush=True)
+      print(f"Resumed from {latest} at step {int(step_var)}", flush=True)
   else:
     ctx.broadcast_state(model.variables)
+  # The input stream is a pure function of (seed, shard, step): resuming skips the records of
+  # the steps already taken (before parsing), so it continues exactly, on any worker count
+  # that keeps the same sharding.
+  iterator = iter(stream(int(step_var)))
   start = int(step_var)
   writer = tf.summary.create_file_writer(os.path.join(model_dir, "train")) if ctx.is_chief else None
   if ctx.is_chief:
@@ -352,7 +365,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     if not math.isfinite(loss) and not trainer.skip_nonfinite:
       raise FloatingPointError(
           f"non-finite loss {loss} at step {step}; the last good checkpoint is "
-          f"{manager.latest_checkpoint}. Re-run with --check_numerics to find the first layer.")
+          f"{checkpointer.latest()}. Re-run with --check_numerics to find the first layer.")
     if step % log_every == 0 or step == end:
       elapsed = time.time() - last_log_time
       tok_s = tokens_per_step * (step - last_log_step) / max(elapsed, 1e-9)
@@ -367,7 +380,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
       summary_scalars(writer, step, scalars)
       last_log_time, last_log_step = time.time(), step
     if step % checkpoint_every == 0 and step != end:
-      manager.save(checkpoint_number=step)
+      checkpointer.save(step)
     if eval_data and eval_every and step % eval_every == 0 and step != end:
       r = evaluate_perplexity(trainer, _batches_for_eval(
           eval_data, batch_size=batch_size_per_worker, max_len=max_len, image_mode=image_mode,
@@ -377,7 +390,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
       if ctx.is_chief:
         print(f"  eval @ {step}: perplexity {r['perplexity']:.2f}", flush=True)
   if end > start:
-    manager.save(checkpoint_number=end)
+    checkpointer.save(end)
   if eval_data and end == num_steps:
     eval_result = evaluate_perplexity(trainer, _batches_for_eval(
         eval_data, batch_size=batch_size_per_worker, max_len=max_len, image_mode=image_mode,

@@ -182,6 +182,25 @@ class HandComputedTest(tf.test.TestCase):
                         atol=1e-5)
 
 
+class PinnedNumbersTest(tf.test.TestCase):
+  """Numbers pinned under a fixed seed with the default initialisers (flaxformer style): a
+  change here means the initialisation, routing or expert maths changed. Re-pin deliberately."""
+
+  def test_seeded_top2(self):
+    keras.utils.set_random_seed(1234)
+    layer = moe_lib.MoE(4, 7, k=2, init_std=0.5, router_init_std=1.0, activation="gelu",
+                        capacity_factor=1.0)
+    x = np.sin(np.arange(2 * 3 * 5, dtype=np.float32)).reshape(2, 3, 5)
+    y = layer(x).numpy().reshape(6, 5)
+    self.assertEqual(layer.last_capacity, 3)
+    self.assertAllEqual(layer.stats["tokens_per_expert"], [3, 3, 2, 3])
+    self.assertAllClose(layer.stats["dropped_fraction"], 1.0 / 12.0)
+    self.assertAllClose(y[:, :2], [[0.273691, 0.137087], [-0.146966, 0.309525],
+                                   [-0.264189, -0.374938], [-0.12308, 0.204714],
+                                   [0.275373, -0.194277], [0.224362, 0.179282]], atol=2e-6)
+    self.assertAllClose(y.sum(), -1.0806267, atol=1e-5)
+
+
 class DenseEquivalenceTest(parameterized.TestCase, tf.test.TestCase):
   """Every expert holds the same weights and capacity is ample: MoE == a dense FFN."""
 
@@ -303,7 +322,7 @@ def dispatch_problems(draw):
 
 class DispatchInvariantsTest(tf.test.TestCase):
 
-  @hypothesis.settings(max_examples=50, deadline=None, derandomize=True)
+  @hypothesis.settings(max_examples=50, deadline=None, derandomize=True, database=None)
   @hypothesis.given(dispatch_problems())
   def test_buffers_hold_exactly_the_kept_tokens(self, problem):
     routing, k, cap, logits, x, mask = problem

@@ -229,7 +229,7 @@ class MoE(keras.layers.Layer):
       raise ValueError("alltoall_bytes_per_forward: call the layer once or pass capacity=")
     wire = self.communicator.wire_dtype or self.compute_dtype
     n_out = (self.output_size or self.hidden_size) if self.expert_type == "linear" else self.hidden_size
-    return self.num_experts * c * (self.hidden_size + n_out) * 4
+    return self.num_experts * c * (self.hidden_size + n_out) * tf.as_dtype(wire).size
 
   def call(self, inputs, training=None, token_mask=None):
     """Routes `inputs` <float>[..., M] through the experts; returns <float>[..., M or N].

@@ -30,6 +30,8 @@ class LocalContext:
   is_chief = True
   expert_group_size = 1
   data_parallel_size = 1
+  expert_index = 0
+  data_index = 0
 
   def data_shard(self) -> tuple[int, int]:
     return 0, 1

@@ -5,7 +5,7 @@ form a `Mesh(data, expert)` (see `m6t_tf.parallel.mesh`); each expert group of D
 ranks holds all E experts, e = E / D per rank, and exchanges its `[D, e, C, M]` buffers with
 `hvd.alltoall` on its own process set. Typical use in a trainer:
 
-    ctx = init_horovod(Mesh.for_world(world, expert=8), num_experts=E, wire_dtype="float16")
+    ctx = init_horovod(expert=8, num_experts=E, wire_dtype="float16")  # or mesh=Mesh(data, 8)
     model = build_model()            # MoE layers pick up ctx.communicator as the default
     ctx.check_consistent(capacity_fingerprint(moe_layers, num_tokens=B * L))
     ctx.broadcast_initial_state(dense_vars, expert_vars)
@@ -40,6 +40,7 @@ import tensorflow as tf
 
 from m6t_tf.layers import experts as experts_lib
 from m6t_tf.parallel import communicator as comm_lib
+from m6t_tf.parallel import context as context_lib
 from m6t_tf.parallel.mesh import Mesh, make_process_sets
 
 #: Payload dtypes for the all-to-all: None keeps the compute dtype; "float16" halves the bytes
@@ -156,12 +157,18 @@ class HorovodCommunicator(comm_lib.Communicator):
 class HorovodContext:
   """What `init_horovod` set up, and the collectives of a training step.
 
+  It also implements the trainer's worker-context interface (`m6t_tf.parallel.context`, as
+  `LocalContext` does for one process): `data_shard`, `reduce_gradients`, `expert_norm_sq`,
+  `sum_over_expert_group`, `all_finite`, `broadcast_state`, `mean_metrics`, `barrier`,
+  `describe`, `is_chief`, `expert_group_size`, `data_parallel_size`.
+
   Attributes:
     mesh: the (data, expert) layout.
     rank, size, local_rank: Horovod's.
     communicator: the `HorovodCommunicator` MoE layers use.
     expert_process_set: process set of this rank's expert group (None if one rank).
     replica_process_set: process set of this rank's replica group (None if one rank).
+    is_expert: variable -> bool used by the trainer-interface methods (by variable path).
   """
   mesh: Mesh
   rank: int
@@ -170,6 +177,7 @@ class HorovodContext:
   communicator: HorovodCommunicator
   expert_process_set: Any
   replica_process_set: Any
+  is_expert: Callable[[Any], bool] = context_lib.is_expert_variable
 
   @property
   def data_index(self) -> int:
@@ -279,14 +287,16 @@ class HorovodContext:
     """
     import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
     keys = sorted(values)
-    row = [len(keys), zlib.crc32("\n".join(keys).encode())] + [_encode(values[k]) for k in keys]
+    row = [len(keys), zlib.crc32("\n".join(keys).encode())]
+    for key in keys:
+      row.extend(_encode(values[key]))
     if self.size == 1:
       return
     lengths = hvd.allgather(tf.constant([len(row)], tf.int64), name="m6t_fingerprint_length")
     lengths = lengths.numpy().tolist()
     if len(set(lengths)) > 1:
       raise ValueError(f"{what} differs between ranks: they check different numbers of values "
-                       f"({', '.join(f'rank {r}: {n - 2}' for r, n in enumerate(lengths))}); "
+                       f"({', '.join(f'rank {r}: {(n - 2) // 2}' for r, n in enumerate(lengths))}); "
                        "every rank must run the same configuration")
     table = hvd.allgather(tf.constant([row], tf.int64), name="m6t_fingerprint").numpy()
     if len(set(table[:, 1].tolist())) > 1:
@@ -294,9 +304,9 @@ class HorovodContext:
                        f"(this rank: {keys}); every rank must run the same configuration")
     diffs = []
     for j, key in enumerate(keys):
-      column = table[:, 2 + j].tolist()
-      if len(set(column)) > 1:
-        shown = ", ".join(f"rank {r}: {_decode(c, values[key])}" for r, c in enumerate(column))
+      pairs = [tuple(p) for p in table[:, 2 + 2 * j:4 + 2 * j].tolist()]
+      if len(set(pairs)) > 1:
+        shown = ", ".join(f"rank {r}: {_decode(*p)}" for r, p in enumerate(pairs))
         diffs.append(f"{key} ({shown})")
     if diffs:
       raise ValueError(
@@ -304,6 +314,60 @@ class HorovodContext:
           "[D, e, C, M] buffers, so C (and the tokens per worker T it comes from) must be the "
           "same everywhere: use the same per-worker batch size, sequence length, capacity "
           "factors and number of experts on every rank")
+
+  # ---- The trainer's worker-context interface (see m6t_tf.parallel.context.LocalContext). ----
+
+  @property
+  def expert_group_size(self) -> int:
+    return self.mesh.expert
+
+  @property
+  def data_parallel_size(self) -> int:
+    return self.mesh.data
+
+  def data_shard(self) -> tuple[int, int]:
+    """(index, count) of the input shard to read: every rank routes its own tokens."""
+    return self.rank, self.size
+
+  def reduce_gradients(self, grads: Sequence[Any], variables: Sequence[Any]) -> list[Any]:
+    """`allreduce_gradients` on parallel lists, experts told apart by `self.is_expert`."""
+    reduced = self.allreduce_gradients(zip(grads, variables), self.is_expert)
+    return [g for g, _ in reduced]
+
+  def sum_over_expert_group(self, x):
+    """Σ of `x` over this rank's expert group (identity for a group of one)."""
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    if self.expert_process_set is None:
+      return x
+    return hvd.allreduce(x, op=hvd.Sum, process_set=self.expert_process_set)
+
+  def expert_norm_sq(self, sq):
+    """Σ over the expert group of this rank's expert-gradient norm²: the group holds each
+    expert exactly once, and after `reduce_gradients` every group holds the same values."""
+    return self.sum_over_expert_group(sq)
+
+  def all_finite(self, flag):
+    """AND of a boolean over all ranks, so that a skipped step is skipped everywhere."""
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    if self.size == 1:
+      return flag
+    bad = hvd.allreduce(tf.reshape(tf.cast(tf.logical_not(flag), tf.float32), [1]), op=hvd.Sum,
+                        process_set=hvd.global_process_set)
+    return tf.equal(bad[0], 0.0)
+
+  def broadcast_state(self, variables: Sequence[Any]) -> None:
+    """`broadcast_initial_state` with the variables split by `self.is_expert`."""
+    variables = list(variables)
+    self.broadcast_initial_state([v for v in variables if not self.is_expert(v)],
+                                 [v for v in variables if self.is_expert(v)])
+
+  def mean_metrics(self, metrics: Mapping[str, Any]) -> dict[str, tf.Tensor]:
+    return self.allreduce_metrics(metrics)
+
+  def describe(self) -> str:
+    return (f"{self.size} Horovod ranks as {self.mesh} (rank {self.rank} at data_index "
+            f"{self.data_index}, expert_index {self.expert_index}; D = {self.mesh.expert}, "
+            f"all-to-all payload {self.communicator.wire_dtype or 'in the compute dtype'})")
 
   def barrier(self) -> None:
     """Blocks until every rank gets here (a one-element allreduce over the world)."""
@@ -325,8 +389,30 @@ class HorovodContext:
     hvd.shutdown()
 
 
-def init_horovod(mesh: Optional[Mesh] = None, *, num_experts: Optional[int] = None,
-                 wire_dtype: Optional[str] = None, set_default: bool = True) -> HorovodContext:
+def resolve_mesh(mesh: Optional[Mesh], expert: Optional[int],
+                 world_size: Optional[int]) -> Optional[Mesh]:
+  """The mesh `init_horovod` uses: `mesh`, or (data = world / expert, expert), or None.
+
+  None means "one expert group over every rank", decided after `hvd.init` when the launcher
+  did not export the world size.
+  """
+  if mesh is not None:
+    if expert is not None and expert != mesh.expert:
+      raise ValueError(f"expert={expert} contradicts mesh={mesh}; pass one of them")
+    return mesh
+  if world_size is None:
+    if expert is not None:
+      raise ValueError(
+          f"expert={expert} needs the number of processes before Horovod starts, and the "
+          f"launcher did not export it ({', '.join(_WORLD_SIZE_ENV)}); pass "
+          "mesh=Mesh(data, expert) instead")
+    return None
+  return Mesh.for_world(world_size, expert=expert)
+
+
+def init_horovod(mesh: Optional[Mesh] = None, *, expert: Optional[int] = None,
+                 num_experts: Optional[int] = None, wire_dtype: Optional[str] = None,
+                 set_default: bool = True) -> HorovodContext:
   """Initialises Horovod with the mesh's process sets and installs the MoE communicator.
 
   Validation happens, when the launcher exports the world size, *before* `hvd.init`, so a wrong
@@ -334,7 +420,8 @@ def init_horovod(mesh: Optional[Mesh] = None, *, num_experts: Optional[int] = No
   `hvd.size()` afterwards.
 
   Args:
-    mesh: the (data, expert) layout; None = one expert group over all ranks (data = 1).
+    mesh: the (data, expert) layout; None = from `expert`, or one expert group over all ranks.
+    expert: size of the expert axis (data = world / expert); an alternative to `mesh`.
     num_experts: E, checked to divide by `mesh.expert` when given.
     wire_dtype: all-to-all payload dtype, None or "float16" (FP16 communication).
     set_default: install the communicator as `communicator.get_default()` for MoE layers.
@@ -352,8 +439,7 @@ def init_horovod(mesh: Optional[Mesh] = None, *, num_experts: Optional[int] = No
     raise RuntimeError("Horovod is already initialised: call init_horovod once per process, "
                        "before any other Horovod call (process sets are registered at init)")
   env_size = world_size_from_env()
-  if mesh is None and env_size is not None:
-    mesh = Mesh.for_world(env_size)
+  mesh = resolve_mesh(mesh, expert, env_size)
   if mesh is not None and env_size is not None:
     mesh.validate(env_size, num_experts)
   process_sets = make_process_sets(mesh, hvd.ProcessSet) if mesh is not None else {}
@@ -423,26 +509,26 @@ def _tf_variable(v):
   return v
 
 
-def _encode(value) -> int:
-  """An int64 standing for `value` (ints exact, floats by their bits, strings by CRC-32)."""
+def _encode(value) -> tuple[int, int]:
+  """(type tag, int64 payload) standing for `value`: ints exact, floats by bits, str by CRC-32."""
   if value is None:
-    return -(2 ** 63)
+    return 0, 0
   if isinstance(value, (bool, int)):
-    return int(value)
+    return 1, int(value)
   if isinstance(value, float):
-    return struct.unpack("<q", struct.pack("<d", value))[0]
+    return 2, struct.unpack("<q", struct.pack("<d", value))[0]
   if isinstance(value, str):
-    return zlib.crc32(value.encode())
+    return 3, zlib.crc32(value.encode())
   raise TypeError(f"check_consistent takes int, float, bool, str or None values, got "
                   f"{type(value).__name__}: {value!r}")
 
 
-def _decode(code: int, local_example) -> str:
-  """Shows a gathered code in the form of this rank's value of the same key."""
-  if code == -(2 ** 63):
+def _decode(tag: int, payload: int) -> str:
+  """Shows a gathered (tag, payload) pair."""
+  if tag == 0:
     return "None"
-  if isinstance(local_example, float):
-    return repr(struct.unpack("<d", struct.pack("<q", code))[0])
-  if isinstance(local_example, str):
-    return f"crc32={code:#010x}"
-  return str(code)
+  if tag == 2:
+    return repr(struct.unpack("<d", struct.pack("<q", payload))[0])
+  if tag == 3:
+    return f"str with crc32={payload:#010x}"
+  return str(payload)

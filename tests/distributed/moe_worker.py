@@ -47,6 +47,7 @@ tf.config.threading.set_inter_op_parallelism_threads(1)
 
 from m6t_tf.layers.moe import MoE  # noqa: E402
 from m6t_tf.parallel import communicator as comm_lib  # noqa: E402
+from m6t_tf.parallel import context as context_lib  # noqa: E402
 from m6t_tf.parallel import horovod as hvd_lib  # noqa: E402
 from m6t_tf.parallel.mesh import Mesh  # noqa: E402
 
@@ -117,16 +118,24 @@ def reference(routing, k, dispatch, weights, x_all, target_all):
               wo=grads[3].numpy(), capacity=layer.last_capacity)
 
 
-def distributed_step(ctx, layer, x, target, compression="none"):
-  variables = [layer.router.kernel, layer.experts.wi, layer.experts.wo]
+def variables_of(layer):
+  return [layer.router.kernel, layer.experts.wi, layer.experts.wo]
+
+
+def local_grads(layer, x, target):
   with tf.GradientTape() as tape:
     tape.watch(x)
     y, loss = slice_loss(layer, x, target)
-  grads = tape.gradient(loss, [x] + variables)
-  reduced = ctx.allreduce_gradients(zip(grads[1:], variables),
+  grads = tape.gradient(loss, [x] + variables_of(layer))
+  return y, loss, grads[0], grads[1:]
+
+
+def distributed_step(ctx, layer, x, target, compression="none"):
+  y, loss, gx, grads = local_grads(layer, x, target)
+  reduced = ctx.allreduce_gradients(zip(grads, variables_of(layer)),
                                     hvd_lib.expert_variable_filter(layer),
                                     compression=compression)
-  return y, loss, grads[0], [g for g, _ in reduced]
+  return y, loss, gx, [g for g, _ in reduced]
 
 
 def rel_err(got, want) -> float:
@@ -161,6 +170,47 @@ def compare(checks, tag, ref, ids, rank, world, y, loss, gx, grads, tol):
   checks.close(f"{tag}/grad_router", router, ref["router"], tol)
   checks.close(f"{tag}/grad_wi", wi, ref["wi"][ids], tol)
   checks.close(f"{tag}/grad_wo", wo, ref["wo"][ids], tol)
+
+
+def check_trainer_interface(checks, ctx, layer, x, target, ref):
+  """The methods m6t_tf.training calls on its worker context (LocalContext's interface)."""
+  rank, world = ctx.rank, ctx.size
+  checks.equal("trainer_interface/data_shard", ctx.data_shard(), (rank, world))
+  checks.equal("trainer_interface/sizes", (ctx.expert_group_size, ctx.data_parallel_size),
+               (ctx.mesh.expert, ctx.mesh.data))
+  # reduce_gradients tells experts apart by variable path, allreduce_gradients by identity.
+  _, _, _, grads = local_grads(layer, x, target)
+  reduced = ctx.reduce_gradients(grads, variables_of(layer))
+  for name, g in zip(("router", "wi", "wo"), reduced):
+    want = ref[name] if name == "router" else ref[name][layer.expert_ids]
+    checks.close(f"trainer_interface/reduce_gradients/{name}", g, want, TOL)
+  # Global norm: replicated grads once, each expert once (summed over the expert group).
+  norm = context_lib.global_norm(reduced, variables_of(layer), ctx)
+  want = np.sqrt(sum(np.sum(ref[n].astype(np.float64) ** 2) for n in ("router", "wi", "wo")))
+  checks.close("trainer_interface/global_norm", norm, want, TOL)
+  checks.close("trainer_interface/sum_over_expert_group",
+               ctx.sum_over_expert_group(tf.constant([float(rank), 1.0])),
+               [float(sum(ctx.mesh.expert_group(rank))), float(ctx.mesh.expert)], 0.0)
+  checks.equal("trainer_interface/all_finite/all_true",
+               bool(ctx.all_finite(tf.constant(True))), True)
+  checks.equal("trainer_interface/all_finite/one_false",
+               bool(ctx.all_finite(tf.constant(rank != world - 1))), False)
+  finite = tf.function(lambda f: ctx.all_finite(f))
+  checks.equal("trainer_interface/all_finite/tf_function", bool(finite(tf.constant(True))), True)
+  checks.close("trainer_interface/mean_metrics",
+               ctx.mean_metrics({"loss": float(rank)})["loss"], (world - 1) / 2, 1e-6)
+  # broadcast_state on all of the layer's variables (int32 and float32 statistics included).
+  probe = make_layer(ctx.communicator, "top_k", 1, "index", reference_weights())
+  probe.router.kernel.assign(np.full((M, E), rank + 1.0, np.float32))
+  probe.experts.wi.assign(np.full(probe.experts.wi.shape, rank + 1.0, np.float32))
+  probe.stats["tokens_per_expert"].assign(np.full((E,), rank, np.int32))
+  ctx.broadcast_state(probe.variables)
+  root = ctx.mesh.replica_root(rank)
+  checks.equal("trainer_interface/broadcast_state",
+               (float(probe.router.kernel.numpy().max()), float(probe.experts.wi.numpy().max()),
+                int(probe.stats["tokens_per_expert"].numpy().max())),
+               (1.0, root + 1.0, 0))
+  checks.equal("trainer_interface/describe", f"as {ctx.mesh}" in ctx.describe(), True)
 
 
 def run_equivalence(args, checks):
@@ -200,6 +250,7 @@ def run_equivalence(args, checks):
         _, _, _, grads16 = distributed_step(ctx, layer, x, target, compression="fp16")
         for name, g16, g in zip(("router", "wi", "wo"), grads16, grads):
           checks.close(f"{tag}/fp16_gradient_compression/{name}", g16, g, FP16_TOL)
+        check_trainer_interface(checks, ctx, layer, x, target, ref)
 
   # Graph mode: the trainer runs the step under tf.function (named collectives in a graph).
   routing, k, dispatch = "prototype", 2, "index"

@@ -1,0 +1,166 @@
+"""Expert-sharded, atomic checkpoints that restore onto any number of workers.
+
+Every variable of a run (model weights, optimiser slots, step, loss scale) is stored under a
+stable key (its Keras path, see `training.variables_by_path`) as one *global* tensor:
+
+  * replicated variables (attention, embeddings, routers, norms, and their slots) are written
+    whole, by rank 0;
+  * expert variables and their slots hold e = E/D experts on each worker, `[e, ...]`; each
+    worker of data index 0 writes its block as the slice `[r·e, (r+1)·e)` of the global
+    `[E, ...]` tensor, so the checkpoint holds every expert under its *global* id.
+
+This is TensorFlow's own partitioned-variable format (SaveV2 with `shape_and_slices`, merged by
+MergeV2Checkpoints), readable by `tf.train.load_checkpoint`. Restoring reads each worker's own
+slice, whatever D wrote it: a checkpoint of 4 workers restores onto 1, 2 or 8.
+
+Atomicity: shards are written to `tmp-<step>/`, rank 0 merges them into `ckpt-<step>` and only
+then rewrites the `latest` pointer (temp file + rename). A crash at any point leaves either the
+previous checkpoint or the new one as `latest`, never a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import tensorflow as tf
+
+LATEST = "latest"
+
+
+def _is_expert_key(key: str, expert_fragments: tuple[str, ...]) -> bool:
+  return any(fragment in key for fragment in expert_fragments)
+
+
+class Checkpointer:
+  """Saves and restores `entries` ({key: variable}) as described in the module docstring.
+
+  Args:
+    directory: where `ckpt-<step>.{index,data-*}` and `latest` go (shared by all workers).
+    entries: every variable to save, by stable key.
+    ctx: the worker context (rank, expert_index, data_index, expert_group_size, barrier).
+    num_experts: E (global); expert variables have leading dimension E / expert_group_size.
+    max_to_keep: older checkpoints are deleted after a successful save.
+  """
+
+  def __init__(self, directory: str, entries: dict, *, ctx, num_experts: int = 0,
+               max_to_keep: int = 3, fragments: tuple[str, ...] = ("/experts/", "_experts_")):
+    self.directory = directory
+    self.entries = entries
+    self.ctx = ctx
+    self.num_experts = num_experts
+    self.max_to_keep = max_to_keep
+    d = getattr(ctx, "expert_group_size", 1)
+    self.expert_keys = {k for k in entries if _is_expert_key(k, fragments)}
+    for k in self.expert_keys:
+      shape = entries[k].shape
+      if num_experts and (not shape or shape[0] * d != num_experts):
+        raise ValueError(f"checkpoint entry {k!r} has shape {shape}; an expert shard must be "
+                         f"[E/D = {num_experts}/{d}, ...]")
+
+  # -- layout -------------------------------------------------------------------------------
+
+  def _slice(self, key: str) -> str:
+    """SaveV2/RestoreV2 `shape_and_slices` of this worker's part of `key` ('' = whole)."""
+    if key not in self.expert_keys:
+      return ""
+    shape = list(self.entries[key].shape)
+    e = shape[0]
+    start = getattr(self.ctx, "expert_index", 0) * e
+    global_shape = [e * getattr(self.ctx, "expert_group_size", 1)] + shape[1:]
+    spec = [f"{start},{e}"] + ["-"] * (len(shape) - 1)
+    return " ".join(str(s) for s in global_shape) + " " + ":".join(spec)
+
+  def _writes(self, key: str) -> bool:
+    if key in self.expert_keys:
+      return getattr(self.ctx, "data_index", 0) == 0
+    return self.ctx.rank == 0
+
+  # -- save ---------------------------------------------------------------------------------
+
+  def save(self, step: int) -> str:
+    """Writes `ckpt-<step>` (collective: every worker must call it); returns its prefix."""
+    tmp = os.path.join(self.directory, f"tmp-{step}")
+    final = os.path.join(self.directory, f"ckpt-{step}")
+    if self.ctx.rank == 0:
+      shutil.rmtree(tmp, ignore_errors=True)
+      os.makedirs(tmp, exist_ok=True)
+    self.ctx.barrier()
+    keys = sorted(k for k in self.entries if self._writes(k))
+    shard_prefix = os.path.join(tmp, f"shard-{self.ctx.rank:05d}")
+    if keys:
+      tf.raw_ops.SaveV2(prefix=shard_prefix, tensor_names=keys,
+                        shape_and_slices=[self._slice(k) for k in keys],
+                        tensors=[tf.convert_to_tensor(self.entries[k]) for k in keys])
+    self.ctx.barrier()
+    if self.ctx.rank == 0:
+      shards = sorted({os.path.join(tmp, f[: f.index(".")]) for f in os.listdir(tmp)
+                       if f.endswith(".index")})
+      tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=shards, destination_prefix=final,
+                                    delete_old_dirs=False)
+      self._write_latest(step)
+      shutil.rmtree(tmp, ignore_errors=True)
+      self._prune()
+    self.ctx.barrier()
+    return final
+
+  def _write_latest(self, step: int) -> None:
+    path = os.path.join(self.directory, LATEST)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    kept = [s for s in self.steps() if s != step] + [step]
+    with open(tmp, "w") as f:
+      json.dump({"latest": step, "all": kept[-self.max_to_keep:]}, f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+  def _prune(self) -> None:
+    keep = set(self.steps())
+    for name in os.listdir(self.directory):
+      if name.startswith("ckpt-"):
+        step = name[len("ckpt-"):].split(".")[0]
+        if step.isdigit() and int(step) not in keep:
+          os.remove(os.path.join(self.directory, name))
+
+  # -- restore ------------------------------------------------------------------------------
+
+  def steps(self) -> list[int]:
+    path = os.path.join(self.directory, LATEST)
+    if not os.path.exists(path):
+      return []
+    with open(path) as f:
+      return list(json.load(f)["all"])
+
+  def latest(self) -> Optional[str]:
+    """Prefix of the newest complete checkpoint, or None."""
+    path = os.path.join(self.directory, LATEST)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      step = json.load(f)["latest"]
+    return os.path.join(self.directory, f"ckpt-{step}")
+
+  def restore(self, prefix: str) -> None:
+    """Assigns every entry from `prefix`, reading this worker's expert slices."""
+    reader = tf.train.load_checkpoint(prefix)
+    stored = reader.get_variable_to_shape_map()
+    missing = sorted(k for k in self.entries if k not in stored)
+    if missing:
+      raise ValueError(f"checkpoint {prefix} lacks {len(missing)} entries of this model, e.g. "
+                       f"{missing[:3]}; was it written by a different config?")
+    keys = sorted(self.entries)
+    for k in keys:
+      want = list(self.entries[k].shape)
+      have = list(stored[k])
+      if k in self.expert_keys:
+        want = [want[0] * getattr(self.ctx, "expert_group_size", 1)] + want[1:]
+      if want != have:
+        raise ValueError(f"checkpoint entry {k!r} has global shape {have}, this model needs "
+                         f"{want}")
+    values = tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=keys,
+                                  shape_and_slices=[self._slice(k) for k in keys],
+                                  dtypes=[tf.as_dtype(self.entries[k].dtype) for k in keys])
+    for k, value in zip(keys, values):
+      self.entries[k].assign(value)

@@ -1,0 +1,215 @@
+"""Expert-parallel MoE under horovodrun: W ranks equal one process holding all experts.
+
+Each test launches (or reuses the launch of) tests/distributed/moe_worker.py under
+`horovodrun --gloo`; see that file's docstring for what the equivalence means exactly (per-rank
+routing groups, L = (1/W) Σ_r L_r, expert grads summed over the replica group / W). One launch
+per mesh runs every check and writes one JSON file per rank; the tests below read them.
+
+Meshes: (data=1, expert=2) on 2 ranks, (1, 4) and (2, 2) on 4 ranks — the last replicates each
+expert on 2 ranks, so expert gradients are reduced over a replica process set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "distributed" / "moe_worker.py"
+
+
+def _find_horovodrun():
+  beside = pathlib.Path(sys.executable).parent / "horovodrun"
+  if beside.exists():
+    return str(beside)
+  return shutil.which("horovodrun")
+
+
+HOROVODRUN = _find_horovodrun()
+pytestmark = pytest.mark.skipif(
+    HOROVODRUN is None,
+    reason="horovodrun not found next to the Python interpreter or on PATH: build Horovod with "
+           "TensorFlow and Gloo (tools/setup_env.sh) to run the expert-parallel tests")
+
+MESHES = [(1, 2), (1, 4), (2, 2)]
+ROUTING_TAGS = [f"{r}/{d}" for r in ("top_k1", "top_k2", "prototype2") for d in ("einsum", "index")]
+EQUIVALENCE_TIMEOUT = 240.0
+FAILURE_DEADLINE = 60.0  # every rank must have failed and exited by then
+
+
+def launch(num_procs: int, args: list[str], out: pathlib.Path, timeout: float):
+  """Runs the worker on `num_procs` ranks; returns (returncode or None on timeout, output, s)."""
+  cmd = [HOROVODRUN, "-np", str(num_procs), "-H", f"localhost:{num_procs}", "--gloo",
+         sys.executable, str(WORKER), *args, "--out", str(out)]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1",
+             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+  started = time.monotonic()
+  # A session of its own, so that on timeout the whole tree (horovodrun and its ranks) goes.
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  try:
+    output, _ = proc.communicate(timeout=timeout)
+    code = proc.returncode
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    output, _ = proc.communicate()
+    code = None
+  return code, _quiet(output), time.monotonic() - started
+
+
+def _quiet(output: str) -> str:
+  noise = ("WARNING: All log messages", "oneDNN custom operations", "Could not find cuda",
+           "cpu_feature_guard", "To enable the following instructions")
+  return "\n".join(l for l in output.splitlines() if not any(n in l for n in noise))
+
+
+class Runs:
+  """One horovodrun launch per mesh, shared by the tests of this module."""
+
+  def __init__(self, tmp_path_factory):
+    self._tmp = tmp_path_factory
+    self._cache = {}
+
+  def equivalence(self, data: int, expert: int) -> dict:
+    key = (data, expert)
+    if key not in self._cache:
+      world = data * expert
+      out = self._tmp.mktemp(f"equivalence_{data}x{expert}")
+      code, output, seconds = launch(
+          world, ["--mode", "equivalence", "--data", str(data), "--expert", str(expert)], out,
+          EQUIVALENCE_TIMEOUT)
+      records = {}
+      for r in range(world):
+        path = out / f"rank{r}.json"
+        if path.exists():
+          records[r] = json.loads(path.read_text())
+      self._cache[key] = dict(code=code, output=output, seconds=seconds, records=records,
+                              world=world)
+    run = self._cache[key]
+    if run["code"] != 0 or len(run["records"]) != run["world"]:
+      pytest.fail(f"mesh {key}: horovodrun exited with {run['code']} after {run['seconds']:.0f}s "
+                  f"(None = killed at the {EQUIVALENCE_TIMEOUT:.0f}s timeout); ranks with results "
+                  f"{sorted(run['records'])}. Output tail:\n{run['output'][-6000:]}")
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  return Runs(tmp_path_factory)
+
+
+def _checks(run, prefix: str) -> list[tuple[int, dict]]:
+  found = [(r, c) for r, rec in sorted(run["records"].items()) for c in rec["checks"]
+           if c["name"].startswith(prefix)]
+  assert found, f"the worker reported no check named {prefix}*"
+  return found
+
+
+def _assert_ok(run, prefix: str):
+  bad = [f"rank {r}: {c}" for r, c in _checks(run, prefix) if not c["ok"]]
+  assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
+@pytest.mark.parametrize("tag", ROUTING_TAGS)
+def test_matches_one_process_holding_all_experts(runs, data, expert, tag):
+  """Outputs, losses, input grads, router grads and expert-slice grads to 1e-5 (fp32)."""
+  run = runs.equivalence(data, expert)
+  for part in ("out", "loss", "grad_x", "grad_router", "grad_wi", "grad_wo", "capacity",
+               "reference_grads_nonzero"):
+    _assert_ok(run, f"{tag}/{part}")
+    assert len(_checks(run, f"{tag}/{part}")) == run["world"]  # every rank compared
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
+def test_some_tokens_were_dropped(runs, data, expert):
+  """The comparison covers capacity overflow, not only the happy path."""
+  run = runs.equivalence(data, expert)
+  dropped = [c["value"] for _, c in _checks(run, "") if c["name"].endswith("dropped_fraction")]
+  assert max(dropped) > 0
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
+def test_under_tf_function(runs, data, expert):
+  """Forward, backward and gradient allreduce traced into one graph, called twice."""
+  _assert_ok(runs.equivalence(data, expert), "tf_function")
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
+def test_alltoall_bytes_are_2_E_C_M_bytes(runs, data, expert):
+  """Payload handed to hvd.alltoall in one forward = the layer's report = 2·E·C·M·4 (fp32)."""
+  run = runs.equivalence(data, expert)
+  for tag in ROUTING_TAGS:
+    _assert_ok(run, f"{tag}/alltoall_bytes")
+    _assert_ok(run, f"{tag}/alltoall_calls")
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
+def test_fp16_wire(runs, data, expert):
+  """FP16 communication: 2 bytes per element, results within 1e-2 of fp32, not bit-equal."""
+  _assert_ok(runs.equivalence(data, expert), "fp16_wire")
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
+def test_fp16_gradient_compression(runs, data, expert):
+  _assert_ok(runs.equivalence(data, expert), "top_k2/index/fp16_gradient_compression")
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
+def test_broadcast_initial_state(runs, data, expert):
+  """Dense from rank 0; experts from data_index 0 of each replica group."""
+  _assert_ok(runs.equivalence(data, expert), "broadcast")
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
+def test_mesh_coordinates_and_metrics(runs, data, expert):
+  run = runs.equivalence(data, expert)
+  _assert_ok(run, "mesh")
+  _assert_ok(run, "metrics")
+  _assert_ok(run, "check_consistent")
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
+def test_trainer_context_interface(runs, data, expert):
+  """What m6t_tf.training calls: reduce_gradients, global norm, all_finite, broadcast_state..."""
+  _assert_ok(runs.equivalence(data, expert), "trainer_interface")
+
+
+FAILURES = {
+    # name: (processes, worker args, text every rank's error must contain)
+    "mesh_larger_than_world": (
+        2, ["--mode", "bad_mesh", "--data", "2", "--expert", "3"],
+        "mesh data=2 × expert=3 = 6 ranks, but 2 were started"),
+    "experts_not_divisible_at_init": (
+        2, ["--mode", "bad_experts_init", "--data", "1", "--expert", "2", "--num_experts", "5"],
+        "num_experts=5 is not divisible by the expert axis expert=2"),
+    "experts_not_divisible_in_layer": (
+        2, ["--mode", "bad_experts_layer", "--data", "1", "--expert", "2", "--num_experts", "5"],
+        "num_experts=5 is not divisible"),
+    "capacity_mismatch": (
+        4, ["--mode", "capacity_mismatch", "--data", "2", "--expert", "2"],
+        "moe0.capacity_train (rank 0: 2, rank 1: 2, rank 2: 2, rank 3: 3)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAILURES))
+def test_bad_configuration_fails_on_every_rank_without_hanging(tmp_path, name):
+  num_procs, args, expected = FAILURES[name]
+  code, output, seconds = launch(num_procs, args + ["--world", str(num_procs)], tmp_path,
+                                 timeout=FAILURE_DEADLINE + 30)
+  assert code is not None, f"{name}: still running after {FAILURE_DEADLINE + 30:.0f}s:\n{output[-4000:]}"
+  assert code != 0, f"{name}: horovodrun exited 0:\n{output[-4000:]}"
+  assert seconds < FAILURE_DEADLINE, f"{name}: took {seconds:.0f}s"
+  for r in range(num_procs):
+    err = tmp_path / f"rank{r}.err"
+    assert err.exists(), f"{name}: rank {r} did not report an error:\n{output[-4000:]}"
+    assert expected in err.read_text(), f"rank {r}: {err.read_text()}"
+  assert expected in output  # and the user sees it
