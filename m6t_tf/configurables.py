@@ -37,22 +37,36 @@ def parse(gin_files, gin_bindings, search_paths=()) -> None:
                                       finalize_config=False)
 
 
-def make_context(*, mesh_data: int = 1, mesh_expert: int = 0):
+def make_context(*, mesh_data: int = 1, mesh_expert: int = 0, alltoall_dtype=None,
+                 allreduce_compression: str = "none"):
   """The worker context: `LocalContext` for one process, Horovod's under horovodrun/mpirun.
 
   Args:
     mesh_data: size of the data axis of the (data × expert) mesh.
     mesh_expert: size of the expert axis; 0 = world size / mesh_data (the paper: every worker
       on the expert axis).
+    alltoall_dtype: None (compute dtype) or "float16": the paper's FP16 communication for the
+      all-to-all payloads.
+    allreduce_compression: "none" or "fp16" for the gradient allreduce.
   """
   from m6t_tf.parallel import launch_env
-  if launch_env.world_size() <= 1 and mesh_data * max(mesh_expert, 1) <= 1:
+  world = launch_env.world_size()
+  if world <= 1 and mesh_data * max(mesh_expert, 1) <= 1:
     return context_lib.LocalContext()
+  if world <= 1:
+    raise ValueError(
+        f"the layout's mesh (data={mesh_data}) × (expert={mesh_expert}) needs "
+        f"{mesh_data * max(mesh_expert, 1)} workers, but this is a single process: launch with "
+        f"`horovodrun -np {mesh_data * max(mesh_expert, 1)} ...` (or python -m launch.run), or "
+        f"drop the layout file")
   from m6t_tf.parallel import horovod as horovod_lib
   from m6t_tf.parallel import mesh as mesh_lib
-  world = launch_env.world_size()
   expert = mesh_expert or max(world // max(mesh_data, 1), 1)
-  return horovod_lib.init_horovod(mesh_lib.Mesh(data=mesh_data, expert=expert))
+  ctx = horovod_lib.init_horovod(mesh_lib.Mesh(data=mesh_data, expert=expert),
+                                 num_experts=query("MoEConfig.num_experts"),
+                                 wire_dtype=alltoall_dtype)
+  ctx.gradient_compression = allreduce_compression
+  return ctx
 
 
 def network_fn():
@@ -81,3 +95,16 @@ def query(name: str, default=None):
   while isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro":
     value = gin.query_parameter("%" + value.scoped_selector.split("/")[0])
   return value
+
+
+def make_eval_context():
+  """Evaluation runs on whatever was launched, whatever layout trained the checkpoint: one
+  process holds every expert; under horovodrun every worker is on the expert axis."""
+  from m6t_tf.parallel import launch_env
+  world = launch_env.world_size()
+  if world <= 1:
+    return context_lib.LocalContext()
+  from m6t_tf.parallel import horovod as horovod_lib
+  from m6t_tf.parallel import mesh as mesh_lib
+  return horovod_lib.init_horovod(mesh_lib.Mesh(data=1, expert=world),
+                                  num_experts=query("MoEConfig.num_experts"))

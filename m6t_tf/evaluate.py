@@ -40,7 +40,7 @@ def evaluate(model_dir: str, *, eval_data: str | None = None, checkpoint: str | 
                             f"model_dir?")
   gin.clear_config()
   configurables.parse([config_path], list(gin_bindings))
-  ctx = ctx or configurables.make_context_configured()
+  ctx = ctx or configurables.make_eval_context()
   q = lambda name: configurables.query(f"train.{name}")
   eval_data = eval_data or q("eval_data")
   if not eval_data:
@@ -87,10 +87,11 @@ def main(argv):
     raise app.UsageError("--model_dir is required")
   r = evaluate(FLAGS.model_dir, eval_data=FLAGS.eval_data, checkpoint=FLAGS.checkpoint,
                gin_bindings=FLAGS.gin_bindings, batch_size=FLAGS.batch_size)
+  ratio = r["unigram_perplexity"] / r["perplexity"]
+  verdict = (f"the model is {ratio:.1f}× lower" if ratio > 1 else "the model does NOT beat it")
   print(f"Validation perplexity {r['perplexity']:.2f} (log {r['log_perplexity']:.4f}) over "
         f"{r['tokens']:,} caption tokens; unigram perplexity of the same captions "
-        f"{r['unigram_perplexity']:.2f} ({r['unigram_perplexity'] / r['perplexity']:.1f}× higher)",
-        flush=True)
+        f"{r['unigram_perplexity']:.2f}: {verdict}", flush=True)
   print(f"Written to {os.path.join(FLAGS.model_dir, 'eval.json')}")
 
 

@@ -55,6 +55,7 @@ def main(argv):
     e = summary["eval"]
     print(f"Validation perplexity {e['perplexity']:.2f} (log {e['log_perplexity']:.4f}) over "
           f"{e['tokens']:,} caption tokens", flush=True)
+  ctx.shutdown()
 
 
 if __name__ == "__main__":

@@ -101,7 +101,13 @@ class Trainer:
 
   def _train_step(self, batch):
     with tf.GradientTape() as tape:
-      loss, metrics = self.model.losses_and_metrics(batch, training=True)
+      _, metrics = self.model.losses_and_metrics(batch, training=True)
+      # The objective is the mean NLL over every worker's target tokens, Σ nll / N_global, so
+      # W workers with B examples each equal one worker with W·B: each worker scales its sum by
+      # W / N_global (gradients are then averaged over the W workers).
+      n_global = self.ctx.sum_over_world(metrics["num_tokens"])
+      w = tf.cast(self.ctx.size, tf.float32)
+      loss = metrics["nll_sum"] * tf.math.divide_no_nan(w, n_global) + metrics["moe_loss"]
       scaled = loss * self.loss_scale.scale
     grads = tape.gradient(scaled, self.variables)
     inv = 1.0 / self.loss_scale.scale
@@ -121,6 +127,7 @@ class Trainer:
     tf.cond(finite, apply, lambda: tf.constant(False))
     self.loss_scale.update(finite)
     metrics = dict(metrics)
+    metrics["loss"] = tf.math.divide_no_nan(self.ctx.sum_over_world(metrics["nll_sum"]), n_global)
     metrics.update(grad_norm=norm, finite=tf.cast(finite, tf.float32),
                    learning_rate=tf.cast(self.optimizer.learning_rate, tf.float32))
     return metrics
@@ -173,8 +180,8 @@ def evaluate_perplexity(trainer: Trainer, dataset, max_batches: Optional[int] = 
   """Teacher-forced perplexity over `dataset`: exp(Σ NLL / Σ target tokens), padding excluded."""
   nll_sum, count, batches = 0.0, 0.0, 0
   for batch in dataset:
-    m = trainer.ctx.mean_metrics(
-        {k: v for k, v in trainer.eval_step(batch).items() if k in ("nll_sum", "num_tokens")})
+    out = trainer.eval_step(batch)
+    m = {k: trainer.ctx.sum_over_world(out[k]) for k in ("nll_sum", "num_tokens")}
     nll_sum += float(m["nll_sum"])
     count += float(m["num_tokens"])
     batches += 1
@@ -239,6 +246,17 @@ def summary_scalars(writer, step: int, scalars: dict) -> None:
       tf.summary.scalar(k, v)
 
 
+def capacity_fingerprint(moe_layers, num_tokens: int) -> dict:
+  """Values every worker must agree on before the first all-to-all."""
+  out = {"tokens_per_worker": int(num_tokens)}
+  for i, layer in enumerate(moe_layers):
+    out[f"moe{i}.num_experts"] = layer.num_experts
+    out[f"moe{i}.expert_group_size"] = layer.communicator.expert_group_size
+    out[f"moe{i}.capacity_train"] = layer.capacity_for(num_tokens, True)
+    out[f"moe{i}.capacity_eval"] = layer.capacity_for(num_tokens, False)
+  return out
+
+
 def numpy_metrics(metrics: dict) -> dict:
   return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
@@ -301,8 +319,13 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   if optimizer not in optimizers.OPTIMIZERS:
     raise ValueError(f"train.optimizer={optimizer!r}; allowed: {optimizers.OPTIMIZERS}")
   ctx = ctx or context_lib.LocalContext()
+  if jit_compile and ctx.size > 1:
+    raise ValueError("train.jit_compile=True cannot run under Horovod (its collectives have no "
+                     "XLA kernels); set train.jit_compile=False")
   check_model_dir(model_dir)
-  set_seeds(seed, deterministic)
+  # Dropout differs per worker (seed + rank); initial weights are made identical by the
+  # broadcast below, or come from the checkpoint.
+  set_seeds(seed + ctx.rank, deterministic)
   shard, shards = ctx.data_shard()
   def stream(skip):
     return pipeline.make_dataset(train_data, batch_size=batch_size_per_worker, max_len=max_len,
@@ -325,6 +348,11 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   checkpointer = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"), entries,
                                             ctx=ctx, num_experts=num_experts,
                                             max_to_keep=keep_checkpoints)
+  if model.moe_layers:
+    # A capacity that differs between workers would deadlock the first all-to-all: compare
+    # before any step.
+    ctx.check_consistent(capacity_fingerprint(model.moe_layers,
+                                              batch_size_per_worker * (max_len - 1 + 16)))
   latest = checkpointer.latest()
   if latest:
     checkpointer.restore(latest)
@@ -332,7 +360,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     if ctx.is_chief:
       print(f"Resumed from {latest} at step {int(step_var)}", flush=True)
   else:
-    ctx.broadcast_state(model.variables)
+    ctx.broadcast_state([v for v in model.variables if not context_lib.is_rng_state(v)])
   # The input stream is a pure function of (seed, shard, step): resuming skips the records of
   # the steps already taken (before parsing), so it continues exactly, on any worker count
   # that keeps the same sharding.
@@ -389,7 +417,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
                                      "eval/perplexity": r["perplexity"]})
       if ctx.is_chief:
         print(f"  eval @ {step}: perplexity {r['perplexity']:.2f}", flush=True)
-  if end > start:
+  if end > start or stop_after == 0:
     checkpointer.save(end)
   if eval_data and end == num_steps:
     eval_result = evaluate_perplexity(trainer, _batches_for_eval(
@@ -404,4 +432,5 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
                {k: v for k, v in summary.items() if k != "losses"})
   if writer is not None:
     writer.flush()
+  ctx.barrier()
   return summary

@@ -23,7 +23,8 @@ class Communicator:
   expert_group_size: int = 1
   #: this worker's index inside its expert group (which e experts it holds).
   expert_rank: int = 0
-  #: bytes per element of the all-to-all payload, if it is cast for communication (else None).
+  #: dtype name of the all-to-all payload on the wire ("float16" for FP16 communication), or
+  #: None to send in the compute dtype.
   wire_dtype = None
 
   def all_to_all(self, x: tf.Tensor) -> tf.Tensor:

@@ -4,7 +4,10 @@ The trainer calls only these methods, so the same step function runs on 1 CPU an
 
     rank, size, is_chief            who am I (rank 0 logs, writes TensorBoard and config.gin)
     data_shard()                    (index, count) of the input shard this worker reads
-    reduce_gradients(grads, vars)   dense: mean over all workers; experts: mean over replicas
+    reduce_gradients(grads, vars)   dense: mean over all workers; experts: sum over their
+                                    replicas / world size (the backward all-to-all has already
+                                    summed the expert group's contributions)
+    sum_over_world(x)               Σ over all workers (global token counts, logged sums)
     expert_norm_sq(sq)              Σ over the expert group of this worker's expert-gradient norm²
     all_finite(flag)                AND over all workers (a skipped step is skipped everywhere)
     broadcast_state(vars)           initial weights from rank 0 (experts from their replica root)
@@ -15,6 +18,11 @@ The trainer calls only these methods, so the same step function runs on 1 CPU an
 from __future__ import annotations
 
 import tensorflow as tf
+
+
+def is_rng_state(variable) -> bool:
+  """Keras dropout seed-generator states (per worker: never broadcast or averaged)."""
+  return "seed_generator" in variable.path
 
 
 def is_expert_variable(variable) -> bool:
@@ -54,6 +62,15 @@ class LocalContext:
 
   def sum_over_expert_group(self, x):
     return x
+
+  def sum_over_world(self, x):
+    return x
+
+  def check_consistent(self, values, *, what: str = "configuration") -> None:
+    del values, what
+
+  def shutdown(self) -> None:
+    pass
 
   def barrier(self) -> None:
     pass

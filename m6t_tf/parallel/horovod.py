@@ -178,6 +178,8 @@ class HorovodContext:
   expert_process_set: Any
   replica_process_set: Any
   is_expert: Callable[[Any], bool] = context_lib.is_expert_variable
+  #: "none" or "fp16": payload of the gradient allreduce (the paper's FP16 communication).
+  gradient_compression: str = "none"
 
   @property
   def data_index(self) -> int:
@@ -331,7 +333,8 @@ class HorovodContext:
 
   def reduce_gradients(self, grads: Sequence[Any], variables: Sequence[Any]) -> list[Any]:
     """`allreduce_gradients` on parallel lists, experts told apart by `self.is_expert`."""
-    reduced = self.allreduce_gradients(zip(grads, variables), self.is_expert)
+    reduced = self.allreduce_gradients(zip(grads, variables), self.is_expert,
+                                       compression=self.gradient_compression)
     return [g for g, _ in reduced]
 
   def sum_over_expert_group(self, x):
@@ -340,6 +343,13 @@ class HorovodContext:
     if self.expert_process_set is None:
       return x
     return hvd.allreduce(x, op=hvd.Sum, process_set=self.expert_process_set)
+
+  def sum_over_world(self, x):
+    """Σ of `x` over all ranks."""
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    if self.size == 1:
+      return x
+    return hvd.allreduce(x, op=hvd.Sum, process_set=hvd.global_process_set)
 
   def expert_norm_sq(self, sq):
     """Σ over the expert group of this rank's expert-gradient norm²: the group holds each
