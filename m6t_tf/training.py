@@ -430,6 +430,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   if ctx.is_chief:
     write_json(os.path.join(model_dir, "train_summary.json"),
                {k: v for k, v in summary.items() if k != "losses"})
+  summary["model"] = model  # for callers that inspect the trained weights (tests, tools)
   if writer is not None:
     writer.flush()
   ctx.barrier()

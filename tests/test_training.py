@@ -6,6 +6,7 @@ import json
 import math
 import os
 import stat
+import tempfile
 
 from absl.testing import parameterized
 import gin
@@ -14,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from m6t_tf import configurables
-from m6t_tf import evaluate as evaluate_lib
+from m6t_tf import evaluation as evaluate_lib
 from m6t_tf import training
 from m6t_tf.data import pipeline
 
@@ -50,7 +51,7 @@ class GinFilesTest(tf.test.TestCase, parameterized.TestCase):
   @parameterized.parameters(*SIZE_FILES)
   def test_size_file_shrunk_by_tiny_trains_two_steps(self, size_file):
     _tiny(size_file)
-    model_dir = self.create_tempdir().full_path
+    model_dir = _tmpdir()
     summary = configurables.run_train(model_dir=model_dir)
     self.assertLen(summary["losses"], 2)
     self.assertTrue(all(math.isfinite(x) for x in summary["losses"]))
@@ -87,8 +88,8 @@ class GinFilesTest(tf.test.TestCase, parameterized.TestCase):
     bindings = ["train.num_steps=7", "train.deterministic=True", "train.eval_data=None",
                 "train.checkpoint_every=2"]
     _tiny("demo.gin", bindings)
-    straight = configurables.run_train(model_dir=self.create_tempdir().full_path)["losses"]
-    resumed_dir = self.create_tempdir().full_path
+    straight = configurables.run_train(model_dir=_tmpdir())["losses"]
+    resumed_dir = _tmpdir()
     _tiny("demo.gin", bindings)
     first = configurables.run_train(model_dir=resumed_dir, stop_after=4)["losses"]
     _tiny("demo.gin", bindings)
@@ -99,7 +100,7 @@ class GinFilesTest(tf.test.TestCase, parameterized.TestCase):
 
   def test_evaluate_cli_matches_trainer_final_eval(self):
     _tiny("demo.gin", ["train.eval_batches=0"])
-    model_dir = self.create_tempdir().full_path
+    model_dir = _tmpdir()
     summary = configurables.run_train(model_dir=model_dir)
     result = evaluate_lib.evaluate(model_dir)
     self.assertAllClose(result["log_perplexity"], summary["eval"]["log_perplexity"], rtol=1e-5)
@@ -128,6 +129,11 @@ class GinFilesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(got["perplexity"], expected, rtol=1e-4)
 
 
+def _tmpdir():
+  # tf.test's create_tempdir needs absl flags, which pytest does not parse.
+  return tempfile.mkdtemp(prefix="m6t_test_")
+
+
 def _local():
   from m6t_tf.parallel import context
   return context.LocalContext()
@@ -150,18 +156,18 @@ class BadConfigTest(tf.test.TestCase):
   def test_k_larger_than_experts_fails_before_training(self):
     _tiny("demo.gin", ["K = 16"])
     with self.assertRaisesRegex(ValueError, "k=16"):
-      configurables.run_train(model_dir=self.create_tempdir().full_path)
+      configurables.run_train(model_dir=_tmpdir())
 
   def test_cosine_horizon_shorter_than_warmup(self):
     _tiny("demo.gin", ["train.warmup_steps = 10", "train.lr_decay = 'cosine'"])
     with self.assertRaisesRegex(ValueError, "total_steps"):
-      configurables.run_train(model_dir=self.create_tempdir().full_path)
+      configurables.run_train(model_dir=_tmpdir())
 
   def test_unwritable_model_dir_reported_at_start(self):
     if os.geteuid() == 0:
       path = "/proc/m6t_tf_cannot_write_here"  # root ignores permission bits; /proc refuses
     else:
-      path = self.create_tempdir().full_path
+      path = _tmpdir()
       os.chmod(path, stat.S_IRUSR | stat.S_IXUSR)
     with self.assertRaisesRegex(ValueError, "not writable"):
       training.check_model_dir(path)

@@ -56,30 +56,69 @@ def _flat_slots(routing: routing_lib.Routing, num_experts: int):
   return tf.where(routing.kept, routing.expert_index * c + routing.slot, num_experts * c)
 
 
+def _index_maps(routing: routing_lib.Routing, num_experts: int):
+  """The maps between choices and slots that both index passes gather with.
+
+  Returns:
+    rows: <int32>[K, T] flat slot (e·C + c) of each choice; E·C, a zero row, if dropped.
+    slot_choice: <int32>[E·C] flat choice (k·T + t) filling each slot; K·T for padding slots.
+    slot_token: <int32>[E·C] token t filling each slot; T, a zero row, for padding slots.
+  """
+  k, t = routing.expert_index.shape
+  rows = _flat_slots(routing, num_experts)                                 # [K, T]
+  # Kept slots are unique, so the update has no collisions except on the extra dump row E·C
+  # that collects dropped choices (sliced off).
+  slot_choice = tf.tensor_scatter_nd_update(
+      tf.fill([num_experts * routing.capacity + 1], k * t), tf.reshape(rows, [-1, 1]),
+      tf.range(k * t, dtype=tf.int32))[:-1]                               # [E·C]
+  slot_token = tf.where(slot_choice < k * t, slot_choice % t, t)          # [E·C]
+  return rows, slot_choice, slot_token
+
+
+def _pad_row(x):
+  """<[R, ...]> -> <[R+1, ...]>: a zero row that out-of-place indices read."""
+  return tf.concat([x, tf.zeros_like(x[:1])], axis=0)
+
+
+def _sum_choices(picked):
+  """<[K, T, N]> -> <[T, N]>; K = 1 (top-1) needs no reduction pass."""
+  return picked[0] if picked.shape[0] == 1 else tf.reduce_sum(picked, axis=0)
+
+
+# Both index passes carry their own gradients: each is the other's transpose, so the backward
+# pass is again a dense gather. Autodiff of `tf.gather` would instead yield IndexedSlices that TF
+# densifies with a single-threaded UnsortedSegmentSum (plus a gather to split them through the
+# padding concat) — the largest non-matmul cost of the layer on CPU (docs/bench_moe.md).
 def dispatch_index(x, routing: routing_lib.Routing, num_experts: int):
   """<T, M> -> <E, C, M> by gathering each slot's token row (zeros for padding slots)."""
-  num_tokens = tf.shape(x)[0]
-  c = routing.capacity
-  rows = _flat_slots(routing, num_experts)                                 # [K, T]
-  tokens = tf.broadcast_to(tf.range(num_tokens, dtype=tf.int32)[None, :], tf.shape(rows))
-  # slot -> token; unfilled slots point at row T, a zero row. Kept slots are unique, so the
-  # update has no collisions except on the extra dump row E·C that collects dropped choices.
-  slot_token = tf.tensor_scatter_nd_update(
-      tf.fill([num_experts * c + 1], num_tokens), tf.reshape(rows, [-1, 1]),
-      tf.reshape(tokens, [-1]))[:-1]                                     # [E·C]
-  x_padded = tf.concat([x, tf.zeros_like(x[:1])], axis=0)                 # [T+1, M]
-  out = tf.gather(x_padded, slot_token)                                   # [E·C, M]
-  return tf.reshape(out, [num_experts, c, -1])
+  rows, _, slot_token = _index_maps(routing, num_experts)
+
+  @tf.custom_gradient
+  def gather_rows(x):
+    def grad(d_out):                                                      # [E·C, M] -> [T, M]
+      return _sum_choices(tf.gather(_pad_row(d_out), rows))
+    return tf.gather(_pad_row(x), slot_token), grad                      # [E·C, M]
+
+  return tf.reshape(gather_rows(x), [num_experts, routing.capacity, -1])
 
 
 def combine_index(y, routing: routing_lib.Routing, num_experts: int):
   """<E, C, M> -> <T, M>: Σ over the K choices of gate · y[expert, slot]."""
-  c = routing.capacity
-  y_flat = tf.reshape(y, [num_experts * c, -1])
-  y_padded = tf.concat([y_flat, tf.zeros_like(y_flat[:1])], axis=0)       # [E·C+1, N]
-  rows = _flat_slots(routing, num_experts)                                 # [K, T]
-  picked = tf.gather(y_padded, rows)                                       # [K, T, N]
-  return tf.einsum("KTN,KT->TN", picked, tf.cast(routing.gate, y.dtype))
+  rows, slot_choice, slot_token = _index_maps(routing, num_experts)
+
+  @tf.custom_gradient
+  def weighted_gather(y_flat, gate):
+    picked = tf.gather(_pad_row(y_flat), rows)                            # [K, T, N]
+    def grad(d_out):                                                      # [T, N]
+      # Slot s holds choice (k, t): its gradient is gate[k, t] · d_out[t]; padding gets 0.
+      slot_gate = tf.gather(_pad_row(tf.reshape(gate, [-1])), slot_choice)   # [E·C]
+      d_y = tf.gather(_pad_row(d_out), slot_token) * slot_gate[:, None]       # [E·C, N]
+      d_gate = tf.reduce_sum(picked * d_out[None], axis=-1)                   # [K, T]
+      return d_y, d_gate
+    return _sum_choices(picked * gate[:, :, None]), grad                 # [T, N]
+
+  y_flat = tf.reshape(y, [num_experts * routing.capacity, -1])             # [E·C, N]
+  return weighted_gather(y_flat, tf.cast(routing.gate, y.dtype))
 
 
 @keras.saving.register_keras_serializable(package="m6t_tf")
@@ -145,6 +184,14 @@ class MoE(keras.layers.Layer):
       experts_lib.activation_fn(activation)
       if intermediate_size < 1:
         raise ValueError(f"intermediate_size={intermediate_size!r} must be >= 1 for FFN experts")
+    if not isinstance(min_capacity, int) or min_capacity < 1:
+      raise ValueError(f"min_capacity={min_capacity!r} must be an integer >= 1")
+    if not init_std > 0 or (router_init_std is not None and not router_init_std > 0):
+      raise ValueError(f"init_std={init_std!r} / router_init_std={router_init_std!r} must be > 0")
+    if not 0.0 <= dropout_rate < 1.0:
+      raise ValueError(f"dropout_rate={dropout_rate!r} must be in [0, 1)")
+    if output_size is not None and output_size < 1:
+      raise ValueError(f"output_size={output_size!r} must be >= 1")
     for name, value in (("aux_loss_weight", aux_loss_weight), ("z_loss_weight", z_loss_weight)):
       if value < 0:
         raise ValueError(f"{name}={value!r} must be >= 0 (0 turns it off)")
@@ -236,7 +283,8 @@ class MoE(keras.layers.Layer):
 
     Args:
       inputs: tokens; every leading dimension is flattened into T.
-      training: selects the capacity factor and dropout.
+      training: selects the capacity factor and dropout; None means inference (Keras'
+        convention), i.e. the eval capacity factor — pass training=True in a training loop.
       token_mask: optional <bool>[...] (same leading shape); False tokens (padding) are not
         routed, take no capacity and get a zero output.
     """

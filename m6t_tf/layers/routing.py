@@ -22,6 +22,7 @@ which is why its step time stays near top-1 (paper Table 2).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tensorflow as tf
 
@@ -61,9 +62,8 @@ def capacity(num_tokens: int, num_experts: int, *, k: int = 1, capacity_factor: 
 class Routing:
   """The placement of T tokens into E experts of C slots.
 
-  Attributes:
-    combine_weights: <float32>[T, E, C] gate of token t in slot c of expert e (0 if not there).
-    dispatch_mask: <bool>[T, E, C] whether token t occupies slot c of expert e.
+  Attributes (and the lazily built GShard form, `combine_weights` <float32>[T, E, C] and
+  `dispatch_mask` <bool>[T, E, C]):
     expert_index: <int32>[K, T] expert of each token's choice (placement) K.
     slot: <int32>[K, T] position in that expert's buffer (may be ≥ C when dropped).
     gate: <float32>[K, T] combine weight of each choice, already 0 for dropped choices.
@@ -74,9 +74,8 @@ class Routing:
     aux_loss: <float32>[] Switch load-balance loss; 1.0 at perfect balance.
     z_loss: <float32>[] router z-loss, mean of logsumexp(logits)² over tokens (and prototypes).
     capacity: C.
+    num_experts: E.
   """
-  combine_weights: tf.Tensor
-  dispatch_mask: tf.Tensor
   expert_index: tf.Tensor
   slot: tf.Tensor
   gate: tf.Tensor
@@ -87,6 +86,29 @@ class Routing:
   aux_loss: tf.Tensor
   z_loss: tf.Tensor
   capacity: int
+  num_experts: int
+
+  # The GShard [T, E, C] form is built only when asked for (by the einsum dispatch or a test):
+  # the index dispatch never pays its O(T·E·C) cost, eagerly or in a graph.
+  @functools.cached_property
+  def _onehots(self):
+    expert_onehot = tf.one_hot(self.expert_index, self.num_experts, dtype=tf.float32)  # [K, T, E]
+    slot_onehot = tf.one_hot(tf.where(self.kept, self.slot, -1), self.capacity,
+                             dtype=tf.float32)                                    # [K, T, C]
+    return expert_onehot, slot_onehot
+
+  @functools.cached_property
+  def combine_weights(self) -> tf.Tensor:
+    """<float32>[T, E, C]: gate of token t in slot c of expert e (0 where it is not)."""
+    expert_onehot, slot_onehot = self._onehots
+    return tf.einsum("KTE,KTC,KT->TEC", expert_onehot, slot_onehot, self.gate)
+
+  @functools.cached_property
+  def dispatch_mask(self) -> tf.Tensor:
+    """<bool>[T, E, C]: whether token t occupies slot c of expert e."""
+    expert_onehot, slot_onehot = self._onehots
+    # Σ over choices; a token sits in at most one slot of an expert (its choices are distinct).
+    return tf.einsum("KTE,KTC->TEC", expert_onehot, slot_onehot) > 0.5
 
   @property
   def dropped_fraction(self) -> tf.Tensor:
@@ -137,13 +159,8 @@ def _finish(expert_index, slot, gates, probs, logits_z, first_choice, capacity_,
   """Builds both placement forms from [K, T] choices and computes the router losses."""
   kept = tf.logical_and(slot < capacity_, valid[None, :])                # [K, T]
   gate = tf.where(kept, gates, tf.zeros_like(gates))                     # [K, T]
-  expert_onehot = tf.one_hot(expert_index, num_experts, dtype=tf.float32)  # [K, T, E]
-  slot_onehot = tf.one_hot(tf.where(kept, slot, -1), capacity_, dtype=tf.float32)  # [K, T, C]
-  # Σ over choices; a token sits in at most one slot of an expert (choices are distinct experts).
-  dispatch = tf.einsum("KTE,KTC->TEC", expert_onehot, slot_onehot)
-  combine_weights = tf.einsum("KTE,KTC,KT->TEC", expert_onehot, slot_onehot, gate)
-  tokens_per_expert = tf.cast(
-      tf.reduce_sum(expert_onehot * tf.cast(kept, tf.float32)[..., None], axis=[0, 1]), tf.int32)
+  tokens_per_expert = tf.math.unsorted_segment_sum(
+      tf.reshape(tf.cast(kept, tf.int32), [-1]), tf.reshape(expert_index, [-1]), num_experts)
 
   # Switch load balance per balance group of G experts: G · Σ_i f_i · P_i, where f_i is the
   # fraction of tokens whose (first) choice is i before capacity and P_i the mean probability.
@@ -157,8 +174,6 @@ def _finish(expert_index, slot, gates, probs, logits_z, first_choice, capacity_,
   lse2 = tf.reshape(lse2, [tf.shape(lse2)[0], -1])
   z_loss = tf.reduce_sum(tf.reduce_mean(lse2, axis=-1) * v) / t
   return Routing(
-      combine_weights=combine_weights,
-      dispatch_mask=dispatch > 0.5,
       expert_index=expert_index,
       slot=slot,
       gate=gate,
@@ -168,7 +183,8 @@ def _finish(expert_index, slot, gates, probs, logits_z, first_choice, capacity_,
       tokens_per_expert=tokens_per_expert,
       aux_loss=aux_loss,
       z_loss=z_loss,
-      capacity=capacity_)
+      capacity=capacity_,
+      num_experts=num_experts)
 
 
 def top_k_routing(logits: tf.Tensor, *, k: int, capacity: int, normalization: str = "auto",

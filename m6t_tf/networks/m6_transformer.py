@@ -234,8 +234,11 @@ class M6Transformer(keras.layers.Layer):
     x = self._dropout(x, training=training)
     num_patches = embeddings.NUM_PATCHES
     mask = prefix_causal_mask(num_patches, length)                          # [S, S]
-    # Padding caption tokens are not routed (they would take expert capacity for nothing).
-    token_mask = tf.concat([tf.ones_like(patches[..., 0], tf.bool), tokens != 0], axis=1)
+    # Padding caption tokens are not routed (they would take expert capacity for nothing), nor
+    # are the patches of all-padding filler rows (evaluation pads its last batches with them).
+    real_example = tokens[:, :1] != 0                                       # [B, 1]
+    patch_mask = tf.broadcast_to(real_example, tf.shape(patches)[:2])
+    token_mask = tf.concat([patch_mask, tokens != 0], axis=1)
     for block in self.blocks:
       x = block(x, mask, training=training, token_mask=token_mask)
     if self.final_norm is not None:

@@ -1,0 +1,60 @@
+"""Teacher-forced evaluation of a trainer's checkpoint (library side of `m6t_tf.evaluate`)."""
+
+from __future__ import annotations
+
+import os
+
+
+def evaluate(model_dir: str, *, eval_data: str | None = None, checkpoint: str | None = None,
+             gin_bindings=(), batch_size: int = 0, ctx=None) -> dict:
+  """Evaluates the checkpoint of `model_dir`; returns (and writes) the result dict."""
+  import gin
+  from m6t_tf import checkpointing
+  from m6t_tf import configurables
+  from m6t_tf import training
+  from m6t_tf.data import pipeline
+
+  config_path = os.path.join(model_dir, "config.gin")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{config_path} not found: is --model_dir={model_dir!r} a trainer's "
+                            f"model_dir?")
+  gin.clear_config()
+  configurables.parse([config_path], list(gin_bindings))
+  ctx = ctx or configurables.make_eval_context()
+  q = lambda name: configurables.query(f"train.{name}")
+  eval_data = eval_data or q("eval_data")
+  if not eval_data:
+    raise ValueError("no evaluation data: pass --eval_data or set train.eval_data")
+  batch = batch_size or q("batch_size_per_worker")
+  max_len, image_mode = q("max_len"), q("image_mode")
+  dataset = training._batches_for_eval(eval_data, batch_size=batch, max_len=max_len,
+                                       image_mode=image_mode, ctx=ctx)
+  model = training.build_model(configurables.network_fn(), batch=next(iter(dataset.take(1))),
+                               mixed_precision=False)
+  num_experts = model.moe_layers[0].num_experts if model.moe_layers else 0
+  checkpointer = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"),
+                                            training.variables_by_path(model), ctx=ctx,
+                                            num_experts=num_experts)
+  path = checkpoint or checkpointer.latest()
+  if not path:
+    raise FileNotFoundError(f"no checkpoint in {model_dir}/checkpoints")
+  checkpointer.restore(path)
+  trainer = training.Trainer(model, _NoOpt(), ctx=ctx)
+  result = training.evaluate_perplexity(trainer, dataset)
+  train_data = q("train_data")
+  result["unigram_perplexity"] = pipeline.unigram_perplexity(train_data, eval_data,
+                                                             max_len=max_len)
+  result["checkpoint"] = path
+  result["eval_data"] = eval_data
+  if ctx.is_chief:
+    training.write_json(os.path.join(model_dir, "eval.json"), result)
+  return result
+
+
+class _NoOpt:
+  """Evaluation needs no optimiser; Trainer only calls `build` on it."""
+
+  learning_rate = 0.0
+
+  def build(self, variables):
+    del variables
