@@ -29,3 +29,14 @@ test: data
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The MoE benchmark's peers (Keras-Hub, Model Garden) into .venv, --no-deps: see requirements-bench.txt.
+#   make bench                       # full run, table (~15 min on 2 cores; docs/bench_moe.md)
+#   make bench BENCH_ARGS="--smoke --format=json"
+.PHONY: bench-setup bench
+BENCH_ARGS ?=
+bench-setup: setup
+	@$(PY) -m pip install -q --no-deps -r requirements-bench.txt 2> >(grep -v "is ignored: it is neither" >&2)
+
+bench: bench-setup
+	$(PY) tools/bench_moe.py $(BENCH_ARGS)

@@ -52,6 +52,13 @@ class Checkpointer:
     self.ctx = ctx
     self.num_experts = num_experts
     self.max_to_keep = max_to_keep
+    #: Test hook called after this worker wrote its shard, before the merge publishes it.
+    self.before_merge = lambda step: None
+    if ctx.rank == 0 and os.path.isdir(directory):
+      # Shards of a save that a crash interrupted were never published: drop them.
+      for name in os.listdir(directory):
+        if name.startswith("tmp-"):
+          shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     d = getattr(ctx, "expert_group_size", 1)
     self.expert_keys = {k for k in entries if _is_expert_key(k, fragments)}
     for k in self.expert_keys:
@@ -94,6 +101,7 @@ class Checkpointer:
       tf.raw_ops.SaveV2(prefix=shard_prefix, tensor_names=keys,
                         shape_and_slices=[self._slice(k) for k in keys],
                         tensors=[tf.convert_to_tensor(self.entries[k]) for k in keys])
+    self.before_merge(step)
     self.ctx.barrier()
     if self.ctx.rank == 0:
       shards = sorted({os.path.join(tmp, f[: f.index(".")]) for f in os.listdir(tmp)

@@ -41,11 +41,12 @@ def check_model_dir(model_dir: str) -> None:
                      f"--model_dir or free space there") from e
 
 
-def build_model(network_fn=None, *, batch, mixed_precision: bool = False):
+def build_model(network_fn=None, *, batch, mixed_precision: bool = False, network=None):
   """Builds the captioner (its network from gin) and creates its weights on `batch`."""
   if mixed_precision:
     keras.mixed_precision.set_global_policy("mixed_float16")
-  network = (network_fn or m6_transformer.M6Transformer)(name="m6")
+  if network is None:
+    network = (network_fn or m6_transformer.M6Transformer)(name="m6")
   model = m6_captioner.M6Captioner(network=network)
   model.build_from_batch(batch)
   return model
@@ -92,12 +93,23 @@ class Trainer:
     # Without loss scaling, a non-finite step is a bug to stop on, not an overflow to skip.
     self.skip_nonfinite = mixed_precision if skip_nonfinite is None else skip_nonfinite
     self.variables = model.trainable_variables
+    self.rng_states = [v for v in model.variables if context_lib.is_rng_state(v)]
     self.optimizer.build(self.variables)
     # The steps use explicit tf.cond and Python loops over variables: no AutoGraph needed.
     self.train_step = tf.function(tf.autograph.experimental.do_not_convert(self._train_step),
                                   jit_compile=jit_compile)
     self.eval_step = tf.function(tf.autograph.experimental.do_not_convert(self._eval_step),
                                  jit_compile=jit_compile)
+
+  def reseed(self, seed: int, step: int) -> None:
+    """Sets every dropout RNG state to a function of (seed, worker rank, layer, step).
+
+    Dropout then differs between workers and steps, yet a resumed run (on any worker count)
+    draws exactly the masks it would have drawn, with no RNG state in the checkpoint.
+    """
+    for i, v in enumerate(self.rng_states):
+      v.assign(np.array([seed * 7919 + self.ctx.rank * 104729 + i, step * 4096], np.int64)
+               .astype(v.dtype))
 
   def _train_step(self, batch):
     with tf.GradientTape() as tape:
@@ -159,21 +171,111 @@ def variables_by_path(model, optimizer=None) -> dict:
   and readable with `tf.train.load_checkpoint`.
   """
   out = {}
-  rng = 0
   for prefix, variables in (("model", model.variables),
                             ("optimizer", optimizer.variables if optimizer is not None else [])):
     for v in variables:
-      if "seed_generator" in v.path:
-        # Dropout RNG states carry a process-global auto-generated name; their order in the
-        # model is stable, so they are keyed by position.
-        key = f"{prefix}/rng/{rng}"
-        rng += 1
-      else:
-        key = f"{prefix}/{v.path}"
+      if context_lib.is_rng_state(v):
+        continue  # derived from (seed, rank, step) by `Trainer.reseed`, never stored
+      key = f"{prefix}/{v.path}"
       if key in out:
         raise ValueError(f"two variables share the checkpoint key {key!r}; name the layers")
       out[key] = v
   return out
+
+
+def check_free_space(model_dir: str, entries: dict, keep: int) -> None:
+  """Fails at start-up when `model_dir` cannot hold the checkpoints the run will keep."""
+  import shutil
+  need = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in entries.values())
+  free = shutil.disk_usage(model_dir).free
+  # keep + 1: a new checkpoint is complete before the oldest is deleted.
+  if free < need * (keep + 1):
+    raise ValueError(f"model_dir={model_dir!r} has {free / 2**20:,.0f} MiB free, but "
+                     f"{keep + 1} checkpoints of {need / 2**20:,.0f} MiB (this worker's share) "
+                     f"need {need * (keep + 1) / 2**20:,.0f} MiB; free space or lower "
+                     f"train.keep_checkpoints")
+
+
+class LossLog:
+  """Appends `{"step", "loss"}` lines to `losses.jsonl`; a restarted run appends again.
+
+  The last line of a step wins, so the log of a run killed and resumed reads like the log of a
+  run that was never interrupted (`read_loss_log`).
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def write(self, step: int, loss: float) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+
+
+def read_loss_log(path: str) -> dict:
+  """{step: loss} from `losses.jsonl`, later lines overriding earlier ones; a torn last line
+  (the process was killed while writing it) is ignored."""
+  out = {}
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      out[int(row["step"])] = float(row["loss"])
+  return out
+
+
+class FaultInjection:
+  """Test hook: `M6T_FAULT_INJECT="kind:step[:rank]"`, comma-separated, never set in real runs.
+
+  kinds: `kill_in_save` (SIGKILL after this worker wrote its checkpoint shard, before the merge
+  that would publish it), `kill_after_step` (SIGKILL after the step), `nan_weight` (set the
+  first expert weight to NaN before the step, to exercise the non-finite path).
+  """
+
+  def __init__(self, spec: str):
+    self.faults = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+      parts = item.split(":")
+      if len(parts) not in (2, 3) or parts[0] not in ("kill_in_save", "kill_after_step",
+                                                      "nan_weight"):
+        raise ValueError(f"M6T_FAULT_INJECT item {item!r}: expected kind:step[:rank]")
+      self.faults.append((parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None))
+    self.rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
+
+  @classmethod
+  def from_env(cls) -> "FaultInjection":
+    return cls(os.environ.get("M6T_FAULT_INJECT", ""))
+
+  def _due(self, kind: str, step: int) -> bool:
+    return any(k == kind and s == step and r in (None, self.rank) for k, s, r in self.faults)
+
+  def maybe_kill(self, kind: str, step: int) -> None:
+    if self._due(kind, step):
+      import signal
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  def maybe_corrupt(self, step: int, model) -> None:
+    if self._due("nan_weight", step):
+      for layer in model.moe_layers:
+        layer.experts.wi.assign(tf.fill(layer.experts.wi.shape, float("nan")))
+        return
+
+
+def first_nonfinite_layer(model, batch) -> str:
+  """Runs `batch` through the model eagerly, recording each block's outputs; returns the name
+  of the first non-finite one (or says that every output was finite: then the gradients were)."""
+  probe = model.network.start_probe()
+  try:
+    model(batch, training=False)
+  finally:
+    model.network.stop_probe()
+  for name, value in probe:
+    if not bool(tf.reduce_all(tf.math.is_finite(tf.cast(value, tf.float32)))):
+      return name
+  return "none (every layer output was finite: the gradients overflowed)"
 
 
 def evaluate_perplexity(trainer: Trainer, dataset, max_batches: Optional[int] = None) -> dict:
@@ -279,7 +381,8 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
           checkpoint_every: int = 500, keep_checkpoints: int = 3, log_every: int = 50,
           eval_every: int = 0, eval_batches: int = 0, seed: int = 0,
           deterministic: bool = False, jit_compile: bool = False, shuffle_buffer: int = 2048,
-          ctx=None, network_fn=None, stop_after: Optional[int] = None) -> dict:
+          global_batch_size: int = 0, ctx=None, network_fn=None,
+          stop_after: Optional[int] = None) -> dict:
   """Trains the M6 captioner; resumes from the latest checkpoint in `model_dir` if there is one.
 
   Args:
@@ -287,6 +390,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     train_data, eval_data: TFRecord glob patterns (`m6t_tf.data.records` format).
     num_steps: total optimiser steps of the run (the schedule's horizon).
     batch_size_per_worker: B (8 per GPU in the paper; global batch = B × workers).
+    global_batch_size: if set, overrides B with global / workers (must divide).
     max_len: caption length L in tokens, [CLS] and [SEP] included.
     image_mode: "pixels" or "features" (precomputed patch features).
     optimizer: "adamw" or "adafactor" (1T).  learning_rate, warmup_steps, lr_decay,
@@ -319,6 +423,11 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   if optimizer not in optimizers.OPTIMIZERS:
     raise ValueError(f"train.optimizer={optimizer!r}; allowed: {optimizers.OPTIMIZERS}")
   ctx = ctx or context_lib.LocalContext()
+  if global_batch_size:
+    if global_batch_size % ctx.size:
+      raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by the "
+                       f"{ctx.size} workers; use a multiple of {ctx.size}")
+    batch_size_per_worker = global_batch_size // ctx.size
   if jit_compile and ctx.size > 1:
     raise ValueError("train.jit_compile=True cannot run under Horovod (its collectives have no "
                      "XLA kernels); set train.jit_compile=False")
@@ -326,6 +435,11 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   # Dropout differs per worker (seed + rank); initial weights are made identical by the
   # broadcast below, or come from the checkpoint.
   set_seeds(seed + ctx.rank, deterministic)
+  if mixed_precision:
+    keras.mixed_precision.set_global_policy("mixed_float16")
+  # Constructing the network validates its whole config (sizes, MoE arguments) before any data
+  # is read or weight created.
+  network = (network_fn or m6_transformer.M6Transformer)(name="m6")
   shard, shards = ctx.data_shard()
   def stream(skip):
     return pipeline.make_dataset(train_data, batch_size=batch_size_per_worker, max_len=max_len,
@@ -333,8 +447,8 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
                                  image_mode=image_mode, shuffle_buffer=shuffle_buffer,
                                  skip_batches=skip)
 
-  model = build_model(network_fn, batch=next(iter(stream(0).take(1))),
-                      mixed_precision=mixed_precision)
+  model = build_model(batch=next(iter(stream(0).take(1))), mixed_precision=mixed_precision,
+                      network=network)
   opt = optimizers.make_optimizer(optimizer, schedule, weight_decay=weight_decay, beta_1=beta_1,
                                   beta_2=beta_2, epsilon=epsilon)
   trainer = Trainer(model, opt, ctx=ctx, clip_norm=clip_norm, mixed_precision=mixed_precision,
@@ -353,6 +467,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     # before any step.
     ctx.check_consistent(capacity_fingerprint(model.moe_layers,
                                               batch_size_per_worker * (max_len - 1 + 16)))
+  check_free_space(model_dir, entries, keep_checkpoints)
   latest = checkpointer.latest()
   if latest:
     checkpointer.restore(latest)
@@ -384,16 +499,29 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   end = num_steps if stop_after is None else min(num_steps, start + stop_after)
   eval_result = None
   step = start
+  loss_log = LossLog(os.path.join(model_dir, "losses.jsonl")) if ctx.is_chief else None
+  faults = FaultInjection.from_env()
+  checkpointer.before_merge = lambda s: faults.maybe_kill("kill_in_save", s)
   for step in range(start + 1, end + 1):
     t_step = time.time()
-    metrics = trainer.train_step(next(iterator))
-    step_var.assign(step)
+    faults.maybe_corrupt(step, model)
+    trainer.reseed(seed, step)
+    batch = next(iterator)
+    metrics = trainer.train_step(batch)
     loss = float(metrics["loss"])
-    losses.append(loss)
-    if not math.isfinite(loss) and not trainer.skip_nonfinite:
+    if not float(metrics["finite"]) and not trainer.skip_nonfinite:
+      # The update was not applied (the step's tf.cond), so the weights are still those of
+      # step - 1, and the last checkpoint is intact: report and stop.
+      where = first_nonfinite_layer(model, batch)
       raise FloatingPointError(
-          f"non-finite loss {loss} at step {step}; the last good checkpoint is "
-          f"{checkpointer.latest()}. Re-run with --check_numerics to find the first layer.")
+          f"non-finite loss or gradients at step {step} (loss {loss}); first non-finite "
+          f"layer output: {where}. Nothing was applied; the last good checkpoint is "
+          f"{checkpointer.latest()}. Re-run with --check_numerics for the failing op.")
+    step_var.assign(step)
+    losses.append(loss)
+    if loss_log is not None:
+      loss_log.write(step, loss)
+    faults.maybe_kill("kill_after_step", step)
     if step % log_every == 0 or step == end:
       elapsed = time.time() - last_log_time
       tok_s = tokens_per_step * (step - last_log_step) / max(elapsed, 1e-9)

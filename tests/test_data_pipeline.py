@@ -160,11 +160,20 @@ class PipelineTest(tf.test.TestCase):
                pipeline.make_dataset(self.pattern, skip_batches=7, **kwargs).take(3)]
     self.assertAllEqual(resumed, base[7:10])
 
-  def test_malformed_image_size_names_the_record(self):
+  def test_unexpected_image_size(self):
+    # "fail" names the file, the record and the reason; "skip" drops and counts every record.
     ds = pipeline.make_dataset(self.pattern, batch_size=2, max_len=8, training=False,
-                               image_size=(W, H))
-    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, r"image size(.|\n)*rec0"):
+                               image_size=(W, H), on_bad_record="fail")
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                r"train-00000-of-00003\.tfrecord record 0: wrong_image_size"
+                                r".*key: rec0"):
       next(iter(ds))
+    counter = pipeline.BadRecordCounter()
+    ds = pipeline.make_dataset(self.pattern, batch_size=2, max_len=8, training=False,
+                               image_size=(W, H), bad_record_counter=counter)
+    self.assertEmpty(list(ds))
+    self.assertEqual(counter.result()["wrong_image_size"], NUM)
+    self.assertEqual(counter.total(), NUM)
 
   def test_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, "shard_index"):

@@ -66,8 +66,10 @@ class MakeExampleChecksTest(tf.test.TestCase):
     img = np.zeros([2, 2, 3], np.uint8)
     cases = [
         (dict(caption_ids=[], image=img), "needs at least"),
-        (dict(caption_ids=[7032, 102], image=img), "start with \\[CLS\\]"),
-        (dict(caption_ids=[101, 7032], image=img), "end\\s+with \\[SEP\\]"),
+        (dict(caption_ids=[101, 102], image=img), "needs at least \\[CLS\\], one token"),
+        (dict(caption_ids=[101] + [7032] * 511 + [102], image=img), "more than MAX_CAPTION"),
+        (dict(caption_ids=[7032, 4277, 102], image=img), "start with \\[CLS\\]"),
+        (dict(caption_ids=[101, 7032, 4277], image=img), "end\\s+with \\[SEP\\]"),
         (dict(caption_ids=[101, 0, 102], image=img), "no \\[PAD\\]"),
         (dict(caption_ids=[101, 21128, 102], image=img), "in \\[0, 21128\\)"),
         (dict(caption_ids=IDS, image=img.astype(np.float32)), "must be uint8"),
@@ -113,7 +115,7 @@ class ParseChecksTest(tf.test.TestCase):
     self._assert_fails(ser, "caption_ids need at least")
 
   def test_caption_ids_without_sep(self):
-    ser = _raw_example(image=b"\0" * 18, height=[2], width=[3], caption_ids=[101, 5])
+    ser = _raw_example(image=b"\0" * 18, height=[2], width=[3], caption_ids=[101, 5, 6])
     self._assert_fails(ser, "end with \\[SEP\\]")
 
   def test_features_length(self):

@@ -23,18 +23,36 @@ shuffle seeded, `deterministic=True` everywhere, no `py_function`). Two ways to 
    Restoring gives exactly the next batch. The checkpoint then holds the shuffle buffer:
    about `shuffle_buffer` serialized records per worker (2048 x 12 KiB = 25 MiB for 64x64
    pixels; 2048 x 16 x P x 4 bytes for patch features, so lower the buffer for large P).
-2. `skip_batches=n` rebuilds the same stream and drops its first n batches. The records are
-   skipped before parsing, so this costs reading, not decoding, n x batch_size records.
+2. `skip_batches=n` rebuilds the same stream and drops its first n batches. Bad records are
+   dropped before the skip (so it skips exactly the records that were trained on), which
+   costs reading and parsing, not training on, n x batch_size records (about 50 us each).
 
 Sharding by worker rank: with at least `num_shards` files, worker i reads files i, i + D, ...;
 with fewer files every worker reads all files and keeps records i, i + D, ... of the (same,
 seeded) interleaved stream. Either way the shards partition the data. Shards may differ in
 size (by a record, or by whole files); a repeated training stream does not care, and a finite
 evaluation stream takes `num_batches=eval_num_batches(...)` so all workers step equally often.
+
+Bad records (`records.BAD_RECORD_REASONS`): corrupt TFRecord framing, bytes that are not a
+tf.train.Example, a missing, mis-sized or wrongly sized image, an empty, over-long
+(> `max_caption_ids`), out-of-vocabulary or malformed caption, a caption text that is not UTF-8.
+`on_bad_record="skip"` (the default) drops them and counts them per reason in a
+`BadRecordCounter`; "fail" stops at the first with an InvalidArgumentError naming the file and
+the record's index in it. Dropping keeps every property above: shapes (records are dropped
+before batching), determinism (a bad record is dropped wherever it falls), exact resuming (the
+skip counts good records), sharding (a record is bad on whichever worker reads it).
+
+A corrupt file loses more than one record: TFRecordDataset (TF 2.21) cannot resynchronise after
+a bad CRC or a truncated record and gives up on the rest of the file; a file cut inside a
+record header even ends without any error. The reader compares the bytes it consumed with the
+file's size to notice either, and counts the file once ("corrupt_file") per read; in "fail"
+mode the error names the first record lost. A file cut exactly between two records looks
+complete and cannot be noticed.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 from typing import Sequence
 
@@ -47,6 +65,63 @@ from m6t_tf.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, VOCAB_SIZE
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+# What an element of the stream is before parsing. A file's reader adds a _CORRUPT_FILE element
+# after its last readable record if it could not read the file to its end.
+_RECORD, _CORRUPT_FILE, _END_OF_STREAM = 0, 1, 2
+_FRAMING_BYTES = 16  # a TFRecord is: uint64 length, uint32 CRC of it, data, uint32 CRC of data
+_NUM_REASONS = len(records.REASON_NAMES)
+# The sequential stages (reader, numbering, judge) work on blocks of this many records: a
+# tf.data scan or filter costs ~30 us per call on a 2-core host, about as much as parsing.
+_BLOCK = 64
+_IDS_SHOWN = 8  # caption ids quoted in an error message
+
+
+class BadRecordCounter(tf.Module):
+  """Bad records the input pipeline dropped, per reason (`records.BAD_RECORD_REASONS`).
+
+  Pass it to `make_dataset(..., bad_record_counter=counter)` and read it in the training loop:
+
+      counter = BadRecordCounter()
+      it = iter(make_dataset(..., training=True, bad_record_counter=counter))
+      batch = next(it)
+      counter.result()  # {"corrupt_file": 0, "not_an_example": 2, ...}, this worker only
+
+  On a repeated (training) stream the counts move with the batches: after `next(it)` returned
+  batch n they are exactly the bad records that came before the last record of batch n, never
+  ones that the pipeline has read ahead. On a finite stream they are counted when read and are
+  complete when the stream ends. A corrupt file counts once ("corrupt_file") each time it is
+  read, however many records it loses; other reasons count records, once per epoch.
+
+  One int64 variable per reason (`by_reason`), on the host CPU because `tf.data` functions run
+  there. The counts are per worker: sum them over workers for a global figure.
+  """
+
+  def __init__(self, name: str = "bad_records"):
+    super().__init__(name=name)
+    with tf.device("/device:CPU:0"):
+      self.by_reason = {r: tf.Variable(tf.constant(0, tf.int64), trainable=False, name=r)
+                        for r in records.REASON_NAMES}
+
+  def add(self, counts: tf.Tensor) -> None:
+    """Adds <int64>[R] counts, in the order of `records.REASON_NAMES` (graph-safe)."""
+    for i, v in enumerate(self.by_reason.values()):
+      v.assign_add(counts[i])
+
+  def as_tensor(self) -> tf.Tensor:
+    """<int64>[R] the counts, in the order of `records.REASON_NAMES`."""
+    return tf.stack([v.read_value() for v in self.by_reason.values()])
+
+  def result(self) -> dict[str, int]:
+    return {r: int(v.numpy()) for r, v in self.by_reason.items()}
+
+  def total(self) -> int:
+    return sum(self.result().values())
+
+  def reset(self) -> None:
+    for v in self.by_reason.values():
+      v.assign(0)
+
+
 def _shard_files(files: list[str], shard_index: int, num_shards: int) -> tuple[list[str], bool]:
   """Files this shard reads, and whether records still need sharding."""
   if num_shards > 1 and len(files) >= num_shards:
@@ -54,12 +129,219 @@ def _shard_files(files: list[str], shard_index: int, num_shards: int) -> tuple[l
   return files, num_shards > 1
 
 
-def _peek(files: Sequence[str], image_mode: str) -> dict[str, tf.Tensor]:
-  """Parses the first record of the first non-empty file (to learn H, W or P)."""
-  for f in files:
-    for serialized in tf.data.TFRecordDataset(f).take(1):
-      return records.parse_example(serialized, image_mode=image_mode)
-  raise ValueError(f"the files {list(files)[:3]}... hold no records")
+def _file_sizes(files: Sequence[str]) -> list[int]:
+  def size(f):
+    return tf.io.gfile.stat(f).length
+  if len(files) > 1 and any("://" in f for f in files):  # remote: one round trip per file
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+      return list(pool.map(size, files))
+  return [size(f) for f in files]
+
+
+def _file_reader(files: Sequence[str]):
+  """The interleave function: file id -> (serialized, file id, record index, kind) elements.
+
+  Corrupt framing ends a file early without an error reaching the stream: TF 2.21's
+  TFRecordDataset raises DataLossError at a bad CRC or a record cut short and, under
+  `ignore_errors`, gives up on the rest of that file; a file cut inside a record header even
+  ends silently, as if it were complete. So the reader counts the bytes it consumed (each
+  record is its data plus 16 bytes of framing) and compares them with the file's size: if they
+  differ, an element of kind _CORRUPT_FILE follows the last readable record, its index that of
+  the first record lost. A file cut exactly between records cannot be told from a shorter one.
+  """
+  names = tf.constant(list(files))
+  sizes = tf.constant(_file_sizes(files), tf.int64)
+
+  def read(file_id):
+    size = tf.gather(sizes, file_id)
+    blocks = tf.data.TFRecordDataset(tf.gather(names, file_id)).ignore_errors().batch(_BLOCK)
+    # batch() never yields an empty block, so an empty one can mark the end of the file.
+    blocks = blocks.concatenate(tf.data.Dataset.from_tensors(tf.zeros([0], tf.string)))
+
+    def account(state, serialized):
+      index, consumed = state
+      n = tf.size(serialized, out_type=tf.int64)
+      at_end = tf.equal(n, 0)
+      lost = tf.cast(at_end & tf.not_equal(consumed, size), tf.int64)  # 1: a marker follows
+      serialized = tf.concat([serialized, tf.fill([lost], "")], axis=0)
+      m = n + lost
+      kind = tf.fill([m], tf.where(at_end, _CORRUPT_FILE, _RECORD))
+      consumed += (tf.reduce_sum(tf.cast(tf.strings.length(serialized), tf.int64)) +
+                   _FRAMING_BYTES * n)
+      return (index + n, consumed), (serialized, tf.fill([m], file_id),
+                                     index + tf.range(m), kind)
+
+    zero = tf.constant(0, tf.int64)
+    return blocks.scan((zero, zero), account).unbatch()
+
+  return read
+
+
+def _number(state, block):
+  """Numbers the stream and gives each element its predecessor's place (see `_Judge`)."""
+  seq, prev_file, prev_index = state
+  serialized, file_id, index, kind = block
+  n = tf.size(kind, out_type=tf.int64)  # >= 1: batch() yields no empty block
+  return (seq + n, file_id[-1], index[-1]), {
+      "serialized": serialized, "file_id": file_id, "index": index, "kind": kind,
+      "seq": seq + tf.range(n), "prev_file": tf.concat([[prev_file], file_id[:-1]], axis=0),
+      "prev_index": tf.concat([[prev_index], index[:-1]], axis=0)}
+
+
+def _head(ids: tf.Tensor) -> tf.Tensor:
+  """<int32>[_IDS_SHOWN] the first ids, zero-padded (for error messages)."""
+  head = ids[:_IDS_SHOWN]
+  return tf.ensure_shape(tf.pad(head, [[0, _IDS_SHOWN - tf.size(head)]]), [_IDS_SHOWN])
+
+
+def _first(mask: tf.Tensor) -> tf.Tensor:
+  """Index of the first True in <bool>[n], or n."""
+  n = tf.size(mask)
+  return tf.reduce_min(tf.where(mask, tf.range(n), n))
+
+
+def _since_last_good(values: tf.Tensor, good: tf.Tensor, carried: tf.Tensor) -> tf.Tensor:
+  """For each i, `carried` (if no good record precedes i in the block) plus the sum of
+  values[j] over i's run: the j <= i after the last good record before i.
+
+  Args:
+    values: <int64>[n, ...] per element.
+    good: <bool>[n].
+    carried: <int64>[...] the run that ended the previous block.
+
+  Returns:
+    <int64>[n, ...].
+  """
+  n = tf.size(good)
+  run = tf.cumsum(tf.cast(good, tf.int32), exclusive=True)  # good records before i
+  totals = tf.cumsum(values, axis=0)
+  run_start = tf.gather(tf.math.unsorted_segment_min(tf.range(n), run, n + 1), run)
+  before_run = tf.gather(totals - values, run_start)
+  first_run = tf.reshape(tf.cast(tf.equal(run, 0), values.dtype),
+                         [-1] + [1] * (values.shape.rank - 1))
+  return totals - before_run + first_run * carried
+
+
+class _Judge:
+  """The scan after parsing, a block at a time: finds dropped records, then fails on or counts
+  every bad one, and keeps the good ones.
+
+  The parse map runs under `ignore_errors`, which drops a record the parser rejects
+  ("not_an_example"); the gap it leaves in the sequence numbers finds it, and the next element
+  carries its file and index (`prev_file`, `prev_index`; for a run of such records, those of
+  the last). With on_bad_record="skip" the judge also guards against a stream of nothing but
+  bad records (a repeated stream would otherwise spin forever without a batch), does not count
+  inside the first `skip_records` good records (a resumed run must not count again what the
+  first run counted), and passes the counts on to the next good record (`carry`, see
+  `BadRecordCounter`) or adds them at once.
+  """
+
+  def __init__(self, files, *, keep: Sequence[str], fail: bool,
+               counter: BadRecordCounter | None, carry: bool, skip_records: int,
+               max_consecutive_bad_records: int):
+    self.names = tf.constant(list(files))
+    self.keep = tuple(keep)
+    self.fail, self.counter, self.carry = fail, counter, carry
+    self.skip_records = skip_records
+    self.max_run = max_consecutive_bad_records
+
+  def initial_state(self):
+    zero = tf.constant(0, tf.int64)
+    return tf.constant(-1, tf.int64), zero, zero, tf.zeros([_NUM_REASONS], tf.int64)
+
+  def _where(self, file_id, index) -> tf.Tensor:
+    name = tf.gather(self.names, tf.maximum(file_id, 0))
+    return tf.strings.join([name, " record ", tf.strings.as_string(index), ": "])
+
+  def _describe(self, b, i) -> tf.Tensor:
+    """What is wrong with element i of block b."""
+    return tf.strings.join([
+        self._where(b["file_id"][i], b["index"][i]), records.bad_record_message(b["reason"][i]),
+        "; key: ", records.printable(b["key"][i]),
+        "; image (height, width, bytes) or features (16, P, values): ",
+        tf.strings.format("{}", b["image_info"][i]),
+        "; caption_ids: ", tf.strings.as_string(b["num_ids"][i]), " ids, the first ",
+        tf.strings.format("{}", b["ids_head"][i][:tf.minimum(b["num_ids"][i], _IDS_SHOWN)],
+                          summarize=_IDS_SHOWN)])
+
+  def _describe_dropped(self, b, i) -> tf.Tensor:
+    """The record the parser rejected just before element i of block b."""
+    return tf.strings.join([
+        self._where(b["prev_file"][i], b["prev_index"][i]),
+        records.bad_record_message(tf.constant(records.NOT_AN_EXAMPLE))])
+
+  def __call__(self, state, b):
+    last_seq, good_seen, run, pending = state
+    seq, reason = b["seq"], b["reason"]
+    gap = seq - tf.concat([[last_seq], seq[:-1]], axis=0) - 1  # records dropped before i
+    good = tf.equal(reason, records.GOOD) & tf.not_equal(b["kind"], _END_OF_STREAM)
+    out = {k: tf.boolean_mask(b[k], good) for k in self.keep}
+    deps = []
+    if self.fail:
+      at_gap, at_bad = _first(gap > 0), _first(reason >= 0)
+      deps.append(_fail_unless(
+          tf.equal(tf.minimum(at_gap, at_bad), tf.size(good)),
+          "on_bad_record='fail': bad record in ",
+          lambda: tf.cond(at_gap <= at_bad, lambda: self._describe_dropped(b, at_gap),
+                          lambda: self._describe(b, at_bad))))
+    else:
+      bad = (tf.one_hot(reason, _NUM_REASONS, dtype=tf.int64) +  # one_hot(GOOD) is all 0
+             gap[:, None] * tf.one_hot(records.NOT_AN_EXAMPLE, _NUM_REASONS, dtype=tf.int64))
+      runs = _since_last_good(tf.reduce_sum(bad, axis=1), good, run)
+      at = _first(runs >= self.max_run)
+      deps.append(_fail_unless(
+          tf.equal(at, tf.size(good)),
+          f"on_bad_record='skip': {self.max_run} bad records in a row (is the data, or "
+          "image_size / feature_dim / vocab_size / max_caption_ids, wrong?); the last: ",
+          lambda: tf.cond(reason[at] >= 0, lambda: self._describe(b, at),
+                          lambda: self._describe_dropped(b, at))))
+      run = tf.where(good[-1], tf.zeros_like(run), runs[-1])
+      # Bad records after the skip_records-th good record are the resumed run's to count: the
+      # first run counted those before it, with the batch holding that good record.
+      seen = good_seen + tf.cumsum(tf.cast(good, tf.int64), exclusive=True)
+      bad = tf.where((seen >= self.skip_records)[:, None], bad, tf.zeros_like(bad))
+      if self.counter is not None and self.carry:
+        before = _since_last_good(bad, good, pending)
+        out["bad_before"] = tf.boolean_mask(before, good)
+        pending = tf.where(good[-1], tf.zeros_like(pending), before[-1])
+      elif self.counter is not None:
+        self.counter.add(tf.reduce_sum(bad, axis=0))  # runs without a dependency on it
+    with tf.control_dependencies(deps):
+      good_seen += tf.reduce_sum(tf.cast(good, tf.int64))
+    return (seq[-1], good_seen, run, pending), out
+
+
+def _fail_unless(condition: tf.Tensor, prefix: str, describe) -> tf.Tensor:
+  """Raises InvalidArgumentError "<prefix><describe()>" unless `condition`; the message is
+  built only on failure."""
+  def fail():
+    message = tf.strings.join([prefix, describe()])
+    with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+      return tf.constant(False)
+  return tf.cond(condition, lambda: tf.constant(True), fail)
+
+
+def _peek(files: Sequence[str], check: dict, max_records: int) -> dict[str, tf.Tensor]:
+  """The first good record (to learn H, W or P), skipping bad ones as the pipeline does."""
+  looked = 0
+  for path in files:
+    it = iter(tf.data.TFRecordDataset(path))
+    while looked < max_records:
+      try:
+        serialized = next(it)
+      except StopIteration:
+        break
+      except (tf.errors.OpError, UnicodeDecodeError):  # corrupt framing: the rest is lost
+        break
+      looked += 1
+      try:
+        ex, reason = records.check_example(serialized, **check)
+      except tf.errors.InvalidArgumentError:
+        continue
+      if int(reason) == records.GOOD:
+        return ex
+  raise ValueError(f"no good record among the first {looked} records of {list(files)[:3]}... "
+                   "(to learn the image size or feature_dim)")
 
 
 def caption_tokens(caption_ids: tf.Tensor, max_len: int) -> tf.Tensor:
@@ -85,7 +367,11 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
                  feature_dim: int | None = None, repeat: bool | None = None,
                  drop_remainder: bool = True, num_batches: int | None = None,
                  skip_batches: int = 0, include_text: bool = False,
-                 cycle_length: int = 8) -> tf.data.Dataset:
+                 cycle_length: int = 8, on_bad_record: str = "skip",
+                 bad_record_counter: BadRecordCounter | None = None,
+                 max_caption_ids: int = records.MAX_CAPTION_IDS,
+                 vocab_size: int = VOCAB_SIZE,
+                 max_consecutive_bad_records: int = 1000) -> tf.data.Dataset:
   """Builds the batched, sharded, deterministic captioning dataset.
 
   Args:
@@ -99,8 +385,9 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
     num_shards: D, the number of workers reading disjoint shards.
     shuffle_buffer: records in the shuffle buffer (training only).
     image_mode: "pixels" (yield "image") or "features" (yield "patch_features").
-    image_size: H (square) or (H, W) every image must have; None reads it from the first record.
-    feature_dim: P every record must have; None reads it from the first record.
+    image_size: H (square) or (H, W) every image must have; None reads it from the first good
+      record.
+    feature_dim: P every record must have; None reads it from the first good record.
     repeat: repeat forever; default `training`.
     drop_remainder: when the stream ends (repeat=False), drop a last partial batch (True) or
       fill it with all-[PAD] rows (False): shapes stay static and the padding rows carry no
@@ -112,6 +399,17 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
       checkpoint).
     include_text: also yield "key" and "caption", <string>[B] (for inspecting samples).
     cycle_length: files read in parallel by the interleave.
+    on_bad_record: "skip" drops bad records (`records.BAD_RECORD_REASONS`) and counts them in
+      `bad_record_counter`; "fail" stops at the first with an InvalidArgumentError naming the
+      file, the record index in it and the reason.
+    bad_record_counter: where "skip" counts what it drops (see `BadRecordCounter`); None
+      drops without counting.
+    max_caption_ids: a record with more caption_ids is bad ("caption_too_long"); captions up
+      to this long are truncated to `max_len`.
+    vocab_size: caption ids must be in [0, vocab_size).
+    max_consecutive_bad_records: with "skip", this many bad records in a row raise an
+      InvalidArgumentError: the data or a size argument is wrong, and a repeated stream of
+      only bad records would otherwise never yield a batch.
 
   Returns:
     A `tf.data.Dataset` of dicts as described in the module docstring, with static shapes.
@@ -126,49 +424,83 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
     raise ValueError(f"image_mode must be one of {records.IMAGE_MODES}, got {image_mode!r}")
   if skip_batches < 0:
     raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+  if on_bad_record not in ("skip", "fail"):
+    raise ValueError(f"on_bad_record must be 'skip' or 'fail', got {on_bad_record!r}")
+  if on_bad_record == "fail" and bad_record_counter is not None:
+    raise ValueError("bad_record_counter counts what on_bad_record='skip' drops; 'fail' "
+                     "drops nothing")
+  if max_consecutive_bad_records < 1:
+    raise ValueError(f"max_consecutive_bad_records must be >= 1, got "
+                     f"{max_consecutive_bad_records}")
   repeat = training if repeat is None else repeat
   if num_batches is not None and repeat:
     raise ValueError("num_batches is for finite (repeat=False) evaluation streams")
 
   all_files = records.list_files(file_pattern)
+  check = {"image_mode": image_mode, "max_caption_ids": max_caption_ids,
+           "vocab_size": vocab_size}
   if image_mode == "pixels":
     if image_size is None:
-      first = _peek(all_files, image_mode)["image"]
+      first = _peek(all_files, check, max_consecutive_bad_records)["image"]
       image_size = (int(first.shape[0]), int(first.shape[1]))
     elif isinstance(image_size, int):
       image_size = (image_size, image_size)
     image_size = tuple(int(x) for x in image_size)
   elif feature_dim is None:
-    feature_dim = int(_peek(all_files, image_mode)["patch_features"].shape[1])
+    first = _peek(all_files, check, max_consecutive_bad_records)["patch_features"]
+    feature_dim = int(first.shape[1])
+  check.update(image_size=image_size, feature_dim=feature_dim)
 
   files, shard_records = _shard_files(all_files, shard_index, num_shards)
-  ds = tf.data.Dataset.from_tensor_slices(files)
+  ds = tf.data.Dataset.range(len(files))
   if training:
     ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(cycle_length, len(files)),
+  ds = ds.interleave(_file_reader(files), cycle_length=min(cycle_length, len(files)),
                      block_length=1, num_parallel_calls=AUTOTUNE, deterministic=True)
   if shard_records:
+    # A corrupt-file element is sharded like a record: exactly one worker counts it.
     ds = ds.shard(num_shards, shard_index)
   if training:
     ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
   if repeat:
     ds = ds.repeat()
-  if skip_batches:
-    # Skipping serialized records before `map` gives the same stream as skipping batches
-    # after `batch` (the map is one-to-one) without decoding what is thrown away.
-    ds = ds.skip(skip_batches * batch_size)
+  else:  # lets the judge see records the parser rejected at the very end
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(
+        (tf.constant(b""), tf.constant(-1, tf.int64), tf.constant(-1, tf.int64),
+         tf.constant(_END_OF_STREAM))))
+  minus_one = tf.constant(-1, tf.int64)
+  ds = ds.batch(_BLOCK).scan((tf.constant(0, tf.int64), minus_one, minus_one), _number)
+  ds = ds.unbatch()
 
   image_key = "image" if image_mode == "pixels" else "patch_features"
 
-  def to_features(serialized):
-    ex = records.parse_example(serialized, image_mode=image_mode, image_size=image_size,
-                               feature_dim=feature_dim)
-    out = {image_key: ex[image_key], "tokens": caption_tokens(ex["caption_ids"], max_len)}
-    if include_text:
-      out["key"], out["caption"] = ex["key"], ex["caption"]
+  def parse(el):
+    is_record = tf.equal(el["kind"], _RECORD)
+    ex, reason = records.check_example(tf.where(is_record, el["serialized"], ""), **check)
+    ids = ex["caption_ids"]
+    out = {image_key: ex[image_key], "tokens": caption_tokens(ids, max_len),
+           "key": ex["key"], "caption": ex["caption"], "image_info": ex["image_info"],
+           "num_ids": tf.size(ids), "ids_head": _head(ids),
+           "reason": tf.where(tf.equal(el["kind"], _CORRUPT_FILE), records.CORRUPT_FILE,
+                              tf.where(is_record, reason, records.GOOD))}
+    out.update({k: el[k] for k in ("file_id", "index", "kind", "seq", "prev_file",
+                                   "prev_index")})
     return out
 
-  ds = ds.map(to_features, num_parallel_calls=AUTOTUNE, deterministic=True)
+  counter = bad_record_counter
+  # On a repeated stream counts ride with the records to the batch that consumes them; a
+  # finite stream may drop its last partial batch, so there they are counted when read.
+  carry = counter is not None and repeat
+  keep = [image_key, "tokens"] + (["key", "caption"] if include_text else [])
+  judge = _Judge(files, keep=keep, fail=on_bad_record == "fail", counter=counter, carry=carry,
+                 skip_records=skip_batches * batch_size,
+                 max_consecutive_bad_records=max_consecutive_bad_records)
+  ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
+  ds = ds.batch(_BLOCK).scan(judge.initial_state(), judge).unbatch()
+  if skip_batches:
+    # After the judge: the stream of good records is what a resumed run must continue, and
+    # bad ones are not in it (this costs parsing the skipped records).
+    ds = ds.skip(skip_batches * batch_size)
 
   if not repeat and (num_batches is not None or not drop_remainder):
     image_shape = ([*image_size, 3] if image_mode == "pixels" else
@@ -191,6 +523,19 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
   options.deterministic = True
   # We shard by rank ourselves; tf.distribute must not shard a second time.
   options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+  if counter is not None:
+    # The counter is state outside the pipeline: an iterator checkpoint leaves it out (the
+    # trainer checkpoints its variables), rather than refusing to save.
+    options.experimental_external_state_policy = (
+        tf.data.experimental.ExternalStatePolicy.IGNORE)
+  if carry:
+    def count(batch):
+      counter.add(tf.reduce_sum(batch.pop("bad_before"), axis=0))
+      return batch
+    # Last, after the prefetch, and without a prefetch injected behind it: the map then runs
+    # when the trainer asks for the batch, so the counts never run ahead of the training step.
+    ds = ds.map(count)
+    options.experimental_optimization.inject_prefetch = False
   return ds.with_options(options)
 
 

@@ -20,6 +20,13 @@ for. Raw pixels rather than PNG/JPEG: decoding is the costliest step of an image
 Files are named `<split>-<index:05d>-of-<count:05d>.tfrecord` (uncompressed) and written
 atomically: to `<name>.tmp-<pid>` first, renamed into place on a clean close, so a reader never
 sees a half-written shard and a crashed writer leaves only a `.tmp-*` file behind.
+
+Bad records. `check_example` parses a record without raising on bad content and returns the
+first of `BAD_RECORD_REASONS` that applies (-1 for a good record); `parse_example` raises on
+it. The pipeline drops or refuses bad records by these reasons (`pipeline.make_dataset`'s
+`on_bad_record`). A caption longer than the model's `max_len` is not bad (the pipeline
+truncates it); one of more than `max_caption_ids` (512, BERT's position limit) ids is: no real
+caption is that long, so such ids are garbage, and truncating them would train on garbage.
 """
 
 from __future__ import annotations
@@ -35,6 +42,34 @@ from m6t_tf.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, VOCAB_SIZE
 
 NUM_PATCHES = 16  # M6 splits every image into 4x4 patches (appendix A.1).
 IMAGE_MODES = ("pixels", "features")
+MAX_CAPTION_IDS = 512  # above this a record's caption_ids are corrupt, not just long
+_MAX_SIDE = 1 << 16  # bounds height and width so height * width * 3 cannot overflow int64
+
+# Why a record is bad, in order of precedence (a record gets the first reason that applies);
+# the index is the reason's code. Append only: the names key the pipeline's counters.
+BAD_RECORD_REASONS = {
+    "corrupt_file": "the file is damaged or unreadable from this record on (bad CRC, "
+                    "truncated record or read error): its remaining records are lost",
+    "not_an_example": "not a tf.train.Example with the m6t_tf features (unparseable bytes, or "
+                      "a feature of the wrong type or length)",
+    "missing_image": "missing image: no image bytes or missing or non-positive height/width "
+                     "(pixels); no patch_features or non-positive feature_dim (features)",
+    "bad_image": "image byte count != height * width * 3 (pixels); patch_features length != "
+                 "16 * feature_dim, or NaN/Inf in them (features)",
+    "wrong_image_size": "image size differs from the dataset's image_size (pixels) or "
+                        "feature_dim (features)",
+    "empty_caption": "caption_ids need at least [CLS], one token and [SEP]",
+    "caption_too_long": "more caption_ids than max_caption_ids",
+    "id_out_of_vocab": "caption_ids outside the vocabulary [0, vocab_size)",
+    "malformed_caption_ids": f"caption_ids must start with [CLS]={CLS_ID} and end with "
+                             f"[SEP]={SEP_ID}, with no [PAD]/[CLS]/[SEP] between",
+    "caption_not_utf8": "the caption text is not valid UTF-8",
+}
+REASON_NAMES = tuple(BAD_RECORD_REASONS)
+GOOD = -1  # the reason code of a good record
+(CORRUPT_FILE, NOT_AN_EXAMPLE, MISSING_IMAGE, BAD_IMAGE, WRONG_IMAGE_SIZE, EMPTY_CAPTION,
+ CAPTION_TOO_LONG, ID_OUT_OF_VOCAB, MALFORMED_CAPTION_IDS, CAPTION_NOT_UTF8) = range(
+     len(REASON_NAMES))
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
@@ -72,12 +107,17 @@ def check_caption_ids(caption_ids: Sequence[int], key: str = "?") -> list[int]:
   """Validates `[CLS] ids... [SEP]` and returns the ids as a list of int.
 
   Raises:
-    ValueError: naming `key`, if the ids are empty, do not start with [CLS] / end with [SEP],
-      contain [PAD], [CLS] or [SEP] inside, or fall outside the vocabulary.
+    ValueError: naming `key`, if there is no id between [CLS] and [SEP], more than
+      MAX_CAPTION_IDS ids, the ids do not start with [CLS] / end with [SEP], contain [PAD],
+      [CLS] or [SEP] inside, or fall outside the vocabulary.
   """
   ids = [int(i) for i in np.asarray(caption_ids).reshape(-1)]
-  if len(ids) < 2:
-    raise ValueError(f"record {key!r}: caption_ids {ids} needs at least [CLS] and [SEP]")
+  if len(ids) < 3:
+    raise ValueError(f"record {key!r}: caption_ids {ids} needs at least [CLS], one token "
+                     "and [SEP]")
+  if len(ids) > MAX_CAPTION_IDS:
+    raise ValueError(f"record {key!r}: {len(ids)} caption_ids, more than "
+                     f"MAX_CAPTION_IDS={MAX_CAPTION_IDS}")
   if ids[0] != CLS_ID or ids[-1] != SEP_ID:
     raise ValueError(f"record {key!r}: caption_ids must start with [CLS]={CLS_ID} and end "
                      f"with [SEP]={SEP_ID}, got {ids[:3]}...{ids[-3:]}")
@@ -162,79 +202,164 @@ def _feature_spec(image_mode: str) -> dict:
   return spec
 
 
-def _check(condition: tf.Tensor, message: str, key: tf.Tensor, *values: tf.Tensor) -> list:
-  """A graph-safe assertion naming the record; returns the op to depend on (eager: [])."""
-  op = tf.debugging.Assert(condition, [f"malformed record: {message}; key:", key, *values],
-                           summarize=8)
-  return [op] if op is not None else []
+def printable(text: tf.Tensor) -> tf.Tensor:
+  """`text` with invalid UTF-8 replaced by U+FFFD, safe to put into an error message.
+
+  TensorFlow decodes error messages as UTF-8 in Python: a raw key or caption with invalid bytes
+  in an assertion would turn the InvalidArgumentError into a UnicodeDecodeError.
+  """
+  return tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="replace")
 
 
-def parse_example(serialized: tf.Tensor, *, image_mode: str = "pixels",
+def _first_reason(conditions: Sequence[tuple[int, tf.Tensor]]) -> tf.Tensor:
+  """The smallest code whose condition holds, or GOOD; <int32>[]."""
+  codes = tf.constant([code for code, _ in conditions], tf.int32)
+  hits = tf.stack([tf.convert_to_tensor(c) for _, c in conditions])
+  first = tf.reduce_min(tf.where(hits, codes, len(REASON_NAMES)))
+  return tf.where(first < len(REASON_NAMES), first, GOOD)
+
+
+def _parse(serialized: tf.Tensor, image_mode: str) -> dict[str, tf.Tensor]:
+  spec = _feature_spec(image_mode)
+  if not tf.executing_eagerly():
+    return tf.io.parse_single_example(serialized, spec)
+  try:
+    return tf.io.parse_single_example(serialized, spec)
+  except (tf.errors.InvalidArgumentError, UnicodeDecodeError):
+    # The parser's message quotes the raw bytes, which need not be UTF-8 (and then surface as
+    # a UnicodeDecodeError); say what is wrong instead.
+    raise tf.errors.InvalidArgumentError(
+        None, None, f"malformed record: {BAD_RECORD_REASONS['not_an_example']}") from None
+
+
+def check_example(serialized: tf.Tensor, *, image_mode: str = "pixels",
                   image_size: tuple[int, int] | None = None,
-                  feature_dim: int | None = None) -> dict[str, tf.Tensor]:
-  """Parses and checks one serialized record; works eagerly and inside `tf.data`.
+                  feature_dim: int | None = None,
+                  max_caption_ids: int = MAX_CAPTION_IDS,
+                  vocab_size: int = VOCAB_SIZE) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+  """Parses one serialized record and finds what, if anything, is wrong with it.
+
+  Raises nothing for bad content, so `tf.data` can drop bad records: only bytes that do not
+  parse with the feature spec (reason "not_an_example") raise, from the parser.
 
   Args:
     serialized: <string>[] one serialized `tf.train.Example`.
     image_mode: "pixels" to read `image`, "features" to read `patch_features`.
     image_size: (H, W) every image must have (gives the result a static shape), or None.
     feature_dim: P every record must have (gives a static shape), or None.
+    max_caption_ids: more caption_ids than this make the record bad ("caption_too_long").
+    vocab_size: ids must be in [0, vocab_size).
+
+  Returns:
+    (example, reason): example is {"key": <string>[], "caption": <string>[],
+    "caption_ids": <int32>[N], "image_info": <int64>[3]} plus "image": <uint8>[H, W, 3] or
+    "patch_features": <float32>[16, P] (zeros, of size 0 when the shape is not static, for a
+    bad image). "image_info" is what the record declares, for messages: (height, width,
+    image bytes) or (16, feature_dim, number of patch_features values). reason is <int32>[], GOOD (-1) or the code of the first `BAD_RECORD_REASONS` entry that
+    applies ("corrupt_file" never: that is the reader's finding).
+
+  Raises:
+    tf.errors.InvalidArgumentError: the bytes do not parse as a tf.train.Example with the
+      m6t_tf feature types.
+  """
+  f = _parse(serialized, image_mode)
+  ids64 = f["caption_ids"]
+  n = tf.size(ids64)
+  # Sums of 1-element slices, not ids[0]: an empty list must not raise.
+  first, last = tf.reduce_sum(ids64[:1]), tf.reduce_sum(ids64[-1:])
+  inner = ids64[1:-1]
+  caption = f["caption"]
+  # Range-check in int64: a huge id would wrap into the vocabulary when cast to int32.
+  conditions = [
+      (EMPTY_CAPTION, n < 3),
+      (CAPTION_TOO_LONG, n > max_caption_ids),
+      (ID_OUT_OF_VOCAB, tf.reduce_any((ids64 < 0) | (ids64 >= vocab_size))),
+      (MALFORMED_CAPTION_IDS, (first != CLS_ID) | (last != SEP_ID) |
+       tf.reduce_any((inner == PAD_ID) | (inner == CLS_ID) | (inner == SEP_ID))),
+      (CAPTION_NOT_UTF8, tf.not_equal(printable(caption), caption)),
+  ]
+  out = {"key": f["key"], "caption": caption}
+  if image_mode == "pixels":
+    h, w = f["height"], f["width"]
+    raw = tf.io.decode_raw(f["image"], tf.uint8)
+    size = tf.size(raw, out_type=tf.int64)
+    sides_ok = (h > 0) & (w > 0)
+    out["image_info"] = tf.stack([h, w, size])
+    conditions += [
+        (MISSING_IMAGE, (size == 0) | ~sides_ok),
+        (BAD_IMAGE, (h > _MAX_SIDE) | (w > _MAX_SIDE) | (size != h * w * 3)),
+    ]
+    if image_size is not None:
+      conditions.append((WRONG_IMAGE_SIZE, (h != image_size[0]) | (w != image_size[1])))
+      # Reshape only bytes that fit; the condition is the reshape's own, so no check above
+      # can let a bad size through to an error here.
+      out["image"] = tf.cond(
+          size == image_size[0] * image_size[1] * 3,
+          lambda: tf.reshape(raw, [image_size[0], image_size[1], 3]),
+          lambda: tf.zeros([image_size[0], image_size[1], 3], tf.uint8))
+    else:
+      fits = sides_ok & (h <= _MAX_SIDE) & (w <= _MAX_SIDE) & (size == h * w * 3)
+      out["image"] = tf.cond(
+          fits, lambda: tf.reshape(raw, tf.cast(tf.stack([h, w, 3]), tf.int32)),
+          lambda: tf.zeros([0, 0, 3], tf.uint8))
+  else:
+    p = f["feature_dim"]
+    vals = f["patch_features"]
+    size = tf.size(vals, out_type=tf.int64)
+    out["image_info"] = tf.stack([tf.constant(NUM_PATCHES, tf.int64), p, size])
+    conditions += [
+        (MISSING_IMAGE, (size == 0) | (p <= 0)),
+        (BAD_IMAGE, (size != NUM_PATCHES * p) | ~tf.reduce_all(tf.math.is_finite(vals))),
+    ]
+    if feature_dim is not None:
+      conditions.append((WRONG_IMAGE_SIZE, p != feature_dim))
+      out["patch_features"] = tf.cond(
+          size == NUM_PATCHES * feature_dim,
+          lambda: tf.reshape(vals, [NUM_PATCHES, feature_dim]),
+          lambda: tf.zeros([NUM_PATCHES, feature_dim], tf.float32))
+    else:
+      out["patch_features"] = tf.cond(
+          (p > 0) & (size == NUM_PATCHES * p),
+          lambda: tf.reshape(vals, tf.cast(tf.stack([NUM_PATCHES, p]), tf.int32)),
+          lambda: tf.zeros([NUM_PATCHES, 0], tf.float32))
+  out["caption_ids"] = tf.cast(ids64, tf.int32)
+  return out, _first_reason(conditions)
+
+
+def bad_record_message(reason: tf.Tensor) -> tf.Tensor:
+  """<string>[] "<name>: <description>" of a reason code (GOOD gives "good")."""
+  texts = tf.constant([f"{k}: {v}" for k, v in BAD_RECORD_REASONS.items()] + ["good"])
+  return tf.gather(texts, tf.where(reason >= 0, reason, len(REASON_NAMES)))
+
+
+def parse_example(serialized: tf.Tensor, *, image_mode: str = "pixels",
+                  image_size: tuple[int, int] | None = None,
+                  feature_dim: int | None = None,
+                  max_caption_ids: int = MAX_CAPTION_IDS,
+                  vocab_size: int = VOCAB_SIZE) -> dict[str, tf.Tensor]:
+  """Parses and checks one serialized record, raising on a bad one; eager or inside `tf.data`.
+
+  Args: as `check_example`.
 
   Returns:
     {"key": <string>[], "caption": <string>[], "caption_ids": <int32>[N]} plus
     "image": <uint8>[H, W, 3] or "patch_features": <float32>[16, P].
 
   Raises:
-    tf.errors.InvalidArgumentError: "malformed record: <what>; key: <key> ..." when the image
-      byte count does not match height x width x 3, the size differs from `image_size`, the
-      features are not 16 x P, or `caption_ids` are not `[CLS] ... [SEP]` in the vocabulary.
+    tf.errors.InvalidArgumentError: "malformed record: <reason>: <what>; key: <key> ..." for
+      any of `BAD_RECORD_REASONS` (see `check_example`).
   """
-  f = tf.io.parse_single_example(serialized, _feature_spec(image_mode))
-  key = f["key"]
-  ids = tf.cast(f["caption_ids"], tf.int32)
-  n = tf.size(ids)
-  deps = _check(n >= 2, "caption_ids need at least [CLS] and [SEP]", key, n)
-  # Sums of 1-element slices, not ids[0]: an empty list then fails the check above instead of
-  # raising an out-of-range error that does not name the record.
-  first, last = tf.reduce_sum(ids[:1]), tf.reduce_sum(ids[-1:])
-  deps += _check(tf.logical_and(tf.equal(first, CLS_ID), tf.equal(last, SEP_ID)),
-                 f"caption_ids must start with [CLS]={CLS_ID} and end with [SEP]={SEP_ID}",
-                 key, ids)
-  deps += _check(tf.reduce_all((ids >= 0) & (ids < VOCAB_SIZE)),
-                 f"caption_ids outside the vocabulary [0, {VOCAB_SIZE})", key, ids)
-  out = {"key": key, "caption": f["caption"]}
-  if image_mode == "pixels":
-    h, w = f["height"], f["width"]
-    raw = tf.io.decode_raw(f["image"], tf.uint8)
-    deps += _check(tf.logical_and(h > 0, w > 0), "missing or non-positive height/width",
-                   key, h, w)
-    deps += _check(tf.equal(tf.size(raw, out_type=tf.int64), h * w * 3),
-                   "image byte count != height * width * 3", key, tf.size(raw), h, w)
-    if image_size is not None:
-      deps += _check(tf.logical_and(tf.equal(h, image_size[0]), tf.equal(w, image_size[1])),
-                     f"image size differs from the expected {tuple(image_size)}", key, h, w)
-    with tf.control_dependencies(deps):
-      if image_size is not None:
-        out["image"] = tf.reshape(raw, [image_size[0], image_size[1], 3])
-      else:
-        out["image"] = tf.reshape(raw, tf.stack([h, w, 3]))
-  else:
-    p = f["feature_dim"]
-    vals = f["patch_features"]
-    deps += _check(p > 0, "missing or non-positive feature_dim", key, p)
-    deps += _check(tf.equal(tf.size(vals, out_type=tf.int64), NUM_PATCHES * p),
-                   f"patch_features length != {NUM_PATCHES} * feature_dim", key,
-                   tf.size(vals), p)
-    if feature_dim is not None:
-      deps += _check(tf.equal(p, feature_dim),
-                     f"feature_dim differs from the expected {feature_dim}", key, p)
-    with tf.control_dependencies(deps):
-      shape = ([NUM_PATCHES, feature_dim] if feature_dim is not None else
-               tf.stack([NUM_PATCHES, tf.cast(p, tf.int32)]))
-      out["patch_features"] = tf.reshape(vals, shape)
-  with tf.control_dependencies(deps):
-    out["caption_ids"] = tf.identity(ids)
-  return out
+  ex, reason = check_example(serialized, image_mode=image_mode, image_size=image_size,
+                             feature_dim=feature_dim, max_caption_ids=max_caption_ids,
+                             vocab_size=vocab_size)
+  op = tf.debugging.Assert(
+      tf.equal(reason, GOOD),
+      ["malformed record:", bad_record_message(reason), "; key:", printable(ex["key"]),
+       "; image (height, width, bytes) or features (16, P, values):", ex["image_info"],
+       "; caption_ids:", ex["caption_ids"]], summarize=8)
+  del ex["image_info"]
+  with tf.control_dependencies([op] if op is not None else []):
+    return {k: tf.identity(v) for k, v in ex.items()}
 
 
 class RecordWriter:

@@ -116,14 +116,22 @@ class TransformerBlock(keras.layers.Layer):
     self.built = True
 
   def call(self, x, mask, training=None, token_mask=None):
+    probe = self.__dict__.get("_probe")  # set by M6Transformer.start_probe, never in graphs
+    record = (lambda name, t: probe.append((f"{self.name}/{name}", t))) if probe is not None \
+        else (lambda name, t: None)
+    ffn_name = "moe" if self.moe else "ffn"
     if self.norm == "post_ln":
-      x = self.attention_norm(x + self._dropout(
-          self.attention(x, mask, training=training, token_mask=token_mask), training=training))
-      return self.ffn_norm(x + self._dropout(
-          self.ffn(x, training=training, token_mask=token_mask), training=training))
+      h = self.attention(x, mask, training=training, token_mask=token_mask)
+      record("attention", h)
+      x = self.attention_norm(x + self._dropout(h, training=training))
+      h = self.ffn(x, training=training, token_mask=token_mask)
+      record(ffn_name, h)
+      return self.ffn_norm(x + self._dropout(h, training=training))
     h = self.attention(self.attention_norm(x), mask, training=training, token_mask=token_mask)
+    record("attention", h)
     x = x + self._dropout(h, training=training)
     h = self.ffn(self.ffn_norm(x), training=training, token_mask=token_mask)
+    record(ffn_name, h)
     return x + self._dropout(h, training=training)
 
   def get_config(self):
@@ -239,6 +247,9 @@ class M6Transformer(keras.layers.Layer):
     real_example = tokens[:, :1] != 0                                       # [B, 1]
     patch_mask = tf.broadcast_to(real_example, tf.shape(patches)[:2])
     token_mask = tf.concat([patch_mask, tokens != 0], axis=1)
+    probe = self.__dict__.get("_probe")
+    if probe is not None:
+      probe.append(("embeddings", x))
     for block in self.blocks:
       x = block(x, mask, training=training, token_mask=token_mask)
     if self.final_norm is not None:
@@ -247,6 +258,18 @@ class M6Transformer(keras.layers.Layer):
     # Tied output embedding; logits in float32 so the softmax over 21128 entries is stable.
     table = tf.cast(self.token_embedding.embeddings, tf.float32)
     return tf.einsum("BLM,VM->BLV", text_states, table) + tf.cast(self.output_bias, tf.float32)
+
+  def start_probe(self) -> list:
+    """Records (name, output) of the embeddings and of each block's attention and FFN during
+    the next eager calls, to find where values first go non-finite. Returns the record list."""
+    probe = []
+    for layer in (self, *self.blocks):
+      object.__setattr__(layer, "_probe", probe)  # plain attribute: not tracked by Keras
+    return probe
+
+  def stop_probe(self) -> None:
+    for layer in (self, *self.blocks):
+      object.__setattr__(layer, "_probe", None)
 
   @property
   def moe_sublayers(self) -> list:

@@ -1,0 +1,242 @@
+"""Failure behaviour: SIGKILL at any moment then resume == never killed; a lost worker ends the
+job quickly instead of hanging; non-finite numbers stop the run with the last checkpoint intact
+(or, under loss scaling, skip the step and count it)."""
+
+import glob
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from m6t_tf import training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+DEMO = os.path.join(REPO, ".data", "demo")
+STEPS = 10
+BINDINGS = [f"train.num_steps={STEPS}", "train.checkpoint_every=3", "train.deterministic=True",
+            "train.eval_data=None", "train.log_every=1", "train.keep_checkpoints=2"]
+
+
+def _env(**extra):
+  env = dict(os.environ)
+  env.update(TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1", PYTHONPATH=REPO, **extra)
+  env.pop("M6T_FAULT_INJECT", None)
+  env.update(extra)
+  return env
+
+
+def _command(model_dir, ranks, extra_bindings=()):
+  cmd = [sys.executable, "-m", "m6t_tf.train", "--gin_file=gin/demo.gin", "--gin_file=gin/tiny.gin",
+         f"--model_dir={model_dir}"]
+  if ranks > 1:
+    cmd.append(f"--gin_file=gin/layouts/1x{ranks}.gin")
+    cmd = [HOROVODRUN, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", *cmd]
+  return cmd + [f"--gin_bindings={b}" for b in (*BINDINGS, *extra_bindings)]
+
+
+def _start(model_dir, ranks, **env):
+  return subprocess.Popen(_command(model_dir, ranks), cwd=REPO, env=_env(**env),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+
+
+def _run(model_dir, ranks, timeout=300, **env):
+  proc = _start(model_dir, ranks, **env)
+  out, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, out
+
+
+def _model_tensors(model_dir, step):
+  reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints", f"ckpt-{step}"))
+  return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+          if k.startswith(("model/", "optimizer/"))}
+
+
+def _tmpdir():
+  return tempfile.mkdtemp(prefix="m6t_reliability_", dir=os.path.join(REPO, "runs"))
+
+
+class KillAndResumeTest(tf.test.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
+      raise RuntimeError("demo dataset missing: `make data` builds it")
+    os.makedirs(os.path.join(REPO, "runs"), exist_ok=True)
+
+  def _kill_and_resume(self, ranks):
+    reference = _tmpdir()
+    code, out = _run(reference, ranks)
+    self.assertEqual(code, 0, out[-3000:])
+    killed = _tmpdir()
+    last_rank = ranks - 1
+    # 1. Killed while writing the checkpoint of step 6: shards written, nothing published.
+    code, out = _run(killed, ranks, M6T_FAULT_INJECT=f"kill_in_save:6:{last_rank}")
+    self.assertNotEqual(code, 0, out[-2000:])
+    latest = os.path.join(killed, "checkpoints", "latest")
+    with open(latest) as f:
+      self.assertIn('"latest": 3', f.read())  # the partial ckpt-6 was never published
+    self.assertFalse(os.path.exists(os.path.join(killed, "checkpoints", "ckpt-6.index")))
+    # 2. Killed right after a step, between checkpoints.
+    code, out = _run(killed, ranks, M6T_FAULT_INJECT="kill_after_step:5:0")
+    self.assertNotEqual(code, 0, out[-2000:])
+    self.assertTrue("Resumed from" in out, out[-3000:])
+    # 3. Killed at a random moment (seeded), whatever it is doing.
+    delay = random.Random(1234).uniform(4.0, 12.0)
+    proc = _start(killed, ranks)
+    try:
+      proc.communicate(timeout=delay)
+    except subprocess.TimeoutExpired:
+      os.killpg(proc.pid, signal.SIGKILL)
+      proc.communicate()
+    # 4. Restarted until done.
+    code, out = _run(killed, ranks)
+    self.assertEqual(code, 0, out[-3000:])
+
+    self.assertEqual(training.read_loss_log(os.path.join(killed, "losses.jsonl")),
+                     training.read_loss_log(os.path.join(reference, "losses.jsonl")))
+    want, got = _model_tensors(reference, STEPS), _model_tensors(killed, STEPS)
+    self.assertEqual(sorted(want), sorted(got))
+    for k in want:
+      self.assertAllEqual(want[k], got[k], msg=k)
+    self.assertEqual(glob.glob(os.path.join(killed, "checkpoints", "tmp-*")), [])
+
+  def test_kill_and_resume_one_process(self):
+    self._kill_and_resume(1)
+
+  def test_kill_and_resume_two_ranks(self):
+    self._kill_and_resume(2)
+
+
+class WorkerFailureTest(tf.test.TestCase):
+
+  def test_lost_rank_ends_job_within_60s_and_run_resumes(self):
+    model_dir = _tmpdir()
+    proc = subprocess.Popen(
+        _command(model_dir, 2, ["train.num_steps=100000", "train.checkpoint_every=2"]),
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+      deadline = time.time() + 180
+      while not os.path.exists(os.path.join(model_dir, "checkpoints", "latest")):
+        self.assertIsNone(proc.poll(), "the job ended before its first checkpoint")
+        self.assertLess(time.time(), deadline, "no checkpoint after 180 s")
+        time.sleep(0.5)
+      victim = _rank_pid(proc.pid, rank=1)
+      os.kill(victim, signal.SIGKILL)
+      t0 = time.time()
+      out, _ = proc.communicate(timeout=60)
+      self.assertLess(time.time() - t0, 60)
+    finally:
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    self.assertNotEqual(proc.returncode, 0)
+    # horovodrun names the first rank that died and its exit status (137 = SIGKILL).
+    self.assertTrue(re.search(r"Process name: 1\s+Exit code: 137", out), out[-3000:])
+    code, out = _run(model_dir, 2, timeout=300)
+    self.assertTrue("Resumed from" in out, out[-3000:])
+
+
+def _descends_from(pid: int, root: int) -> bool:
+  while pid > 1:
+    if pid == root:
+      return True
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+      return False
+  return False
+
+
+def _rank_pid(root: int, rank: int) -> int:
+  """PID of the trainer process of Horovod rank `rank` among the descendants of `root`."""
+  deadline = time.time() + 60
+  while time.time() < deadline:
+    for pid in os.listdir("/proc"):
+      if not pid.isdigit():
+        continue
+      try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+          env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+          cmd = f.read()
+      except OSError:
+        continue
+      if (env.get(b"HOROVOD_RANK") == str(rank).encode() and b"m6t_tf.train" in cmd
+          and b"horovodrun" not in cmd and _descends_from(int(pid), root)):
+        return int(pid)
+    time.sleep(0.5)
+  raise AssertionError(f"no trainer process of rank {rank} found")
+
+
+class NonFiniteTest(tf.test.TestCase):
+
+  def tearDown(self):
+    keras.mixed_precision.set_global_policy("float32")
+    super().tearDown()
+
+  def test_nonfinite_stops_naming_step_and_layer_checkpoint_intact(self):
+    model_dir = _tmpdir()
+    code, out = _run(model_dir, 1, M6T_FAULT_INJECT="nan_weight:5")
+    self.assertNotEqual(code, 0)
+    self.assertTrue("non-finite loss or gradients at step 5" in out, out[-3000:])
+    self.assertTrue("first non-finite layer output: block_0/moe" in out, out[-3000:])
+    with open(os.path.join(model_dir, "checkpoints", "latest")) as f:
+      self.assertIn('"latest": 3', f.read())
+    for v in _model_tensors(model_dir, 3).values():
+      if v.dtype.kind == "f":
+        self.assertTrue(np.all(np.isfinite(v)))
+
+  def test_loss_scale_overflow_skips_step_and_counts_it(self):
+    from m6t_tf import optimizers
+    from m6t_tf.layers import moe as moe_lib
+    keras.mixed_precision.set_global_policy("mixed_float16")
+
+    class Tiny(keras.Model):
+      def __init__(self):
+        super().__init__(name="tiny")
+        self.moe = moe_lib.MoE(4, 8, k=1, capacity_factor=4.0)
+        self.moe_layers = [self.moe]
+
+      def call(self, batch, training=None):
+        return self.moe(batch["x"], training=training)
+
+      def losses_and_metrics(self, batch, training):
+        y = tf.cast(self(batch, training=training), tf.float32)
+        nll = tf.reduce_sum(tf.square(y))
+        return nll, {"nll_sum": nll, "num_tokens": tf.constant(1.0), "loss": nll,
+                     "moe_loss": tf.constant(0.0)}
+
+    model = Tiny()
+    batch = {"x": tf.random.normal([6, 5])}
+    model(batch)
+    opt = optimizers.make_optimizer("adamw", 1e-3)
+    trainer = training.Trainer(model, opt, mixed_precision=True)
+    trainer.loss_scale.scale.assign(1e38)  # the scaled float16 gradients overflow
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    metrics = trainer.train_step(batch)
+    self.assertEqual(float(metrics["finite"]), 0.0)
+    self.assertEqual(int(trainer.loss_scale.skipped.numpy()), 1)
+    self.assertAllClose(trainer.loss_scale.scale.numpy(), 5e37)
+    for b, v in zip(before, model.trainable_variables):
+      self.assertAllEqual(b, v.numpy())
+    trainer.loss_scale.scale.assign(1.0)
+    metrics = trainer.train_step(batch)
+    self.assertEqual(float(metrics["finite"]), 1.0)
+    self.assertNotAllEqual(before[0], model.trainable_variables[0].numpy())
+
+
+if __name__ == "__main__":
+  tf.test.main()

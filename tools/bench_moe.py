@@ -1,0 +1,703 @@
+r"""Forward+backward benchmark of one M6-T MoE FFN layer, against its floor, a dense FFN and peers.
+
+  python tools/bench_moe.py                        # full run (~15 min on 2 cores), table
+  python tools/bench_moe.py --format=json --out=runs/bench_moe.json
+  python tools/bench_moe.py --smoke --format=json  # tiny shapes, a few seconds (tests)
+  python tools/bench_moe.py --tokens=2048,8192 --repeats=7 --sections=routing,peers
+  python tools/bench_moe.py --profile              # which ops the MoE adds to its expert matmuls
+
+What is timed: one `tf.function` step = forward + backward (gradients w.r.t. the input and every
+trainable weight) of one layer, training=True, float32, dropout 0; tracing and one warm-up call
+excluded. Machines here are shared, so no absolute time is a claim: every shape's candidates are
+built in one process and timed *interleaved* (round r times every candidate once, in an order
+rotated each round), and each ratio is the median over rounds of (candidate / baseline) measured
+in the same round. `median_s` is reported to show scale only.
+
+Shapes (dimension letters of SPEC §1):
+  * "worker": one worker of the paper's base model (E = 32 experts over D = 8 workers, so e = 4
+    local experts; M = 1024, I = 4096, γ = 1.25) with T = 4096 tokens (B = 32 × L = 128, 4× the
+    paper's 8 sequences per GPU so that top-1 takes about a second here). The all-to-all is a
+    loopback (identity): the worker computes exactly its real [D, e, C, M] share; the network
+    is not measured.
+  * "T=<n>" for each --tokens value: the issue's target shapes, one process holding all experts
+    (D = 1): E = 8, M = 512, I = 2048, γ = 1.25.
+  * scaling: T = 1k…16k at the issue's E, M, I, top-1, both dispatches, with peak memory.
+
+Groups (the `name` of a result) and their baselines (`ratio_to_baseline` = median over rounds of
+median_s / baseline's, so < 1 is faster; for peers it is peer time / ours = our tokens/s ÷ theirs):
+  routing   top1, top2, top4, 2xtop1, 4xtop1 (expert prototyping) × capacity k× and 1×, index
+            dispatch, baseline top1 (capacity k× = 1× for top-1; both are measured, an A/A check)
+  dispatch  einsum vs index for top1 and top2 (capacity k×); baseline the same routing, index
+  floor     the whole MoE layer (index, einsum) vs the bare `Experts` layer on [e, D·C, M] inputs
+            of the same size; baseline the floor
+  dense     MoE top-k (capacity k×) vs a dense FFN of intermediate k·I (same activated FLOPs; the
+            MoE also computes the γ = 1.25 capacity padding); baseline the dense FFN
+  peer      Model Garden `MoeLayer` (experts-choose routing, capacity factor k·γ, so the same
+            E·C slots) vs ours (GeLU); Keras-Hub `MixtralSparseMoeBlock` (SwiGLU, top-k, computes
+            all E experts on every token) vs ours with SwiGLU; baseline ours at the same k
+  scaling   time and peak memory vs T; baseline the smallest T of the same dispatch
+
+JSON (--format=json), schema_version 1:
+  {"schema_version": 1, "tool": "tools/bench_moe.py", "argv": [...], "smoke": bool,
+   "machine": {"nproc", "cpu_model", "loadavg_start", "loadavg_end", "tensorflow", "keras", ...},
+   "shape": {"worker": {"E", "D", "e", "M", "I", "T", "B", "L", "gamma"}, "T=2048": {...}, ...},
+   "peers": {"model_garden": {"available": bool, "version", "how", "reason"}, "keras_hub": {...}},
+   "results": [{"name", "variant", "shape", "tokens", "median_s", "ratio_to_baseline",
+                "baseline", "is_baseline", "tokens_per_s", "repeats", "times_s", and for scaling
+                "peak_bytes", "largest_intermediate_bytes", "largest_intermediate"}],
+   "skipped": [{"name", "variant", "shape", "reason"}],
+   "scaling_fit": {"index": {"slope", "tokens"}, "einsum": {...}},
+   "targets": [{"name", "threshold", "comparison" ("<=" or ">="), "measured" (float or null),
+                "evaluated": bool, "holds": bool, "note"}]}
+A target that could not be measured (e.g. a peer is not installed) has evaluated=false and
+holds=false. The exit status is 0 whether or not targets hold (they are benchmarks, not tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SCHEMA_VERSION = 1
+ROUTINGS = (  # (variant name, MoE routing, k); the paper's Tables 1–2 rows
+    ("top1", "top_k", 1), ("top2", "top_k", 2), ("top4", "top_k", 4),
+    ("2xtop1", "prototype", 2), ("4xtop1", "prototype", 4))
+CAPACITY_MODES = ("k", "1")
+SECTIONS = ("routing", "dispatch", "floor", "dense", "peers", "scaling")
+GAMMA = 1.25
+# Model Garden's tokens/s targets by T (the issue's); other T get no target.
+MG_TARGETS = {2048: 1.5, 8192: 3.5}
+KH_TARGET = 5.0
+# einsum dispatch is skipped when one [T, E, C] float32 tensor would exceed this (it makes several).
+EINSUM_TEC_LIMIT_BYTES = 2 << 30
+
+
+def _parse_ints(text: str) -> list[int]:
+  return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--format", choices=("table", "json"), default="table")
+  p.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds (tests)")
+  p.add_argument("--tokens", type=_parse_ints, default=None,
+                 help="T of the issue's target shapes, comma-separated (default 2048,8192)")
+  p.add_argument("--scaling_tokens", type=_parse_ints, default=None,
+                 help="T of the scaling section (default 1024,2048,4096,8192,16384)")
+  p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; smoke 3)")
+  p.add_argument("--sections", default=",".join(SECTIONS),
+                 help=f"comma-separated subset of {','.join(SECTIONS)}")
+  p.add_argument("--no_worker", action="store_true", help="skip the per-worker shape")
+  p.add_argument("--no_peers", action="store_true", help="do not import the peers")
+  p.add_argument("--profile", action="store_true",
+                 help="instead of timing: per-op profile of MoE (index, top-1) vs its floor at "
+                      "the first --tokens shape (inter-op parallelism 1, so op times add up)")
+  p.add_argument("--out", default=None, help="also write the JSON report to this file")
+  args = p.parse_args(argv)
+  unknown = set(args.sections.split(",")) - set(SECTIONS)
+  if unknown:
+    p.error(f"unknown --sections {sorted(unknown)}; allowed: {SECTIONS}")
+  args.sections = tuple(s for s in SECTIONS if s in args.sections.split(","))
+  if args.repeats is None:
+    args.repeats = 3 if args.smoke else 7
+  if args.repeats < 1:
+    p.error("--repeats must be >= 1")
+  if args.tokens is None:
+    args.tokens = [64] if args.smoke else [2048, 8192]
+  if args.scaling_tokens is None:
+    args.scaling_tokens = [32, 64, 128] if args.smoke else [1024, 2048, 4096, 8192, 16384]
+  return args
+
+
+# --------------------------------------------------------------------------------------------
+# Machine and peers
+
+
+def machine_info() -> dict:
+  import keras
+  import tensorflow as tf
+  cpu = "unknown"
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return {"nproc": os.cpu_count(), "cpu_model": cpu, "loadavg_start": list(os.getloadavg()),
+          "python": sys.version.split()[0], "tensorflow": tf.__version__,
+          "keras": keras.__version__}
+
+
+def _version(dist: str):
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def import_peers(enabled: bool) -> tuple[dict, dict]:
+  """Returns ({peer: status}, {peer: module}); a peer that does not import is reported, not fatal."""
+  status, modules = {}, {}
+  if not enabled:
+    for name in ("model_garden", "keras_hub"):
+      status[name] = {"available": False, "version": None, "how": None,
+                      "reason": "--no_peers"}
+    return status, modules
+  # Keras-Hub: the Mixtral sparse MoE block (a Keras 3 layer).
+  try:
+    mod = importlib.import_module("keras_hub.src.models.mixtral.mixtral_decoder")
+    getattr(mod, "MixtralSparseMoeBlock")
+    modules["keras_hub"] = mod
+    status["keras_hub"] = {"available": True, "version": _version("keras-hub"),
+                           "how": "keras_hub.src.models.mixtral.mixtral_decoder"
+                                  ".MixtralSparseMoeBlock", "reason": None}
+  except Exception as e:  # ImportError, or any error their package __init__ raises
+    status["keras_hub"] = {"available": False, "version": _version("keras-hub"), "how": None,
+                           "reason": f"{type(e).__name__}: {e} (make bench-setup installs it)"}
+  # Model Garden: official/nlp/modeling/layers/moe.py (a tf-keras layer).
+  try:
+    try:
+      mod = importlib.import_module("official.nlp.modeling.layers.moe")
+      how = "official.nlp.modeling.layers.moe"
+    except ImportError as package_error:
+      # official/nlp/modeling/__init__ imports every layer (mixing.py needs scipy, others more);
+      # moe.py itself needs only tf-keras and official.modeling.tf_utils, so it is loaded alone
+      # from the installed package.
+      import official  # noqa: F401  (raises if tf-models-official is not installed)
+      path = os.path.join(official.__path__[0], "nlp", "modeling", "layers", "moe.py")
+      spec = importlib.util.spec_from_file_location("_model_garden_moe", path)
+      mod = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(mod)
+      how = (f"official/nlp/modeling/layers/moe.py loaded by file (the package import fails: "
+             f"{type(package_error).__name__}: {package_error})")
+    for cls in ("MoeLayer", "FeedForwardExperts", "ExpertsChooseMaskedRouter"):
+      getattr(mod, cls)
+    modules["model_garden"] = mod
+    status["model_garden"] = {"available": True, "version": _version("tf-models-official"),
+                              "tf_keras": _version("tf-keras"), "how": how, "reason": None}
+  except Exception as e:
+    status["model_garden"] = {"available": False, "version": _version("tf-models-official"),
+                              "how": None,
+                              "reason": f"{type(e).__name__}: {e} (make bench-setup installs it)"}
+  return status, modules
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates: a layer, its input, and a compiled forward+backward step
+
+
+class Candidate:
+  """One thing to time. `build()` makes the layer and traces the step; `run()` runs one step."""
+
+  def __init__(self, key: str, make, input_shape, tokens: int):
+    self.key, self._make, self.input_shape, self.tokens = key, make, tuple(input_shape), tokens
+    self.step = None
+    self.error = None
+
+  def build(self):
+    import tensorflow as tf
+    layer, call = self._make()
+    x = tf.random.stateless_normal(self.input_shape, [1, 2])
+    y = call(layer, x)                               # eager: builds the weights
+    probe = tf.random.stateless_normal(y.shape, [3, 4], dtype=y.dtype)
+    variables = layer.trainable_variables
+
+    @tf.function
+    def step(x):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(call(layer, x) * probe)
+      return tape.gradient(loss, [x] + list(variables))
+
+    self.layer, self.x = layer, x
+    step(x)                                          # trace + warm-up, excluded
+    self.step = step
+
+  def run(self) -> float:
+    start = time.perf_counter()
+    self.step(self.x)                                # synchronous on CPU
+    return time.perf_counter() - start
+
+  def release(self):
+    self.step = self.layer = self.x = None
+
+
+def loopback_communicator(group_size: int):
+  """Stands for one worker of a D-worker expert group; its all-to-all is the identity.
+
+  The worker then computes exactly its real share ([D, e, C, M] buffers, e = E/D local experts)
+  as if every peer had sent it the same buffer it sends; the communication is not measured.
+  """
+  from m6t_tf.parallel import communicator as comm_lib
+
+  class Loopback(comm_lib.Communicator):
+    expert_group_size = group_size
+    expert_rank = 0
+
+    def all_to_all(self, x):
+      return x
+
+  return Loopback()
+
+
+def _ours(shape, *, routing="top_k", k=1, mode="k", dispatch="index", activation="gelu"):
+  def make():
+    from m6t_tf.layers import moe as moe_lib
+    comm = loopback_communicator(shape["D"]) if shape["D"] > 1 else None
+    layer = moe_lib.MoE(shape["E"], shape["I"], routing=routing, k=k, capacity_mode=mode,
+                        capacity_factor=shape["gamma"], dispatch=dispatch,
+                        activation=activation, communicator=comm)
+    return layer, lambda l, x: l(x, training=True)
+  return make
+
+
+def _floor(shape):
+  """The bare expert matmuls: `Experts` on [e, D·C, M], the buffer a top-1 MoE gives them."""
+  def make():
+    from m6t_tf.layers import experts as experts_lib
+    layer = experts_lib.Experts(shape["E"] // shape["D"], shape["M"], shape["I"])
+    return layer, lambda l, x: l(x, training=True)
+  return make
+
+
+def _dense(shape, k):
+  def make():
+    from m6t_tf.layers import feedforward
+    layer = feedforward.FeedForward(k * shape["I"])
+    return layer, lambda l, x: l(x, training=True)
+  return make
+
+
+def _model_garden(mod, shape, k):
+  def make():
+    experts = mod.FeedForwardExperts(shape["E"], shape["I"])
+    router = mod.ExpertsChooseMaskedRouter(shape["E"], export_metrics=False)
+    # Experts choose their top C = round(k·γ·T/E) tokens: the same E·C slots as our top-k.
+    layer = mod.MoeLayer(experts, router, train_capacity_factor=k * shape["gamma"],
+                         examples_per_group=1.0)
+    return layer, lambda l, x: l(x, training=True)
+  return make
+
+
+def _keras_hub(mod, shape, k):
+  def make():
+    layer = mod.MixtralSparseMoeBlock(shape["M"], shape["I"], shape["E"], top_k=k,
+                                      router_aux_loss_coef=0.0)
+    return layer, lambda l, x: l(x, training=True)[0]
+  return make
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_interleaved(candidates: list[Candidate], repeats: int, log) -> dict:
+  """Builds every candidate, then `repeats` rounds timing each once; returns {key: [s, ...]}."""
+  ready = []
+  for c in candidates:
+    try:
+      c.build()
+      ready.append(c)
+    except Exception as e:  # a peer that cannot run on this stack: reported, not fatal
+      c.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+      log(f"  {c.key}: cannot run ({c.error})")
+  times = {c.key: [] for c in ready}
+  for r in range(repeats):
+    shift = r % max(len(ready), 1)
+    for c in ready[shift:] + ready[:shift]:
+      times[c.key].append(c.run())
+    log(f"  round {r + 1}/{repeats} done")
+  return times
+
+
+def _ratio(times, key, base):
+  return statistics.median(a / b for a, b in zip(times[key], times[base]))
+
+
+def _row(name, variant, shape_name, cand, times, base_key, baseline_label, **extra):
+  t = times[cand.key]
+  med = statistics.median(t)
+  return {"name": name, "variant": variant, "shape": shape_name, "tokens": cand.tokens,
+          "median_s": med, "ratio_to_baseline": _ratio(times, cand.key, base_key),
+          "baseline": baseline_label, "is_baseline": cand.key == base_key,
+          "tokens_per_s": cand.tokens / med, "repeats": len(t), "times_s": t, **extra}
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+def shapes_for(args) -> dict:
+  if args.smoke:
+    worker = {"E": 8, "D": 2, "M": 16, "I": 32, "B": 4, "L": 16, "gamma": GAMMA}
+    issue = {"E": 8, "D": 1, "M": 16, "I": 32, "gamma": GAMMA}
+  else:
+    worker = {"E": 32, "D": 8, "M": 1024, "I": 4096, "B": 32, "L": 128, "gamma": GAMMA}
+    issue = {"E": 8, "D": 1, "M": 512, "I": 2048, "gamma": GAMMA}
+  shapes = {}
+  if not args.no_worker:
+    worker.update(T=worker["B"] * worker["L"], e=worker["E"] // worker["D"])
+    shapes["worker"] = worker
+  for t in args.tokens:
+    shapes[f"T={t}"] = dict(issue, T=t, B=1, L=t, e=issue["E"])
+  return shapes
+
+
+def _capacity(shape, k=1):
+  from m6t_tf.layers import routing as routing_lib
+  return routing_lib.capacity(shape["T"], shape["E"], k=k, capacity_factor=shape["gamma"])
+
+
+def measure_shape(shape_name, shape, args, peers, results, skipped, log):
+  """Times every candidate of one shape interleaved and appends result rows."""
+  t, m, sections = shape["T"], shape["M"], args.sections
+  x_shape = (shape["B"], shape["L"], m)
+  cands = {}
+
+  def add(key, make, input_shape=x_shape):
+    cands[key] = Candidate(key, make, input_shape, t)
+
+  if "routing" in sections:
+    for variant, routing, k in ROUTINGS:
+      for mode in CAPACITY_MODES:
+        add(f"{variant}/cap{mode}", _ours(shape, routing=routing, k=k, mode=mode))
+  add("top1/capk", _ours(shape))
+  if "dispatch" in sections or "floor" in sections:
+    for k in (1, 2) if "dispatch" in sections else (1,):
+      tec = t * shape["E"] * _capacity(shape, k) * 4
+      if tec > EINSUM_TEC_LIMIT_BYTES:
+        skipped.append({"name": "dispatch", "variant": f"top{k}/einsum", "shape": shape_name,
+                        "reason": f"one [T, E, C] float32 tensor would take {tec / 2**30:.1f} GiB"})
+        continue
+      add(f"top{k}/capk/einsum", _ours(shape, k=k, dispatch="einsum"))
+      if k == 2:
+        add("top2/capk", _ours(shape, k=2))
+  if "floor" in sections:
+    c = _capacity(shape)
+    add("floor", _floor(shape), (shape["E"] // shape["D"], shape["D"] * c, m))
+  if "dense" in sections:
+    for k in (1, 2, 4):
+      add(f"dense{k}", _dense(shape, k))
+      add(f"top{k}/capk", _ours(shape, k=k))
+  peer_rows = []
+  if "peers" in sections and shape["D"] == 1:
+    for k in (1, 2):
+      add(f"top{k}/capk", _ours(shape, k=k))
+      if "model_garden" in peers:
+        add(f"model_garden{k}", _model_garden(peers["model_garden"], shape, k))
+        peer_rows.append(("model_garden", k, f"top{k}/capk", "ours, GeLU"))
+      if "keras_hub" in peers:
+        add(f"top{k}/capk/swiglu", _ours(shape, k=k, activation="swiglu"))
+        add(f"keras_hub{k}", _keras_hub(peers["keras_hub"], shape, k))
+        peer_rows.append(("keras_hub", k, f"top{k}/capk/swiglu", "ours, SwiGLU"))
+  elif "peers" in sections:
+    skipped.append({"name": "peer", "variant": "*", "shape": shape_name,
+                    "reason": "peers hold all experts on one device; compared at the D = 1 shapes"})
+
+  log(f"[{shape_name}] {len(cands)} candidates, {args.repeats} rounds")
+  times = time_interleaved(list(cands.values()), args.repeats, log)
+  for key, c in cands.items():
+    if key not in times:
+      skipped.append({"name": "peer" if key.startswith(("model_garden", "keras_hub")) else "run",
+                      "variant": key, "shape": shape_name, "reason": c.error})
+  ok = lambda *keys: all(k in times for k in keys)
+
+  if "routing" in sections:
+    for variant, routing, k in ROUTINGS:
+      for mode in CAPACITY_MODES:
+        key = f"{variant}/cap{mode}"
+        if ok(key, "top1/capk"):
+          results.append(_row("routing", f"{variant} capacity {mode}x", shape_name, cands[key],
+                              times, "top1/capk", "top1 capacity kx (index)",
+                              routing=routing, k=k, capacity_mode=mode, dispatch="index"))
+  if "dispatch" in sections:
+    for k in (1, 2):
+      for d in ("index", "einsum"):
+        key = f"top{k}/capk" + ("/einsum" if d == "einsum" else "")
+        if ok(key, f"top{k}/capk"):
+          results.append(_row("dispatch", f"top{k} {d}", shape_name, cands[key], times,
+                              f"top{k}/capk", f"top{k} index", k=k, dispatch=d))
+  if "floor" in sections:
+    for key, variant in (("floor", "Experts alone [e, D*C, M]"), ("top1/capk", "MoE top1 index"),
+                         ("top1/capk/einsum", "MoE top1 einsum")):
+      if ok(key, "floor"):
+        results.append(_row("floor", variant, shape_name, cands[key], times, "floor",
+                            "Experts alone"))
+  if "dense" in sections:
+    for k in (1, 2, 4):
+      for key, variant in ((f"dense{k}", f"dense FFN I'={k}*I"), (f"top{k}/capk", f"MoE top{k}")):
+        if ok(key, f"dense{k}"):
+          results.append(_row("dense", variant, shape_name, cands[key], times, f"dense{k}",
+                              f"dense FFN I'={k}*I", k=k))
+  for peer, k, ours, label in peer_rows:
+    for key, variant in ((f"{peer}{k}", f"{peer} k={k}"), (ours, f"{label} k={k}")):
+      if ok(key, ours):
+        results.append(_row("peer", variant, shape_name, cands[key], times, ours,
+                            f"{label} top{k} index", k=k, peer=peer))
+  for c in cands.values():
+    c.release()
+  del cands
+  gc.collect()
+
+
+def measure_scaling(args, results, skipped, fit, log):
+  import tensorflow as tf
+  base = shapes_for(argparse.Namespace(smoke=args.smoke, no_worker=True, tokens=[1]))["T=1"]
+  cands, info = {}, {}
+  for t in args.scaling_tokens:
+    shape = dict(base, T=t, L=t)
+    c = _capacity(shape)
+    for d in ("index", "einsum"):
+      tec = t * shape["E"] * c * 4
+      if d == "einsum" and tec > EINSUM_TEC_LIMIT_BYTES:
+        skipped.append({"name": "scaling", "variant": d, "shape": f"T={t}",
+                        "reason": f"one [T, E, C] float32 tensor would take {tec / 2**30:.1f} GiB"})
+        continue
+      key = f"{d}/T={t}"
+      cands[key] = Candidate(key, _ours(shape, dispatch=d), (1, t, shape["M"]), t)
+      hidden = shape["E"] * c * shape["I"] * 4
+      largest = (("[T, E, C] float32 (one-hot dispatch/combine)", tec) if d == "einsum" and
+                 tec > hidden else ("[E, C, I] float32 (expert hidden)", hidden))
+      info[key] = (d, t, largest)
+  log(f"[scaling] {len(cands)} candidates, {args.repeats} rounds")
+  times = time_interleaved(list(cands.values()), args.repeats, log)
+  # Peak memory of one step, each candidate alone (TF's CPU allocator statistics).
+  peaks = {}
+  for key, c in cands.items():
+    if key not in times:
+      continue
+    try:
+      tf.config.experimental.reset_memory_stats("CPU:0")
+      before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+      c.run()
+      peaks[key] = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+    except (ValueError, RuntimeError) as e:  # not supported on this build: analytic sizes only
+      peaks[key] = None
+      log(f"  memory info unavailable: {e}")
+  for d in ("index", "einsum"):
+    keys = [k for k in cands if info[k][0] == d and k in times]
+    if not keys:
+      continue
+    base_key = keys[0]
+    for key in keys:
+      _, t, (what, size) = info[key]
+      results.append(_row("scaling", f"top1 {d}", f"T={t}", cands[key], times, base_key,
+                          f"top1 {d} T={info[base_key][1]}", dispatch=d,
+                          peak_bytes=peaks.get(key), largest_intermediate=what,
+                          largest_intermediate_bytes=size))
+    if len(keys) >= 2:
+      xs = [math.log(info[k][1]) for k in keys]
+      ys = [math.log(statistics.median(times[k])) for k in keys]
+      mx, my = statistics.fmean(xs), statistics.fmean(ys)
+      slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+      last = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+      fit[d] = {"slope": slope, "slope_last_doubling": last,
+                "tokens": [info[k][1] for k in keys]}
+  for c in cands.values():
+    c.release()
+  gc.collect()
+
+
+# --------------------------------------------------------------------------------------------
+# Targets
+
+
+def evaluate_targets(results, fit, shapes, peer_status, sections) -> list[dict]:
+  by = {(r["name"], r["variant"], r["shape"]): r["ratio_to_baseline"] for r in results}
+  targets = []
+
+  def target(name, comparison, threshold, measured, note="", reason=None):
+    evaluated = measured is not None
+    holds = evaluated and (measured <= threshold if comparison == "<=" else measured >= threshold)
+    targets.append({"name": name, "threshold": threshold, "comparison": comparison,
+                    "measured": measured, "evaluated": evaluated, "holds": bool(holds),
+                    "note": note if evaluated else (reason or "not measured")})
+
+  for s, shape in shapes.items():
+    if "routing" in sections:
+      for variant, threshold in (("2xtop1", 1.03), ("4xtop1", 1.03), ("top4", 1.10)):
+        target(f"{variant} vs top1, capacity 1x [{s}]", "<=", threshold,
+               by.get(("routing", f"{variant} capacity 1x", s)), "time ratio")
+    if "floor" in sections:
+      target(f"MoE (index) vs bare expert matmuls [{s}]", "<=", 1.10,
+             by.get(("floor", "MoE top1 index", s)), "time ratio, top1")
+    if "peers" in sections and shape["D"] == 1:
+      mg = peer_status.get("model_garden", {})
+      if shape["T"] in MG_TARGETS:
+        target(f"tokens/s vs Model Garden MoeLayer, k=1 [{s}]", ">=", MG_TARGETS[shape["T"]],
+               by.get(("peer", "model_garden k=1", s)),
+               "MG time / ours (GeLU, top1, same E*C slots)",
+               mg.get("reason") or "Model Garden did not run (see skipped)")
+      kh = peer_status.get("keras_hub", {})
+      for k in (1, 2):
+        bound = shape["E"] / (k * shape["gamma"])
+        target(f"tokens/s vs Keras-Hub MixtralSparseMoeBlock, k={k} [{s}]", ">=", KH_TARGET,
+               by.get(("peer", f"keras_hub k={k}", s)),
+               f"KH time / ours (SwiGLU); FLOP bound E/(k*gamma) = {bound:.1f}x",
+               kh.get("reason") or "Keras-Hub did not run (see skipped)")
+  if "scaling" in sections:
+    f = fit.get("index")
+    target("index dispatch time linear in T (log-log slope)", "<=", 1.10,
+           f["slope"] if f else None,
+           f"least squares over T={f['tokens']}" if f else "", "fewer than 2 scaling points")
+  return targets
+
+
+# --------------------------------------------------------------------------------------------
+# Profile mode
+
+
+def profile(args, log) -> dict:
+  """Per-op device time of MoE (top1, index) and its floor: what the MoE adds, op by op."""
+  import collections
+  import glob
+  import re
+  import tempfile
+  import tensorflow as tf
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2
+  shape_name, shape = next((n, s) for n, s in shapes_for(args).items() if s["D"] == 1)
+  out = {"shape": shape_name, "steps": 3, "ops": {}}
+  # The first profiler session of a process runs its ops markedly slower: warm it up first.
+  tf.profiler.experimental.start(tempfile.mkdtemp(prefix="bench_moe_profile_"))
+  tf.reduce_sum(tf.matmul(tf.ones([512, 512]), tf.ones([512, 512]))).numpy()
+  tf.profiler.experimental.stop()
+  for key, make, in_shape in (
+      ("moe_index", _ours(shape), (shape["B"], shape["L"], shape["M"])),
+      ("moe_einsum", _ours(shape, dispatch="einsum"), (shape["B"], shape["L"], shape["M"])),
+      ("floor", _floor(shape), (shape["E"], _capacity(shape), shape["M"]))):
+    c = Candidate(key, make, in_shape, shape["T"])
+    c.build()
+    c.run()
+    logdir = tempfile.mkdtemp(prefix="bench_moe_profile_")
+    tf.profiler.experimental.start(logdir)
+    for _ in range(out["steps"]):
+      c.run()
+    tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    with open(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
+      space.ParseFromString(f.read())
+    ops = collections.Counter()
+    for plane in space.planes:
+      for line in plane.lines:
+        if not line.name.startswith("tf_Compute"):
+          continue
+        for ev in line.events:
+          name = plane.event_metadata[ev.metadata_id].name
+          if name in ("ExecutorState::Process", "ParallelFor"):
+            continue
+          name = re.sub(r"(mo_e|experts|router)(_\d+)*/", "", name)
+          ops[name] += ev.duration_ps / 1e9 / out["steps"]           # ms per step
+    out["ops"][key] = dict(ops)
+    c.release()
+    log(f"  profiled {key}: {sum(ops.values()):.1f} ms of op time per step")
+  return out
+
+
+def profile_table(prof, top=25) -> str:
+  a, b, e = (prof["ops"][k] for k in ("moe_index", "floor", "moe_einsum"))
+  lines = [f"Per-op time, ms per step, shape {prof['shape']} (inter-op parallelism 1)", "",
+           f"| op | MoE index | floor | excess | MoE einsum |", "|---|---:|---:|---:|---:|"]
+  keys = sorted(set(a) | set(b) | set(e), key=lambda k: -max(a.get(k, 0) - b.get(k, 0),
+                                                             e.get(k, 0) - b.get(k, 0)))
+  for k in keys[:top]:
+    lines.append(f"| {k} | {a.get(k, 0):.2f} | {b.get(k, 0):.2f} | "
+                 f"{a.get(k, 0) - b.get(k, 0):+.2f} | {e.get(k, 0):.2f} |")
+  lines.append(f"| **total** | {sum(a.values()):.1f} | {sum(b.values()):.1f} | "
+               f"{sum(a.values()) - sum(b.values()):+.1f} | {sum(e.values()):.1f} |")
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt_ratio(v):
+  return "—" if v is None else f"{v:.3f}"
+
+
+def table(report) -> str:
+  m = report["machine"]
+  out = [f"MoE layer benchmark: forward+backward, float32, tf.function; ratios = median over "
+         f"{report['repeats']} interleaved rounds of (time / baseline time) in one process.",
+         f"Machine: {m['nproc']} x {m['cpu_model']}; load average at start "
+         f"{m['loadavg_start'][0]:.2f}, at end {m['loadavg_end'][0]:.2f}; "
+         f"TF {m['tensorflow']}, Keras {m['keras']}.", ""]
+  for name, s in report["shape"].items():
+    out.append(f"Shape {name}: E={s['E']} (D={s['D']}, e={s['e']}), M={s['M']}, I={s['I']}, "
+               f"T={s['T']} (B={s['B']} x L={s['L']}), gamma={s['gamma']}")
+  out.append("")
+  for peer, st in report["peers"].items():
+    out.append(f"Peer {peer}: " + (f"{st['version']} via {st['how']}" if st["available"]
+                                   else f"NOT AVAILABLE — {st['reason']}"))
+  out += ["", "| group | variant | shape | T | median ms | ratio | baseline | tokens/s | peak MiB |",
+          "|---|---|---|---:|---:|---:|---|---:|---:|"]
+  for r in report["results"]:
+    peak = r.get("peak_bytes")
+    out.append(f"| {r['name']} | {r['variant']} | {r['shape']} | {r['tokens']} | "
+               f"{r['median_s'] * 1e3:.1f} | {r['ratio_to_baseline']:.3f} | {r['baseline']} | "
+               f"{r['tokens_per_s']:.0f} | {'' if peak is None else f'{peak / 2**20:.0f}'} |")
+  if report["scaling_fit"]:
+    out.append("")
+    for d, f in report["scaling_fit"].items():
+      out.append(f"Scaling {d}: log-log slope of time vs T = {f['slope']:.3f} over T={f['tokens']}"
+                 f" (last doubling {f['slope_last_doubling']:.3f})")
+  if report["skipped"]:
+    out.append("")
+    for s in report["skipped"]:
+      out.append(f"Skipped {s['name']} {s['variant']} [{s['shape']}]: {s['reason']}")
+  out += ["", "| target | measured | threshold | holds |", "|---|---:|---:|---|"]
+  for t in report["targets"]:
+    holds = ("yes" if t["holds"] else "NO") if t["evaluated"] else f"n/a ({t['note']})"
+    out.append(f"| {t['name']} | {_fmt_ratio(t['measured'])} | {t['comparison']} "
+               f"{t['threshold']} | {holds} |")
+  return "\n".join(out)
+
+
+def main(argv=None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  if args.profile:
+    import tensorflow as tf
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    prof = profile(args, log)
+    print(json.dumps(prof, indent=1) if args.format == "json" else profile_table(prof))
+    return 0
+  machine = machine_info()
+  peer_status, peers = import_peers(not args.no_peers and "peers" in args.sections)
+  shapes = shapes_for(args)
+  results, skipped, fit = [], [], {}
+  for name, shape in shapes.items():
+    measure_shape(name, shape, args, peers, results, skipped, log)
+  if "scaling" in args.sections:
+    measure_scaling(args, results, skipped, fit, log)
+  machine["loadavg_end"] = list(os.getloadavg())
+  report = {"schema_version": SCHEMA_VERSION, "tool": "tools/bench_moe.py",
+            "argv": sys.argv[1:] if argv is None else list(argv), "smoke": args.smoke,
+            "repeats": args.repeats, "machine": machine, "shape": shapes, "peers": peer_status,
+            "results": results, "skipped": skipped, "scaling_fit": fit,
+            "targets": evaluate_targets(results, fit, shapes, peer_status, args.sections)}
+  text = json.dumps(report, indent=1) if args.format == "json" else table(report)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
