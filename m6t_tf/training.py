@@ -160,6 +160,9 @@ class Trainer:
       out[f"{name}/dropped_fraction"] = float(layer.stats["dropped_fraction"].numpy())
       out[f"{name}/aux_loss"] = float(layer.stats["aux_loss"].numpy())
       out[f"{name}/z_loss"] = float(layer.stats["z_loss"].numpy())
+      if layer.last_capacity is not None:
+        # Forward and backward each move the [D, e, C, M] buffer out and back.
+        out[f"{name}/alltoall_bytes_per_step"] = 2.0 * layer.alltoall_bytes_per_forward()
     return out
 
 

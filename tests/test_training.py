@@ -60,6 +60,16 @@ class GinFilesTest(tf.test.TestCase, parameterized.TestCase):
     with open(os.path.join(model_dir, "config.gin")) as f:
       self.assertIn("train.num_steps = 2", f.read())
 
+  def test_mixed_precision_step_keeps_router_float32(self):
+    _tiny("base.gin", ["train.mixed_precision = True"])
+    summary = configurables.run_train(model_dir=_tmpdir())
+    self.assertTrue(all(math.isfinite(x) for x in summary["losses"]))
+    model = summary["model"]
+    moe = model.moe_layers[0]
+    self.assertEqual(moe.router.compute_dtype, "float32")
+    self.assertEqual(moe.experts.compute_dtype, "float16")
+    self.assertEqual(moe.experts.wi.dtype, "float32")  # float32 master weights
+
   def test_size_files_pin_the_paper(self):
     expected = {  # SPEC §2, Table 5: layers, experts, I, init std, optimizer, lr, mixed precision
         "base.gin": (5, 32, 4096, 0.02, "adamw", 8e-5, True),
@@ -157,6 +167,26 @@ class BadConfigTest(tf.test.TestCase):
     _tiny("demo.gin", ["K = 16"])
     with self.assertRaisesRegex(ValueError, "k=16"):
       configurables.run_train(model_dir=_tmpdir())
+
+  def test_out_of_range_and_wrong_type_values(self):
+    cases = [("CAPACITY_FACTOR = -1.0", "capacity_factor=-1.0 must be > 0"),
+             ("NUM_HEADS = 3", "num_heads=3 must divide hidden_size=32"),
+             ("train.num_steps = 'ten'", "train.num_steps='ten' must be an integer"),
+             ("train.global_batch_size = 3", None),  # 1 worker: 3 divides
+             ("train.optimizer = 'sgd'", "train.optimizer='sgd'; allowed")]
+    for binding, message in cases:
+      _tiny("demo.gin", [binding])
+      if message is None:
+        continue
+      with self.assertRaisesRegex(ValueError, message, msg=binding):
+        configurables.run_train(model_dir=_tmpdir())
+
+  def test_global_batch_must_divide_over_workers(self):
+    class TwoWorkers(_local().__class__):
+      size = 2
+    _tiny("demo.gin", ["train.global_batch_size = 3"])
+    with self.assertRaisesRegex(ValueError, "global_batch_size=3 is not divisible by the 2"):
+      configurables.run_train(model_dir=_tmpdir(), ctx=TwoWorkers())
 
   def test_cosine_horizon_shorter_than_warmup(self):
     _tiny("demo.gin", ["train.warmup_steps = 10", "train.lr_decay = 'cosine'"])

@@ -607,17 +607,27 @@ def profile(args, log) -> dict:
   return out
 
 
-def profile_table(prof, top=25) -> str:
-  a, b, e = (prof["ops"][k] for k in ("moe_index", "floor", "moe_einsum"))
-  lines = [f"Per-op time, ms per step, shape {prof['shape']} (inter-op parallelism 1)", "",
-           f"| op | MoE index | floor | excess | MoE einsum |", "|---|---:|---:|---:|---:|"]
-  keys = sorted(set(a) | set(b) | set(e), key=lambda k: -max(a.get(k, 0) - b.get(k, 0),
-                                                             e.get(k, 0) - b.get(k, 0)))
-  for k in keys[:top]:
+def profile_table(prof, top=12) -> str:
+  cands = ("moe_index", "floor", "moe_einsum")
+  by_type = {c: {} for c in cands}
+  for c in cands:
+    for name, ms in prof["ops"][c].items():
+      kind = name.rsplit(":", 1)[-1]
+      by_type[c][kind] = by_type[c].get(kind, 0.0) + ms
+  a, b, e = (by_type[c] for c in cands)
+  lines = [f"Op time by op type, ms per step, shape {prof['shape']} (inter-op parallelism 1)", "",
+           "| op type | MoE index | floor | MoE - floor | MoE einsum |", "|---|---:|---:|---:|---:|"]
+  for k in sorted(set(a) | set(b) | set(e), key=lambda k: -max(a.get(k, 0), e.get(k, 0)))[:top]:
     lines.append(f"| {k} | {a.get(k, 0):.2f} | {b.get(k, 0):.2f} | "
                  f"{a.get(k, 0) - b.get(k, 0):+.2f} | {e.get(k, 0):.2f} |")
-  lines.append(f"| **total** | {sum(a.values()):.1f} | {sum(b.values()):.1f} | "
-               f"{sum(a.values()) - sum(b.values()):+.1f} | {sum(e.values()):.1f} |")
+  total = {c: sum(prof["ops"][c].values()) for c in cands}
+  lines.append(f"| **all ops** | {total['moe_index']:.1f} | {total['floor']:.1f} | "
+               f"{total['moe_index'] - total['floor']:+.1f} | {total['moe_einsum']:.1f} |")
+  for c in ("moe_index", "moe_einsum"):
+    ops = sorted(((ms, n) for n, ms in prof["ops"][c].items()
+                  if "MatMul" not in n and "Einsum" not in n.split(":")[-1]), reverse=True)[:top]
+    lines += ["", f"{c}: largest ops other than matmuls (ms per step)", ""]
+    lines += [f"- {n}: {ms:.2f}" for ms, n in ops]
   return "\n".join(lines)
 
 
