@@ -381,10 +381,22 @@ def plan_from_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (), *,
                   num_workers: Optional[int] = None, patch_dim: int = DEFAULT_PATCH_DIM,
                   gpu_memory_gb: float = 32.0, search_paths: Sequence[str] = (".",),
                   **plan_kwargs) -> dict:
-  """Parses a gin config (clearing gin first) and returns its `plan()`."""
+  """Parses a gin config (clearing gin first) and returns its `plan()`.
+
+  Payload sizes not given (or None) come from the layout, as the trainer uses them:
+  `make_context.alltoall_dtype` ("float16": 2 bytes; unset: the compute dtype) and
+  `make_context.allreduce_compression` ("fp16": 2 bytes; else float32 gradients, 4 bytes).
+  """
+  from m6t_tf import configurables
   parse_gin(gin_files, gin_bindings, search_paths)
   config = config_from_gin(num_workers=num_workers, patch_dim=patch_dim, gin_files=gin_files,
                            gin_bindings=gin_bindings)
+  if plan_kwargs.get("alltoall_bytes_per_element") is None:
+    wire = configurables.query("make_context.alltoall_dtype")
+    plan_kwargs["alltoall_bytes_per_element"] = {"float16": 2, "float32": 4}.get(wire)
+  if plan_kwargs.get("allreduce_bytes_per_element") is None:
+    fp16 = configurables.query("make_context.allreduce_compression") == "fp16"
+    plan_kwargs["allreduce_bytes_per_element"] = 2 if fp16 else _FLOAT32
   return plan(config, gpu_memory_gb=gpu_memory_gb, **plan_kwargs)
 
 

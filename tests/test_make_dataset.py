@@ -25,6 +25,8 @@ GOOD = [  # (file, caption)
     ("alpha.png", "透明的绿色"),
     ("photo.jpg", "一张照片"),
     ("big.png", "大图片缩小"),
+    # U+2028 is legal inside a JSON string; str.splitlines() would cut the line there.
+    ("line.png", "灰色\u2028方块"),
 ]
 
 
@@ -46,6 +48,7 @@ class MakeDatasetTest(tf.test.TestCase):
     (self.image_dir / "photo.jpg").write_bytes(
         tf.io.encode_jpeg(np.full([8, 8, 3], 128, np.uint8)).numpy())
     self._png("big.png", np.full([32, 24, 3], 40, np.uint8))
+    self._png("line.png", np.full([8, 8, 3], 60, np.uint8))
     (self.image_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     lines = [json.dumps({"image": f, "caption": c}, ensure_ascii=False) for f, c in GOOD]
     lines[2:2] = [
@@ -57,6 +60,9 @@ class MakeDatasetTest(tf.test.TestCase):
     ]
     self.input = root / "captions.jsonl"
     self.input.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(self.input, "ab") as f:
+      f.write(b'{"image": "red.png", "caption": "\xe7\xba\xa2\xff"}\n')  # line 12: not UTF-8
+      f.write(b'{"image": "red.png", "caption": "\\ud800"}\n')  # line 13: a lone surrogate
     self.out = root / "out"
 
   def _png(self, name, array):
@@ -70,13 +76,15 @@ class MakeDatasetTest(tf.test.TestCase):
 
   def test_skip_counts_bad_lines_and_writes_good_ones(self):
     meta = self._convert()
-    self.assertEqual(meta["num_records"], 5)
-    self.assertEqual(meta["num_skipped"], 4)
+    self.assertEqual(meta["num_records"], 6)
+    self.assertEqual(meta["num_skipped"], 6)
     reasons = "\n".join(meta["skipped_examples"])
     for lineno, what in ((3, "undecodable image"), (5, "image file not found"),
-                         (6, "empty caption"), (7, "invalid JSON")):
+                         (6, "empty caption"), (7, "invalid JSON"),
+                         (12, r"not UTF-8: byte 36 is b'\\xff'"), (13, "lone surrogate")):
       self.assertRegex(reasons, f"captions.jsonl:{lineno}: .*{what}")
-    self.assertEqual(meta["num_truncated_captions"], 3)  # 7, 5 and 5 ids > max_len - 2 = 4
+    # 7, 5, 5 and 5 ids (U+2028 is a token of its own) > max_len - 2 = 4.
+    self.assertEqual(meta["num_truncated_captions"], 4)
     self.assertEqual(meta["max_caption_tokens"], 6)
 
     files = sorted(p.name for p in self.out.iterdir())
@@ -95,6 +103,7 @@ class MakeDatasetTest(tf.test.TestCase):
     self.assertAllClose(got["photo.jpg"]["image"], np.full([8, 8, 3], 128), atol=3)
     self.assertAllEqual(got["big.png"]["image"], np.full([8, 8, 3], 40))
     self.assertEqual(got["red.png"]["caption"].numpy().decode(), "一个红色的方块")
+    self.assertEqual(got["line.png"]["caption"].numpy().decode(), "灰色\u2028方块")
     ids = got["red.png"]["caption_ids"].numpy().tolist()
     self.assertLen(ids, 6)  # [CLS] 一 个 红 色 [SEP]: truncated, [SEP] kept
     self.assertEqual((ids[0], ids[-1]), (101, 102))
@@ -107,7 +116,7 @@ class MakeDatasetTest(tf.test.TestCase):
     meta = self._convert(validation_fraction=0.5)
     held = {f for f, _ in GOOD if records.is_validation(f, 0.5)}
     self.assertEqual(meta["splits"]["validation"]["num_records"], len(held))
-    self.assertEqual(meta["splits"]["train"]["num_records"], 5 - len(held))
+    self.assertEqual(meta["splits"]["train"]["num_records"], len(GOOD) - len(held))
 
   def test_fail_stops_at_the_line_and_writes_nothing(self):
     with self.assertRaisesRegex(make_dataset.BadRecordError,
@@ -129,7 +138,7 @@ class MakeDatasetTest(tf.test.TestCase):
                                           f"--output_dir={self.out}", "--image_size=8",
                                           "--num_train_shards=1"]), 0)
     meta = json.loads((self.out / "metadata.json").read_text(encoding="utf-8"))
-    self.assertEqual((meta["num_records"], meta["num_skipped"]), (5, 4))
+    self.assertEqual((meta["num_records"], meta["num_skipped"]), (6, 6))
     # A rerun with another shard count removes the old shards.
     self._convert()
     self.assertFalse((self.out / "train-00000-of-00001.tfrecord").exists())

@@ -15,9 +15,10 @@ land on the same side and the split does not change when lines are added.
     .venv/bin/python tools/make_dataset.py --input=captions.jsonl --image_dir=images \\
         --output_dir=.data/mydata --image_size=64 --max_len=128
 
-Bad lines (invalid JSON, missing image, undecodable image, empty caption):
---on_bad_record=skip (default) counts them and reports the first reasons; --on_bad_record=fail
-stops at the first one with its line number and writes no shard.
+Bad lines (not UTF-8, invalid JSON, missing image, undecodable image, empty caption, a caption
+with no token): --on_bad_record=skip (default) counts them and reports the first reasons;
+--on_bad_record=fail stops at the first one with its line number and writes no shard. Lines are
+split on "\n" only and decoded one by one, so a stray invalid byte costs its line, not the file.
 """
 
 from __future__ import annotations
@@ -94,7 +95,11 @@ def convert(input_path: str | os.PathLike, *, image_dir: str | os.PathLike,
   t0 = time.time()
   input_path, image_dir, output_dir = Path(input_path), Path(image_dir), Path(output_dir)
   tokenizer = Tokenizer(vocab_path)
-  lines = input_path.read_text(encoding="utf-8").splitlines()
+  # Bytes, split on b"\n": str.splitlines() would also split inside a JSON string at U+2028 or
+  # U+0085 (both legal there), and one invalid byte would fail the whole file's decoding.
+  lines = input_path.read_bytes().split(b"\n")
+  if lines and lines[0].startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+    lines[0] = lines[0][3:]
   num_lines = sum(1 for line in lines if line.strip())
   num_train_shards = max(1, min(num_train_shards, num_lines))
   output_dir.mkdir(parents=True, exist_ok=True)
@@ -176,10 +181,14 @@ def convert(input_path: str | os.PathLike, *, image_dir: str | os.PathLike,
   return meta
 
 
-def _read_line(line: str, image_dir: Path) -> tuple[str, str, np.ndarray]:
+def _read_line(line: bytes, image_dir: Path) -> tuple[str, str, np.ndarray]:
   """(key, caption, <uint8>[H, W, 3] image) of one JSON line; ValueError says what is wrong."""
   try:
-    obj = json.loads(line)
+    text = line.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"not UTF-8: byte {e.start} is {line[e.start:e.start + 1]!r}") from None
+  try:
+    obj = json.loads(text)
   except json.JSONDecodeError as e:
     raise ValueError(f"invalid JSON: {e}") from None
   if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
@@ -187,6 +196,11 @@ def _read_line(line: str, image_dir: Path) -> tuple[str, str, np.ndarray]:
   caption = obj.get("caption")
   if not isinstance(caption, str) or not caption.strip():
     raise ValueError(f"empty caption for image {obj['image']!r}")
+  for name in ("image", "caption"):
+    try:
+      obj[name].encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape: not text
+      raise ValueError(f"{name} {obj[name]!r} is not valid Unicode (lone surrogate)") from None
   path = image_dir / obj["image"]
   if not path.is_file():
     raise ValueError(f"image file not found: {path}")

@@ -35,10 +35,11 @@ flags.DEFINE_float("gpu_memory_gb", 32.0, "Memory of one GPU in GiB (V100-32GB: 
 flags.DEFINE_integer("patch_dim", 768, "Width P of one patch's input: 16×16×3 = 768 pixels of a "
                      "64×64 image, or the width of precomputed patch features.", lower_bound=1)
 flags.DEFINE_enum("alltoall_dtype", "auto", ["auto", "float16", "float32"],
-                  "All-to-all payload dtype; auto = the compute dtype (float16 under mixed "
-                  "precision).")
-flags.DEFINE_enum("allreduce_dtype", "float32", ["float16", "float32"],
-                  "Gradient allreduce dtype (the trainer reduces float32 gradients).")
+                  "All-to-all payload dtype; auto = the layout's make_context.alltoall_dtype, "
+                  "else the compute dtype (float16 under mixed precision).")
+flags.DEFINE_enum("allreduce_dtype", "auto", ["auto", "float16", "float32"],
+                  "Gradient allreduce dtype; auto = float16 when the layout sets "
+                  "make_context.allreduce_compression = 'fp16', else float32.")
 flags.DEFINE_enum("format", "table", ["table", "json"], "Output: a markdown table or JSON.")
 
 _BYTES = {"float16": 2, "float32": 4}
@@ -58,7 +59,7 @@ def main(argv):
         patch_dim=FLAGS.patch_dim, gpu_memory_gb=FLAGS.gpu_memory_gb,
         search_paths=FLAGS.gin_search_paths,
         alltoall_bytes_per_element=_BYTES.get(FLAGS.alltoall_dtype),
-        allreduce_bytes_per_element=_BYTES[FLAGS.allreduce_dtype])
+        allreduce_bytes_per_element=_BYTES.get(FLAGS.allreduce_dtype))
   except (ValueError, IOError) as e:
     print(f"plan.py: {e}", file=sys.stderr)
     return 2
