@@ -123,6 +123,69 @@ class ParseChecksTest(tf.test.TestCase):
     self._assert_fails(ser, "patch_features length", image_mode="features")
 
 
+class CheckExampleTest(tf.test.TestCase):
+  """check_example names the first reason that applies, and raises only for unparseable bytes."""
+
+  def _reason(self, image_mode="pixels", **changes):
+    if image_mode == "pixels":
+      feats = dict(image=b"\0" * 18, height=[2], width=[3], caption_ids=IDS, caption=b"c")
+      kwargs = dict(image_size=(2, 3))
+    else:
+      feats = dict(patch_features=[0.5] * 32, feature_dim=[2], caption_ids=IDS, caption=b"c")
+      kwargs = dict(feature_dim=2)
+    feats.update(changes)
+    feats = {k: v for k, v in feats.items() if v is not None}
+    vocab_size = feats.pop("vocab_size", 21128)
+    _, reason = records.check_example(_raw_example(**feats), image_mode=image_mode,
+                                      max_caption_ids=6, vocab_size=vocab_size, **kwargs)
+    reason = int(reason)
+    return "good" if reason == records.GOOD else records.REASON_NAMES[reason]
+
+  def test_pixels_and_captions(self):
+    cases = [
+        ({}, "good"),
+        (dict(image=None), "missing_image"),
+        (dict(height=None), "missing_image"),
+        (dict(image=b"\0" * 17), "bad_image"),
+        (dict(height=[2**40], width=[1]), "bad_image"),  # no int64 overflow in h * w * 3
+        (dict(height=[3], width=[2]), "wrong_image_size"),
+        (dict(caption_ids=[101, 102]), "empty_caption"),
+        (dict(caption_ids=None), "empty_caption"),
+        (dict(caption_ids=[101] + [7032] * 5 + [102]), "caption_too_long"),
+        (dict(caption_ids=[101, -1, 102]), "id_out_of_vocab"),
+        (dict(caption_ids=[101, 21128, 102]), "id_out_of_vocab"),
+        (dict(caption_ids=IDS, vocab_size=7000), "id_out_of_vocab"),
+        (dict(caption_ids=[101, 7032, 101, 102]), "malformed_caption_ids"),
+        (dict(caption_ids=[7032, 4277, 102]), "malformed_caption_ids"),
+        (dict(caption=b"\xc0\xaf"), "caption_not_utf8"),  # an overlong "/"
+        (dict(caption=b"\xed\xa0\x80"), "caption_not_utf8"),  # a UTF-16 surrogate
+        (dict(caption="café \ufffd".encode()), "good"),  # U+FFFD itself is text
+        (dict(image=b"\0" * 17, caption_ids=[101, 102]), "bad_image"),  # the first reason
+    ]
+    for changes, want in cases:
+      with self.subTest(changes=changes):
+        self.assertEqual(self._reason(**changes), want)
+
+  def test_features(self):
+    cases = [
+        ({}, "good"),
+        (dict(feature_dim=None), "missing_image"),
+        (dict(patch_features=[0.5] * 31), "bad_image"),
+        (dict(patch_features=[0.5] * 31 + [float("nan")]), "bad_image"),
+        (dict(patch_features=[0.5] * 48, feature_dim=[3]), "wrong_image_size"),
+    ]
+    for changes, want in cases:
+      with self.subTest(changes=changes):
+        self.assertEqual(self._reason("features", **changes), want)
+
+  def test_unparseable_bytes_raise_a_readable_error(self):
+    # The parser's own message quotes the bytes; invalid UTF-8 there used to surface as a
+    # UnicodeDecodeError.
+    for serialized in (b"\xff\xfe not a proto", _raw_example(caption_ids=b"\xff")):
+      with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "not a tf.train.Example"):
+        records.check_example(serialized)
+
+
 class WriterAndSplitTest(tf.test.TestCase):
 
   def test_atomic_write(self):

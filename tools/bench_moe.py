@@ -102,8 +102,9 @@ def parse_args(argv):
   p.add_argument("--no_worker", action="store_true", help="skip the per-worker shape")
   p.add_argument("--no_peers", action="store_true", help="do not import the peers")
   p.add_argument("--profile", action="store_true",
-                 help="instead of timing: per-op profile of MoE (index, top-1) vs its floor at "
-                      "the first --tokens shape (inter-op parallelism 1, so op times add up)")
+                 help="instead of timing: per-op profile of MoE (top-1; index and einsum) vs its "
+                      "floor at the worker shape, or with --no_worker the first --tokens shape "
+                      "(inter-op parallelism 1, so op times add up)")
   p.add_argument("--out", default=None, help="also write the JSON report to this file")
   args = p.parse_args(argv)
   unknown = set(args.sections.split(",")) - set(SECTIONS)
@@ -569,7 +570,7 @@ def profile(args, log) -> dict:
   import tempfile
   import tensorflow as tf
   from tensorflow.tsl.profiler.protobuf import xplane_pb2
-  shape_name, shape = next((n, s) for n, s in shapes_for(args).items() if s["D"] == 1)
+  shape_name, shape = next(iter(shapes_for(args).items()))
   out = {"shape": shape_name, "steps": 3, "ops": {}}
   # The first profiler session of a process runs its ops markedly slower: warm it up first.
   tf.profiler.experimental.start(tempfile.mkdtemp(prefix="bench_moe_profile_"))
@@ -578,7 +579,8 @@ def profile(args, log) -> dict:
   for key, make, in_shape in (
       ("moe_index", _ours(shape), (shape["B"], shape["L"], shape["M"])),
       ("moe_einsum", _ours(shape, dispatch="einsum"), (shape["B"], shape["L"], shape["M"])),
-      ("floor", _floor(shape), (shape["E"], _capacity(shape), shape["M"]))):
+      ("floor", _floor(shape),
+       (shape["E"] // shape["D"], shape["D"] * _capacity(shape), shape["M"]))):
     c = Candidate(key, make, in_shape, shape["T"])
     c.build()
     c.run()

@@ -184,7 +184,7 @@ def make_example(*, key: str, caption: str, caption_ids: Sequence[int],
 
 def _feature_spec(image_mode: str) -> dict:
   # Defaults instead of required features: a missing feature then fails one of the checks in
-  # `parse_example`, whose message names the record, rather than a parser error that does not.
+  # `check_example`, which names the reason, rather than a parser error that does not.
   spec = {
       "key": tf.io.FixedLenFeature([], tf.string, default_value=""),
       "caption": tf.io.FixedLenFeature([], tf.string, default_value=""),
@@ -251,12 +251,13 @@ def check_example(serialized: tf.Tensor, *, image_mode: str = "pixels",
     vocab_size: ids must be in [0, vocab_size).
 
   Returns:
-    (example, reason): example is {"key": <string>[], "caption": <string>[],
+    (example, reason). example is {"key": <string>[], "caption": <string>[],
     "caption_ids": <int32>[N], "image_info": <int64>[3]} plus "image": <uint8>[H, W, 3] or
     "patch_features": <float32>[16, P] (zeros, of size 0 when the shape is not static, for a
     bad image). "image_info" is what the record declares, for messages: (height, width,
-    image bytes) or (16, feature_dim, number of patch_features values). reason is <int32>[], GOOD (-1) or the code of the first `BAD_RECORD_REASONS` entry that
-    applies ("corrupt_file" never: that is the reader's finding).
+    image bytes) or (16, feature_dim, number of patch_features values). reason is
+    <int32>[]: GOOD (-1) or the code of the first `BAD_RECORD_REASONS` entry that applies
+    ("corrupt_file" never: that is the reader's finding).
 
   Raises:
     tf.errors.InvalidArgumentError: the bytes do not parse as a tf.train.Example with the

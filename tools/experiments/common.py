@@ -1,0 +1,474 @@
+"""What the experiment scripts share: runs of the demo model, their curves, plots and tables.
+
+A run is a list of gin files (`gin/demo.gin` variants in `tools/experiments/gin/`, plus
+`gin/tiny.gin` with `--tiny`) and the sweep's bindings (steps, schedule, logging). It trains
+in this process with the trainer itself (`configurables.run_train`), exactly what
+`python -m m6t_tf.train` runs for the same files and bindings (the command is recorded), into
+
+    <model_root>/<gin names joined by +>[+tiny]-steps<N>-seed<S>/
+
+so the three scripts share runs: the top-1 run of the routing sweep is the "aux loss off" run
+of the auxiliary-loss experiment and the baseline of the MoE-attention one. A directory whose
+`experiment.json` records the same files and bindings and whose `train_summary.json` reached
+the step count is reused; one with other settings is replaced; an interrupted one resumes from
+its last checkpoint (the trainer's own resume).
+
+Curves come from what the trainer writes: `losses.jsonl` (the training loss of every step) and
+the TensorBoard events under `model_dir/train` ("eval/log_perplexity", "moe/<layer>/load_cv",
+"moe/<layer>/dropped_fraction", ... every `log_every` steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from typing import Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GIN_DIR = "tools/experiments/gin"            # relative to ROOT, as the gin files include paths
+TINY_GIN = "gin/tiny.gin"
+DEFAULT_STEPS = 400
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One training run: `gins` are names of files in tools/experiments/gin/ (without .gin)."""
+  label: str
+  gins: tuple
+  seed: int = 0
+
+
+def add_common_flags(p: argparse.ArgumentParser, default_name: str) -> None:
+  p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                 help=f"training steps of every run (default {DEFAULT_STEPS}; cosine schedule "
+                      f"over them, 10%% warm-up)")
+  p.add_argument("--model_root", default="runs/experiments",
+                 help="run directories go here (default runs/experiments); shared by the "
+                      "three scripts so common runs are trained once")
+  p.add_argument("--out_dir", default="docs/results",
+                 help=f"where {default_name}.png / .md / .json are written (default docs/results)")
+  p.add_argument("--eval_points", type=int, default=4,
+                 help="validation evaluations per run, the last at the end (default 4)")
+  p.add_argument("--log_every", type=int, default=10,
+                 help="steps between logged routing statistics (default 10)")
+  p.add_argument("--tiny", action="store_true",
+                 help="overlay gin/tiny.gin (seconds per run; the tests' smoke runs)")
+  p.add_argument("--gin_bindings", action="append", default=[],
+                 help="extra bindings for every run (they change the run directories' match)")
+
+
+def check_common_flags(p: argparse.ArgumentParser, args) -> None:
+  if args.steps < 2:
+    p.error("--steps must be >= 2 (the cosine schedule needs steps > warm-up steps)")
+  if args.eval_points < 1 or args.log_every < 1:
+    p.error("--eval_points and --log_every must be >= 1")
+
+
+def machine_info() -> dict:
+  import compare_dense
+  return compare_dense.machine_info()
+
+
+def rel(path: str) -> str:
+  """`path` relative to the repository when inside it (commands and tables name no host path)."""
+  path = os.path.abspath(path)
+  return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) or path == ROOT else path
+
+
+class Sweep:
+  """Trains (or reuses) runs with the shared settings of one experiment invocation."""
+
+  def __init__(self, args, log=None):
+    self.args = args
+    self.model_root = os.path.abspath(args.model_root)
+    self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+  def files(self, spec: RunSpec) -> list[str]:
+    return [f"{GIN_DIR}/{g}.gin" for g in spec.gins] + ([TINY_GIN] if self.args.tiny else [])
+
+  def bindings(self, spec: RunSpec) -> list[str]:
+    steps = self.args.steps
+    every = steps // self.args.eval_points if self.args.eval_points > 1 else 0
+    return [f"train.num_steps = {steps}",
+            f"train.warmup_steps = {max(1, steps // 10)}",   # demo.gin: 100 of 1000
+            f"train.eval_every = {every if 0 < every < steps else 0}",
+            f"train.log_every = {self.args.log_every}",
+            f"train.checkpoint_every = {steps}",
+            "train.keep_checkpoints = 1",
+            f"train.seed = {spec.seed}", *self.args.gin_bindings]
+
+  def run_dir(self, spec: RunSpec) -> str:
+    name = "+".join(spec.gins) + ("+tiny" if self.args.tiny else "")
+    return os.path.join(self.model_root, f"{name}-steps{self.args.steps}-seed{spec.seed}")
+
+  def command(self, spec: RunSpec) -> str:
+    parts = ["python", "-m", "m6t_tf.train"]
+    parts += [f"--gin_file={f}" for f in self.files(spec)]
+    parts += [f"--gin_bindings={b}" for b in self.bindings(spec)]
+    parts.append(f"--model_dir={rel(self.run_dir(spec))}")
+    return " ".join(shlex.quote(p) for p in parts)
+
+  def ensure(self, spec: RunSpec) -> dict:
+    """Trains the run unless a finished one with the same settings exists; returns `load_run`."""
+    import gin
+    import keras
+    from m6t_tf import configurables
+    from m6t_tf.parallel import context as context_lib
+    run_dir = self.run_dir(spec)
+    manifest = {"gin_files": self.files(spec), "gin_bindings": self.bindings(spec)}
+    path = os.path.join(run_dir, "experiment.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        old = json.load(f)
+      same = {k: old.get(k) for k in manifest} == manifest
+      if same and old.get("status") == "done" and _finished(run_dir, self.args.steps):
+        self.log(f"reusing {rel(run_dir)}")
+        return load_run(run_dir)
+      if not same:
+        self.log(f"replacing {rel(run_dir)} (other settings)")
+        shutil.rmtree(run_dir)
+    elif os.path.isdir(run_dir) and os.listdir(run_dir):
+      raise ValueError(f"{run_dir} exists but was not made by tools/experiments (no "
+                       f"experiment.json); choose another --model_root")
+    os.makedirs(run_dir, exist_ok=True)
+    _write_json(path, {**manifest, "status": "running", "command": self.command(spec)})
+    self.log(f"training {spec.label}: {self.command(spec)}")
+    cwd = os.getcwd()
+    os.chdir(ROOT)   # the gin files name data and includes relative to the repository
+    try:
+      gin.clear_config()
+      keras.backend.clear_session()
+      keras.mixed_precision.set_global_policy("float32")
+      configurables.parse(manifest["gin_files"], manifest["gin_bindings"], [ROOT])
+      derived = derived_config()
+      start = time.time()
+      configurables.run_train(model_dir=run_dir, ctx=context_lib.LocalContext())
+      wall = time.time() - start
+    finally:
+      gin.clear_config()
+      os.chdir(cwd)
+    _write_json(path, {**manifest, "status": "done", "command": self.command(spec),
+                       "derived": derived, "wall_s": wall, "loadavg_end": list(os.getloadavg())})
+    return load_run(run_dir)
+
+
+def derived_config() -> dict:
+  """Routing values of the parsed gin config, and the training capacity C they give."""
+  from m6t_tf import configurables
+  from m6t_tf.layers import routing as routing_lib
+  q = configurables.query
+  batch, max_len = q("train.batch_size_per_worker", 8), q("train.max_len", 64)
+  tokens = batch * (16 + max_len - 1)
+  out = {"tokens_per_step": tokens, "num_experts": q("MoEConfig.num_experts"),
+         "routing": q("MoEConfig.routing"), "k": q("MoEConfig.k"),
+         "capacity_mode": q("MoEConfig.capacity_mode"),
+         "capacity_factor": q("MoEConfig.capacity_factor"),
+         "aux_loss_weight": q("MoEConfig.aux_loss_weight"),
+         "moe_attention": q("M6Transformer.moe_attention", False)}
+  out["capacity"] = routing_lib.capacity(tokens, out["num_experts"], k=out["k"],
+                                         capacity_factor=out["capacity_factor"],
+                                         mode=out["capacity_mode"])
+  return out
+
+
+def _write_json(path: str, payload) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _finished(run_dir: str, steps: int) -> bool:
+  try:
+    with open(os.path.join(run_dir, "train_summary.json")) as f:
+      return json.load(f).get("step") == steps
+  except (OSError, ValueError):
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a run
+
+
+def read_scalars(run_dir: str) -> dict:
+  """{tag: {step: value}} from the TensorBoard events of `run_dir/train`; a step logged twice
+  (an interrupted run resumed) keeps the later value."""
+  import tensorflow as tf
+  rows = []
+  for path in glob.glob(os.path.join(run_dir, "train", "events.out.tfevents.*")):
+    for event in _events(path):
+      for v in event.summary.value:
+        kind = v.WhichOneof("value")
+        if kind == "tensor":
+          value = float(tf.make_ndarray(v.tensor))
+        elif kind == "simple_value":
+          value = float(v.simple_value)
+        else:
+          continue
+        rows.append((event.wall_time, v.tag, int(event.step), value))
+  out: dict = {}
+  for _, tag, step, value in sorted(rows):
+    out.setdefault(tag, {})[step] = value
+  return out
+
+
+def _events(path: str):
+  """The `Event` protos of one events file; a torn last record (a killed run) ends the file."""
+  import tensorflow as tf
+  try:
+    for record in tf.data.TFRecordDataset(path):
+      yield tf.compat.v1.Event.FromString(record.numpy())
+  except tf.errors.DataLossError:
+    return
+
+
+def load_run(run_dir: str) -> dict:
+  from m6t_tf import training
+  with open(os.path.join(run_dir, "train_summary.json")) as f:
+    summary = json.load(f)
+  with open(os.path.join(run_dir, "experiment.json")) as f:
+    experiment = json.load(f)
+  return {"dir": run_dir, "summary": summary, "experiment": experiment,
+          "losses": training.read_loss_log(os.path.join(run_dir, "losses.jsonl")),
+          "scalars": read_scalars(run_dir)}
+
+
+def moe_layer_names(run: dict) -> list[str]:
+  """Layer paths with routing statistics, in network order ("m6/block_0/moe", ...)."""
+  names = {m.group(1) for tag in run["scalars"]
+           for m in [re.fullmatch(r"moe/(.+)/load_cv", tag)] if m}
+  return sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+
+
+def short_layer(name: str) -> str:
+  """"m6/block_0/moe" -> "layer 0"; "m6/block_1/attention/query" -> "layer 1 query"."""
+  m = re.fullmatch(r"(?:m6/)?block_(\d+)/(.+)", name)
+  if not m:
+    return name
+  rest = m.group(2)
+  return f"layer {m.group(1)}" + ("" if rest == "moe" else f" {rest.split('/')[-1]}")
+
+
+def series(run: dict, tag: str) -> tuple[list, list]:
+  d = run["scalars"].get(tag, {})
+  steps = sorted(d)
+  return steps, [d[s] for s in steps]
+
+
+def late_mean(run: dict, tag: str, fraction: float = 0.5) -> Optional[float]:
+  """Mean of a logged scalar over the last `fraction` of training (None if never logged)."""
+  steps, values = series(run, tag)
+  if not steps:
+    return None
+  cut = steps[-1] * (1 - fraction)
+  late = [v for s, v in zip(steps, values) if s >= cut] or values[-1:]
+  return sum(late) / len(late)
+
+
+def final_eval(run: dict) -> dict:
+  e = run["summary"].get("eval") or {}
+  return {"perplexity": e.get("perplexity", math.nan),
+          "log_perplexity": e.get("log_perplexity", math.nan)}
+
+
+def final_train_loss(run: dict, fraction: float = 0.1) -> float:
+  """Mean training loss over the last `fraction` of the steps (one step's loss is noisy)."""
+  steps = sorted(run["losses"])
+  if not steps:
+    return math.nan
+  tail = steps[-max(1, int(len(steps) * fraction)):]
+  return sum(run["losses"][s] for s in tail) / len(tail)
+
+
+def smooth(values: list, window: int) -> list:
+  """Trailing running mean over `window` points (the first points average what exists)."""
+  out, acc = [], 0.0
+  for i, v in enumerate(values):
+    acc += v
+    if i >= window:
+      acc -= values[i - window]
+    out.append(acc / min(i + 1, window))
+  return out
+
+
+def loss_curve(run: dict, window: Optional[int] = None) -> tuple[list, list]:
+  steps = sorted(run["losses"])
+  values = [run["losses"][s] for s in steps]
+  window = window or max(1, len(steps) // 20)
+  return steps, smooth(values, window)
+
+
+def eval_curve(run: dict) -> tuple[list, list]:
+  return series(run, "eval/log_perplexity")
+
+
+# --------------------------------------------------------------------------------------------
+# Plots and tables
+
+
+def pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.grid": True,
+                       "grid.alpha": 0.3, "legend.fontsize": 8})
+  return plt
+
+
+def zoom_to_tail(ax, curves: list, skip_fraction: float = 0.15, pad: float = 0.05) -> None:
+  """y-limits from the curves after their first `skip_fraction` of steps, so the differences
+  late in training are visible instead of the initial drop from log(21128) ≈ 10."""
+  lo, hi = math.inf, -math.inf
+  for xs, ys in curves:
+    if not xs:
+      continue
+    cut = xs[0] + (xs[-1] - xs[0]) * skip_fraction
+    tail = [y for x, y in zip(xs, ys) if x >= cut and math.isfinite(y)] or ys
+    lo, hi = min(lo, min(tail)), max(hi, max(tail))
+  if math.isfinite(lo) and math.isfinite(hi):
+    span = max(hi - lo, 1e-3)
+    ax.set_ylim(lo - pad * span, hi + pad * span)
+
+
+def markdown_table(header: list[str], rows: list[list], align: Optional[str] = None) -> str:
+  align = align or "l" + "r" * (len(header) - 1)
+  sep = ["---:" if a == "r" else "---" for a in align]
+  lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def fmt(x, digits: int = 2, pct: bool = False) -> str:
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return "—"
+  return f"{100 * x:.{digits}f}%" if pct else f"{x:.{digits}f}"
+
+
+def header_block(title: str, args, sweep: Sweep, specs: list[RunSpec], machine: dict,
+                 argv: list[str], script: str) -> str:
+  """Title, machine, the exact command of the script and of every training run."""
+  cmd = " ".join(shlex.quote(a) for a in ["python", script, *argv])
+  lines = [f"# {title}", "",
+           f"Machine: {machine['nproc']} cores ({machine['cpu_model']}), shared with other jobs "
+           f"(load average {machine['loadavg_start'][0]:.2f} at the start, "
+           f"{machine.get('loadavg_end', [math.nan])[0]:.2f} at the end); "
+           f"TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, Python "
+           f"{machine['python']}.", "",
+           f"Produced by (from the repository root, `.venv/bin/python` with "
+           f"`TF_CPP_MIN_LOG_LEVEL=2`):", "", "```bash", cmd, "```", "",
+           "which trains (or reuses, if already trained with the same settings) these runs; "
+           "each equals:", "", "```bash"]
+  seen = set()
+  for spec in specs:
+    c = sweep.command(spec)
+    if c not in seen:
+      seen.add(c)
+      lines.append(c)
+  lines += ["```", ""]
+  return "\n".join(lines)
+
+
+def write_outputs(out_dir: str, name: str, markdown: str, payload: dict, fig) -> dict:
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {"png": os.path.join(out_dir, f"{name}.png"),
+           "md": os.path.join(out_dir, f"{name}.md"),
+           "json": os.path.join(out_dir, f"{name}.json")}
+  fig.savefig(paths["png"], bbox_inches="tight")
+  with open(paths["md"], "w") as f:
+    f.write(markdown.rstrip() + "\n")
+  _write_json(paths["json"], payload)
+  return paths
+
+
+def run_record(run: dict) -> dict:
+  """What the JSON outputs keep of a run (curves included, so plots can be redrawn)."""
+  steps, values = series(run, "eval/log_perplexity")
+  return {"dir": rel(run["dir"]), "command": run["experiment"].get("command"),
+          "wall_s": run["experiment"].get("wall_s"), "eval": run["summary"].get("eval"),
+          "final_train_loss": final_train_loss(run),
+          "train_loss": {str(s): v for s, v in sorted(run["losses"].items())},
+          "eval_log_perplexity": dict(zip(map(str, steps), values)),
+          "moe": {layer: {stat: {str(s): v for s, v in run["scalars"].get(
+              f"moe/{layer}/{stat}", {}).items()} for stat in ("load_cv", "dropped_fraction")}
+                  for layer in moe_layer_names(run)}}
+
+
+def time_step_ratios(sweep: Sweep, specs: list[RunSpec], baseline: RunSpec, *, rounds: int,
+                     warmup: int = 2, dense_twin: bool = False) -> dict:
+  """Step time of each run's model relative to `baseline`'s, measured in this process.
+
+  `compare_dense`'s method: every model is built from its gin files, then `rounds` rounds each
+  time one `Trainer.train_step` of every model in a rotated order; a model's ratio is the
+  median over rounds of its time / the baseline's time in the same round. With `dense_twin`,
+  the baseline's dense twin (`moe_placement = 'none'`) is timed too, under the key "dense".
+
+  Returns:
+    {label: {"ratio": float, "median_s": float, "times_s": [...]}}.
+  """
+  import gc
+  import compare_dense
+  todo = [baseline] + [s for s in specs if s != baseline]
+  cands = [compare_dense.Candidate(s.label, sweep.files(s), list(sweep.args.gin_bindings),
+                                   False, [ROOT]) for s in todo]
+  if dense_twin:
+    cands.append(compare_dense.Candidate(
+        "dense", sweep.files(baseline),
+        list(sweep.args.gin_bindings) + [compare_dense.DENSE_BINDING], True, [ROOT]))
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    for c in cands:
+      sweep.log(f"building {c.name} for timing")
+      c.build()
+    compare_dense.time_interleaved(cands, rounds, warmup, sweep.log)
+  finally:
+    os.chdir(cwd)
+  base = cands[0].times
+  out = {c.name: {"ratio": compare_dense.paired_ratio(c.times, base),
+                  "median_s": statistics.median(c.times), "times_s": c.times}
+         for c in cands}
+  del cands
+  gc.collect()
+  return out
+
+
+def make_parser(doc: str, name: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=doc.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=doc)
+  add_common_flags(p, name)
+  p.add_argument("--time_rounds", type=int, default=10,
+                 help="interleaved step-time rounds of the models (0 = skip; default 10)")
+  return p
+
+
+def start(p: argparse.ArgumentParser, argv) -> tuple:
+  """Parses flags, makes the output paths absolute and returns (args, sweep, machine)."""
+  args = p.parse_args(argv)
+  check_common_flags(p, args)
+  if args.time_rounds < 0:
+    p.error("--time_rounds must be >= 0")
+  args.model_root = os.path.abspath(args.model_root)
+  args.out_dir = os.path.abspath(args.out_dir)
+  quiet_tensorflow()
+  return args, Sweep(args), machine_info()
+
+
+def quiet_tensorflow() -> None:
+  """Every run and timed model has its own `Trainer` (own tf.functions), which TF reports as
+  "retracing"; that warning is expected here, not a problem to chase."""
+  import tensorflow as tf
+  tf.get_logger().setLevel("ERROR")
