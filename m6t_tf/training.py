@@ -384,7 +384,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
           checkpoint_every: int = 500, keep_checkpoints: int = 3, log_every: int = 50,
           eval_every: int = 0, eval_batches: int = 0, seed: int = 0,
           deterministic: bool = False, jit_compile: bool = False, shuffle_buffer: int = 2048,
-          global_batch_size: int = 0, ctx=None, network_fn=None,
+          global_batch_size: int = 0, on_bad_record: str = "skip", ctx=None, network_fn=None,
           stop_after: Optional[int] = None) -> dict:
   """Trains the M6 captioner; resumes from the latest checkpoint in `model_dir` if there is one.
 
@@ -394,6 +394,8 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     num_steps: total optimiser steps of the run (the schedule's horizon).
     batch_size_per_worker: B (8 per GPU in the paper; global batch = B × workers).
     global_batch_size: if set, overrides B with global / workers (must divide).
+    on_bad_record: "skip" (drop and count malformed records; TensorBoard `data/bad_records/*`)
+      or "fail" (stop naming the file and record index).
     max_len: caption length L in tokens, [CLS] and [SEP] included.
     image_mode: "pixels" or "features" (precomputed patch features).
     optimizer: "adamw" or "adafactor" (1T).  learning_rate, warmup_steps, lr_decay,
@@ -414,6 +416,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     A summary dict: final step, the per-step losses of this invocation, final evaluation.
   """
   from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.training` light for tools
+  from m6t_tf.data import records
   if image_mode not in IMAGE_MODES:
     raise ValueError(f"train.image_mode={image_mode!r}; allowed: {IMAGE_MODES}")
   for name, value in (("num_steps", num_steps), ("batch_size_per_worker", batch_size_per_worker),
@@ -444,11 +447,12 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   # is read or weight created.
   network = (network_fn or m6_transformer.M6Transformer)(name="m6")
   shard, shards = ctx.data_shard()
-  def stream(skip):
+  def stream(skip, counter=None):
     return pipeline.make_dataset(train_data, batch_size=batch_size_per_worker, max_len=max_len,
                                  training=True, seed=seed, shard_index=shard, num_shards=shards,
                                  image_mode=image_mode, shuffle_buffer=shuffle_buffer,
-                                 skip_batches=skip)
+                                 skip_batches=skip, on_bad_record=on_bad_record,
+                                 bad_record_counter=counter)
 
   model = build_model(batch=next(iter(stream(0).take(1))), mixed_precision=mixed_precision,
                       network=network)
@@ -461,6 +465,10 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   entries.update({"train/step": step_var, "train/loss_scale": trainer.loss_scale.scale,
                   "train/good_steps": trainer.loss_scale.good_steps,
                   "train/skipped_steps": trainer.loss_scale.skipped})
+  # Bad records skipped so far, summed over workers: a replicated total carried by checkpoints.
+  bad_total = tf.Variable(tf.zeros([len(records.REASON_NAMES)], tf.int64), trainable=False,
+                          name="bad_records")
+  entries["train/bad_records"] = bad_total
   num_experts = model.moe_layers[0].num_experts if model.moe_layers else 0
   checkpointer = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"), entries,
                                             ctx=ctx, num_experts=num_experts,
@@ -482,7 +490,17 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   # The input stream is a pure function of (seed, shard, step): resuming skips the records of
   # the steps already taken (before parsing), so it continues exactly, on any worker count
   # that keeps the same sharding.
-  iterator = iter(stream(int(step_var)))
+  counter = pipeline.BadRecordCounter()
+  bad_at_start = bad_total.numpy().copy()
+  iterator = iter(stream(int(step_var), counter))
+
+  def bad_records() -> np.ndarray:
+    """Per-reason bad records of the whole run so far (collective: every worker calls it)."""
+    return bad_at_start + np.asarray(ctx.sum_over_world(counter.as_tensor()))
+
+  def save(step):
+    bad_total.assign(bad_records())
+    checkpointer.save(step)
   start = int(step_var)
   writer = tf.summary.create_file_writer(os.path.join(model_dir, "train")) if ctx.is_chief else None
   if ctx.is_chief:
@@ -536,10 +554,13 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
                  "step_time_s": time.time() - t_step, "tokens_per_s": tok_s,
                  "skipped_steps": float(trainer.loss_scale.skipped.numpy())}
       scalars.update({f"moe/{k}": v for k, v in trainer.moe_stats().items()})
+      bad = bad_records()
+      scalars.update({f"data/bad_records/{r}": float(n) for r, n in zip(records.REASON_NAMES, bad)})
+      scalars["data/bad_records_total"] = float(bad.sum())
       summary_scalars(writer, step, scalars)
       last_log_time, last_log_step = time.time(), step
     if step % checkpoint_every == 0 and step != end:
-      checkpointer.save(step)
+      save(step)
     if eval_data and eval_every and step % eval_every == 0 and step != end:
       r = evaluate_perplexity(trainer, _batches_for_eval(
           eval_data, batch_size=batch_size_per_worker, max_len=max_len, image_mode=image_mode,
@@ -549,15 +570,19 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
       if ctx.is_chief:
         print(f"  eval @ {step}: perplexity {r['perplexity']:.2f}", flush=True)
   if end > start or stop_after == 0:
-    checkpointer.save(end)
+    save(end)
   if eval_data and end == num_steps:
     eval_result = evaluate_perplexity(trainer, _batches_for_eval(
         eval_data, batch_size=batch_size_per_worker, max_len=max_len, image_mode=image_mode,
         ctx=ctx), eval_batches or None)
     summary_scalars(writer, end, {"eval/log_perplexity": eval_result["log_perplexity"],
                                   "eval/perplexity": eval_result["perplexity"]})
+  bad = bad_records()
   summary = {"step": end, "losses": losses, "eval": eval_result,
-             "skipped_steps": int(trainer.loss_scale.skipped.numpy())}
+             "skipped_steps": int(trainer.loss_scale.skipped.numpy()),
+             "bad_records": {r: int(n) for r, n in zip(records.REASON_NAMES, bad) if n}}
+  if ctx.is_chief and bad.sum():
+    print(f"Skipped {int(bad.sum())} bad records: {summary['bad_records']}", flush=True)
   if ctx.is_chief:
     write_json(os.path.join(model_dir, "train_summary.json"),
                {k: v for k, v in summary.items() if k != "losses"})

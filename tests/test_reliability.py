@@ -181,6 +181,44 @@ def _rank_pid(root: int, rank: int) -> int:
   raise AssertionError(f"no trainer process of rank {rank} found")
 
 
+class BadDataTrainingTest(tf.test.TestCase):
+  """The trainer on a training set with broken records: skip and count, or fail naming them."""
+
+  def setUp(self):
+    super().setUp()
+    import gin
+    from m6t_tf.data import records
+    self.data_dir = _tmpdir()
+    good = records.read_serialized(os.path.join(DEMO, "train-00000-of-*.tfrecord"))[:40]
+    records.write_records(os.path.join(self.data_dir, "train-0.tfrecord"), good[:20])
+    bad_path = os.path.join(self.data_dir, "train-1.tfrecord")
+    records.write_records(bad_path, good[20:])
+    with open(bad_path, "r+b") as f:  # flip bytes inside the 5th record: its CRC breaks
+      f.seek(5 * (len(good[20]) + 16) + 100)
+      f.write(b"\xff\xfe\xfd\xfc")
+    self.bad_path = bad_path
+    gin.clear_config()
+
+  def _train(self, mode):
+    import gin
+    from m6t_tf import configurables
+    gin.clear_config()
+    configurables.parse([os.path.join(REPO, "gin", "demo.gin"), os.path.join(REPO, "gin", "tiny.gin")],
+                        [f"train.train_data = '{self.data_dir}/train-*.tfrecord'",
+                         "train.eval_data = None", "train.num_steps = 12",
+                         f"train.on_bad_record = '{mode}'"], [REPO])
+    return configurables.run_train(model_dir=_tmpdir())
+
+  def test_skip_counts_corrupt_records(self):
+    summary = self._train("skip")
+    self.assertLen(summary["losses"], 12)
+    self.assertGreaterEqual(summary["bad_records"].get("corrupt_file", 0), 1)
+
+  def test_fail_names_file_and_record(self):
+    with self.assertRaisesRegex(tf.errors.OpError, r"train-1\.tfrecord.*record"):
+      self._train("fail")
+
+
 class NonFiniteTest(tf.test.TestCase):
 
   def tearDown(self):

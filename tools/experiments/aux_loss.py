@@ -1,6 +1,6 @@
 r"""Auxiliary load-balance loss on vs off: per-layer load cv over training (paper Figure 1).
 
-  python tools/experiments/aux_loss.py --steps=400           # the committed docs/results run
+  python tools/experiments/aux_loss.py --steps=600           # the committed docs/results run
   python tools/experiments/aux_loss.py --routing=2top1_cap_k --steps=1000
 
 Two runs of the demo model with the routing `--routing` (a file of tools/experiments/gin/;

@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GIN_DIR = "tools/experiments/gin"            # relative to ROOT, as the gin files include paths
 TINY_GIN = "gin/tiny.gin"
-DEFAULT_STEPS = 400
+DEFAULT_STEPS = 600
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 

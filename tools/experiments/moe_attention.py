@@ -1,6 +1,6 @@
 r"""MoE attention vs the MoE baseline on the demo model (paper §3.4, Figure 4).
 
-  python tools/experiments/moe_attention.py --steps=400      # the committed docs/results run
+  python tools/experiments/moe_attention.py --steps=600      # the committed docs/results run
   python tools/experiments/moe_attention.py --routings=top1 --steps=1000
 
 For each routing of `--routings` (files of tools/experiments/gin/; default top1, the paper's

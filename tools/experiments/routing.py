@@ -1,6 +1,6 @@
 r"""The five routings × two capacities on the demo model (paper Figure 3 / Table 3, Table 2).
 
-  python tools/experiments/routing.py --steps=400            # the committed docs/results run
+  python tools/experiments/routing.py --steps=600            # the committed docs/results run
   python tools/experiments/routing.py --steps=1000 --model_root=runs/experiments
   python tools/experiments/routing.py --variants=top1,2top1_cap_k --steps=200 --time_rounds=0
 
