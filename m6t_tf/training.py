@@ -351,17 +351,6 @@ def summary_scalars(writer, step: int, scalars: dict) -> None:
       tf.summary.scalar(k, v)
 
 
-def capacity_fingerprint(moe_layers, num_tokens: int) -> dict:
-  """Values every worker must agree on before the first all-to-all."""
-  out = {"tokens_per_worker": int(num_tokens)}
-  for i, layer in enumerate(moe_layers):
-    out[f"moe{i}.num_experts"] = layer.num_experts
-    out[f"moe{i}.expert_group_size"] = layer.communicator.expert_group_size
-    out[f"moe{i}.capacity_train"] = layer.capacity_for(num_tokens, True)
-    out[f"moe{i}.capacity_eval"] = layer.capacity_for(num_tokens, False)
-  return out
-
-
 def numpy_metrics(metrics: dict) -> dict:
   return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
@@ -476,7 +465,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   if model.moe_layers:
     # A capacity that differs between workers would deadlock the first all-to-all: compare
     # before any step.
-    ctx.check_consistent(capacity_fingerprint(model.moe_layers,
+    ctx.check_consistent(context_lib.capacity_fingerprint(model.moe_layers,
                                               batch_size_per_worker * (max_len - 1 + 16)))
   check_free_space(model_dir, entries, keep_checkpoints)
   latest = checkpointer.latest()

@@ -92,3 +92,14 @@ def global_norm(grads, variables, ctx) -> tf.Tensor:
     else:
       dense_sq += sq
   return tf.sqrt(dense_sq + ctx.expert_norm_sq(expert_sq))
+
+
+def capacity_fingerprint(moe_layers, num_tokens: int) -> dict:
+  """Values every worker must agree on before the first all-to-all."""
+  out = {"tokens_per_worker": int(num_tokens)}
+  for i, layer in enumerate(moe_layers):
+    out[f"moe{i}.num_experts"] = layer.num_experts
+    out[f"moe{i}.expert_group_size"] = layer.communicator.expert_group_size
+    out[f"moe{i}.capacity_train"] = layer.capacity_for(num_tokens, True)
+    out[f"moe{i}.capacity_eval"] = layer.capacity_for(num_tokens, False)
+  return out

@@ -41,6 +41,7 @@ import tensorflow as tf
 from m6t_tf.layers import experts as experts_lib
 from m6t_tf.parallel import communicator as comm_lib
 from m6t_tf.parallel import context as context_lib
+from m6t_tf.parallel.context import capacity_fingerprint  # noqa: F401  (re-exported)
 from m6t_tf.parallel.mesh import Mesh, make_process_sets
 
 #: Payload dtypes for the all-to-all: None keeps the compute dtype; "float16" halves the bytes
@@ -494,22 +495,6 @@ def expert_variable_filter(model: keras.layers.Layer) -> Callable[[Any], bool]:
       ids.update(id(v) for v in layer.variables)
       ids.update(id(_tf_variable(v)) for v in layer.variables)
   return lambda v: id(v) in ids
-
-
-def capacity_fingerprint(moe_layers: Sequence[Any], num_tokens: int) -> dict[str, int]:
-  """The values `check_consistent` must see equal on every rank before the first step.
-
-  Args:
-    moe_layers: the model's `MoE` layers, in a fixed order.
-    num_tokens: T, tokens per worker per MoE call (B·L).
-  """
-  out = {"tokens_per_worker": int(num_tokens)}
-  for i, layer in enumerate(moe_layers):
-    out[f"moe{i}.num_experts"] = layer.num_experts
-    out[f"moe{i}.expert_group_size"] = layer.communicator.expert_group_size
-    out[f"moe{i}.capacity_train"] = layer.capacity_for(num_tokens, True)
-    out[f"moe{i}.capacity_eval"] = layer.capacity_for(num_tokens, False)
-  return out
 
 
 def _tf_variable(v):
