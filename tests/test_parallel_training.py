@@ -58,6 +58,11 @@ class ParallelTrainingTest(tf.test.TestCase):
     cls.data = os.path.join(cls.tmp, "one-file.tfrecord")
     records.write_records(cls.data, data)
 
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+    super().tearDownClass()
+
   def bindings(self, batch):
     return ["CAPACITY_FACTOR = 8.0", "DROPOUT = 0.0", "AUX_LOSS = 0.0", "Z_LOSS = 0.0",
             f"train.train_data = '{self.data}'",

@@ -62,8 +62,17 @@ def _model_tensors(model_dir, step):
           if k.startswith(("model/", "optimizer/"))}
 
 
+_TMPDIRS = []
+
+
 def _tmpdir():
-  return tempfile.mkdtemp(prefix="m6t_reliability_", dir=os.path.join(REPO, "runs"))
+  _TMPDIRS.append(tempfile.mkdtemp(prefix="m6t_reliability_", dir=os.path.join(REPO, "runs")))
+  return _TMPDIRS[-1]
+
+
+def tearDownModule():
+  for d in _TMPDIRS:
+    shutil.rmtree(d, ignore_errors=True)
 
 
 class KillAndResumeTest(tf.test.TestCase):

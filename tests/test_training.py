@@ -139,9 +139,19 @@ class GinFilesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(got["perplexity"], expected, rtol=1e-4)
 
 
+_TMPDIRS = []
+
+
 def _tmpdir():
   # tf.test's create_tempdir needs absl flags, which pytest does not parse.
-  return tempfile.mkdtemp(prefix="m6t_test_")
+  _TMPDIRS.append(tempfile.mkdtemp(prefix="m6t_test_"))
+  return _TMPDIRS[-1]
+
+
+def tearDownModule():
+  import shutil
+  for d in _TMPDIRS:
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def _local():
