@@ -24,7 +24,8 @@ train: data
 evaluate: setup
 	$(PY) -m m6t_tf.evaluate --model_dir=$(MODEL_DIR)
 
-test: data
+# matplotlib (requirements-plots.txt) so that the experiment scripts' smoke tests run too.
+test: experiments-setup
 	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
@@ -40,3 +41,24 @@ bench-setup: setup
 
 bench: bench-setup
 	$(PY) tools/bench_moe.py $(BENCH_ARGS)
+
+# The paper's experiments at demo scale (docs/results/README.md): routing × capacity, auxiliary
+# loss, MoE attention (~30 min on 2 cores at --steps=600), then the dense comparison.
+#   make experiments                                   # writes docs/results/*.png, *.md, *.json
+#   make experiments EXPERIMENT_ARGS="--steps=1000 --model_root=runs/experiments1000"
+.PHONY: experiments-setup experiments
+EXPERIMENT_ARGS ?= --steps=600
+PLOTS_STAMP = .venv/.stamp-plots-$(shell sha256sum requirements-plots.txt | cut -c1-16)
+experiments-setup: data $(PLOTS_STAMP)
+$(PLOTS_STAMP): requirements-plots.txt
+	@$(PY) -m pip install -q -r requirements-plots.txt 2> >(grep -v "is ignored: it is neither" >&2)
+	@touch $@
+
+experiments: experiments-setup
+	$(PY) tools/experiments/routing.py $(EXPERIMENT_ARGS)
+	$(PY) tools/experiments/aux_loss.py $(EXPERIMENT_ARGS)
+	$(PY) tools/experiments/moe_attention.py $(EXPERIMENT_ARGS)
+	$(PY) tools/compare_dense.py --dense_gin=gin/demo.gin --moe_gin=tools/experiments/gin/top1.gin \
+	    --moe_gin=tools/experiments/gin/2top1_cap_k.gin --moe_gin=tools/experiments/gin/top2_cap_k.gin \
+	    --moe_gin=tools/experiments/gin/4top1_cap_k.gin --moe_gin=tools/experiments/gin/top4_cap_k.gin \
+	    --out=docs/results/compare_dense.json > docs/results/compare_dense.md

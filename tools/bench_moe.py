@@ -31,7 +31,8 @@ median_s / baseline's, so < 1 is faster; for peers it is peer time / ours = our 
   floor     the whole MoE layer (index, einsum) vs the bare `Experts` layer on [e, D·C, M] inputs
             of the same size; baseline the floor
   dense     MoE top-k (capacity k×) vs a dense FFN of intermediate k·I (same activated FLOPs; the
-            MoE also computes the γ = 1.25 capacity padding); baseline the dense FFN
+            MoE also computes the γ = 1.25 capacity padding): one `Experts` expert on all T
+            tokens (see `_dense` for why not `FeedForward`); baseline the dense FFN
   peer      Model Garden `MoeLayer` (experts-choose routing, capacity factor k·γ, so the same
             E·C slots) vs ours (GeLU); Keras-Hub `MixtralSparseMoeBlock` (SwiGLU, top-k, computes
             all E experts on every token) vs ours with SwiGLU; baseline ours at the same k
@@ -39,6 +40,7 @@ median_s / baseline's, so < 1 is faster; for peers it is peer time / ours = our 
 
 JSON (--format=json), schema_version 1:
   {"schema_version": 1, "tool": "tools/bench_moe.py", "argv": [...], "smoke": bool,
+   "repeats": int, "isolated": bool (one process per shape and for the scaling),
    "machine": {"nproc", "cpu_model", "loadavg_start", "loadavg_end", "tensorflow", "keras", ...},
    "shape": {"worker": {"E", "D", "e", "M", "I", "T", "B", "L", "gamma"}, "T=2048": {...}, ...},
    "peers": {"model_garden": {"available": bool, "version", "how", "reason"}, "keras_hub": {...}},
@@ -64,6 +66,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -105,7 +108,12 @@ def parse_args(argv):
                  help="instead of timing: per-op profile of MoE (top-1; index and einsum) vs its "
                       "floor at the worker shape, or with --no_worker the first --tokens shape "
                       "(inter-op parallelism 1, so op times add up)")
-  p.add_argument("--out", default=None, help="also write the JSON report to this file")
+  p.add_argument("--out", default=None,
+                 help="also write the JSON report to this file (rewritten after every task)")
+  p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
+                 help="run each shape and the scaling in its own process (auto: yes unless "
+                      "--smoke); TF's CPU allocator keeps the memory a large einsum grew")
+  p.add_argument("--task", default=None, help=argparse.SUPPRESS)  # internal: one child task
   args = p.parse_args(argv)
   unknown = set(args.sections.split(",")) - set(SECTIONS)
   if unknown:
@@ -217,12 +225,14 @@ class Candidate:
     probe = tf.random.stateless_normal(y.shape, [3, 4], dtype=y.dtype)
     variables = layer.trainable_variables
 
+    # The loss is returned too: with gradients alone, TF prunes every forward op whose value no
+    # gradient needs (the experts' second matmul, unless a router gradient reads its output).
     @tf.function
     def step(x):
       with tf.GradientTape() as tape:
         tape.watch(x)
         loss = tf.reduce_sum(call(layer, x) * probe)
-      return tape.gradient(loss, [x] + list(variables))
+      return loss, tape.gradient(loss, [x] + list(variables))
 
     self.layer, self.x = layer, x
     step(x)                                          # trace + warm-up, excluded
@@ -276,9 +286,15 @@ def _floor(shape):
 
 
 def _dense(shape, k):
+  """A dense FFN of intermediate k·I over all T tokens: one `Experts` expert on [1, T, M].
+
+  Not `m6t_tf.layers.feedforward.FeedForward`: its `tf.einsum("...M,MI->...I")` has a weight
+  gradient that TF computes as einsum("...M,...I->MI...") and then reduces, materialising a
+  [T, M, I] tensor (8 GiB at T = 2048, M = 512, I = 2048: ResourceExhaustedError here).
+  """
   def make():
-    from m6t_tf.layers import feedforward
-    layer = feedforward.FeedForward(k * shape["I"])
+    from m6t_tf.layers import experts as experts_lib
+    layer = experts_lib.Experts(1, shape["M"], k * shape["I"])
     return layer, lambda l, x: l(x, training=True)
   return make
 
@@ -313,16 +329,30 @@ def time_interleaved(candidates: list[Candidate], repeats: int, log) -> dict:
     try:
       c.build()
       ready.append(c)
-    except Exception as e:  # a peer that cannot run on this stack: reported, not fatal
-      c.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    except Exception as e:  # e.g. a peer that cannot run on this stack: reported, not fatal
+      c.error = _error_text(e)
+      c.release()
       log(f"  {c.key}: cannot run ({c.error})")
   times = {c.key: [] for c in ready}
   for r in range(repeats):
     shift = r % max(len(ready), 1)
     for c in ready[shift:] + ready[:shift]:
-      times[c.key].append(c.run())
+      if c.error:
+        continue
+      try:
+        times[c.key].append(c.run())
+      except Exception as e:
+        c.error = _error_text(e)
+        log(f"  {c.key}: failed in round {r + 1} ({c.error})")
     log(f"  round {r + 1}/{repeats} done")
-  return times
+  return {k: v for k, v in times.items() if len(v) == repeats}
+
+
+def _error_text(e: Exception) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  oom = [l for l in lines if l.startswith("OOM when allocating")]
+  text = oom[0].split(" on /job")[0] if oom else (lines[0] if lines else "")
+  return f"{type(e).__name__}: {text}"[:300]
 
 
 def _ratio(times, key, base):
@@ -392,7 +422,7 @@ def measure_shape(shape_name, shape, args, peers, results, skipped, log):
     add("floor", _floor(shape), (shape["E"] // shape["D"], shape["D"] * c, m))
   if "dense" in sections:
     for k in (1, 2, 4):
-      add(f"dense{k}", _dense(shape, k))
+      add(f"dense{k}", _dense(shape, k), (1, t, m))
       add(f"top{k}/capk", _ours(shape, k=k))
   peer_rows = []
   if "peers" in sections and shape["D"] == 1:
@@ -679,35 +709,71 @@ def table(report) -> str:
   return "\n".join(out)
 
 
+def run_task(task: str, args, shapes, peers, log) -> dict:
+  results, skipped, fit = [], [], {}
+  if task == "scaling":
+    measure_scaling(args, results, skipped, fit, log)
+  else:
+    measure_shape(task, shapes[task], args, peers, results, skipped, log)
+  return {"results": results, "skipped": skipped, "scaling_fit": fit}
+
+
+def _child_argv(args, task: str) -> list[str]:
+  argv = [f"--tokens={','.join(map(str, args.tokens))}",
+          f"--scaling_tokens={','.join(map(str, args.scaling_tokens))}",
+          f"--repeats={args.repeats}", f"--sections={','.join(args.sections)}", f"--task={task}"]
+  return argv + [flag for flag, on in (("--smoke", args.smoke), ("--no_peers", args.no_peers),
+                                       ("--no_worker", args.no_worker)) if on]
+
+
 def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  import tensorflow as tf
+  tf.get_logger().setLevel("ERROR")  # one tf.function per candidate is the design, not a retrace
   if args.profile:
-    import tensorflow as tf
     tf.config.threading.set_inter_op_parallelism_threads(1)
     prof = profile(args, log)
     print(json.dumps(prof, indent=1) if args.format == "json" else profile_table(prof))
     return 0
-  machine = machine_info()
-  peer_status, peers = import_peers(not args.no_peers and "peers" in args.sections)
   shapes = shapes_for(args)
-  results, skipped, fit = [], [], {}
-  for name, shape in shapes.items():
-    measure_shape(name, shape, args, peers, results, skipped, log)
-  if "scaling" in args.sections:
-    measure_scaling(args, results, skipped, fit, log)
+  peer_status, peers = import_peers(not args.no_peers and "peers" in args.sections)
+  if args.task:
+    print(json.dumps(run_task(args.task, args, shapes, peers, log)))
+    return 0
+  machine = machine_info()
+  isolate = args.isolate == "yes" or (args.isolate == "auto" and not args.smoke)
+  tasks = list(shapes) + (["scaling"] if "scaling" in args.sections else [])
+  report = {"schema_version": SCHEMA_VERSION, "tool": "tools/bench_moe.py", "argv": argv,
+            "smoke": args.smoke, "repeats": args.repeats, "isolated": isolate,
+            "machine": machine, "shape": shapes, "peers": peer_status, "results": [],
+            "skipped": [], "scaling_fit": {}, "targets": []}
+  for task in tasks:
+    if isolate:
+      proc = subprocess.run([sys.executable, os.path.abspath(__file__), *_child_argv(args, task)],
+                            stdout=subprocess.PIPE, text=True)
+      if proc.returncode != 0:
+        report["skipped"].append({"name": task, "variant": "*", "shape": task,
+                                  "reason": f"its process exited with status {proc.returncode}"})
+        continue
+      part = json.loads(proc.stdout)
+    else:
+      part = run_task(task, args, shapes, peers, log)
+    report["results"] += part["results"]
+    report["skipped"] += part["skipped"]
+    report["scaling_fit"].update(part["scaling_fit"])
+    machine["loadavg_end"] = list(os.getloadavg())
+    report["targets"] = evaluate_targets(report["results"], report["scaling_fit"], shapes,
+                                         peer_status, args.sections)
+    if args.out:
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
   machine["loadavg_end"] = list(os.getloadavg())
-  report = {"schema_version": SCHEMA_VERSION, "tool": "tools/bench_moe.py",
-            "argv": sys.argv[1:] if argv is None else list(argv), "smoke": args.smoke,
-            "repeats": args.repeats, "machine": machine, "shape": shapes, "peers": peer_status,
-            "results": results, "skipped": skipped, "scaling_fit": fit,
-            "targets": evaluate_targets(results, fit, shapes, peer_status, args.sections)}
-  text = json.dumps(report, indent=1) if args.format == "json" else table(report)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=1)
-  print(text)
+  report["targets"] = evaluate_targets(report["results"], report["scaling_fit"], shapes,
+                                       peer_status, args.sections)
+  print(json.dumps(report, indent=1) if args.format == "json" else table(report))
   return 0
 
 

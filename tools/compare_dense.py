@@ -70,6 +70,7 @@ import glob
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -369,6 +370,7 @@ def _si(x: float) -> str:
 def table(r: dict) -> str:
   d, m = r["dense"], r["method"]
   lines = [
+      f"`python {r['tool']} {' '.join(shlex.quote(a) for a in r['argv'])}`", "",
       f"Dense twin {d['name']}: {d['params_total']:,} parameters "
       f"({d['params_non_embedding']:,} non-embedding); the budget uses "
       f"{m['param_count']} = {d['budget_params']:,} × {m['tokens_per_param']:g} tokens/param "

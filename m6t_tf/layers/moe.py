@@ -80,9 +80,9 @@ def _pad_row(x):
   return tf.concat([x, tf.zeros_like(x[:1])], axis=0)
 
 
-def _sum_choices(picked):
-  """<[K, T, N]> -> <[T, N]>; K = 1 (top-1) needs no reduction pass."""
-  return picked[0] if picked.shape[0] == 1 else tf.reduce_sum(picked, axis=0)
+def _sum_rows(table, rows):
+  """Σ_k table[rows[k]]: <[R, N]>, <int32>[K, T] -> <[T, N]>, with no [K, T, N] pass."""
+  return tf.add_n([tf.gather(table, rows[k]) for k in range(rows.shape[0])])
 
 
 # Both index passes carry their own gradients: each is the other's transpose, so the backward
@@ -96,7 +96,7 @@ def dispatch_index(x, routing: routing_lib.Routing, num_experts: int):
   @tf.custom_gradient
   def gather_rows(x):
     def grad(d_out):                                                      # [E·C, M] -> [T, M]
-      return _sum_choices(tf.gather(_pad_row(d_out), rows))
+      return _sum_rows(_pad_row(d_out), rows)
     return tf.gather(_pad_row(x), slot_token), grad                      # [E·C, M]
 
   return tf.reshape(gather_rows(x), [num_experts, routing.capacity, -1])
@@ -106,16 +106,16 @@ def combine_index(y, routing: routing_lib.Routing, num_experts: int):
   """<E, C, M> -> <T, M>: Σ over the K choices of gate · y[expert, slot]."""
   rows, slot_choice, slot_token = _index_maps(routing, num_experts)
 
+  # Every per-row product runs over the E·C slots (γ·T at Capacity 1×), not the K·T choices:
+  # slots are scaled by their gate first, and the gate's gradient is one dot product per slot.
   @tf.custom_gradient
   def weighted_gather(y_flat, gate):
-    picked = tf.gather(_pad_row(y_flat), rows)                            # [K, T, N]
+    slot_gate = tf.gather(_pad_row(tf.reshape(gate, [-1])), slot_choice)[:, None]  # [E·C, 1]
     def grad(d_out):                                                      # [T, N]
-      # Slot s holds choice (k, t): its gradient is gate[k, t] · d_out[t]; padding gets 0.
-      slot_gate = tf.gather(_pad_row(tf.reshape(gate, [-1])), slot_choice)   # [E·C]
-      d_y = tf.gather(_pad_row(d_out), slot_token) * slot_gate[:, None]       # [E·C, N]
-      d_gate = tf.reduce_sum(picked * d_out[None], axis=-1)                   # [K, T]
-      return d_y, d_gate
-    return _sum_choices(picked * gate[:, :, None]), grad                 # [T, N]
+      d_slot = tf.gather(_pad_row(d_out), slot_token)                     # [E·C, N]; 0 if padding
+      slot_dot = tf.reduce_sum(y_flat * d_slot, axis=-1)                  # [E·C]
+      return d_slot * slot_gate, tf.gather(_pad_row(slot_dot), rows)      # [E·C, N], [K, T]
+    return _sum_rows(_pad_row(y_flat * slot_gate), rows), grad           # [T, N]
 
   y_flat = tf.reshape(y, [num_experts * routing.capacity, -1])             # [E·C, N]
   return weighted_gather(y_flat, tf.cast(routing.gate, y.dtype))

@@ -114,12 +114,19 @@ class Sweep:
     name = "+".join(spec.gins) + ("+tiny" if self.args.tiny else "")
     return os.path.join(self.model_root, f"{name}-steps{self.args.steps}-seed{spec.seed}")
 
-  def command(self, spec: RunSpec) -> str:
-    parts = ["python", "-m", "m6t_tf.train"]
-    parts += [f"--gin_file={f}" for f in self.files(spec)]
-    parts += [f"--gin_bindings={b}" for b in self.bindings(spec)]
-    parts.append(f"--model_dir={rel(self.run_dir(spec))}")
-    return " ".join(shlex.quote(p) for p in parts)
+  def command(self, spec: RunSpec, multiline: bool = False) -> str:
+    parts = ["python -m m6t_tf.train"]
+    parts += [shlex.quote(f"--gin_file={f}") for f in self.files(spec)]
+    parts += [shlex.quote(f"--gin_bindings={b}") for b in self.bindings(spec)]
+    parts.append(shlex.quote(f"--model_dir={rel(self.run_dir(spec))}"))
+    if not multiline:
+      return " ".join(parts)
+    # Files and model_dir on the first lines, the bindings two to a line.
+    head = [" ".join(parts[:1 + len(self.files(spec))])]
+    binds = parts[1 + len(self.files(spec)):-1]
+    head += ["    " + " ".join(binds[i:i + 2]) for i in range(0, len(binds), 2)]
+    head.append("    " + parts[-1])
+    return " \\\n".join(head)
 
   def ensure(self, spec: RunSpec) -> dict:
     """Trains the run unless a finished one with the same settings exists; returns `load_run`."""
@@ -373,11 +380,11 @@ def header_block(title: str, args, sweep: Sweep, specs: list[RunSpec], machine: 
            "each equals:", "", "```bash"]
   seen = set()
   for spec in specs:
-    c = sweep.command(spec)
+    c = sweep.command(spec, multiline=True)
     if c not in seen:
       seen.add(c)
       lines.append(c)
-  lines += ["```", ""]
+  lines += ["```", "", ""]
   return "\n".join(lines)
 
 
@@ -399,10 +406,13 @@ def run_record(run: dict) -> dict:
   return {"dir": rel(run["dir"]), "command": run["experiment"].get("command"),
           "wall_s": run["experiment"].get("wall_s"), "eval": run["summary"].get("eval"),
           "final_train_loss": final_train_loss(run),
-          "train_loss": {str(s): v for s, v in sorted(run["losses"].items())},
+          # Curves rounded to 4 decimals: enough to redraw the plots, a third of the size.
+          "train_loss": {str(s): round(v, 4) for s, v in sorted(run["losses"].items())},
           "eval_log_perplexity": dict(zip(map(str, steps), values)),
-          "moe": {layer: {stat: {str(s): v for s, v in run["scalars"].get(
-              f"moe/{layer}/{stat}", {}).items()} for stat in ("load_cv", "dropped_fraction")}
+          "grad_norm": {str(s): round(v, 4) for s, v in sorted(
+              run["scalars"].get("grad_norm", {}).items())},
+          "moe": {layer: {stat: {str(s): round(v, 4) for s, v in sorted(run["scalars"].get(
+              f"moe/{layer}/{stat}", {}).items())} for stat in ("load_cv", "dropped_fraction")}
                   for layer in moe_layer_names(run)}}
 
 
