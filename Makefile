@@ -32,7 +32,7 @@ clean:
 	rm -rf runs .pytest_cache
 
 # The MoE benchmark's peers (Keras-Hub, Model Garden) into .venv, --no-deps: see requirements-bench.txt.
-#   make bench                       # full run, table (~15 min on 2 cores; docs/bench_moe.md)
+#   make bench                       # full run, table (~25 min on 2 cores; docs/bench_moe.md)
 #   make bench BENCH_ARGS="--smoke --format=json"
 .PHONY: bench-setup bench
 BENCH_ARGS ?=
