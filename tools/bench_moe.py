@@ -71,6 +71,8 @@ import subprocess
 import sys
 import time
 
+from m6t_tf.machine import machine_info
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SCHEMA_VERSION = 1
@@ -135,21 +137,6 @@ def parse_args(argv):
 # Machine and peers
 
 
-def machine_info() -> dict:
-  import keras
-  import tensorflow as tf
-  cpu = "unknown"
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return {"nproc": os.cpu_count(), "cpu_model": cpu, "loadavg_start": list(os.getloadavg()),
-          "python": sys.version.split()[0], "tensorflow": tf.__version__,
-          "keras": keras.__version__}
 
 
 def _version(dist: str):
