@@ -101,10 +101,4 @@ def make_eval_context():
   """Evaluation runs on whatever was launched, whatever layout trained the checkpoint: one
   process holds every expert; under horovodrun every worker is on the expert axis."""
   from m6t_tf.parallel import launch_env
-  world = launch_env.world_size()
-  if world <= 1:
-    return context_lib.LocalContext()
-  from m6t_tf.parallel import horovod as horovod_lib
-  from m6t_tf.parallel import mesh as mesh_lib
-  return horovod_lib.init_horovod(mesh_lib.Mesh(data=1, expert=world),
-                                  num_experts=query("MoEConfig.num_experts"))
+  return make_context(mesh_data=1, mesh_expert=launch_env.world_size())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from typing import Optional
 
@@ -313,7 +312,6 @@ class Progress:
     self.total, self.every, self.enabled = total, every, enabled
     self.t0 = time.time()
     self.start = start
-    self.interactive = sys.stdout.isatty()
 
   def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
     if not self.enabled or (step % self.every and step != self.total):

@@ -41,6 +41,9 @@ import tensorflow as tf
 from m6t_tf.layers import experts as experts_lib
 from m6t_tf.parallel import communicator as comm_lib
 from m6t_tf.parallel import context as context_lib
+# Read before `hvd.init`, so that a wrong mesh fails on every rank before any rendezvous.
+from m6t_tf.parallel.launch_env import WORLD_SIZE_ENV as _WORLD_SIZE_ENV
+from m6t_tf.parallel.launch_env import world_size_from_env
 from m6t_tf.parallel.context import capacity_fingerprint  # noqa: F401  (re-exported)
 from m6t_tf.parallel.mesh import Mesh, make_process_sets
 
@@ -49,9 +52,6 @@ from m6t_tf.parallel.mesh import Mesh, make_process_sets
 WIRE_DTYPES = (None, "float32", "float16")
 #: dtypes `hvd.alltoall` accepts; anything else (bfloat16 compute) travels as float32, losslessly.
 _HOROVOD_FLOATS = (tf.float16, tf.float32, tf.float64)
-#: Environment variables launchers set to the number of processes, read before `hvd.init` so
-#: that a wrong mesh fails on every rank before any rendezvous.
-_WORLD_SIZE_ENV = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 
 
 def check_build():
@@ -73,15 +73,6 @@ def check_build():
         "processes. Rebuild with HOROVOD_WITH_GLOO=1 (CPU hosts) or HOROVOD_WITH_MPI=1, and "
         "check with `horovodrun --check-build`.")
   return hvd
-
-
-def world_size_from_env() -> Optional[int]:
-  """Number of processes the launcher started (horovodrun, Open MPI, MPICH, PMIx), if known."""
-  for name in _WORLD_SIZE_ENV:
-    value = os.environ.get(name)
-    if value and value.isdigit():
-      return int(value)
-  return None
 
 
 def _check_wire_dtype(wire_dtype) -> Optional[str]:

@@ -400,6 +400,14 @@ def write_outputs(out_dir: str, name: str, markdown: str, payload: dict, fig) ->
   return paths
 
 
+def finish(args, name: str, markdown: str, table: str, payload: dict, fig) -> dict:
+  """Writes the experiment's PNG, markdown and JSON, prints its table and what it wrote."""
+  paths = write_outputs(args.out_dir, name, markdown, payload, fig)
+  print(table)
+  print("wrote " + ", ".join(rel(p) for p in paths.values()))
+  return paths
+
+
 def run_record(run: dict) -> dict:
   """What the JSON outputs keep of a run (curves included, so plots can be redrawn)."""
   steps, values = series(run, "eval/log_perplexity")

@@ -130,9 +130,7 @@ def main(argv=None) -> int:
   fig = plot(runs, pairs, args)
   payload = {"experiment": NAME, "argv": argv, "steps": args.steps, "machine": machine,
              "runs": records, "timing": timing}
-  paths = common.write_outputs(args.out_dir, NAME, md, payload, fig)
-  print(table)
-  print("wrote " + ", ".join(common.rel(p) for p in paths.values()))
+  common.finish(args, NAME, md, table, payload, fig)
   return 0
 
 

@@ -213,11 +213,9 @@ def main(argv=None) -> int:
   fig, cost = plot(runs, main_specs, reps, timing)
   payload = {"experiment": NAME, "argv": argv, "steps": args.steps, "machine": machine,
              "runs": records, "timing": timing}
-  paths = common.write_outputs(args.out_dir, NAME, md, payload, fig)
+  common.finish(args, NAME, md, table, payload, fig)
   if cost is not None:
     cost.savefig(os.path.join(args.out_dir, f"{NAME}_cost.png"), bbox_inches="tight")
-  print(table)
-  print("wrote " + ", ".join(common.rel(p) for p in paths.values()))
   return 0
 
 
