@@ -80,11 +80,14 @@ if [[ ! -f $HVD_STAMP ]] || ! have_hvd; then
     # HOROVOD_ENABLE_XLA_OPS=1, which we never set.
     sed -i '/horovod\/tensorflow\/xla_mpi_ops.cc/d' "$SRC/horovod/tensorflow/CMakeLists.txt"
     $VPIP install -q cmake 2>/dev/null || true
-    env HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 \
-        HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo \
-        $( [[ $WITH_MPI == 1 ]] && echo HOROVOD_WITH_MPI=1 || echo HOROVOD_WITHOUT_MPI=1 ) \
-        MAKEFLAGS=-j$(nproc) \
-        $VPIP wheel -q --no-deps --no-build-isolation "$SRC" -w "$BUILD/wheel"
+    # A subshell with exported variables, not `env VAR=… cmd`: `env` runs programs only, and
+    # $VPIP is a shell function (this line once failed on every machine without a cached wheel).
+    (
+      export HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 \
+             HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo MAKEFLAGS=-j$(nproc)
+      if [[ $WITH_MPI == 1 ]]; then export HOROVOD_WITH_MPI=1; else export HOROVOD_WITHOUT_MPI=1; fi
+      $VPIP wheel -q --no-deps --no-build-isolation "$SRC" -w "$BUILD/wheel"
+    )
     mkdir -p "$WHEEL_DIR"
     cp "$BUILD"/wheel/horovod-*.whl "$WHEEL_DIR/.tmp.whl.part"
     mv "$WHEEL_DIR/.tmp.whl.part" "$WHEEL_DIR/$(basename "$BUILD"/wheel/horovod-*.whl)"
