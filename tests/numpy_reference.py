@@ -7,6 +7,9 @@ eye. The tests compare `m6t_tf.layers.routing` / `m6t_tf.layers.moe` against it.
 Conventions (the letters of SPEC §1):
   T tokens, E experts, C capacity, K choices per token (k for top-k, Z for prototypes).
 
+Choices: the argmax of the logits, never of the probabilities (float32 probabilities more than
+~90 below the top one underflow to 0.0 and would tie); gates come from the probabilities.
+
 Ties: argmax picks the lowest expert index (NumPy's and TensorFlow's `argmax` both do), so
 e.g. all-zero logits send every token to expert 0 first, expert 1 second, and so on.
 """

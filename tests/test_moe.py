@@ -111,6 +111,20 @@ class MoEReferenceTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllClose(stats["aux_loss"], r.aux_loss, atol=1e-5)
     self.assertAllClose(stats["z_loss"], r.z_loss, atol=1e-5)
 
+  @parameterized.parameters(("top_k", 2), ("top_k", 3), ("prototype", 2), ("prototype", 3))
+  def test_router_logits_far_apart(self, routing, k):
+    # Logits hundreds apart: every probability but each token's top one is exactly 0.0 in
+    # float32; the layer's later choices (and so the loads) must still follow the logits.
+    layer = _make(6, routing=routing, k=k, router_scale=500.0)
+    x = _inputs(5)
+    y = layer(x)
+    logits = x.reshape(T, M) @ layer.router.kernel.numpy()
+    self.assertGreater(np.mean(tf.nn.softmax(logits).numpy() == 0.0), 0.5)
+    want, r = ref.moe_forward(x.reshape(T, M), activation="gelu", routing=routing, k=k,
+                              capacity=layer.last_capacity, **_numpy_weights(layer))
+    self.assertAllEqual(layer.stats["tokens_per_expert"], r.tokens_per_expert)
+    self.assertAllClose(y, want.reshape(B, L, M), atol=2e-5, rtol=1e-5)
+
   def test_eval_capacity_factor(self):
     layer = _make(5, k=2, capacity_factor=0.5, eval_capacity_factor=2.0, router_scale=2.0)
     x = _inputs(3)

@@ -24,6 +24,17 @@ def _random_logits(seed, num_tokens, num_experts, scale=2.0):
           ).astype(np.float32)
 
 
+def _wide_gap_logits(seed, num_tokens, num_experts, gap=200.0):
+  """Every token's logits are a random permutation of gap·[0, 1, …, E-1] (float32).
+
+  With gap = 200 every probability but the top one underflows to exactly 0.0 in float32
+  (exp(-200) < 1e-45), so only the logits still rank the later choices.
+  """
+  rng = np.random.default_rng(seed)
+  return np.stack([rng.permutation(num_experts) for _ in range(num_tokens)]).astype(
+      np.float32) * np.float32(gap)
+
+
 def _random_mask(seed, num_tokens):
   mask = np.random.default_rng(seed + 1000).random(num_tokens) < 0.7
   mask[0] = True
@@ -150,6 +161,37 @@ class TopKRoutingTest(_RoutingAsserts, parameterized.TestCase):
     self.assertAllEqual(r.kept, [[True] * 3 + [False] * 2] * 2)
     self.assertAllEqual(r.tokens_per_expert, [3, 3, 0])
     self.assertAllClose(r.gate, [[0.5] * 3 + [0.0] * 2] * 2)   # renormalised 1/3 + 1/3
+
+  def test_choices_follow_logits_where_probabilities_underflow(self):
+    t, e, k = 6, 5, 3
+    logits = _wide_gap_logits(0, t, e)
+    probs = tf.nn.softmax(logits).numpy()
+    self.assertEqual(int((probs == 0.0).sum()), t * (e - 1))   # the case of the test holds
+    for normalization in NORMALIZATIONS:
+      r = routing_lib.top_k_routing(logits, k=k, capacity=t, normalization=normalization)
+      # r-th choice = r-th largest logit, not the lowest index among the zero probabilities.
+      self.assertAllEqual(r.expert_index, np.argsort(-logits, axis=-1)[:, :k].T, normalization)
+      want = ref.top_k_routing(logits, k=k, capacity=t, normalization=normalization)
+      self.assertRoutingMatches(r, want, np.ones(t, bool))
+    # Gates still come from the probabilities: the later choices weigh (exactly) nothing.
+    r = routing_lib.top_k_routing(logits, k=k, capacity=t, normalization="none")
+    self.assertAllEqual(r.gate, [[1.0] * t, [0.0] * t, [0.0] * t])
+
+  def test_choices_follow_logits_closer_than_probabilities_resolve(self):
+    # Logits one float32 ulp apart whose softmax rounds to two equal probabilities: the larger
+    # logit (expert 1) is the first choice, not the lower index.
+    a = np.float32(0.48302874)
+    logits = np.array([[a, np.nextafter(a, np.float32(1.0)), -4.0236588]], np.float32)
+    probs = tf.nn.softmax(logits).numpy()
+    self.assertEqual(probs[0, 0], probs[0, 1])
+    r = routing_lib.top_k_routing(logits, k=2, capacity=1)
+    self.assertAllEqual(r.expert_index, [[1], [0]])
+
+  def test_minus_infinity_logits_keep_choices_distinct(self):
+    logits = np.array([[0.0, -np.inf, 1.0, -np.inf]], np.float32)
+    r = routing_lib.top_k_routing(logits, k=4, capacity=1)
+    self.assertAllEqual(r.expert_index, [[2], [0], [1], [3]])
+    self.assertAllEqual(r.gate.numpy()[2:], [[0.0], [0.0]])
 
   def test_padding_takes_no_capacity(self):
     logits = tf.zeros([4, 2])  # every real token wants expert 0
@@ -288,6 +330,32 @@ class PrototypeRoutingTest(_RoutingAsserts, parameterized.TestCase):
     self.assertAllEqual(r.tokens_per_expert, [1, 1, 1, 1])
     self.assertAllClose(r.dropped_fraction, 2.0 / 6.0)
 
+  def test_choices_follow_logits_where_probabilities_underflow(self):
+    t, z, f = 6, 3, 4
+    # Each prototype's F logits are a permutation of 200·[0..F-1], shifted per prototype.
+    logits = _wide_gap_logits(1, t * z, f).reshape(t, z, f) + (
+        np.float32(-1000.0) * np.arange(z, dtype=np.float32))[None, :, None]
+    logits = logits.reshape(t, z * f)
+    for normalization in NORMALIZATIONS:
+      r = routing_lib.prototype_routing(logits, num_prototypes=z, capacity=t,
+                                        normalization=normalization)
+      want_index = np.argmax(logits.reshape(t, z, f), axis=-1).T + np.arange(z)[:, None] * f
+      self.assertAllEqual(r.expert_index, want_index, normalization)
+      want = ref.prototype_routing(logits, num_prototypes=z, capacity=t,
+                                   normalization=normalization)
+      self.assertRoutingMatches(r, want, np.ones(t, bool))
+
+  def test_choices_follow_logits_closer_than_probabilities_resolve(self):
+    # Prototype 1 holds two logits one float32 ulp apart whose softmax rounds to equal
+    # probabilities: its top-1 is the larger logit (expert 4), not the lower index (3).
+    a = np.float32(0.48302874)
+    logits = np.array([[1.0, 0.0, -1.0, a, np.nextafter(a, np.float32(1.0)), -4.0236588]],
+                      np.float32)
+    probs = tf.nn.softmax(logits[:, 3:]).numpy()
+    self.assertEqual(probs[0, 0], probs[0, 1])
+    r = routing_lib.prototype_routing(logits, num_prototypes=2, capacity=1)
+    self.assertAllEqual(r.expert_index, [[0], [4]])
+
   def test_ties_pick_first_expert_of_each_prototype(self):
     r = routing_lib.prototype_routing(tf.zeros([2, 6]), num_prototypes=3, capacity=2)
     self.assertAllEqual(r.expert_index, [[0, 0], [2, 2], [4, 4]])
@@ -345,6 +413,44 @@ class GateGradientTest(parameterized.TestCase, tf.test.TestCase):
       numeric[i, j] = (f(up) - f(down)) / (2 * eps)
     self.assertAllClose(grad, numeric, atol=1e-5, rtol=1e-4)
     self.assertGreater(np.abs(numeric).max(), 1e-3)
+
+
+class ArrayInputTest(parameterized.TestCase, tf.test.TestCase):
+  """Routing takes NumPy arrays and nested lists as TensorFlow ops do."""
+
+  @parameterized.parameters(("top_k", 2), ("prototype", 2), ("top_k", 1))
+  def test_numpy_and_lists_match_tensors(self, routing, k):
+    logits = _random_logits(9, 5, 4)
+    want = routing_lib.route(tf.constant(logits), routing=routing, k=k, capacity=2)
+    mask = [True, False, True, True, True]
+    want_masked = routing_lib.route(tf.constant(logits), routing=routing, k=k, capacity=2,
+                                    token_mask=tf.constant(mask))
+    for name, value in (("float32 array", logits), ("float64 array", logits.astype(np.float64)),
+                        ("list", logits.tolist())):
+      got = routing_lib.route(value, routing=routing, k=k, capacity=2)
+      for field in ("expert_index", "slot", "kept", "gate", "aux_loss", "z_loss"):
+        self.assertAllClose(getattr(got, field), getattr(want, field), atol=1e-7,
+                            msg=f"{name}: {field}")
+      got = routing_lib.route(value, routing=routing, k=k, capacity=2, token_mask=mask)
+      self.assertAllClose(got.combine_weights, want_masked.combine_weights, atol=1e-7, msg=name)
+    got = routing_lib.top_k_routing(np.array([[0, 3, 1]]), k=2, capacity=1)   # integer logits
+    self.assertAllEqual(got.expert_index, [[1], [2]])
+
+  def test_direct_functions_take_arrays(self):
+    logits = _random_logits(10, 7, 6)
+    a = routing_lib.top_k_routing(logits, k=2, capacity=3)
+    b = routing_lib.prototype_routing(logits.tolist(), num_prototypes=3, capacity=3)
+    self.assertAllEqual(a.expert_index, ref.top_k_routing(logits, k=2, capacity=3).expert_index)
+    self.assertAllEqual(b.expert_index, ref.prototype_routing(
+        logits, num_prototypes=3, capacity=3).expert_index)
+
+  def test_bad_inputs_name_the_problem(self):
+    with self.assertRaisesRegex(TypeError, "router logits must be numbers.*string"):
+      routing_lib.top_k_routing([["a", "b"]], k=1, capacity=1)
+    with self.assertRaisesRegex(TypeError, "router logits must be a \\[T, E\\].*list"):
+      routing_lib.top_k_routing([[1.0, 2.0], [3.0]], k=1, capacity=1)
+    with self.assertRaisesRegex(ValueError, r"\[T, E\], got shape \(3,\)"):
+      routing_lib.prototype_routing(np.zeros(3), num_prototypes=1, capacity=1)
 
 
 class CoefficientOfVariationTest(tf.test.TestCase):

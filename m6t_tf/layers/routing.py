@@ -11,6 +11,10 @@ the GShard form (`combine_weights`/`dispatch_mask` over `[T, E, C]`, used by the
 dispatch) and an index form (`expert_index`/`slot`/`gate` over `[K, T]`, used by the index
 dispatch whose cost is O(K·T·M) instead of O(T·E·C·M)). Both forms describe the same placement.
 
+Choices are made on the logits, gates come from the probabilities: softmax preserves the order
+of the logits, but in float32 every probability more than ~90 below the top logit underflows to
+exactly 0.0, and an argmax over those zeros would pick by index, not by logit.
+
 Priority (SPEC §1): top-k is a looped argmax. Round r places every token's r-th choice *after*
 all tokens that rounds < r already placed in that expert, in token order; a token whose slot
 would be ≥ C is dropped for that expert. First choices therefore always beat second choices.
@@ -24,9 +28,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+
+import numpy as np
 import tensorflow as tf
 
 NORMALIZATIONS = ("auto", "none", "renormalize", "softmax_topk")
+# Looped-argmax marks: an expert already chosen, and the floor of a logit still in the running.
+_CHOSEN = float(np.finfo(np.float32).min)
+_ABOVE_CHOSEN = float(np.nextafter(np.float32(_CHOSEN), np.float32(0)))
 CAPACITY_MODES = ("k", "1")
 
 
@@ -119,13 +128,21 @@ class Routing:
         choices - tf.reduce_sum(tf.cast(self.kept, tf.float32)), choices)
 
 
-def _check_logits(logits: tf.Tensor) -> tuple[int, int]:
+def _check_logits(logits) -> tuple[tf.Tensor, int, int]:
+  """<float32>[T, E] logits from a tensor, NumPy array or nested list (as TF ops accept), T, E."""
+  try:
+    logits = tf.convert_to_tensor(logits)
+  except (TypeError, ValueError) as err:
+    raise TypeError(f"router logits must be a [T, E] tensor, array or nested list of numbers, got "
+                    f"{type(logits).__name__}: {err}") from None
+  if not (logits.dtype.is_floating or logits.dtype.is_integer):
+    raise TypeError(f"router logits must be numbers, got dtype {logits.dtype.name}")
   if logits.shape.rank != 2:
     raise ValueError(f"router logits must be [T, E], got shape {logits.shape}")
   t, e = logits.shape
   if t is None or e is None:
     raise ValueError(f"router logits need a static shape [T, E] (capacity depends on it), got {logits.shape}")
-  return t, e
+  return tf.cast(logits, tf.float32), t, e
 
 
 def _normalize(gates: tf.Tensor, top_logits: tf.Tensor, normalization: str, k: int) -> tf.Tensor:
@@ -202,15 +219,17 @@ def top_k_routing(logits: tf.Tensor, *, k: int, capacity: int, normalization: st
   Returns:
     A `Routing` with K = k choices per token.
   """
-  num_tokens, num_experts = _check_logits(logits)
+  logits, num_tokens, num_experts = _check_logits(logits)
   if not 1 <= k <= num_experts:
     raise ValueError(f"k={k} must satisfy 1 <= k <= num_experts={num_experts}")
   if capacity < 1:
     raise ValueError(f"capacity={capacity} must be >= 1")
   valid = _valid_mask(token_mask, num_tokens)
-  logits = tf.cast(logits, tf.float32)
   probs = tf.nn.softmax(logits, axis=-1)                                  # [T, E]
-  remaining = probs
+  # Choices on the logits. An expert already chosen is marked with the lowest float32, and a
+  # -inf logit is lifted just above it, so the choices stay distinct (TF's CPU argmax never
+  # picks a value <= the lowest float32 over an earlier index: it would repeat expert 0).
+  remaining = tf.maximum(logits, _ABOVE_CHOSEN)                           # [T, E]
   placed = tf.zeros([num_experts], tf.int32)                              # tokens kept so far, [E]
   indices, slots, gates, top_logits = [], [], [], []
   first_choice = None
@@ -231,7 +250,7 @@ def top_k_routing(logits: tf.Tensor, *, k: int, capacity: int, normalization: st
       first_choice = tf.cast(mask, tf.float32)
     # Mask the chosen expert so the next round picks the next best. `chosen`, not `mask`:
     # padding tokens must also move on, or they would list the same expert k times.
-    remaining = tf.where(chosen > 0, -1.0, remaining)
+    remaining = tf.where(chosen > 0, _CHOSEN, remaining)
   gate = _normalize(tf.stack(gates), tf.stack(top_logits), normalization, k)
   return _finish(tf.stack(indices), tf.stack(slots), gate, probs, logits, first_choice, capacity,
                  num_experts, balance_groups=1, valid=valid)
@@ -255,7 +274,7 @@ def prototype_routing(logits: tf.Tensor, *, num_prototypes: int, capacity: int,
   Returns:
     A `Routing` with K = Z choices per token.
   """
-  num_tokens, num_experts = _check_logits(logits)
+  logits, num_tokens, num_experts = _check_logits(logits)
   z = num_prototypes
   if not 1 <= z <= num_experts or num_experts % z:
     raise ValueError(f"num_prototypes={z} must divide num_experts={num_experts} (E = Z·F)")
@@ -263,10 +282,9 @@ def prototype_routing(logits: tf.Tensor, *, num_prototypes: int, capacity: int,
     raise ValueError(f"capacity={capacity} must be >= 1")
   f = num_experts // z
   valid = _valid_mask(token_mask, num_tokens)
-  logits = tf.cast(logits, tf.float32)
   logits_z = tf.reshape(logits, [num_tokens, z, f])                       # [T, Z, F]
   probs_z = tf.nn.softmax(logits_z, axis=-1)                              # [T, Z, F]
-  local = tf.argmax(probs_z, axis=-1, output_type=tf.int32)              # [T, Z]
+  local = tf.argmax(logits_z, axis=-1, output_type=tf.int32)             # [T, Z] on logits
   index = local + tf.range(z, dtype=tf.int32)[None, :] * f                # [T, Z] global expert
   mask = tf.reduce_sum(tf.one_hot(index, num_experts, dtype=tf.int32), axis=1)  # [T, E]
   mask *= tf.cast(valid, tf.int32)[:, None]
