@@ -16,6 +16,20 @@ slice, whatever D wrote it: a checkpoint of 4 workers restores onto 1, 2 or 8.
 Atomicity: shards are written to `tmp-<step>/`, rank 0 merges them into `ckpt-<step>` and only
 then rewrites the `latest` pointer (temp file + rename). A crash at any point leaves either the
 previous checkpoint or the new one as `latest`, never a partial one.
+
+Durability (a power cut or host crash, not only a killed process): renames and written data sit
+in the page cache until flushed, so without `fsync` a crash can leave `latest` pointing at a
+checkpoint whose data never reached the disk while its predecessor is already deleted. A save
+therefore runs, in this order:
+
+  1. flush: every writer fsyncs its shard files; rank 0 fsyncs the merged `ckpt-<step>.*` files
+     and the directory (their entries);
+  2. publish: `latest` is written to a temp file, fsynced, and renamed over `latest`;
+  3. flush the directory (the rename itself);
+  4. prune checkpoints that `latest` no longer lists.
+
+Every file operation goes through a `FileOps` object (`LocalFileOps` for a POSIX disk): a
+filesystem without fsync (`tf.io.gfile` object stores) gets one whose flushes are no-ops.
 """
 
 from __future__ import annotations
@@ -28,6 +42,43 @@ from typing import Optional
 import tensorflow as tf
 
 LATEST = "latest"
+
+
+class LocalFileOps:
+  """The file operations of a checkpoint save on a local (POSIX) filesystem.
+
+  Args:
+    flush: fsync files and directories (True); False skips every flush (the behaviour of a
+      filesystem without fsync, and the baseline of `tools/bench_checkpoint.py`).
+  """
+
+  def __init__(self, flush: bool = True):
+    self.flush = flush
+
+  def flush_file(self, path: str) -> None:
+    """Forces `path`'s data and metadata to the disk."""
+    if self.flush:
+      fd = os.open(path, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+
+  def flush_dir(self, path: str) -> None:
+    """Forces the entries of directory `path` (files created, renamed or removed) to the disk."""
+    if self.flush:
+      fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+
+  def replace(self, src: str, dst: str) -> None:
+    """Renames `src` over `dst` atomically."""
+    os.replace(src, dst)
+
+  def remove(self, path: str) -> None:
+    os.remove(path)
 
 
 def _is_expert_key(key: str, expert_fragments: tuple[str, ...]) -> bool:
@@ -43,17 +94,22 @@ class Checkpointer:
     ctx: the worker context (rank, expert_index, data_index, expert_group_size, barrier).
     num_experts: E (global); expert variables have leading dimension E / expert_group_size.
     max_to_keep: older checkpoints are deleted after a successful save.
+    file_ops: the file operations (flush, rename, remove); `LocalFileOps()` by default.
   """
 
   def __init__(self, directory: str, entries: dict, *, ctx, num_experts: int = 0,
-               max_to_keep: int = 3, fragments: tuple[str, ...] = ("/experts/", "_experts_")):
+               max_to_keep: int = 3, fragments: tuple[str, ...] = ("/experts/", "_experts_"),
+               file_ops: Optional[LocalFileOps] = None):
     self.directory = directory
     self.entries = entries
     self.ctx = ctx
     self.num_experts = num_experts
     self.max_to_keep = max_to_keep
+    self.fs = file_ops or LocalFileOps()
     #: Test hook called after this worker wrote its shard, before the merge publishes it.
     self.before_merge = lambda step: None
+    #: Test hook called on rank 0 after `latest` was published and flushed, before pruning.
+    self.before_prune = lambda step: None
     if ctx.rank == 0 and os.path.isdir(directory):
       # Shards of a save that a crash interrupted were never published: drop them.
       for name in os.listdir(directory):
@@ -101,6 +157,9 @@ class Checkpointer:
       tf.raw_ops.SaveV2(prefix=shard_prefix, tensor_names=keys,
                         shape_and_slices=[self._slice(k) for k in keys],
                         tensors=[tf.convert_to_tensor(self.entries[k]) for k in keys])
+      # Each writer flushes its own shard: on a shared filesystem only the host that wrote the
+      # data can force it out of its cache.
+      self._flush_files(tmp, os.path.basename(shard_prefix) + ".")
     self.before_merge(step)
     self.ctx.barrier()
     if self.ctx.rank == 0:
@@ -108,29 +167,41 @@ class Checkpointer:
                        if f.endswith(".index")})
       tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=shards, destination_prefix=final,
                                     delete_old_dirs=False)
+      # Merging renames the shards' data into place and writes a new index: flush both, then
+      # the directory entries, before `latest` may name them.
+      self._flush_files(self.directory, os.path.basename(final) + ".")
+      self.fs.flush_dir(self.directory)
       self._write_latest(step)
+      self.before_prune(step)
       shutil.rmtree(tmp, ignore_errors=True)
       self._prune()
     self.ctx.barrier()
     return final
 
+  def _flush_files(self, folder: str, prefix: str) -> None:
+    for name in sorted(os.listdir(folder)):
+      if name.startswith(prefix):
+        self.fs.flush_file(os.path.join(folder, name))
+
   def _write_latest(self, step: int) -> None:
+    """Publishes `step`: `latest` written whole to a temp file, flushed, renamed into place,
+    and the rename flushed (so that pruning never runs ahead of a durable `latest`)."""
     path = os.path.join(self.directory, LATEST)
     tmp = f"{path}.tmp-{os.getpid()}"
     kept = [s for s in self.steps() if s != step] + [step]
     with open(tmp, "w") as f:
       json.dump({"latest": step, "all": kept[-self.max_to_keep:]}, f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    self.fs.flush_file(tmp)
+    self.fs.replace(tmp, path)
+    self.fs.flush_dir(self.directory)
 
   def _prune(self) -> None:
     keep = set(self.steps())
-    for name in os.listdir(self.directory):
+    for name in sorted(os.listdir(self.directory)):
       if name.startswith("ckpt-"):
         step = name[len("ckpt-"):].split(".")[0]
         if step.isdigit() and int(step) not in keep:
-          os.remove(os.path.join(self.directory, name))
+          self.fs.remove(os.path.join(self.directory, name))
 
   # -- restore ------------------------------------------------------------------------------
 

@@ -233,7 +233,8 @@ class FaultInjection:
   """Test hook: `M6T_FAULT_INJECT="kind:step[:rank]"`, comma-separated, never set in real runs.
 
   kinds: `kill_in_save` (SIGKILL after this worker wrote its checkpoint shard, before the merge
-  that would publish it), `kill_after_step` (SIGKILL after the step), `nan_weight` (set the
+  that would publish it), `kill_before_prune` (SIGKILL after `latest` names the new checkpoint,
+  before older ones are pruned), `kill_after_step` (SIGKILL after the step), `nan_weight` (set the
   first expert weight to NaN before the step, to exercise the non-finite path).
   """
 
@@ -241,8 +242,8 @@ class FaultInjection:
     self.faults = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
       parts = item.split(":")
-      if len(parts) not in (2, 3) or parts[0] not in ("kill_in_save", "kill_after_step",
-                                                      "nan_weight"):
+      if len(parts) not in (2, 3) or parts[0] not in ("kill_in_save", "kill_before_prune",
+                                                      "kill_after_step", "nan_weight"):
         raise ValueError(f"M6T_FAULT_INJECT item {item!r}: expected kind:step[:rank]")
       self.faults.append((parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None))
     self.rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
@@ -510,6 +511,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   loss_log = LossLog(os.path.join(model_dir, "losses.jsonl")) if ctx.is_chief else None
   faults = FaultInjection.from_env()
   checkpointer.before_merge = lambda s: faults.maybe_kill("kill_in_save", s)
+  checkpointer.before_prune = lambda s: faults.maybe_kill("kill_before_prune", s)
   for step in range(start + 1, end + 1):
     t_step = time.time()
     faults.maybe_corrupt(step, model)

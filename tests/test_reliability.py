@@ -3,6 +3,7 @@ job quickly instead of hanging; non-finite numbers stop the run with the last ch
 (or, under loss scaling, skip the step and count it)."""
 
 import glob
+import json
 import os
 import random
 import re
@@ -120,6 +121,31 @@ class KillAndResumeTest(tf.test.TestCase):
     for k in want:
       self.assertAllEqual(want[k], got[k], msg=k)
     self.assertEqual(glob.glob(os.path.join(killed, "checkpoints", "tmp-*")), [])
+
+  def test_kill_between_publish_and_prune(self):
+    # SIGKILL after `latest` names ckpt-9 (flushed), before ckpt-3 (beyond keep_checkpoints=2)
+    # is pruned: the old checkpoint is a mere leftover; the restart resumes from step 9, prunes
+    # it, and ends exactly as a run that was never killed.
+    reference = _tmpdir()
+    code, out = _run(reference, 1)
+    self.assertEqual(code, 0, out[-3000:])
+    killed = _tmpdir()
+    checkpoints = os.path.join(killed, "checkpoints")
+    code, out = _run(killed, 1, M6T_FAULT_INJECT="kill_before_prune:9")
+    self.assertNotEqual(code, 0, out[-2000:])
+    with open(os.path.join(checkpoints, "latest")) as f:
+      self.assertEqual(json.load(f), {"latest": 9, "all": [6, 9]})
+    self.assertTrue(os.path.exists(os.path.join(checkpoints, "ckpt-3.index")))  # not pruned
+    code, out = _run(killed, 1)
+    self.assertEqual(code, 0, out[-3000:])
+    self.assertTrue(re.search(r"Resumed from \S*ckpt-9 at step 9", out), out[-3000:])
+    self.assertEqual(sorted(n for n in os.listdir(checkpoints) if n.endswith(".index")),
+                     ["ckpt-10.index", "ckpt-9.index"])
+    self.assertEqual(training.read_loss_log(os.path.join(killed, "losses.jsonl")),
+                     training.read_loss_log(os.path.join(reference, "losses.jsonl")))
+    want, got = _model_tensors(reference, STEPS), _model_tensors(killed, STEPS)
+    for k in want:
+      self.assertAllEqual(want[k], got[k], msg=k)
 
   def test_kill_and_resume_one_process(self):
     self._kill_and_resume(1)
