@@ -9,8 +9,9 @@
     1. the learning rate is the schedule's value, used as is — Keras multiplies it by
        max(ε₂, RMS(parameter)) ("relative step") and caps it at 1/√t;
     2. no first moment (β₁ = 0), as in the original Adafactor, which is what saves memory at 1T;
-    3. update clipping by RMS (d = 1.0) is applied to the *unscaled* update, then the optional
-       decoupled weight decay;
+    3. update clipping by RMS (d = 1.0) is applied to the *unscaled* update, per matrix (each
+       expert of an `[e, M, I]` stack on its own, so that an expert's update does not depend on
+       which experts share its worker), then the optional decoupled weight decay;
     4. a factored weight keeps only its row and column statistics — Keras also allocates a full
        `v` of the weight's size for every factored weight, which costs as much memory as Adam's
        second moment and defeats the point of factoring at 1T.
@@ -123,7 +124,11 @@ class Adafactor(keras.optimizers.Adafactor):
       v.assign(beta_2_t * v + (1.0 - beta_2_t) * g2)
       v_hat = v
     u = g * tf.math.rsqrt(v_hat)
-    u = u / tf.maximum(1.0, tf.sqrt(tf.reduce_mean(tf.square(u))) / self.clip_threshold)
+    # RMS per matrix: over the whole tensor, a worker's e experts would clip each other, and
+    # the update would change with the number of workers.
+    axes = [-2, -1] if len(variable.shape) >= 2 else None
+    rms = tf.sqrt(tf.reduce_mean(tf.square(u), axis=axes, keepdims=True))
+    u = u / tf.maximum(1.0, rms / self.clip_threshold)
     variable.assign_sub(lr * u)
 
 
