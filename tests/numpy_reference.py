@@ -257,3 +257,83 @@ def moe_forward(x, router_kernel, wi, wo, *, activation, routing, k, capacity,
         out[t] += r.gate[c, t] * ffn(x[t], wi[e], wo[e], activation,
                                      None if wi_gate is None else wi_gate[e])
   return out, r
+
+
+# ---------------------------------------------------------------------------------------------
+# Adafactor, RMSNorm and RoPE (written from the papers, float64)
+# ---------------------------------------------------------------------------------------------
+
+class Adafactor:
+  """Adafactor of Shazeer & Stern (2018, arXiv 1804.04235) for one weight, β₁ = 0.
+
+  Algorithm 4 for every matrix and Algorithm 5 for vectors, as the paper writes them (row and
+  column *sums* R_t = β̂₂ₜ R_{t-1} + (1 − β̂₂ₜ)(G² + ε₁)1_m, C_t likewise, V̂_t = R_t C_t / 1ᵀR_t),
+  with β̂₂ₜ = 1 − t^decay_exponent and update clipping Û = U / max(1, RMS(U)/d) per matrix.
+  A weight of rank ≥ 3 is a stack of matrices over its last two axes (an expert weight
+  [e, M, I] is e matrices [M, I]); each one is factored and clipped on its own, so the update of
+  an expert does not depend on which other experts share its worker.
+
+  The documented differences of m6t_tf's variant: the step size is the learning rate itself
+  (no relative step max(ε₂, RMS(X))·min(10⁻², 1/√t)), and the optional weight decay is decoupled:
+  X_t = X_{t-1} − lr·wd·X_{t-1} − lr·Û_t.
+  """
+
+  def __init__(self, shape, *, decay_exponent=-0.8, epsilon_1=1e-30, clip_threshold=1.0,
+               weight_decay=0.0):
+    self.shape = tuple(shape)
+    self.decay_exponent, self.epsilon_1 = decay_exponent, epsilon_1
+    self.clip_threshold, self.weight_decay = clip_threshold, weight_decay
+    self.t = 0
+    self.factored = len(self.shape) >= 2
+    if self.factored:
+      lead, (n, m) = self.shape[:-2], self.shape[-2:]
+      self.row = {i: np.zeros(n) for i in np.ndindex(*lead)}    # R per matrix
+      self.col = {i: np.zeros(m) for i in np.ndindex(*lead)}    # C per matrix
+    else:
+      self.v = np.zeros(self.shape)
+    self.clipped = []   # per step: whether any matrix (or the vector) was clipped
+
+  def _clip(self, u):
+    rms = math.sqrt(np.mean(u * u))
+    return u / max(1.0, rms / self.clip_threshold), rms > self.clip_threshold
+
+  def step(self, x, g, lr):
+    """One update of weight `x` with gradient `g` at learning rate `lr`; returns the new x."""
+    x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    self.t += 1
+    beta = 1.0 - self.t ** self.decay_exponent
+    if self.factored:
+      update = np.zeros_like(g)
+      clipped = False
+      for i in self.row:
+        g2 = g[i] ** 2 + self.epsilon_1                            # [n, m]
+        self.row[i] = beta * self.row[i] + (1 - beta) * g2.sum(axis=1)
+        self.col[i] = beta * self.col[i] + (1 - beta) * g2.sum(axis=0)
+        v_hat = np.outer(self.row[i], self.col[i]) / self.row[i].sum()
+        update[i], c = self._clip(g[i] / np.sqrt(v_hat))
+        clipped = clipped or c
+    else:
+      self.v = beta * self.v + (1 - beta) * (g ** 2 + self.epsilon_1)
+      update, clipped = self._clip(g / np.sqrt(self.v))
+    self.clipped.append(clipped)
+    return x - lr * self.weight_decay * x - lr * update
+
+
+def rms_norm(x, scale, epsilon):
+  """x / sqrt(mean(x²) + ε) · scale over the last axis (Zhang & Sennrich 2019), float64."""
+  x = np.asarray(x, np.float64)
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + epsilon) * scale
+
+
+def rotary_half_split(x, positions, base=10000.0):
+  """RoPE (Su et al. 2021) in the half-split ("rotate_half", GPT-NeoX / LLaMA-HF) layout.
+
+  Feature j of the first half and feature j + d/2 are the real and imaginary parts of one
+  complex number, turned by the angle position · base^(−2j/d). x: [B, S, H, d], positions: [S].
+  """
+  x = np.asarray(x, np.float64)
+  d = x.shape[-1]
+  z = x[..., :d // 2] + 1j * x[..., d // 2:]
+  theta = np.asarray(positions, np.float64)[:, None] * base ** (-2.0 * np.arange(d // 2) / d)
+  z = z * np.exp(1j * theta)[None, :, None, :]
+  return np.concatenate([z.real, z.imag], axis=-1)
