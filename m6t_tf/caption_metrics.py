@@ -300,9 +300,12 @@ def baselines(train_pattern: str | Sequence[str], eval_pattern: str | Sequence[s
 
 
 def _as_table(metrics: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-  """{system: metrics}; a flat metrics dict becomes the single system "model"."""
+  """{system label: metrics}; a flat metrics dict becomes the single system "model".
+
+  The baselines' keys ("most_frequent", "nearest_image") get their labels.
+  """
   if metrics and all(isinstance(v, Mapping) for v in metrics.values()):
-    return dict(metrics)
+    return {BASELINE_LABELS.get(k, k): v for k, v in metrics.items()}
   return {"model": metrics}
 
 
@@ -310,7 +313,8 @@ def format_table(metrics: Mapping[str, Any]) -> str:
   """Plain-text table of `score_captions` results: one row per system.
 
   Args:
-    metrics: {system name: score_captions(...)} or one score_captions(...) result.
+    metrics: {system name: score_captions(...)} or one score_captions(...) result; the
+      names "most_frequent" and "nearest_image" are shown as the baselines' labels.
   """
   table = _as_table(metrics)
   width = max(len("system"), *(len(s) for s in table))
@@ -415,6 +419,8 @@ def _cell_html(row: Mapping[str, Any], scores: Mapping[str, float] | None) -> st
     parts.append('<div class="label">references</div><ul>' + "".join(
         f'<li class="reference">{html.escape(r)}</li>' for r in refs) + "</ul>")
   for name, caption in (row.get("baselines") or {}).items():
+    if caption is None:
+      continue
     parts.append(f'<div class="label">{html.escape(_SHORT_LABELS.get(name, name))}: '
                  f'<span class="baseline">{html.escape(caption)}</span></div>')
   if scores:

@@ -64,7 +64,11 @@ def read_captions(path: str) -> list[dict]:
 def score_file(captions: str, *, references: str | None = None,
                train_data: str | None = None, html: str | None = None,
                out: str | None = None, title: str | None = None) -> dict:
-  """What the command does; returns {system: metrics} (also written to `out`)."""
+  """What the command does; returns {system: metrics} (also written to `out`).
+
+  The systems are "model" and, with `train_data`, the baselines "most_frequent" and
+  "nearest_image" (the keys `python -m m6t_tf.generate` writes to caption_metrics.json).
+  """
   from m6t_tf import caption_metrics as cm
   if train_data and not references:
     raise ValueError("--train_data needs --references: the baselines look up the evaluation "
@@ -97,7 +101,7 @@ def score_file(captions: str, *, references: str | None = None,
   if train_data:
     base = cm.baselines_from_splits(cm.read_split(train_data), evaluation, keys)
     for name, caps in base.items():
-      table[cm.BASELINE_LABELS[name]] = cm.score_captions(caps, refs)
+      table[name] = cm.score_captions(caps, refs)
   print(cm.format_table(table), flush=True)
   if out:
     import tensorflow as tf
