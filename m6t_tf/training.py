@@ -19,10 +19,13 @@ import tensorflow as tf
 from absl import logging
 
 from m6t_tf import checkpointing
+from m6t_tf import cli
 from m6t_tf import optimizers
+from m6t_tf.cli import ConfigError
 from m6t_tf.models import m6_captioner
 from m6t_tf.networks import m6_transformer
 from m6t_tf.parallel import context as context_lib
+from m6t_tf.parallel import watchdog as watchdog_lib
 
 IMAGE_MODES = ("pixels", "features")
 
@@ -36,8 +39,8 @@ def check_model_dir(model_dir: str) -> None:
       f.write(b"\0" * 4096)
     os.remove(probe)
   except OSError as e:
-    raise ValueError(f"model_dir={model_dir!r} is not writable ({e.strerror}); choose another "
-                     f"--model_dir or free space there") from e
+    raise ConfigError(f"model_dir={model_dir!r} is not writable ({e.strerror}); choose another "
+                      f"--model_dir or free space there") from e
 
 
 def build_model(network_fn=None, *, batch, mixed_precision: bool = False, network=None):
@@ -110,12 +113,26 @@ class Trainer:
       v.assign(np.array([seed * 7919 + self.ctx.rank * 104729 + i, step * 4096], np.int64)
                .astype(v.dtype))
 
-  def _train_step(self, batch):
+  def compute_gradients(self, batch):
+    """Forward, backward and cross-worker reduction of one step; changes no weight.
+
+    The objective is the mean NLL over every worker's target tokens, Σ nll / N_global (plus the
+    MoE losses), so W workers with B examples each equal one worker with W·B: each worker
+    scales its sum by W / N_global, and `ctx.reduce_gradients` averages dense gradients over
+    the W workers and divides the replica sum of expert gradients by W.
+
+    Args:
+      batch: this worker's batch.
+
+    Returns:
+      (grads, metrics): `grads` parallel to `self.variables`, float32, unscaled and reduced
+      (None where a variable gets no gradient): what the optimiser receives, before clipping.
+      Dense ones are the same on every worker; expert ones on every worker of a replica group.
+      `metrics`: the model's, plus "loss" (the global mean NLL), "grad_norm" (of the whole
+      sharded model) and "finite" (<bool>, the same on every worker).
+    """
     with tf.GradientTape() as tape:
       _, metrics = self.model.losses_and_metrics(batch, training=True)
-      # The objective is the mean NLL over every worker's target tokens, Σ nll / N_global, so
-      # W workers with B examples each equal one worker with W·B: each worker scales its sum by
-      # W / N_global (gradients are then averaged over the W workers).
       n_global = self.ctx.sum_over_world(metrics["num_tokens"])
       w = tf.cast(self.ctx.size, tf.float32)
       loss = metrics["nll_sum"] * tf.math.divide_no_nan(w, n_global) + metrics["moe_loss"]
@@ -126,6 +143,15 @@ class Trainer:
     grads = self.ctx.reduce_gradients(grads, self.variables)
     norm = context_lib.global_norm(grads, self.variables, self.ctx)
     finite = self.ctx.all_finite(tf.math.is_finite(norm))
+    metrics = dict(metrics)
+    metrics["loss"] = tf.math.divide_no_nan(self.ctx.sum_over_world(metrics["nll_sum"]), n_global)
+    metrics.update(grad_norm=norm, finite=finite)
+    return grads, metrics
+
+  def apply_gradients(self, grads, metrics) -> None:
+    """Clips `grads` (from `compute_gradients`) to `clip_norm`, applies them unless the step
+    was not finite (on every worker alike), and updates the loss scale."""
+    norm, finite = metrics["grad_norm"], metrics["finite"]
     if self.clip_norm > 0:
       factor = self.clip_norm / tf.maximum(norm, self.clip_norm)
       grads = [None if g is None else g * factor for g in grads]
@@ -137,9 +163,11 @@ class Trainer:
 
     tf.cond(finite, apply, lambda: tf.constant(False))
     self.loss_scale.update(finite)
-    metrics = dict(metrics)
-    metrics["loss"] = tf.math.divide_no_nan(self.ctx.sum_over_world(metrics["nll_sum"]), n_global)
-    metrics.update(grad_norm=norm, finite=tf.cast(finite, tf.float32),
+
+  def _train_step(self, batch):
+    grads, metrics = self.compute_gradients(batch)
+    self.apply_gradients(grads, metrics)
+    metrics.update(finite=tf.cast(metrics["finite"], tf.float32),
                    learning_rate=tf.cast(self.optimizer.learning_rate, tf.float32))
     return metrics
 
@@ -192,10 +220,10 @@ def check_free_space(model_dir: str, entries: dict, keep: int) -> None:
   free = shutil.disk_usage(model_dir).free
   # keep + 1: a new checkpoint is complete before the oldest is deleted.
   if free < need * (keep + 1):
-    raise ValueError(f"model_dir={model_dir!r} has {free / 2**20:,.0f} MiB free, but "
-                     f"{keep + 1} checkpoints of {need / 2**20:,.0f} MiB (this worker's share) "
-                     f"need {need * (keep + 1) / 2**20:,.0f} MiB; free space or lower "
-                     f"train.keep_checkpoints")
+    raise ConfigError(f"model_dir={model_dir!r} has {free / 2**20:,.0f} MiB free, but "
+                      f"{keep + 1} checkpoints of {need / 2**20:,.0f} MiB (this worker's share) "
+                      f"need {need * (keep + 1) / 2**20:,.0f} MiB; free space or lower "
+                      f"train.keep_checkpoints")
 
 
 class LossLog:
@@ -235,7 +263,8 @@ class FaultInjection:
   kinds: `kill_in_save` (SIGKILL after this worker wrote its checkpoint shard, before the merge
   that would publish it), `kill_before_prune` (SIGKILL after `latest` names the new checkpoint,
   before older ones are pruned), `kill_after_step` (SIGKILL after the step), `nan_weight` (set the
-  first expert weight to NaN before the step, to exercise the non-finite path).
+  first expert weight to NaN before the step, to exercise the non-finite path), `stall` (sleep
+  `M6T_FAULT_STALL_SECONDS`, default 3600, before the step's collectives: a rank that stalls).
   """
 
   def __init__(self, spec: str):
@@ -243,7 +272,7 @@ class FaultInjection:
     for item in filter(None, (x.strip() for x in spec.split(","))):
       parts = item.split(":")
       if len(parts) not in (2, 3) or parts[0] not in ("kill_in_save", "kill_before_prune",
-                                                      "kill_after_step", "nan_weight"):
+                                                      "kill_after_step", "nan_weight", "stall"):
         raise ValueError(f"M6T_FAULT_INJECT item {item!r}: expected kind:step[:rank]")
       self.faults.append((parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None))
     self.rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
@@ -259,6 +288,10 @@ class FaultInjection:
     if self._due(kind, step):
       import signal
       os.kill(os.getpid(), signal.SIGKILL)
+
+  def maybe_stall(self, step: int) -> None:
+    if self._due("stall", step):
+      time.sleep(float(os.environ.get("M6T_FAULT_STALL_SECONDS", "3600")))
 
   def maybe_corrupt(self, step: int, model) -> None:
     if self._due("nan_weight", step):
@@ -336,8 +369,16 @@ def write_json(path: str, payload: dict) -> None:
   os.replace(tmp, path)
 
 
-def set_seeds(seed: int, deterministic: bool) -> None:
-  keras.utils.set_random_seed(seed)
+def set_seeds(seed: int, deterministic: bool, rank: int = 0) -> None:
+  """Seeds weight initialisation per worker and TensorFlow's global seed alike on all workers.
+
+  Python's and NumPy's generators (which Keras initialisers draw from) get `seed + rank`, so
+  each worker draws its own experts. TensorFlow's global seed, which every seeded
+  `Dataset.shuffle` mixes in, gets `seed` on every worker: data order is a function of
+  (seed, epoch) only, never of the rank. (Dropout has its own per-worker state, `reseed`.)
+  """
+  keras.utils.set_random_seed(seed + rank)
+  tf.random.set_seed(seed)
   if deterministic:
     tf.config.experimental.enable_op_determinism()
 
@@ -354,6 +395,39 @@ def numpy_metrics(metrics: dict) -> dict:
   return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
 
+def train_stream(train_data, *, ctx, seed: int, batch_size: int, max_len: int, image_mode: str,
+                 shuffle_buffer: int, skip_batches: int = 0, on_bad_record: str = "skip",
+                 counter=None, include_keys: bool = False):
+  """This worker's training batches: its shard of `train_data` in the order of (seed, epoch).
+
+  With `include_keys`, batches also carry "key" (<string>[B], each record's key).
+  """
+  from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.training` light for tools
+  shard, shards = ctx.data_shard()
+  ds = pipeline.make_dataset(train_data, batch_size=batch_size, max_len=max_len, training=True,
+                             seed=seed, shard_index=shard, num_shards=shards,
+                             image_mode=image_mode, shuffle_buffer=shuffle_buffer,
+                             skip_batches=skip_batches, on_bad_record=on_bad_record,
+                             bad_record_counter=counter, include_text=include_keys)
+  if include_keys:
+    ds = ds.map(lambda b: {k: v for k, v in b.items() if k != "caption"})
+  return ds
+
+
+class DataKeyLog:
+  """Appends `{"step", "keys"}` lines to `data_keys/rank<R>.jsonl`: the records each step of
+  this worker trained on (`train.log_data_keys`), to audit sharding and resumption."""
+
+  def __init__(self, model_dir: str, rank: int):
+    folder = os.path.join(model_dir, "data_keys")
+    os.makedirs(folder, exist_ok=True)
+    self.path = os.path.join(folder, f"rank{rank}.jsonl")
+
+  def write(self, step: int, keys) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, "keys": [k.decode("utf-8") for k in keys]}) + "\n")
+
+
 def _batches_for_eval(eval_data, *, batch_size, max_len, image_mode, ctx):
   from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.training` light for tools
   shard, shards = ctx.data_shard()
@@ -365,15 +439,17 @@ def _batches_for_eval(eval_data, *, batch_size, max_len, image_mode, ctx):
 
 def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
           num_steps: int, batch_size_per_worker: int = 8, max_len: int = 64,
-          image_mode: str = "pixels", optimizer: str = "adamw", learning_rate: float = 8e-5,
-          warmup_steps: int = 500, lr_decay: str = "constant", final_lr_fraction: float = 0.0,
+          truncate_captions: bool = False, image_mode: str = "pixels", optimizer: str = "adamw",
+          learning_rate: float = 8e-5, warmup_steps: int = 500, warmup_fraction: float = 0.0,
+          lr_decay: str = "constant", final_lr_fraction: float = 0.0,
           weight_decay: float = 0.01, beta_1: float = 0.9, beta_2: float = 0.999,
           epsilon: float = 1e-6, clip_norm: float = 1.0, mixed_precision: bool = False,
           checkpoint_every: int = 500, keep_checkpoints: int = 3, log_every: int = 50,
           eval_every: int = 0, eval_batches: int = 0, seed: int = 0,
           deterministic: bool = False, jit_compile: bool = False, shuffle_buffer: int = 2048,
-          global_batch_size: int = 0, on_bad_record: str = "skip", ctx=None, network_fn=None,
-          stop_after: Optional[int] = None) -> dict:
+          global_batch_size: int = 0, on_bad_record: str = "skip", log_data_keys: bool = False,
+          ctx=None, network_fn=None, stop_after: Optional[int] = None,
+          stall_timeout_s: float = 300.0) -> dict:
   """Trains the M6 captioner; resumes from the latest checkpoint in `model_dir` if there is one.
 
   Args:
@@ -384,10 +460,17 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     global_batch_size: if set, overrides B with global / workers (must divide).
     on_bad_record: "skip" (drop and count malformed records; TensorBoard `data/bad_records/*`)
       or "fail" (stop naming the file and record index).
-    max_len: caption length L in tokens, [CLS] and [SEP] included.
+    log_data_keys: every worker appends the keys of the records each step trained on to
+      `model_dir/data_keys/rank<R>.jsonl` (to audit what each worker read).
+    max_len: caption length L in tokens, [CLS] and [SEP] included (gin: the MAX_LEN macro,
+      which also sizes the network; `MAX_LEN = None` follows the data, `configurables.parse`).
+    truncate_captions: cut captions longer than max_len (keeping [SEP]); False: data whose
+      metadata.json says it has longer captions is a configuration error.
     image_mode: "pixels" or "features" (precomputed patch features).
     optimizer: "adamw" or "adafactor" (1T).  learning_rate, warmup_steps, lr_decay,
-      final_lr_fraction: the `WarmupSchedule`.  weight_decay, beta_1, beta_2, epsilon: AdamW.
+      final_lr_fraction: the `WarmupSchedule`.  warmup_fraction: with warmup_steps = 0, the
+      warmup is this fraction of num_steps (gin/demo.gin: 0.1, so any num_steps works).
+      weight_decay, beta_1, beta_2, epsilon: AdamW.
     clip_norm: global gradient-norm clipping over the whole (sharded) model; 0 = off.
     mixed_precision: mixed_float16 compute with dynamic loss scaling (router stays float32).
     checkpoint_every, keep_checkpoints: checkpoint period (steps) and how many to keep.
@@ -399,51 +482,93 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     network_fn: builds the network (gin's `M6Transformer` by default).
     stop_after: stop (with a checkpoint) after this many steps of *this* invocation — used to
       test that N steps then M steps equal N+M straight.
+    stall_timeout_s: under Horovod, a rank that makes no progress for this long outside the
+      collectives ends the job, naming itself, the last completed step and the checkpoint to
+      resume from (`m6t_tf.parallel.watchdog`); 0 = off.
 
   Returns:
     A summary dict: final step, the per-step losses of this invocation, final evaluation.
   """
   from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.training` light for tools
+  from m6t_tf.data import metadata
   from m6t_tf.data import records
+  # Everything that can be checked without building data or weights is checked first, each
+  # failure a ConfigError naming the binding and the fix (m6t_tf.cli).
   if image_mode not in IMAGE_MODES:
-    raise ValueError(f"train.image_mode={image_mode!r}; allowed: {IMAGE_MODES}")
+    raise ConfigError(f"train.image_mode={image_mode!r}; allowed: {IMAGE_MODES}")
   for name, value in (("num_steps", num_steps), ("batch_size_per_worker", batch_size_per_worker),
                       ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"train.{name}={value!r} must be an integer >= 1")
-  # Everything that can be checked without data or weights is checked first.
-  schedule = optimizers.WarmupSchedule(learning_rate, warmup_steps, decay=lr_decay,
-                                       total_steps=num_steps, final_fraction=final_lr_fraction)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ConfigError(f"train.{name}={value!r} must be an integer >= 1")
+  if not 0.0 <= warmup_fraction < 1.0:
+    raise ConfigError(f"train.warmup_fraction={warmup_fraction} must be in [0, 1)")
+  warmup = warmup_steps if warmup_steps else round(warmup_fraction * num_steps)
+  if lr_decay != "constant" and num_steps <= warmup:
+    raise ConfigError(
+        f"train.lr_decay={lr_decay!r} decays after the warmup, but train.num_steps={num_steps} "
+        f"is not more than the {warmup} warmup steps (train.warmup_steps): pass "
+        f"--gin_bindings=train.warmup_steps={max(num_steps // 10, 1)} or more steps")
+  try:
+    schedule = optimizers.WarmupSchedule(learning_rate, warmup, decay=lr_decay,
+                                         total_steps=num_steps, final_fraction=final_lr_fraction)
+  except ValueError as e:
+    raise ConfigError(f"train's learning-rate schedule: {e}") from None
   if optimizer not in optimizers.OPTIMIZERS:
-    raise ValueError(f"train.optimizer={optimizer!r}; allowed: {optimizers.OPTIMIZERS}")
+    raise ConfigError(f"train.optimizer={optimizer!r}; allowed: {optimizers.OPTIMIZERS}")
   ctx = ctx or context_lib.LocalContext()
   if global_batch_size:
     if global_batch_size % ctx.size:
-      raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by the "
-                       f"{ctx.size} workers; use a multiple of {ctx.size}")
+      raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by the "
+                        f"{ctx.size} workers; use a multiple of {ctx.size}")
     batch_size_per_worker = global_batch_size // ctx.size
   if jit_compile and ctx.size > 1:
-    raise ValueError("train.jit_compile=True cannot run under Horovod (its collectives have no "
-                     "XLA kernels); set train.jit_compile=False")
+    raise ConfigError("train.jit_compile=True cannot run under Horovod (its collectives have no "
+                      "XLA kernels); set train.jit_compile=False")
+  # The data against the config, from metadata.json next to the files (or their first record).
+  data_facts = [metadata.read(train_data, binding="train.train_data")]
+  if eval_data:
+    data_facts.append(metadata.read(eval_data, binding="train.eval_data"))
+    metadata.check_same_images(data_facts[0], data_facts[1], image_mode)
+  if max_len is None:
+    raise ConfigError("train.max_len is None (MAX_LEN = None: follow the data), which "
+                      "m6t_tf.configurables.parse resolves from the data; call it, or pin "
+                      "--gin_bindings=MAX_LEN=<caption tokens incl. [CLS]/[SEP]>")
+  for facts in data_facts:
+    metadata.check_config(facts, image_mode=image_mode, max_len=max_len,
+                          truncate_captions=truncate_captions)
+  if not (isinstance(stall_timeout_s, (int, float)) and stall_timeout_s >= 0):
+    raise ValueError(f"train.stall_timeout_s={stall_timeout_s!r} must be a number of seconds "
+                     f">= 0 (0 = off)")
   check_model_dir(model_dir)
-  # Dropout differs per worker (seed + rank); initial weights are made identical by the
-  # broadcast below, or come from the checkpoint.
-  set_seeds(seed + ctx.rank, deterministic)
+  # Initial weights differ per worker (seed + rank: each draws its own experts) and are made
+  # identical where replicated by the broadcast below, or come from the checkpoint. Data order
+  # does not depend on the rank (`set_seeds`).
+  set_seeds(seed, deterministic, rank=ctx.rank)
   if mixed_precision:
     keras.mixed_precision.set_global_policy("mixed_float16")
   # Constructing the network validates its whole config (sizes, MoE arguments) before any data
-  # is read or weight created.
-  network = (network_fn or m6_transformer.M6Transformer)(name="m6")
-  shard, shards = ctx.data_shard()
+  # is read or weight created: a ValueError there is the config's.
+  try:
+    network = (network_fn or m6_transformer.M6Transformer)(name="m6")
+  except ValueError as e:
+    raise ConfigError(f"the network config (M6Transformer.*, MoEConfig.*): {cli.one_line(e)}"
+                      ) from e
+  if max_len - 1 > network.max_text_length:
+    longest = max((f.max_caption_tokens or 0) for f in data_facts)
+    raise ConfigError(
+        f"train.max_len={max_len} feeds {max_len - 1} caption positions, more than "
+        f"M6Transformer.max_text_length={network.max_text_length}: set both with "
+        f"--gin_bindings=MAX_LEN={max_len}"
+        + (f" (the data's longest caption is {longest} tokens)" if longest else ""))
   def stream(skip, counter=None):
-    return pipeline.make_dataset(train_data, batch_size=batch_size_per_worker, max_len=max_len,
-                                 training=True, seed=seed, shard_index=shard, num_shards=shards,
-                                 image_mode=image_mode, shuffle_buffer=shuffle_buffer,
-                                 skip_batches=skip, on_bad_record=on_bad_record,
-                                 bad_record_counter=counter)
+    return train_stream(train_data, ctx=ctx, seed=seed, batch_size=batch_size_per_worker,
+                        max_len=max_len, image_mode=image_mode, shuffle_buffer=shuffle_buffer,
+                        skip_batches=skip, on_bad_record=on_bad_record, counter=counter,
+                        include_keys=log_data_keys)
 
-  model = build_model(batch=next(iter(stream(0).take(1))), mixed_precision=mixed_precision,
-                      network=network)
+  first = dict(next(iter(stream(0).take(1))))
+  first.pop("key", None)
+  model = build_model(batch=first, mixed_precision=mixed_precision, network=network)
   opt = optimizers.make_optimizer(optimizer, schedule, weight_decay=weight_decay, beta_1=beta_1,
                                   beta_2=beta_2, epsilon=epsilon)
   trainer = Trainer(model, opt, ctx=ctx, clip_norm=clip_norm, mixed_precision=mixed_precision,
@@ -509,14 +634,24 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   eval_result = None
   step = start
   loss_log = LossLog(os.path.join(model_dir, "losses.jsonl")) if ctx.is_chief else None
+  key_log = DataKeyLog(model_dir, ctx.rank) if log_data_keys else None
   faults = FaultInjection.from_env()
   checkpointer.before_merge = lambda s: faults.maybe_kill("kill_in_save", s)
   checkpointer.before_prune = lambda s: faults.maybe_kill("kill_before_prune", s)
+  # Under Horovod a rank that stops making progress ends the job instead of hanging it.
+  watchdog = watchdog_lib.StallWatchdog(ctx.rank, stall_timeout_s if ctx.size > 1 else 0,
+                                        last_checkpoint=checkpointer.latest).start()
   for step in range(start + 1, end + 1):
     t_step = time.time()
+    watchdog.begin_step()
     faults.maybe_corrupt(step, model)
     trainer.reseed(seed, step)
     batch = next(iterator)
+    if key_log is not None:
+      batch = dict(batch)
+      keys = batch.pop("key").numpy()
+    faults.maybe_stall(step)
+    watchdog.enter(watchdog_lib.COLLECTIVES)
     metrics = trainer.train_step(batch)
     loss = float(metrics["loss"])
     if not float(metrics["finite"]) and not trainer.skip_nonfinite:
@@ -531,6 +666,8 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     losses.append(loss)
     if loss_log is not None:
       loss_log.write(step, loss)
+    if key_log is not None:
+      key_log.write(step, keys)
     faults.maybe_kill("kill_after_step", step)
     if step % log_every == 0 or step == end:
       elapsed = time.time() - last_log_time
@@ -548,6 +685,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
       scalars["data/bad_records_total"] = float(bad.sum())
       summary_scalars(writer, step, scalars)
       last_log_time, last_log_step = time.time(), step
+    watchdog.step_done(step)
     if step % checkpoint_every == 0 and step != end:
       save(step)
     if eval_data and eval_every and step % eval_every == 0 and step != end:
@@ -578,5 +716,6 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   summary["model"] = model  # for callers that inspect the trained weights (tests, tools)
   if writer is not None:
     writer.flush()
+  watchdog.stop()
   ctx.barrier()
   return summary

@@ -16,7 +16,11 @@ Captions longer than `max_len` are truncated to `[CLS] first max_len - 2 ids [SE
 [SEP] is kept so the model always learns to end a caption.
 
 Determinism and resuming. For a given `seed` the order of examples is fixed (file order and
-shuffle seeded, `deterministic=True` everywhere, no `py_function`). Two ways to resume:
+shuffle seeded, `deterministic=True` everywhere, no `py_function`). The file order of epoch e
+is a stateless permutation of (seed, e), so which records a shard reads never depends on
+TensorFlow's global seed or on the worker; the shuffle buffer that then reorders a shard's
+records mixes in the global seed (as every seeded `Dataset.shuffle` does), which the trainer
+sets to `seed` on every worker. Two ways to resume:
 
 1. Preferred: save the iterator in the trainer's checkpoint,
        it = iter(ds); ckpt = tf.train.Checkpoint(model=..., data=it)
@@ -366,6 +370,28 @@ def caption_tokens(caption_ids: tf.Tensor, max_len: int) -> tf.Tensor:
   return tf.ensure_shape(tokens, [max_len])
 
 
+def _window_shuffle(ds: tf.data.Dataset, window: int, seed: int, epoch) -> tf.data.Dataset:
+  """Permutes each run of `window` consecutive elements by a stateless function of
+  (seed, epoch, window index).
+
+  Used instead of `Dataset.shuffle`, whose seeded order also depends on TensorFlow's global
+  seed (and whose seed cannot follow the epoch inside a `flat_map`): the data order stays a
+  pure function of (seed, epoch) whatever the caller seeded. Like a shuffle buffer of the same
+  size, it holds `window` records and moves a record by less than `window` positions.
+  """
+  def permute(index, block):
+    n = tf.shape(block[0])[0]
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(n), seed=tf.stack([tf.constant(seed, tf.int64) + 1, epoch * 2**20 + index]))
+    return tuple(tf.gather(v, order) for v in block)
+
+  return ds.batch(window).enumerate().map(permute).unbatch()
+
+
+# Epochs of a repeated stream: unbounded in practice (a Dataset.range needs a bound).
+_EPOCHS_FOREVER = 2**62
+
+
 def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len: int,
                  training: bool, seed: int = 0, shard_index: int = 0, num_shards: int = 1,
                  shuffle_buffer: int = 2048, image_mode: str = "pixels",
@@ -386,7 +412,7 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
     max_len: L, padded token length including [CLS] and [SEP] (>= 2).
     training: shuffle files and records (seeded) and, by default, repeat forever.
     seed: the shuffle seed; must be the same on every worker (record sharding relies on every
-      worker seeing the same interleaved order).
+      worker seeing the same interleaved order, a function of (seed, epoch) only).
     shard_index: this worker's rank in [0, num_shards).
     num_shards: D, the number of workers reading disjoint shards.
     shuffle_buffer: records in the shuffle buffer (training only).
@@ -458,19 +484,31 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
   check.update(image_size=image_size, feature_dim=feature_dim)
 
   files, shard_records = _shard_files(all_files, shard_index, num_shards)
-  ds = tf.data.Dataset.range(len(files))
-  if training:
-    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-  ds = ds.interleave(_file_reader(files), cycle_length=min(cycle_length, len(files)),
-                     block_length=1, num_parallel_calls=AUTOTUNE, deterministic=True)
-  if shard_records:
-    # A corrupt-file element is sharded like a record: exactly one worker counts it.
-    ds = ds.shard(num_shards, shard_index)
-  if training:
-    ds = ds.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
-  if repeat:
-    ds = ds.repeat()
-  else:  # lets the judge see records the parser rejected at the very end
+  read = _file_reader(files)
+
+  def one_epoch(epoch):
+    """The records of one pass over this shard's files, in the order of (seed, epoch)."""
+    ids = tf.range(len(files), dtype=tf.int64)
+    if training:
+      # Stateless: a pure function of (seed, epoch), whatever TensorFlow's global seed is. A
+      # seeded `Dataset.shuffle` also draws from the global seed, which the trainer once set to
+      # seed + rank: each worker then ordered the files differently before the records were
+      # dealt round-robin, and workers read some records twice and others never.
+      ids = tf.random.experimental.stateless_shuffle(
+          ids, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+    ds = tf.data.Dataset.from_tensor_slices(ids).interleave(
+        read, cycle_length=min(cycle_length, len(files)), block_length=1,
+        num_parallel_calls=AUTOTUNE, deterministic=True)
+    if shard_records:
+      # A corrupt-file element is sharded like a record: exactly one worker counts it.
+      ds = ds.shard(num_shards, shard_index)
+    if training:
+      ds = _window_shuffle(ds, shuffle_buffer, seed, epoch)
+    return ds
+
+  # Epochs one after another, each complete before the next starts.
+  ds = tf.data.Dataset.range(_EPOCHS_FOREVER if repeat else 1).flat_map(one_epoch)
+  if not repeat:  # lets the judge see records the parser rejected at the very end
     ds = ds.concatenate(tf.data.Dataset.from_tensors(
         (tf.constant(b""), tf.constant(-1, tf.int64), tf.constant(-1, tf.int64),
          tf.constant(_END_OF_STREAM))))
