@@ -1,0 +1,129 @@
+"""Dynamic loss scaling (`training.LossScale`): ×2 after exactly `period` consecutive finite
+steps, ÷2 on an overflow (never below 1), the good-step count reset by an overflow, skipped
+steps counted; once on its own and once through real mixed-precision training steps."""
+
+import glob
+import os
+
+import gin
+import keras
+import numpy as np
+import tensorflow as tf
+
+from m6t_tf import configurables
+from m6t_tf import optimizers
+from m6t_tf import training
+from m6t_tf.parallel import context
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, ".data", "demo")
+
+
+def _replay(flags, *, initial, period):
+  """The rule, step by step: [(scale, good_steps, skipped)] after each finite/overflow flag."""
+  scale, good, skipped, out = initial, 0, 0, []
+  for finite in flags:
+    if not finite:
+      scale, good, skipped = max(scale / 2, 1.0), 0, skipped + 1
+    elif good + 1 == period:
+      scale, good = scale * 2, 0
+    else:
+      good += 1
+    out.append((scale, good, skipped))
+  return out
+
+
+def _state(ls):
+  return float(ls.scale.numpy()), int(ls.good_steps.numpy()), int(ls.skipped.numpy())
+
+
+class LossScaleTest(tf.test.TestCase):
+
+  def test_grows_after_exactly_period_finite_steps(self):
+    for period in (1, 2, 3, 5):
+      ls = training.LossScale(True, initial=8.0, period=period)
+      for step in range(1, 3 * period + 1):
+        ls.update(tf.constant(True))
+        grown = step // period
+        self.assertEqual(_state(ls), (8.0 * 2 ** grown, step % period, 0),
+                         f"period {period}, after {step} finite steps")
+
+  def test_overflow_halves_resets_count_and_is_counted(self):
+    ls = training.LossScale(True, initial=64.0, period=3)
+    for finite, want in [(True, (64.0, 1, 0)), (True, (64.0, 2, 0)),
+                         (False, (32.0, 0, 1)),            # halved; the 2 good steps forgotten
+                         (True, (32.0, 1, 1)), (True, (32.0, 2, 1)),
+                         (True, (64.0, 0, 1)),             # 3 new good steps: grows
+                         (False, (32.0, 0, 2)), (False, (16.0, 0, 3))]:
+      ls.update(tf.constant(finite))
+      self.assertEqual(_state(ls), want)
+
+  def test_never_below_one(self):
+    ls = training.LossScale(True, initial=2.0, period=4)
+    for skipped in range(1, 4):
+      ls.update(tf.constant(False))
+      self.assertEqual(_state(ls), (1.0, 0, skipped))
+
+  def test_disabled_keeps_scale_one_and_counts_nonfinite(self):
+    ls = training.LossScale(False, period=1)
+    for finite in (True, True, False, True):
+      ls.update(tf.constant(finite))
+    self.assertEqual(_state(ls), (1.0, 0, 1))
+
+  def test_traced_update_follows_the_rule_over_a_random_sequence(self):
+    flags = np.random.default_rng(0).random(60) < 0.8
+    ls = training.LossScale(True, initial=2.0 ** 10, period=4)
+    update = tf.function(ls.update)
+    for step, (finite, want) in enumerate(zip(flags, _replay(flags, initial=2.0 ** 10,
+                                                              period=4))):
+      update(tf.constant(bool(finite)))
+      self.assertEqual(_state(ls), want, f"step {step + 1}")
+    self.assertGreater(_state(ls)[2], 0)
+
+
+class MixedPrecisionTrainingTest(tf.test.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    if not glob.glob(os.path.join(DEMO, "validation-*.tfrecord")):
+      self.skipTest("demo dataset missing: `make data` builds it (make test does this first)")
+
+  def tearDown(self):
+    keras.mixed_precision.set_global_policy("float32")
+    gin.clear_config()
+    super().tearDown()
+
+  def test_scale_follows_real_float16_overflows(self):
+    gin.clear_config()
+    configurables.parse([os.path.join(REPO, "gin", f) for f in ("demo.gin", "tiny.gin")], [],
+                        [REPO])
+    ds = training._batches_for_eval(f"{DEMO}/validation-*.tfrecord", batch_size=4, max_len=12,
+                                    image_mode="pixels", ctx=context.LocalContext())
+    batches = list(ds.take(2))
+    model = training.build_model(configurables.network_fn(), batch=batches[0],
+                                 mixed_precision=True)
+    trainer = training.Trainer(model, optimizers.make_optimizer("adamw", 1e-3),
+                               mixed_precision=True)
+    # Start far above what float16 gradients hold, with a short period: the first steps
+    # overflow and halve the scale, then good steps double it until it overflows again.
+    initial, period = 2.0 ** 19, 2
+    trainer.loss_scale = training.LossScale(True, initial=initial, period=period)
+    flags, states, applied = [], [], []
+    for step in range(12):
+      before = model.trainable_variables[0].numpy().copy()
+      metrics = trainer.train_step(batches[step % 2])
+      flags.append(bool(metrics["finite"].numpy()))
+      states.append(_state(trainer.loss_scale))
+      applied.append(not np.array_equal(before, model.trainable_variables[0].numpy()))
+    self.assertEqual(states, _replay(flags, initial=initial, period=period))
+    self.assertEqual(applied, flags)                   # overflowed steps change no weight
+    self.assertEqual(int(trainer.optimizer.iterations.numpy()), sum(flags))
+    self.assertFalse(flags[0])
+    grew = any(b[0] > a[0] for a, b in zip(states, states[1:]))
+    self.assertTrue(grew, states)
+    overflow_after_growth = any(not f for f in flags[flags.index(True):])
+    self.assertTrue(overflow_after_growth, flags)
+
+
+if __name__ == "__main__":
+  tf.test.main()
