@@ -21,6 +21,8 @@ import sys
 from absl import app
 from absl import flags
 
+from m6t_tf.parallel import watchdog
+
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin files passed to the trainer.")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings passed to the trainer.")
@@ -32,10 +34,11 @@ flags.DEFINE_string("model_dir", None, "The trainer's --model_dir.")
 flags.DEFINE_string("python", sys.executable, "Python interpreter on every host.")
 flags.DEFINE_bool("dry_run", False, "Print the command and exit.")
 
-# The environment every rank needs. NCCL_* matter on GPUs only and are harmless on CPUs.
+# The environment every rank needs. NCCL_* matter on GPUs only and are harmless on CPUs. The
+# stall inspector's settings (defaults set by `main`) end a job whose rank stopped answering.
 FORWARDED_ENV = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME",
                  "NCCL_IB_DISABLE", "TF_CPP_MIN_LOG_LEVEL", "HOROVOD_FUSION_THRESHOLD",
-                 "HOROVOD_CYCLE_TIME")
+                 "HOROVOD_CYCLE_TIME", *watchdog.STALL_ENV_DEFAULTS)
 
 
 def check_layout(gin_files, gin_bindings, num_workers: int) -> tuple[int, int]:
@@ -95,6 +98,9 @@ def main(argv):
   if not FLAGS.num_workers:
     raise app.UsageError("--num_workers is required")
   check_layout(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.num_workers)
+  # Inherited by horovodrun's ranks, forwarded with -x by mpirun.
+  stall = watchdog.set_stall_env_defaults()
+  print(" ".join(f"{k}={v}" for k, v in stall.items()), flush=True)
   cmd = build_command(gin_files=FLAGS.gin_file, gin_bindings=FLAGS.gin_bindings,
                       num_workers=FLAGS.num_workers, hosts=FLAGS.hosts, hostfile=FLAGS.hostfile,
                       backend=FLAGS.backend, model_dir=FLAGS.model_dir, python=FLAGS.python)

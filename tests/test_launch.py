@@ -8,6 +8,7 @@ import gin
 import tensorflow as tf
 
 from launch import run
+from m6t_tf.parallel import watchdog
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +38,11 @@ class LaunchTest(tf.test.TestCase):
     self.assertIn("-bind-to none -map-by slot", line)
     self.assertIn("-m m6t_tf.train --gin_file=gin/1T.gin --gin_file=gin/layouts/1x480.gin", line)
     self.assertIn("--model_dir=/ckpt/1T", line)
+    # Horovod's stall inspector is set (to defaults unless the environment sets it) and
+    # forwarded to every rank.
+    for name in watchdog.STALL_ENV_DEFAULTS:
+      self.assertIn(f"{name}=", proc.stdout)
+      self.assertIn(f"-x {name}", line)
 
   def test_gloo_command(self):
     cmd = run.build_command(gin_files=["gin/demo.gin", "gin/layouts/1x2.gin"], gin_bindings=[],

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import keras
@@ -181,6 +182,46 @@ class WorkerFailureTest(tf.test.TestCase):
     self.assertTrue(re.search(r"Process name: 1\s+Exit code: 137", out), out[-3000:])
     code, out = _run(model_dir, 2, timeout=300)
     self.assertTrue("Resumed from" in out, out[-3000:])
+
+
+class StallTest(tf.test.TestCase):
+
+  def test_stalled_rank_ends_job_naming_itself_and_run_resumes(self):
+    # Rank 1 of 2 sleeps (an hour) before the collectives of step 5; rank 0 waits in them.
+    limit = 10
+    model_dir = _tmpdir()
+    proc = subprocess.Popen(
+        _command(model_dir, 2, [f"train.stall_timeout_s={limit}"]), cwd=REPO,
+        env=_env(M6T_FAULT_INJECT="stall:5:1"), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # A job that hangs is killed after 240 s (and the test fails: it did not end by itself).
+    hang_guard = threading.Timer(240, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    hang_guard.start()
+    lines, step_4_at = [], None
+    try:
+      for line in proc.stdout:                  # read as it comes, to time the end
+        lines.append(line)
+        if "step 4/" in line:
+          step_4_at = time.time()
+      proc.wait(timeout=30)
+      ended_at = time.time()
+    finally:
+      hang_guard.cancel()
+      if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines)
+    self.assertNotEqual(proc.returncode, -signal.SIGKILL, "the job hung: " + out[-3000:])
+    self.assertNotEqual(proc.returncode, 0, out[-3000:])
+    self.assertIsNotNone(step_4_at, out[-3000:])
+    # Ended after the limit, well within 60 s of the stall (limit, grace, launcher teardown).
+    self.assertBetween(ended_at - step_4_at, limit, 60)
+    self.assertTrue(re.search(r"rank 1 stalled: no progress for \d+ s \(limit 10 s\) outside "
+                              r"the collectives .* after completing step 4", out), out[-3000:])
+    self.assertTrue(re.search(r"Last checkpoint: \S*ckpt-3 \(a restart resumes from it\)", out),
+                    out[-3000:])
+    code, out = _run(model_dir, 2, timeout=300)
+    self.assertEqual(code, 0, out[-3000:])
+    self.assertTrue(re.search(r"Resumed from \S*ckpt-3 at step 3", out), out[-3000:])
 
 
 def _descends_from(pid: int, root: int) -> bool:

@@ -46,6 +46,7 @@ from m6t_tf.parallel.launch_env import WORLD_SIZE_ENV as _WORLD_SIZE_ENV
 from m6t_tf.parallel.launch_env import world_size_from_env
 from m6t_tf.parallel.context import capacity_fingerprint  # noqa: F401  (re-exported)
 from m6t_tf.parallel.mesh import Mesh, make_process_sets
+from m6t_tf.parallel.watchdog import set_stall_env_defaults
 
 #: Payload dtypes for the all-to-all: None keeps the compute dtype; "float16" halves the bytes
 #: (M6-T's FP16 communication). bfloat16 is not offered: Horovod 0.28's TF ops do not accept it.
@@ -419,7 +420,8 @@ def init_horovod(mesh: Optional[Mesh] = None, *, expert: Optional[int] = None,
 
   Validation happens, when the launcher exports the world size, *before* `hvd.init`, so a wrong
   mesh raises the same ValueError on every rank without any rendezvous; it is repeated against
-  `hvd.size()` afterwards.
+  `hvd.size()` afterwards. Horovod's stall inspector gets `watchdog.STALL_ENV_DEFAULTS` where
+  the environment does not set it: a rank that stops calling collectives ends the job.
 
   Args:
     mesh: the (data, expert) layout; None = from `expert`, or one expert group over all ranks.
@@ -445,6 +447,7 @@ def init_horovod(mesh: Optional[Mesh] = None, *, expert: Optional[int] = None,
   if mesh is not None and env_size is not None:
     mesh.validate(env_size, num_experts)
   process_sets = make_process_sets(mesh, hvd.ProcessSet) if mesh is not None else {}
+  set_stall_env_defaults()   # read by hvd.init
   try:
     hvd.init(process_sets=list(process_sets.values()))
   except ValueError as e:
