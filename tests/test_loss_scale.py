@@ -104,6 +104,9 @@ class MixedPrecisionTrainingTest(tf.test.TestCase):
                                  mixed_precision=True)
     trainer = training.Trainer(model, optimizers.make_optimizer("adamw", 1e-3),
                                mixed_precision=True)
+    # The trainer's own: TensorFlow's dynamic loss scale defaults (2^15, ×2 every 2000 steps).
+    self.assertEqual((_state(trainer.loss_scale), trainer.loss_scale.period),
+                     ((2.0 ** 15, 0, 0), 2000))
     # Start far above what float16 gradients hold, with a short period: the first steps
     # overflow and halve the scale, then good steps double it until it overflows again.
     initial, period = 2.0 ** 19, 2
