@@ -1,0 +1,171 @@
+"""W workers == 1 worker where a scale error shows: the gradients the optimiser receives.
+
+Losses over a few AdamW steps with clipping cannot see a uniform gradient scale (Adam divides
+it out, clipping caps it), so a wrong loss normalisation would pass `test_parallel_training`.
+This test compares, per variable, the reduced gradients `Trainer.compute_gradients` hands the
+optimiser on each rank of a real `horovodrun` job against one process on the union batch, at
+meshes (data, expert) = (1, 2), (1, 4) and (2, 2) — a rank's expert gradients against its slice
+[k·e, (k+1)·e) of the 1-process [E, ...] tensors — and the weights after a few steps of plain
+SGD without clipping, where a 2x gradient is a 2x update.
+
+Ranks hold different numbers of real target tokens: each global batch has captions of four
+different lengths, dealt to the ranks in contiguous blocks, so per-rank means would not equal
+the global mean. Exactness needs what `test_parallel_training` lists: no dropout, no auxiliary
+or z-loss, capacity large enough that no token is dropped, the same initial weights (one
+process writes them; every rank loads its slice).
+"""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from m6t_tf.data import records
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+WORKER = os.path.join(REPO, "tests", "distributed", "grad_worker.py")
+DEMO = os.path.join(REPO, ".data", "demo")
+GLOBAL_BATCH = 4
+STEPS = 3
+LEARNING_RATE = 0.5
+# Caption lengths ([CLS] and [SEP] included, all <= tiny.gin's MAX_LEN = 12) of the examples of
+# each global batch, in row order: the ranks' blocks hold different numbers of target tokens.
+LENGTHS = ((3, 5, 8, 12), (4, 6, 9, 11), (3, 7, 10, 12))
+MESHES = ((1, 2), (1, 4), (2, 2))
+RTOL = 1e-5
+# Attention key biases get a zero gradient in exact arithmetic (softmax over the keys is
+# invariant to q·b_k, the same for every key); what they get is round-off, ~1e-12 of the
+# model's gradient norm, so they are checked to be that small rather than relatively.
+ZERO_GRADIENT = "attention/key/bias"
+
+
+def _env():
+  env = dict(os.environ)
+  env.update(TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1", PYTHONPATH=REPO,
+             CUDA_VISIBLE_DEVICES="")
+  return env
+
+
+def relative_error(x: np.ndarray, reference: np.ndarray) -> float:
+  """‖x − ref‖ / ‖ref‖ over one tensor."""
+  return float(np.linalg.norm((x - reference).ravel()) / np.linalg.norm(reference.ravel()))
+
+
+class ParallelGradientsTest(tf.test.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    if not os.path.exists(HOROVODRUN):
+      raise RuntimeError("horovodrun missing: `make setup` builds Horovod")
+    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
+      raise RuntimeError("demo dataset missing: `make data` builds it")
+    cls.tmp = os.path.join(REPO, "runs", "test_parallel_gradients")
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+    os.makedirs(cls.tmp)
+    by_length = {}
+    for s in records.read_serialized(os.path.join(DEMO, "train-*.tfrecord")):
+      n = len(tf.train.Example.FromString(s).features.feature["caption_ids"].int64_list.value)
+      by_length.setdefault(n, []).append(s)
+    chosen = [by_length[n].pop() for batch in LENGTHS for n in batch]
+    cls.data = os.path.join(cls.tmp, "lengths.tfrecord")
+    records.write_records(cls.data, chosen)
+    cls.init = os.path.join(cls.tmp, "init.npz")
+    cls.reference = cls.launch("one", 1, 1)[0]
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+    super().tearDownClass()
+
+  @classmethod
+  def launch(cls, name, data, expert):
+    ranks = data * expert
+    out = os.path.join(cls.tmp, name)
+    args = [sys.executable, WORKER, f"--out={out}", f"--data={cls.data}", f"--init={cls.init}",
+            f"--global_batch={GLOBAL_BATCH}", f"--steps={STEPS}",
+            f"--learning_rate={LEARNING_RATE}", "--gin_file=gin/demo.gin",
+            "--gin_file=gin/tiny.gin"]
+    args += [f"--gin_bindings={b}" for b in (
+        "CAPACITY_FACTOR = 8.0", "DROPOUT = 0.0", "AUX_LOSS = 0.0", "Z_LOSS = 0.0",
+        "make_context.mesh_data = %d" % data, "make_context.mesh_expert = %d" % expert)]
+    if ranks > 1:
+      args = [HOROVODRUN, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", *args]
+    proc = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode:
+      raise AssertionError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    results = []
+    for r in range(ranks):
+      with open(f"{out}.rank{r}.json") as f:
+        result = json.load(f)
+      result["grads"] = dict(np.load(f"{out}.rank{r}.grads.npz"))
+      result["weights"] = dict(np.load(f"{out}.rank{r}.weights.npz"))
+      results.append(result)
+    return results
+
+  def reference_slice(self, tensors, path, rank):
+    """The 1-process value of `path` that `rank` holds: all of it, or its experts' rows."""
+    value = tensors[path]
+    if "/experts/" in path:
+      e = rank["experts_per_rank"]
+      value = value[rank["expert_index"] * e:(rank["expert_index"] + 1) * e]
+    return value
+
+  def check_mesh(self, data, expert):
+    ref = self.reference
+    self.assertEqual(ref["no_gradient"], [])
+    total = np.sqrt(sum(np.sum(np.square(g)) for g in ref["grads"].values()))
+    for path, g in ref["grads"].items():
+      if ZERO_GRADIENT in path:
+        self.assertLess(np.linalg.norm(g), 1e-9 * total, path)
+      else:
+        self.assertGreater(np.linalg.norm(g), 1e-6 * total, f"{path}: ~no gradient to compare")
+    ranks = self.launch(f"mesh{data}x{expert}", data, expert)
+    # The condition that makes the test sensitive to the normalisation: every rank holds a
+    # different number of target tokens.
+    tokens = [r["num_tokens"] for r in ranks]
+    self.assertLen(set(tokens), len(ranks), tokens)
+    self.assertEqual(sum(tokens), ref["num_tokens"])
+    self.assertAllClose([r["loss"] for r in ranks], [ref["loss"]] * len(ranks), rtol=1e-6)
+    for r in ranks:
+      self.assertEqual(r["no_gradient"], [])
+      self.assertEqual(sorted(r["grads"]), sorted(ref["grads"]))
+      self.assertEqual(sorted(r["weights"]), sorted(ref["weights"]))
+      for path, g in r["grads"].items():
+        want = self.reference_slice(ref["grads"], path, r)
+        self.assertEqual(g.shape, want.shape, path)
+        if ZERO_GRADIENT in path:
+          self.assertLess(np.linalg.norm(g), 1e-9 * total, path)
+          continue
+        self.assertLess(relative_error(g, want), RTOL,
+                        f"mesh ({data}, {expert}) rank {r['rank']}: gradient of {path}")
+        self.assertAllClose(g, want, rtol=RTOL, atol=RTOL * np.abs(want).max(),
+                            msg=f"mesh ({data}, {expert}) rank {r['rank']}: gradient of {path}")
+      for path, w in r["weights"].items():
+        if ZERO_GRADIENT in path:
+          continue
+        want = self.reference_slice(ref["weights"], path, r)
+        start = self.reference_slice(dict(np.load(self.init)), path, r)
+        # The SGD updates Σ lr·g, compared as updates (the weights themselves dwarf them).
+        self.assertLess(relative_error(w - start, want - start), 1e-4,
+                        f"mesh ({data}, {expert}) rank {r['rank']}: SGD update of {path}")
+
+  def test_mesh_1x2(self):
+    self.check_mesh(1, 2)
+
+  def test_mesh_1x4(self):
+    self.check_mesh(1, 4)
+
+  def test_mesh_2x2(self):
+    self.check_mesh(2, 2)
+
+
+if __name__ == "__main__":
+  tf.test.main()
