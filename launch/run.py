@@ -21,6 +21,8 @@ import sys
 from absl import app
 from absl import flags
 
+from m6t_tf import cli
+from m6t_tf.cli import ConfigError
 from m6t_tf.parallel import watchdog
 
 FLAGS = flags.FLAGS
@@ -52,12 +54,12 @@ def check_layout(gin_files, gin_bindings, num_workers: int) -> tuple[int, int]:
   expert = configurables.query("make_context.mesh_expert", 0)
   expert = expert or num_workers // max(data, 1)
   if data * expert != num_workers:
-    raise ValueError(
+    raise ConfigError(
         f"the layout's mesh (data={data}) × (expert={expert}) = {data * expert} workers, but "
         f"--num_workers={num_workers}; pick a gin/layouts/*.gin file for {num_workers} workers")
   num_experts = configurables.query("MoEConfig.num_experts")
   if num_experts % expert:
-    raise ValueError(f"num_experts={num_experts} is not divisible by the expert axis "
+    raise ConfigError(f"num_experts={num_experts} is not divisible by the expert axis "
                      f"({expert} workers); use a layout whose expert axis divides {num_experts}")
   return data, expert
 
@@ -66,9 +68,9 @@ def build_command(*, gin_files, gin_bindings, num_workers: int, hosts=None, host
                   backend: str = "gloo", model_dir=None, python: str = sys.executable) -> list[str]:
   """The launcher command line as a list of arguments."""
   if num_workers < 1:
-    raise ValueError(f"--num_workers={num_workers} must be >= 1")
+    raise ConfigError(f"--num_workers={num_workers} must be >= 1")
   if hosts and hostfile:
-    raise ValueError("pass --hosts or --hostfile, not both")
+    raise ConfigError("pass --hosts or --hostfile, not both")
   trainer = [python, "-m", "m6t_tf.train"]
   trainer += [f"--gin_file={f}" for f in gin_files]
   trainer += [f"--gin_bindings={b}" for b in gin_bindings]
@@ -111,4 +113,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,7 +6,12 @@ trainer, `m6t_tf.training.train`), `Mesh.*` (the worker layout). See gin/base.gi
 
 from __future__ import annotations
 
+import os
+import tokenize
+
 import gin
+
+from m6t_tf.cli import ConfigError
 
 from m6t_tf import training
 from m6t_tf.networks import m6_transformer
@@ -29,12 +34,70 @@ def register() -> None:
 
 
 def parse(gin_files, gin_bindings, search_paths=()) -> None:
-  """Parses gin files and bindings; unknown or malformed bindings raise before any compute."""
+  """Parses gin files and bindings, then fixes a data-following caption length.
+
+  Raises:
+    ConfigError: a missing gin file, an unknown configurable or parameter, a syntax error: one
+      line with the file or binding (gin's own message spans several).
+  """
   register()
+  search_paths = list(search_paths)
   for path in search_paths:
     gin.add_config_file_search_path(path)
-  gin.parse_config_files_and_bindings(list(gin_files or []), list(gin_bindings or []),
-                                      finalize_config=False)
+  for path in gin_files or []:
+    if not any(os.path.isfile(os.path.join(root, path)) for root in ["", *search_paths]):
+      raise ConfigError(f"--gin_file={path}: no such file (looked in {os.getcwd()!r}"
+                        f"{''.join(f', {p!r}' for p in search_paths if p not in ('', '.'))})")
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files or []), list(gin_bindings or []),
+                                        finalize_config=False)
+  except (ValueError, SyntaxError, OSError, tokenize.TokenError) as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    where = f" ({'; '.join(lines[1:])})" if len(lines) > 1 else ""
+    raise ConfigError(f"gin config: {lines[0] if lines else type(e).__name__}{where}") from None
+  resolve_max_len()
+
+
+def resolve_max_len() -> None:
+  """`MAX_LEN = None` (gin/demo.gin): the caption length follows the data.
+
+  Binds MAX_LEN to the longest caption ([CLS]/[SEP] included) of train.train_data and
+  train.eval_data, read from their metadata.json (or their records), so the network's position
+  table, the pipeline and the `config.gin` the trainer writes all hold that number, and the
+  evaluator rebuilds the same model from it. A pinned MAX_LEN is left alone. When the data
+  cannot be read here the macro stays None, and the trainer names the reason.
+  """
+  try:
+    if gin.query_parameter("%MAX_LEN") is not None:
+      return
+  except ValueError:  # no MAX_LEN macro: the config wires its lengths itself
+    return
+  from m6t_tf.data import metadata
+  lengths = []
+  for name in ("train_data", "eval_data"):
+    pattern = query(f"train.{name}")
+    if not isinstance(pattern, str) or not pattern:
+      continue
+    try:
+      lengths.append(metadata.read(pattern, binding=f"train.{name}",
+                                   need_length=True).max_caption_tokens)
+    except ConfigError:
+      return
+  if lengths:
+    gin.bind_parameter("%MAX_LEN", max(lengths))
+
+
+def check_required() -> None:
+  """ConfigError naming the first `train.*` value a config leaves `%gin.REQUIRED`."""
+  import inspect
+  examples = {"train_data": "\"train.train_data='data/mine/train-*.tfrecord'\"",
+              "num_steps": "train.num_steps=1000"}
+  for name in inspect.signature(training.train).parameters:
+    value = query(f"train.{name}")
+    if isinstance(value, gin.config.ConfigurableReference) and (
+        value.scoped_selector == "gin.REQUIRED/gin.constant"):
+      raise ConfigError(f"train.{name} is required by the config: pass --gin_bindings="
+                        f"{examples.get(name, f'train.{name}=...')}")
 
 
 def make_context(*, mesh_data: int = 1, mesh_expert: int = 0, alltoall_dtype=None,
@@ -54,7 +117,7 @@ def make_context(*, mesh_data: int = 1, mesh_expert: int = 0, alltoall_dtype=Non
   if world <= 1 and mesh_data * max(mesh_expert, 1) <= 1:
     return context_lib.LocalContext()
   if world <= 1:
-    raise ValueError(
+    raise ConfigError(
         f"the layout's mesh (data={mesh_data}) × (expert={mesh_expert}) needs "
         f"{mesh_data * max(mesh_expert, 1)} workers, but this is a single process: launch with "
         f"`horovodrun -np {mesh_data * max(mesh_expert, 1)} ...` (or python -m launch.run), or "
@@ -78,6 +141,7 @@ def network_fn():
 def run_train(**overrides) -> dict:
   """Calls the gin-configured `train` with the gin-configured network and worker context."""
   register()
+  check_required()
   ctx = overrides.pop("ctx", None) or make_context_configured()
   return gin.get_configurable("train")(ctx=ctx, network_fn=network_fn(), **overrides)
 

@@ -17,6 +17,8 @@ import os
 from absl import app
 from absl import flags
 
+from m6t_tf import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "A trainer's model_dir (config.gin + checkpoints/).")
 flags.DEFINE_string("eval_data", None, "TFRecord pattern; default: train.eval_data of config.gin.")
@@ -27,7 +29,6 @@ flags.DEFINE_integer("batch_size", 0, "Evaluation batch per worker; 0 = the trai
 
 def main(argv):
   del argv
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if not FLAGS.model_dir:
     raise app.UsageError("--model_dir is required")
   from m6t_tf import evaluation
@@ -43,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

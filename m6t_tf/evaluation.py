@@ -12,21 +12,31 @@ def evaluate(model_dir: str, *, eval_data: str | None = None, checkpoint: str | 
   from m6t_tf import checkpointing
   from m6t_tf import configurables
   from m6t_tf import training
+  from m6t_tf.cli import ConfigError
+  from m6t_tf.data import metadata
   from m6t_tf.data import pipeline
 
   config_path = os.path.join(model_dir, "config.gin")
   if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: is --model_dir={model_dir!r} a trainer's "
-                            f"model_dir?")
+    raise ConfigError(f"{config_path} not found: is --model_dir={model_dir!r} a trainer's "
+                      f"model_dir?")
   gin.clear_config()
   configurables.parse([config_path], list(gin_bindings))
   ctx = ctx or configurables.make_eval_context()
   q = lambda name: configurables.query(f"train.{name}")
+  binding = "--eval_data" if eval_data else "train.eval_data"
   eval_data = eval_data or q("eval_data")
   if not eval_data:
-    raise ValueError("no evaluation data: pass --eval_data or set train.eval_data")
+    raise ConfigError("no evaluation data: pass --eval_data or set train.eval_data")
   batch = batch_size or q("batch_size_per_worker")
   max_len, image_mode = q("max_len"), q("image_mode")
+  # The evaluation data against the trained model, before building anything.
+  facts = metadata.read(eval_data, binding=binding)
+  metadata.check_config(facts, image_mode=image_mode, max_len=max_len,
+                        truncate_captions=bool(q("truncate_captions")))
+  train_data = q("train_data")  # also the unigram baseline's counts
+  metadata.check_same_images(metadata.read(train_data, binding="train.train_data"), facts,
+                             image_mode)
   dataset = training._batches_for_eval(eval_data, batch_size=batch, max_len=max_len,
                                        image_mode=image_mode, ctx=ctx)
   model = training.build_model(configurables.network_fn(), batch=next(iter(dataset.take(1))),
@@ -37,11 +47,11 @@ def evaluate(model_dir: str, *, eval_data: str | None = None, checkpoint: str | 
                                             num_experts=num_experts)
   path = checkpoint or checkpointer.latest()
   if not path:
-    raise FileNotFoundError(f"no checkpoint in {model_dir}/checkpoints")
+    raise ConfigError(f"no checkpoint in {model_dir}/checkpoints: train first, or pass "
+                      f"--checkpoint")
   checkpointer.restore(path)
   trainer = training.Trainer(model, _NoOpt(), ctx=ctx)
   result = training.evaluate_perplexity(trainer, dataset)
-  train_data = q("train_data")
   result["unigram_perplexity"] = pipeline.unigram_perplexity(train_data, eval_data,
                                                              max_len=max_len)
   result["checkpoint"] = path

@@ -335,6 +335,10 @@ def config_from_gin(*, num_workers: Optional[int] = None, patch_dim: int = DEFAU
                "intermediate_size", "max_text_length", "norm", "activation", "positions",
                "dropout_rate", "moe", "moe_placement", "moe_every", "moe_attention"):
     values[name] = _query(f"M6Transformer.{name}", net.get(name, None))
+    if values[name] is None and name == "max_text_length":
+      raise ValueError("M6Transformer.max_text_length is None: MAX_LEN = None follows the data, "
+                       "and train.train_data matches no file here; pass --gin_bindings=MAX_LEN=n "
+                       "(caption tokens incl. [CLS]/[SEP])")
     if values[name] is None and name not in ("moe",):
       raise ValueError(f"M6Transformer.{name} is not bound by the gin config")
   moe = values.pop("moe")

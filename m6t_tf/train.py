@@ -5,7 +5,9 @@ r"""Trains M6-T.  Single process, or one process per GPU under horovodrun / mpir
   python -m m6t_tf.train --gin_file=gin/1T.gin --gin_file=gin/layouts/480x1.gin \
       --gin_bindings="train.train_data='/data/m6/train-*'" --model_dir=/ckpt/1T
 
-The final gin config is logged and written to model_dir/config.gin.
+The final gin config is logged and written to model_dir/config.gin. A configuration or input
+error prints one line and exits with status 2 (m6t_tf.cli); `M6T_TF_LOGS=1` shows
+TensorFlow's own start-up lines.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+
+from m6t_tf import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config files (later ones override earlier ones).")
@@ -27,7 +31,6 @@ flags.DEFINE_bool("check_numerics", False, "Debug: stop at the first non-finite 
 
 def main(argv):
   del argv
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import gin
   import tensorflow as tf
 
@@ -39,6 +42,9 @@ def main(argv):
   if not FLAGS.gin_file:
     raise app.UsageError("--gin_file is required, e.g. --gin_file=gin/demo.gin")
   configurables.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+  if not FLAGS.model_dir and not configurables.query("train.model_dir"):
+    raise app.UsageError("--model_dir is required (checkpoints, summaries and config.gin go "
+                         "there), e.g. --model_dir=runs/mine")
   if FLAGS.check_numerics:
     tf.debugging.enable_check_numerics()
   ctx = configurables.make_context_configured()
@@ -59,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -112,11 +112,76 @@ class MakeDatasetTest(tf.test.TestCase):
                                training=False)
     self.assertEqual(next(iter(ds))["image"].shape, (5, 8, 8, 3))
 
-  def test_split_by_image_path(self):
-    meta = self._convert(validation_fraction=0.5)
-    held = {f for f, _ in GOOD if records.is_validation(f, 0.5)}
-    self.assertEqual(meta["splits"]["validation"]["num_records"], len(held))
-    self.assertEqual(meta["splits"]["train"]["num_records"], len(GOOD) - len(held))
+  def _many(self, captions_per_image):
+    """A clean input: image i.png with captions_per_image[i] captions."""
+    lines = []
+    for i, n in enumerate(captions_per_image):
+      self._png(f"{i}.png", np.full([8, 8, 3], i, np.uint8))
+      lines += [json.dumps({"image": f"{i}.png", "caption": f"第{i}张图的说明{j}"},
+                           ensure_ascii=False) for j in range(n)]
+    self.input.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+  def _held_out(self):
+    return {records.parse_example(s)["key"].numpy().decode()
+            for s in records.read_serialized(str(self.out / "validation-*.tfrecord"))}
+
+  def test_validation_fraction_gives_the_split(self):
+    self._many([1] * 20)
+    for fraction, expected in ((0.1, 2), (0.25, 5), (0.5, 10), (0.0, 0)):
+      meta = self._convert(validation_fraction=fraction)
+      self.assertEqual(meta["splits"]["validation"]["num_records"], expected, fraction)
+      self.assertEqual(meta["splits"]["train"]["num_records"], 20 - expected, fraction)
+    # The held-out images of a smaller fraction stay held out at a larger one (hash order).
+    small = (self._convert(validation_fraction=0.1), self._held_out())[1]
+    large = (self._convert(validation_fraction=0.5), self._held_out())[1]
+    self.assertLen(small, 2)
+    self.assertTrue(small < large)
+
+  def test_captions_of_an_image_stay_together(self):
+    # The user walk of the README: 12 pictures, 16 captions (four pictures have two).
+    self._many([2, 1, 2, 1, 1, 2, 1, 1, 2, 1, 1, 1])
+    meta = self._convert(validation_fraction=0.25)
+    n_val = meta["splits"]["validation"]["num_records"]
+    self.assertIn(n_val, (4, 5))  # round(0.25 × 16) = 4, one more if a 2-caption image crosses
+    train_keys = {records.parse_example(s)["key"].numpy().decode()
+                  for s in records.read_serialized(str(self.out / "train-*.tfrecord"))}
+    self.assertFalse(train_keys & self._held_out())
+
+  def test_few_validation_captions_warn(self):
+    self._many([1] * 20)
+    logged = []
+    make_dataset.convert(self.input, image_dir=self.image_dir, output_dir=self.out,
+                         image_size=8, validation_fraction=0.1, log=logged.append)
+    warning = [m for m in logged if m.startswith("warning:")]
+    self.assertLen(warning, 1)
+    self.assertIn("validation holds 2 captions (fewer than 20)", warning[0])
+    logged.clear()
+    make_dataset.convert(self.input, image_dir=self.image_dir, output_dir=self.out,
+                         image_size=8, validation_fraction=0.0, log=logged.append)
+    self.assertIn("validation holds 0 captions", "\n".join(logged))
+
+  def test_missing_caption_key_is_named_with_its_line(self):
+    self.input.write_text(
+        json.dumps({"image": "red.png", "caption": "红色"}, ensure_ascii=False) + "\n"
+        + json.dumps({"image": "red.png", "text": "红色"}, ensure_ascii=False) + "\n"
+        + json.dumps({"caption": "没有图"}, ensure_ascii=False) + "\n"
+        + json.dumps({"image": "red.png", "caption": 7}) + "\n", encoding="utf-8")
+    meta = self._convert()
+    reasons = "\n".join(meta["skipped_examples"])
+    self.assertRegex(reasons, r'captions\.jsonl:2: missing key "caption" \(the line\'s keys: '
+                              r'"image", "text"\)')
+    self.assertRegex(reasons, r'captions\.jsonl:3: missing key "image"')
+    self.assertRegex(reasons, r'captions\.jsonl:4: "caption" must be a string, got 7')
+    self.assertNotIn("empty caption", reasons)
+
+  def test_no_line_converted_is_an_error_and_writes_nothing(self):
+    self.input.write_text(json.dumps({"image": "red.png", "text": "红色"}) + "\n",
+                          encoding="utf-8")
+    with self.assertRaisesRegex(make_dataset.cli.ConfigError,
+                                r'no line of .*captions\.jsonl could be converted .*'
+                                r'missing key "caption"'):
+      self._convert()
+    self.assertEqual(list(self.out.iterdir()), [])
 
   def test_fail_stops_at_the_line_and_writes_nothing(self):
     with self.assertRaisesRegex(make_dataset.BadRecordError,
@@ -127,11 +192,12 @@ class MakeDatasetTest(tf.test.TestCase):
   def test_cli_exit_code(self):
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-      code = make_dataset.main([f"--input={self.input}", f"--image_dir={self.image_dir}",
-                                f"--output_dir={self.out}", "--on_bad_record=fail",
-                                "--image_size=8"])
-    self.assertEqual(code, 1)
+      code = make_dataset.cli.run_argparse(make_dataset.main, [
+          f"--input={self.input}", f"--image_dir={self.image_dir}", f"--output_dir={self.out}",
+          "--on_bad_record=fail", "--image_size=8"])
+    self.assertEqual(code, 2)
     self.assertIn("captions.jsonl:3:", stderr.getvalue())
+    self.assertLen(stderr.getvalue().strip().splitlines(), 1, stderr.getvalue())
     with contextlib.redirect_stderr(io.StringIO()):
       self.assertEqual(make_dataset.main([f"--input={self.input}",
                                           f"--image_dir={self.image_dir}",

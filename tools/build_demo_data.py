@@ -13,15 +13,19 @@ Prints the metadata summary (counts, max caption length, unigram perplexity) as 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from m6t_tf.data import demo
+from m6t_tf import cli
+
+if __name__ == "__main__":
+  cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
+
+from m6t_tf.data import demo  # pylint: disable=g-import-not-at-top
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--output_dir", default=None,
                       help="output folder (default: .data/demo in the checkout)")
   parser.add_argument("--image_size", type=int, default=demo.DEFAULT_IMAGE_SIZE)
@@ -50,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run_argparse(main))

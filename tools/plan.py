@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
+
+from m6t_tf import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config files (later ones override earlier ones).")
@@ -50,7 +51,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.gin_file:
     raise app.UsageError("--gin_file is required, e.g. --gin_file=gin/1T.gin")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from m6t_tf import planning
 
   try:
@@ -60,9 +60,9 @@ def main(argv):
         search_paths=FLAGS.gin_search_paths,
         alltoall_bytes_per_element=_BYTES.get(FLAGS.alltoall_dtype),
         allreduce_bytes_per_element=_BYTES.get(FLAGS.allreduce_dtype))
-  except (ValueError, IOError) as e:
-    print(f"plan.py: {e}", file=sys.stderr)
-    return 2
+  except (ValueError, OSError) as e:
+    # The planner is arithmetic on the config alone: every error it raises is the config's.
+    raise cli.ConfigError(cli.one_line(e)) from e
   if FLAGS.format == "json":
     print(json.dumps(result, indent=2))
   else:
@@ -72,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
