@@ -64,28 +64,57 @@ class SelfAttention(keras.layers.Layer):
       self.output_proj.build((None, None, hd))
     self.built = True
 
-  def _project(self, layer, x, training, token_mask):
+  def _project(self, layer, x, training, token_mask, capacity):
     if self.moe_projections:
-      return layer(x, training=training, token_mask=token_mask)
+      return layer(x, training=training, token_mask=token_mask, capacity=capacity)
     return layer(x)
 
-  def call(self, x, mask, training=None, token_mask=None):
+  def call(self, x, mask, training=None, token_mask=None, cache=None, cache_index=None,
+           moe_capacity=None):
+    """Attention of the S positions of `x` over themselves, or over a key/value cache.
+
+    Args:
+      x: <float>[B, S, M].
+      mask: <bool>[S, S] (no cache) or <bool>[S, S_cache] (with a cache): which keys each query
+        sees.
+      training: dropout on.
+      token_mask: <bool>[B, S] tokens routed by MoE projections.
+      cache: None, or {"key", "value": <float>[B, S_cache, H, d]} (incremental decoding). The
+        keys and values of `x` are written at positions [cache_index, cache_index + S) and the
+        queries attend over the whole updated cache (masked by `mask`).
+      cache_index: <int32>[] absolute position of `x[:, 0]` (with a cache; also its RoPE offset).
+      moe_capacity: C of the MoE projections for this call (None: the capacity factor).
+
+    Returns:
+      <float>[B, S, M]; with a cache, (output, updated cache).
+    """
     b, s = tf.shape(x)[0], x.shape[1]
     h, d = self.num_heads, self.head_size
     split = lambda t: tf.reshape(t, [b, s, h, d])
-    q = split(self._project(self.query, x, training, token_mask))         # [B, S, H, d]
-    k = split(self._project(self.key, x, training, token_mask))
-    v = split(self._project(self.value, x, training, token_mask))
+    project = lambda layer, t: self._project(layer, t, training, token_mask, moe_capacity)
+    q = split(project(self.query, x))                                     # [B, S, H, d]
+    k = split(project(self.key, x))
+    v = split(project(self.value, x))
+    start = 0 if cache is None else cache_index
     if self.use_rope:
-      positions = tf.range(s)
+      positions = start + tf.range(s)
       q, k = embeddings.rotary(q, positions), embeddings.rotary(k, positions)
+    if cache is not None:
+      # Static shapes: the cache keeps its size and the new rows overwrite their positions.
+      rows = tf.broadcast_to(tf.range(b)[:, None], [b, s])
+      at = tf.stack([rows, tf.broadcast_to(start + tf.range(s)[None, :], [b, s])], -1)  # [B, S, 2]
+      write = lambda buf, new: tf.tensor_scatter_nd_update(buf, at, tf.cast(new, buf.dtype))
+      k = write(cache["key"], k)                                          # [B, S_cache, H, d]
+      v = write(cache["value"], v)
+      cache = {"key": k, "value": v}
     scores = tf.einsum("BSHd,BTHd->BHST", q, k) * tf.cast(d ** -0.5, q.dtype)
     # Softmax in float32: large negative masking values overflow float16.
     scores = tf.where(mask[None, None], tf.cast(scores, tf.float32), -1e9)
     probs = tf.cast(tf.nn.softmax(scores, axis=-1), x.dtype)
     probs = self._dropout(probs, training=training)
     ctx = tf.reshape(tf.einsum("BHST,BTHd->BSHd", probs, v), [b, s, h * d])
-    return self._project(self.output_proj, ctx, training, token_mask)
+    out = project(self.output_proj, ctx)
+    return out if cache is None else (out, cache)
 
   def get_config(self):
     config = super().get_config()

@@ -278,7 +278,7 @@ class MoE(keras.layers.Layer):
     n_out = (self.output_size or self.hidden_size) if self.expert_type == "linear" else self.hidden_size
     return self.num_experts * c * (self.hidden_size + n_out) * tf.as_dtype(wire).size
 
-  def call(self, inputs, training=None, token_mask=None):
+  def call(self, inputs, training=None, token_mask=None, capacity=None):
     """Routes `inputs` <float>[..., M] through the experts; returns <float>[..., M or N].
 
     Args:
@@ -287,6 +287,10 @@ class MoE(keras.layers.Layer):
         convention), i.e. the eval capacity factor — pass training=True in a training loop.
       token_mask: optional <bool>[...] (same leading shape); False tokens (padding) are not
         routed, take no capacity and get a zero output.
+      capacity: optional C overriding the capacity factor for this call. C = T drops nothing
+        (a token's choices are distinct experts), so every token's output is independent of
+        the others in the call: decoding uses it (`m6t_tf.decoding`). Must be equal on every
+        worker of the expert group.
     """
     shape = tf.shape(inputs)
     m = inputs.shape[-1]
@@ -296,7 +300,13 @@ class MoE(keras.layers.Layer):
       raise ValueError(f"MoE needs a static token count (capacity depends on it); got input "
                        f"shape {inputs.shape}. Use fixed batch and sequence sizes.")
     mask = None if token_mask is None else tf.reshape(token_mask, [-1])
-    c = self.capacity_for(num_tokens, bool(training))
+    if capacity is None:
+      c = self.capacity_for(num_tokens, bool(training))
+    elif isinstance(capacity, int) and capacity >= 1:
+      c = capacity
+    else:
+      raise ValueError(f"capacity={capacity!r} must be an integer >= 1 (or None for the "
+                       f"capacity factor)")
     self.last_capacity = c
 
     logits = self.router(tf.cast(x, tf.float32))                          # [T, E] float32

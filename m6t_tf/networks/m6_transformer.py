@@ -115,24 +115,41 @@ class TransformerBlock(keras.layers.Layer):
       layer.build(input_shape)
     self.built = True
 
-  def call(self, x, mask, training=None, token_mask=None):
+  def call(self, x, mask, training=None, token_mask=None, cache=None, cache_index=None,
+           moe_capacity=None):
+    """<float>[B, S, M] -> <float>[B, S, M]; with a KV `cache`, (output, updated cache).
+
+    `cache`, `cache_index` and `moe_capacity` are those of `SelfAttention.call`; `moe_capacity`
+    also sets C of the MoE FFN.
+    """
     probe = self.__dict__.get("_probe")  # set by M6Transformer.start_probe, never in graphs
     record = (lambda name, t: probe.append((f"{self.name}/{name}", t))) if probe is not None \
         else (lambda name, t: None)
     ffn_name = "moe" if self.moe else "ffn"
+    attend = lambda t: self.attention(t, mask, training=training, token_mask=token_mask,
+                                      cache=cache, cache_index=cache_index,
+                                      moe_capacity=moe_capacity)
+    ffn_kwargs = {"capacity": moe_capacity} if self.moe else {}
+    ffn = lambda t: self.ffn(t, training=training, token_mask=token_mask, **ffn_kwargs)
     if self.norm == "post_ln":
-      h = self.attention(x, mask, training=training, token_mask=token_mask)
+      h = attend(x)
+      if cache is not None:
+        h, cache = h
       record("attention", h)
       x = self.attention_norm(x + self._dropout(h, training=training))
-      h = self.ffn(x, training=training, token_mask=token_mask)
+      h = ffn(x)
       record(ffn_name, h)
-      return self.ffn_norm(x + self._dropout(h, training=training))
-    h = self.attention(self.attention_norm(x), mask, training=training, token_mask=token_mask)
+      out = self.ffn_norm(x + self._dropout(h, training=training))
+      return out if cache is None else (out, cache)
+    h = attend(self.attention_norm(x))
+    if cache is not None:
+      h, cache = h
     record("attention", h)
     x = x + self._dropout(h, training=training)
-    h = self.ffn(self.ffn_norm(x), training=training, token_mask=token_mask)
+    h = ffn(self.ffn_norm(x))
     record(ffn_name, h)
-    return x + self._dropout(h, training=training)
+    out = x + self._dropout(h, training=training)
+    return out if cache is None else (out, cache)
 
   def get_config(self):
     config = super().get_config()
@@ -225,7 +242,8 @@ class M6Transformer(keras.layers.Layer):
                                        initializer="zeros")
     self.built = True
 
-  def call(self, inputs, training=None):
+  def call(self, inputs, training=None, moe_no_drop=False):
+    """Logits <float32>[B, L, V]; `moe_no_drop` routes with C = T (no token dropped)."""
     tokens = inputs["tokens"]                                                # [B, L]
     image = inputs["image"] if "image" in inputs else inputs["patch_features"]
     length = tokens.shape[1]
@@ -250,14 +268,95 @@ class M6Transformer(keras.layers.Layer):
     probe = self.__dict__.get("_probe")
     if probe is not None:
       probe.append(("embeddings", x))
+    capacity = self._no_drop_capacity(x) if moe_no_drop else None
     for block in self.blocks:
-      x = block(x, mask, training=training, token_mask=token_mask)
+      x = block(x, mask, training=training, token_mask=token_mask, moe_capacity=capacity)
+    return self._logits(x[:, num_patches:])
+
+  def _logits(self, text_states):
     if self.final_norm is not None:
-      x = self.final_norm(x)
-    text_states = tf.cast(x[:, num_patches:], tf.float32)                   # [B, L, M]
+      text_states = self.final_norm(text_states)
+    text_states = tf.cast(text_states, tf.float32)                          # [B, L, M]
     # Tied output embedding; logits in float32 so the softmax over 21128 entries is stable.
     table = tf.cast(self.token_embedding.embeddings, tf.float32)
     return tf.einsum("BLM,VM->BLV", text_states, table) + tf.cast(self.output_bias, tf.float32)
+
+  @staticmethod
+  def _no_drop_capacity(x) -> int:
+    """C = T, the tokens of this call: no expert can overflow, so no token is ever dropped and
+    each token's output does not depend on the other tokens of the call (batch invariance)."""
+    b, s = x.shape[0], x.shape[1]
+    if b is None or s is None:
+      raise ValueError(f"decoding needs static batch and length, got {x.shape}")
+    return b * s
+
+  def init_cache(self, batch_size: int, text_length: Optional[int] = None) -> list[dict]:
+    """An empty KV cache: per block {"key", "value": zeros <float>[B, 16 + L, H, d]}.
+
+    Args:
+      batch_size: B (rows of the decode batch, beams included).
+      text_length: caption positions to hold (default `max_text_length`).
+    """
+    length = text_length or self.max_text_length
+    if length > self.max_text_length:
+      raise ValueError(f"text_length={length} exceeds max_text_length={self.max_text_length}")
+    shape = [batch_size, embeddings.NUM_PATCHES + length, self.num_heads, self.head_size]
+    return [{"key": tf.zeros(shape, self.compute_dtype),
+             "value": tf.zeros(shape, self.compute_dtype)} for _ in self.blocks]
+
+  def call_cached(self, inputs, cache: list[dict], *, start=0, row_mask=None):
+    """Runs new positions through every block, reading and extending the KV cache.
+
+    The prefix call passes the image and `tokens` from caption position 0 (the patches and
+    `[CLS]` are encoded once); each decode step then passes only `tokens` <int32>[B, 1] at
+    caption position `start`. Every MoE layer routes with C = T (see `_no_drop_capacity`), so
+    no token is dropped and a caption does not depend on the rest of its batch. Inference only
+    (no dropout).
+
+    Args:
+      inputs: {"tokens": <int32>[B, L]} plus "image" or "patch_features" for the prefix.
+      cache: from `init_cache` (or the previous call).
+      start: caption position of `tokens[:, 0]` (int or <int32>[] tensor); 0 with the image.
+      row_mask: optional <bool>[B]: False rows (filler) are not routed by the MoE layers.
+
+    Returns:
+      (logits <float32>[B, L, V], updated cache).
+    """
+    tokens = inputs["tokens"]                                               # [B, L]
+    length = tokens.shape[1]
+    num_patches = embeddings.NUM_PATCHES
+    x = tf.cast(self.token_embedding(tokens), self.compute_dtype)           # [B, L, M]
+    token_mask = tokens != 0
+    with_image = "image" in inputs or "patch_features" in inputs
+    if with_image:
+      image = inputs["image"] if "image" in inputs else inputs["patch_features"]
+      patches = tf.cast(self.patch_embedding(image), self.compute_dtype)    # [B, 16, M]
+      x = tf.concat([patches, x], axis=1)                                   # [B, 16 + L, M]
+      token_mask = tf.concat([tf.ones(tf.shape(patches)[:2], tf.bool), token_mask], axis=1)
+      first = 0                                                             # absolute position
+    else:
+      first = num_patches + start
+    if row_mask is not None:
+      token_mask = tf.logical_and(token_mask, row_mask[:, None])
+    s = x.shape[1]
+    positions = first + tf.range(s)                                         # [S]
+    if self.position_embedding is not None:
+      x = x + tf.cast(tf.gather(self.position_embedding.embeddings, positions), x.dtype)[None]
+    if self.embedding_norm is not None:
+      x = self.embedding_norm(x)
+    # Key j is visible to the query at absolute position p iff j is a patch, or p is a caption
+    # position and j <= p: `prefix_causal_mask`, rows [first, first + S) of the full mask.
+    keys = tf.range(cache[0]["key"].shape[1])[None, :]                      # [1, S_cache]
+    query = positions[:, None]                                              # [S, 1]
+    mask = tf.logical_or(keys < num_patches,
+                         tf.logical_and(query >= num_patches, keys <= query))  # [S, S_cache]
+    capacity = self._no_drop_capacity(x)
+    new_cache = []
+    for block, block_cache in zip(self.blocks, cache):
+      x, block_cache = block(x, mask, training=False, token_mask=token_mask, cache=block_cache,
+                             cache_index=first, moe_capacity=capacity)
+      new_cache.append(block_cache)
+    return self._logits(x[:, s - length:]), new_cache
 
   def start_probe(self) -> list:
     """Records (name, output) of the embeddings and of each block's attention and FFN during

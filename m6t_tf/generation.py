@@ -1,0 +1,372 @@
+"""Captions from a trainer's checkpoint (library side of `m6t_tf.generate`).
+
+`restore` rebuilds the model from `model_dir/config.gin` and its latest checkpoint, as
+`m6t_tf.evaluation` does; `Captioner` decodes batches with `m6t_tf.decoding` in one
+`tf.function`; `generate` reads images (files, or the records of a split), decodes them on every
+worker, and returns (and writes) one JSON row per image:
+
+    {"key", "image", "caption", "log_prob", "score", "num_tokens", "candidates", "references"}
+
+`num_tokens` counts the generated tokens, the final [SEP] included ([CLS] excluded); `log_prob`
+is the model's log-probability of exactly those tokens; `score` is the beam score (the
+length-penalised log-prob, see `m6t_tf.decoding`), equal to `log_prob` for greedy and sampling.
+
+Under horovodrun every worker is on the expert axis (`configurables.make_eval_context`): rank r
+decodes images r, r + W, r + 2W, ... in batches of the same size on every rank (the last ones
+padded with filler rows), all ranks run the same number of decode steps (`lockstep`), and rank 0
+gathers the rows in input order and writes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from m6t_tf import decoding
+from m6t_tf.data import images as images_lib
+
+_PATCH_KERNEL = "patch_embedding/proj/kernel"
+
+
+@dataclasses.dataclass
+class Restored:
+  """A model restored from a trainer's model_dir.
+
+  Attributes:
+    model: the `M6Captioner` (its `network` decodes).
+    ctx: the worker context.
+    checkpoint: the restored checkpoint prefix.
+    max_len: the training caption length (tokens incl. [CLS] and [SEP]).
+    image_mode: "pixels" or "features".
+    image_size: side of the square training images (pixels), else None.
+    feature_dim: P of patch features (features), else None.
+    train_data, eval_data: the record patterns of config.gin.
+  """
+  model: object
+  ctx: object
+  checkpoint: str
+  max_len: int
+  image_mode: str
+  image_size: Optional[int]
+  feature_dim: Optional[int]
+  train_data: Optional[str]
+  eval_data: Optional[str]
+
+  @property
+  def network(self):
+    return self.model.network
+
+
+def restore(model_dir: str, *, checkpoint: Optional[str] = None, gin_bindings=(),
+            ctx=None) -> Restored:
+  """Rebuilds the model of `model_dir` and restores its latest (or the given) checkpoint."""
+  import gin
+  from m6t_tf import checkpointing
+  from m6t_tf import configurables
+  from m6t_tf import training
+
+  config_path = os.path.join(model_dir, "config.gin")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{config_path} not found: is --model_dir={model_dir!r} a trainer's "
+                            f"model_dir?")
+  gin.clear_config()
+  configurables.parse([config_path], list(gin_bindings))
+  ctx = ctx or configurables.make_eval_context()
+  q = lambda name: configurables.query(f"train.{name}")
+  ckpt_dir = os.path.join(model_dir, "checkpoints")
+  path = checkpoint or checkpointing.Checkpointer(ckpt_dir, {}, ctx=ctx).latest()
+  if not path:
+    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first (make train)")
+  # The image size is the dataset's, not the config's: read it off the patch projection.
+  shapes = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+  kernel = [s for k, s in shapes.items() if k.endswith(_PATCH_KERNEL)]
+  if len(kernel) != 1:
+    raise ValueError(f"checkpoint {path} has no single '{_PATCH_KERNEL}' entry")
+  width = kernel[0][0]
+  image_mode = q("image_mode") or "pixels"
+  image_size = feature_dim = None
+  if image_mode == "pixels":
+    side = math.isqrt(width // 3)
+    if side * side * 3 != width:
+      raise ValueError(f"patch projection input {width} is not 3·p·p: not square images")
+    image_size = 4 * side
+    batch = {"image": tf.zeros([1, image_size, image_size, 3], tf.uint8)}
+  else:
+    feature_dim = width
+    batch = {"patch_features": tf.zeros([1, 16, width], tf.float32)}
+  batch["tokens"] = tf.constant([[decoding.CLS_ID, decoding.SEP_ID]], tf.int32)
+  model = training.build_model(configurables.network_fn(), batch=batch, mixed_precision=False)
+  num_experts = model.moe_layers[0].num_experts if model.moe_layers else 0
+  checkpointer = checkpointing.Checkpointer(ckpt_dir, training.variables_by_path(model), ctx=ctx,
+                                            num_experts=num_experts)
+  checkpointer.restore(path)
+  return Restored(model=model, ctx=ctx, checkpoint=path, max_len=int(q("max_len")),
+                  image_mode=image_mode, image_size=image_size, feature_dim=feature_dim,
+                  train_data=q("train_data"), eval_data=q("eval_data"))
+
+
+class Captioner:
+  """Decodes fixed-size batches in one `tf.function` (traced once per batch size)."""
+
+  def __init__(self, network, options: decoding.DecodeOptions, *, lockstep: bool = False,
+               vocab: Optional[list[str]] = None):
+    options.check(network.max_text_length, network.vocab_size)
+    self.network, self.options, self.lockstep = network, options, lockstep
+    first_banned = None if vocab is None else tf.constant(decoding.continuations(vocab))
+    self._fn = tf.function(lambda features, row_mask: decoding.decode(
+        network, features, options, row_mask=row_mask, lockstep=lockstep,
+        first_banned=first_banned))
+
+  def __call__(self, features: dict, row_mask=None) -> dict:
+    """{"image" | "patch_features": [B, ...]} -> NumPy arrays of `decoding.decode`."""
+    first = next(iter(features.values()))
+    if row_mask is None:
+      row_mask = np.ones([first.shape[0]], bool)
+    out = self._fn({k: tf.convert_to_tensor(v) for k, v in features.items()},
+                   tf.convert_to_tensor(row_mask))
+    return {k: v.numpy() for k, v in out.items()}
+
+
+@dataclasses.dataclass
+class Item:
+  """One image to caption: its key, file path (or None), model input and references."""
+  key: str
+  path: Optional[str]
+  features: np.ndarray
+  references: list[str]
+
+
+def list_image_files(patterns: str) -> list[str]:
+  """Files of comma-separated glob patterns, sorted; raises if one matches nothing."""
+  files = []
+  for pattern in [p for p in patterns.split(",") if p]:
+    found = sorted(f for f in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(f))
+    if not found:
+      raise FileNotFoundError(f"--images={pattern!r} matches no file")
+    files.extend(found)
+  return list(dict.fromkeys(files))
+
+
+def read_image_files(paths: Sequence[str], image_size: int) -> list[Item]:
+  """Decodes and resizes image files as the dataset builder did (`m6t_tf.data.images`)."""
+  decode = tf.function(lambda data: images_lib.decode_image(data, image_size))
+  items = []
+  for path in paths:
+    try:
+      pixels = decode(tf.io.read_file(path)).numpy()
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+      raise ValueError(f"{path}: undecodable image ({e.message.splitlines()[0]}); give PNG, "
+                       f"JPEG, GIF or BMP files") from None
+    items.append(Item(key=path, path=path, features=pixels, references=[]))
+  return items
+
+
+def read_split_items(pattern: str, *, image_mode: str, max_len: int) -> list[Item]:
+  """One item per distinct record key, with every caption of that key as its references."""
+  from m6t_tf.data import records
+  del max_len  # references are the records' whole captions, as the metrics expect
+  files = records.list_files(pattern)
+  if not files:
+    raise FileNotFoundError(f"no records match {pattern!r}")
+  feature = "image" if image_mode == "pixels" else "patch_features"
+  items: dict[str, Item] = {}
+  dataset = tf.data.TFRecordDataset(files).map(
+      lambda s: records.parse_example(s, image_mode=image_mode))
+  for ex in dataset.as_numpy_iterator():
+    key = ex["key"].decode("utf-8")
+    caption = ex["caption"].decode("utf-8")
+    if key not in items:
+      items[key] = Item(key=key, path=None, features=ex[feature], references=[])
+    items[key].references.append(caption)
+  return list(items.values())
+
+
+def _world_rank(ctx) -> tuple[int, int]:
+  return int(getattr(ctx, "size", 1)), int(getattr(ctx, "rank", 0))
+
+
+def decode_items(items: Sequence[Item], captioner: Captioner, *, feature: str, ctx,
+                 batch_size: int, tokenizer) -> list[dict]:
+  """Decodes this rank's share of `items` in lockstep with the other ranks; rows in order.
+
+  Returns every row on rank 0 (gathered from all ranks) and this rank's rows elsewhere.
+  """
+  world, rank = _world_rank(ctx)
+  mine = list(range(rank, len(items), world))
+  per_rank = math.ceil(len(items) / world)
+  batch = max(1, min(batch_size, per_rank))
+  num_batches = math.ceil(per_rank / batch)  # the same on every rank
+  shape = items[0].features.shape
+  dtype = items[0].features.dtype
+  rows = []
+  for i in range(num_batches):
+    index = mine[i * batch:(i + 1) * batch]
+    features = np.zeros([batch, *shape], dtype)
+    for j, n in enumerate(index):
+      features[j] = items[n].features
+    row_mask = np.arange(batch) < len(index)
+    out = captioner({feature: features}, row_mask)
+    for j, n in enumerate(index):
+      rows.append((n, _row(items[n], {k: v[j] for k, v in out.items()}, tokenizer)))
+  if world > 1:
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    rows = [r for part in hvd.allgather_object(rows) for r in part]
+  return [r for _, r in sorted(rows, key=lambda nr: nr[0])]
+
+
+def _row(item: Item, out: dict, tokenizer) -> dict:
+  """The JSON row of one image from its decode outputs ([N, ...] candidates, best first)."""
+  candidates = []
+  for tokens, log_prob, score, length in zip(out["tokens"], out["log_prob"], out["score"],
+                                             out["length"]):
+    if not np.isfinite(score):
+      continue  # a beam that never ended (not possible once the vocabulary exceeds 2K)
+    candidates.append({"caption": tokenizer.decode(tokens[:length + 1]),
+                       "log_prob": float(log_prob), "score": float(score),
+                       "num_tokens": int(length)})
+  best = candidates[0]
+  return {"key": item.key, "image": item.path, "caption": best["caption"],
+          "log_prob": best["log_prob"], "score": best["score"],
+          "num_tokens": best["num_tokens"],
+          "candidates": [{k: c[k] for k in ("caption", "log_prob", "score")} for c in candidates],
+          "references": list(item.references)}
+
+
+def generate(model_dir: str, *, images: Optional[str] = None, split: Optional[str] = None,
+             data: Optional[str] = None, options: decoding.DecodeOptions,
+             batch_size: int = 64, num_images: int = 0, out: Optional[str] = None,
+             html: Optional[str] = None, checkpoint: Optional[str] = None, gin_bindings=(),
+             ctx=None, log=print) -> dict:
+  """Captions images of files (`images`) or of a split's records; writes JSON lines.
+
+  Args:
+    model_dir: a trainer's model_dir.
+    images: comma-separated glob patterns of image files.
+    split: "validation" or "train": the records of train.eval_data / train.train_data.
+    data: a record pattern overriding the split's.
+    options: how to decode (`max_len` 0 = the training max_len).
+    batch_size: images per decode batch per worker.
+    num_images: caption only the first N images (0 = all).
+    out: the JSON-lines file (default model_dir/captions.jsonl).
+    html: also write this page (needs `m6t_tf.caption_metrics`).
+    checkpoint, gin_bindings, ctx: as `restore`.
+    log: where progress lines go (rank 0 only).
+
+  Returns:
+    {"rows": [...], "metrics": {...} or None, "out": path, "ctx": the worker context}
+    (all rows and the metrics on rank 0, this rank's rows elsewhere).
+  """
+  if (images is None) == (split is None):
+    raise ValueError("give exactly one of --images='photos/*.jpg' and --split=validation")
+  if split is not None and split not in ("validation", "train"):
+    raise ValueError(f"--split={split!r}; allowed: 'validation', 'train'")
+  if batch_size < 1 or num_images < 0:
+    raise ValueError(f"batch_size={batch_size} must be >= 1 and num_images={num_images} >= 0")
+  files = list_image_files(images) if images is not None else None
+  restored = restore(model_dir, checkpoint=checkpoint, gin_bindings=gin_bindings, ctx=ctx)
+  ctx = restored.ctx
+  world, rank = _world_rank(ctx)
+  say = log if rank == 0 else (lambda *a, **k: None)
+  max_len = options.max_len or restored.max_len
+  options = dataclasses.replace(options, max_len=max_len)
+  options.check(restored.network.max_text_length, restored.network.vocab_size)
+  if files is not None:
+    if restored.image_mode != "pixels":
+      raise ValueError(f"--images needs a model trained on pixels; {model_dir} was trained on "
+                       f"patch features: use --split")
+    items = read_image_files(files[:num_images or None], restored.image_size)
+  else:
+    pattern = data or (restored.eval_data if split == "validation" else restored.train_data)
+    if not pattern:
+      raise ValueError(f"no records for --split={split}: config.gin sets no train data pattern; "
+                       f"pass --data")
+    items = read_split_items(pattern, image_mode=restored.image_mode, max_len=max_len)
+    items = items[:num_images or None]
+  if not items:
+    raise ValueError("no images to caption")
+  from m6t_tf.data import tokenizer as tokenizer_lib
+  tokenizer = tokenizer_lib.Tokenizer()
+  captioner = Captioner(restored.network, options, lockstep=world > 1,
+                        vocab=tokenizer_lib.load_vocab(tokenizer.vocab_path))
+  feature = "image" if restored.image_mode == "pixels" else "patch_features"
+  say(f"Captioning {len(items)} images on {world} worker(s) ({options.method}, max_len "
+      f"{max_len}) with {restored.checkpoint}")
+  rows = decode_items(items, captioner, feature=feature, ctx=ctx, batch_size=batch_size,
+                      tokenizer=tokenizer)
+  result = {"rows": rows, "metrics": None, "ctx": ctx,
+            "out": out or os.path.join(model_dir, "captions.jsonl")}
+  if rank != 0:
+    return result
+  write_jsonl(result["out"], rows)
+  say(f"Wrote {len(rows)} captions to {result['out']}")
+  metrics_lib = _caption_metrics()
+  baseline_captions = {}
+  if split is not None and metrics_lib is not None:
+    result["metrics"], baseline_captions = score_with_baselines(
+        metrics_lib, rows, restored, pattern if split == "validation" else None, max_len, say)
+    path = os.path.join(model_dir, "caption_metrics.json")
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(result["metrics"], f, ensure_ascii=False, indent=1)
+    say(f"Wrote {path}")
+  elif split is not None:
+    say("caption metrics skipped: m6t_tf.caption_metrics is not available")
+  if html:
+    if metrics_lib is None:
+      raise ValueError("--html needs m6t_tf.caption_metrics (write_html)")
+    page_rows = [dict(r) for r in rows]
+    if files is None:
+      by_key = {it.key: it for it in items}
+      for r in page_rows:
+        r["image_png"] = tf.io.encode_png(by_key[r["key"]].features).numpy()
+    for r in page_rows:
+      if baseline_captions:
+        r["baselines"] = {name: by_key.get(r["key"]) for name, by_key in baseline_captions.items()}
+    metrics_lib.write_html(html, page_rows, title=f"Captions of {model_dir}",
+                           metrics=result["metrics"])
+    say(f"Wrote {html}")
+  return result
+
+
+def _caption_metrics():
+  try:
+    from m6t_tf import caption_metrics  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return caption_metrics
+
+
+def score_with_baselines(metrics_lib, rows, restored, eval_pattern, max_len, say):
+  """Scores of the model and, for the validation split, of the two baselines on the same images.
+
+  Returns:
+    ({"model": scores, "most_frequent": scores, "nearest_image": scores},
+     {baseline name: {key: caption}}).
+  """
+  candidates = {r["key"]: r["caption"] for r in rows}
+  references = {r["key"]: r["references"] for r in rows}
+  table = {"model": metrics_lib.score_captions(candidates, references)}
+  captions = {}
+  if eval_pattern and restored.train_data and restored.image_mode == "pixels":
+    for name, by_key in metrics_lib.baselines(restored.train_data, eval_pattern,
+                                              max_len).items():
+      captions[name] = {k: by_key[k] for k in candidates if k in by_key}
+      table[name] = metrics_lib.score_captions(captions[name], references)
+  say(metrics_lib.format_table(table))
+  return table, captions
+
+
+def write_jsonl(path: str, rows: Sequence[dict]) -> None:
+  """One JSON object a line (UTF-8, Chinese unescaped), written atomically."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
