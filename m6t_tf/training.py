@@ -55,7 +55,8 @@ def build_model(network_fn=None, *, batch, mixed_precision: bool = False, networ
 
 
 class LossScale:
-  """Dynamic loss scaling for mixed_float16: ×2 after `period` finite steps, ÷2 on overflow.
+  """Dynamic loss scaling for mixed_float16 and for FP16 gradient communication (which sends
+  the scaled gradients): ×2 after `period` finite steps, ÷2 on overflow.
 
   Overflowed steps are skipped on every worker (the finite flag is reduced over all of them)
   and counted in `skipped`.
@@ -91,9 +92,12 @@ class Trainer:
     self.optimizer = optimizer
     self.ctx = ctx or context_lib.LocalContext()
     self.clip_norm = clip_norm
-    self.loss_scale = LossScale(mixed_precision)
+    # FP16 gradient communication sends loss-scaled gradients (`reduce_gradients`), so it needs
+    # the dynamic loss scale even when the compute is float32.
+    fp16_wire = getattr(self.ctx, "gradient_compression", "none") == "fp16" and self.ctx.size > 1
+    self.loss_scale = LossScale(mixed_precision or fp16_wire)
     # Without loss scaling, a non-finite step is a bug to stop on, not an overflow to skip.
-    self.skip_nonfinite = mixed_precision if skip_nonfinite is None else skip_nonfinite
+    self.skip_nonfinite = self.loss_scale.enabled if skip_nonfinite is None else skip_nonfinite
     self.variables = model.trainable_variables
     self.rng_states = [v for v in model.variables if context_lib.is_rng_state(v)]
     self.optimizer.build(self.variables)
@@ -138,9 +142,10 @@ class Trainer:
       loss = metrics["nll_sum"] * tf.math.divide_no_nan(w, n_global) + metrics["moe_loss"]
       scaled = loss * self.loss_scale.scale
     grads = tape.gradient(scaled, self.variables)
-    inv = 1.0 / self.loss_scale.scale
-    grads = [None if g is None else tf.cast(g, tf.float32) * inv for g in grads]
-    grads = self.ctx.reduce_gradients(grads, self.variables)
+    # Unscaled after the reduction when gradients travel in float16 (FP16 communication), so
+    # that the loss scale keeps them out of float16's subnormal range on the wire.
+    grads = [None if g is None else tf.cast(g, tf.float32) for g in grads]
+    grads = self.ctx.reduce_gradients(grads, self.variables, loss_scale=self.loss_scale.scale)
     norm = context_lib.global_norm(grads, self.variables, self.ctx)
     finite = self.ctx.all_finite(tf.math.is_finite(norm))
     metrics = dict(metrics)

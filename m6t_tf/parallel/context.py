@@ -4,9 +4,11 @@ The trainer calls only these methods, so the same step function runs on 1 CPU an
 
     rank, size, is_chief            who am I (rank 0 logs, writes TensorBoard and config.gin)
     data_shard()                    (index, count) of the input shard this worker reads
-    reduce_gradients(grads, vars)   dense: mean over all workers; experts: sum over their
-                                    replicas / world size (the backward all-to-all has already
-                                    summed the expert group's contributions)
+    reduce_gradients(grads, vars,   dense: mean over all workers; experts: sum over their
+        loss_scale)                 replicas / world size (the backward all-to-all has already
+                                    summed the expert group's contributions); takes gradients
+                                    of loss_scale·L and returns float32 gradients of L (FP16
+                                    communication sends them scaled, unscales after)
     sum_over_world(x)               Σ over all workers (global token counts, logged sums)
     expert_norm_sq(sq)              Σ over the expert group of this worker's expert-gradient norm²
     all_finite(flag)                AND over all workers (a skipped step is skipped everywhere)
@@ -44,9 +46,14 @@ class LocalContext:
   def data_shard(self) -> tuple[int, int]:
     return 0, 1
 
-  def reduce_gradients(self, grads, variables):
+  def reduce_gradients(self, grads, variables, loss_scale=None):
+    """The gradients of L from those of `loss_scale`·L (None = 1): one worker has nothing to
+    reduce."""
     del variables
-    return grads
+    if loss_scale is None:
+      return grads
+    inv = 1.0 / loss_scale
+    return [None if g is None else g * inv for g in grads]
 
   def expert_norm_sq(self, sq):
     return sq

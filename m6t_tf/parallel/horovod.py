@@ -171,7 +171,8 @@ class HorovodContext:
   expert_process_set: Any
   replica_process_set: Any
   is_expert: Callable[[Any], bool] = context_lib.is_expert_variable
-  #: "none" or "fp16": payload of the gradient allreduce (the paper's FP16 communication).
+  #: "none" or "fp16": payload of the gradient allreduce (the paper's FP16 communication);
+  #: with "fp16", `reduce_gradients` sends the loss-scaled gradients and unscales after.
   gradient_compression: str = "none"
 
   @property
@@ -208,7 +209,9 @@ class HorovodContext:
       grads_and_vars: (gradient, variable) pairs, e.g. `zip(tape.gradient(...), variables)`.
       is_expert: variable -> bool; True for expert-sharded weights (see
         `expert_variable_filter`).
-      compression: "none" or "fp16" (cast to float16 for the reduction, back after).
+      compression: "none" or "fp16" (cast to float16 for the reduction, back after). Cast as
+        they are, unscaled gradients are mostly float16 subnormals or zero: the trainer sends
+        loss-scaled ones instead (`reduce_gradients`).
 
     Returns:
       The (reduced gradient, variable) pairs, in the input order.
@@ -324,11 +327,61 @@ class HorovodContext:
     """(index, count) of the input shard to read: every rank routes its own tokens."""
     return self.rank, self.size
 
-  def reduce_gradients(self, grads: Sequence[Any], variables: Sequence[Any]) -> list[Any]:
-    """`allreduce_gradients` on parallel lists, experts told apart by `self.is_expert`."""
+  def reduce_gradients(self, grads: Sequence[Any], variables: Sequence[Any],
+                       loss_scale: Any = None) -> list[Any]:
+    """Reduced float32 gradients of L, from gradients of `loss_scale`·L on parallel lists.
+
+    Experts are told apart by `self.is_expert`; the reduction is `allreduce_gradients`'.
+    With `gradient_compression` "none" the gradients are unscaled, then reduced in float32.
+    With "fp16" the *scaled* gradients travel: cast to float16, summed, cast back to float32,
+    and only then multiplied by 1 / (W · loss_scale) (`reduce_scaled_fp16`). Unscaled first, most
+    of them would be float16 subnormals or zero on the wire.
+
+    Args:
+      grads: gradients (float32; None stays None), scaled by `loss_scale`.
+      variables: their variables.
+      loss_scale: the factor the loss was multiplied by (a scalar tensor); None = 1.
+    """
+    if self.gradient_compression == "fp16" and self.size > 1:
+      return self.reduce_scaled_fp16(grads, variables, 1.0 if loss_scale is None else loss_scale)
+    if loss_scale is not None:
+      inv = 1.0 / loss_scale
+      grads = [None if g is None else g * inv for g in grads]
     reduced = self.allreduce_gradients(zip(grads, variables), self.is_expert,
                                        compression=self.gradient_compression)
     return [g for g, _ in reduced]
+
+  def reduce_scaled_fp16(self, grads: Sequence[Any], variables: Sequence[Any],
+                         loss_scale: Any) -> list[Any]:
+    """FP16 communication of loss-scaled gradients: Σ in float16, ÷ (W · loss_scale) in float32.
+
+    Dense gradients are summed over all ranks, expert gradients over their replica group (see
+    `allreduce_gradients`: both are then divided by W). An element keeps float16's 11-bit
+    precision when its scaled value is at least 6.1e-5 (float16's smallest normal), where the
+    unscaled value may be far below it; scaled values above 65504, or a sum above it, become
+    inf, which the trainer's finite check after the reduction sees on every rank alike (it
+    skips the step and halves the scale). A gradient that no rank sends stays float32.
+    """
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    out = list(grads)
+    unscale = 1.0 / (tf.cast(loss_scale, tf.float32) * float(self.size))
+    dense = [i for i, (g, v) in enumerate(zip(grads, variables))
+             if g is not None and not self.is_expert(v)]
+    expert = [i for i, (g, v) in enumerate(zip(grads, variables))
+              if g is not None and self.is_expert(v)]
+    for indices, process_set in ((dense, hvd.global_process_set),
+                                 (expert, self.replica_process_set)):
+      if not indices:
+        continue
+      if process_set is None:  # a replica group of one rank: nothing travels
+        summed = [tf.cast(grads[i], tf.float32) for i in indices]
+      else:
+        wire = [tf.cast(grads[i], tf.float16) for i in indices]
+        summed = [tf.cast(g, tf.float32) for g in
+                  hvd.grouped_allreduce(wire, op=hvd.Sum, process_set=process_set)]
+      for i, g in zip(indices, summed):
+        out[i] = g * unscale
+    return out
 
   def sum_over_expert_group(self, x):
     """Σ of `x` over this rank's expert group (identity for a group of one)."""
