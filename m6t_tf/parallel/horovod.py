@@ -474,7 +474,8 @@ def init_horovod(mesh: Optional[Mesh] = None, *, expert: Optional[int] = None,
   Validation happens, when the launcher exports the world size, *before* `hvd.init`, so a wrong
   mesh raises the same ValueError on every rank without any rendezvous; it is repeated against
   `hvd.size()` afterwards. Horovod's stall inspector gets `watchdog.STALL_ENV_DEFAULTS` where
-  the environment does not set it: a rank that stops calling collectives ends the job.
+  the environment does not set it (a second line behind the trainer's stall watchdog, see
+  `m6t_tf.parallel.watchdog`).
 
   Args:
     mesh: the (data, expert) layout; None = from `expert`, or one expert group over all ranks.
