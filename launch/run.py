@@ -39,8 +39,8 @@ flags.DEFINE_bool("dry_run", False, "Print the command and exit.")
 # The environment every rank needs. NCCL_* matter on GPUs only and are harmless on CPUs. The
 # stall inspector's settings (defaults set by `main`) end a job whose rank stopped answering.
 FORWARDED_ENV = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME",
-                 "NCCL_IB_DISABLE", "TF_CPP_MIN_LOG_LEVEL", "HOROVOD_FUSION_THRESHOLD",
-                 "HOROVOD_CYCLE_TIME", *watchdog.STALL_ENV_DEFAULTS)
+                 "NCCL_IB_DISABLE", "TF_CPP_MIN_LOG_LEVEL", "M6T_TF_LOGS",
+                 "HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME", *watchdog.STALL_ENV_DEFAULTS)
 
 
 def check_layout(gin_files, gin_bindings, num_workers: int) -> tuple[int, int]:

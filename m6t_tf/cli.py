@@ -205,7 +205,9 @@ def run_argparse(main: Callable[[list[str] | None], int | None],
   """Runs an argparse `main(argv)`; a user error prints one line and gives 2 (returned).
 
   Use with `ArgumentParser`, whose errors are ConfigErrors: `sys.exit(cli.run_argparse(main))`.
+  TensorFlow is imported quietly first (unless `M6T_TF_LOGS=1`).
   """
+  quiet_tensorflow()
   try:
     return main(argv) or 0
   except _user_errors() as e:

@@ -6,6 +6,7 @@ trainer, `m6t_tf.training.train`), `Mesh.*` (the worker layout). See gin/base.gi
 
 from __future__ import annotations
 
+import logging
 import os
 import tokenize
 
@@ -42,12 +43,20 @@ def parse(gin_files, gin_bindings, search_paths=()) -> None:
   """
   register()
   search_paths = list(search_paths)
-  for path in search_paths:
-    gin.add_config_file_search_path(path)
   for path in gin_files or []:
     if not any(os.path.isfile(os.path.join(root, path)) for root in ["", *search_paths]):
       raise ConfigError(f"--gin_file={path}: no such file (looked in {os.getcwd()!r}"
                         f"{''.join(f', {p!r}' for p in search_paths if p not in ('', '.'))})")
+  # Our gin files include 'gin/base.gin': the checkout holding the package resolves it, so a
+  # run started in another folder (next to the user's data) finds it too.
+  checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.path.isdir(os.path.join(checkout, "gin")):
+    search_paths.append(checkout)
+  for path in search_paths:
+    gin.add_config_file_search_path(path)
+  # gin logs "Path not found" before raising for a missing include; the error says it.
+  quiet = _DropMessages("Path not found: ")
+  logging.getLogger().addFilter(quiet)
   try:
     gin.parse_config_files_and_bindings(list(gin_files or []), list(gin_bindings or []),
                                         finalize_config=False)
@@ -55,7 +64,20 @@ def parse(gin_files, gin_bindings, search_paths=()) -> None:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     where = f" ({'; '.join(lines[1:])})" if len(lines) > 1 else ""
     raise ConfigError(f"gin config: {lines[0] if lines else type(e).__name__}{where}") from None
+  finally:
+    logging.getLogger().removeFilter(quiet)
   resolve_max_len()
+
+
+class _DropMessages(logging.Filter):
+  """Drops log records whose message starts with `prefix`."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record) -> bool:
+    return not record.getMessage().startswith(self.prefix)
 
 
 def resolve_max_len() -> None:

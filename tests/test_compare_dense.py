@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import compare_dense  # noqa: E402
+from m6t_tf import cli  # noqa: E402
 
 DEMO = os.path.join(ROOT, ".data", "demo")
 TINY_DENSE = "gin/demo.gin,gin/tiny.gin"
@@ -159,10 +160,11 @@ class TinyJsonRunTest(unittest.TestCase):
 class FlagsTest(unittest.TestCase):
 
   def test_bad_flags_fail_before_building(self):
+    # One-line errors (m6t_tf.cli): the CLI prints them and exits 2.
     for bad in (["--steps_to_time=0"], ["--warmup_steps=0"], ["--tokens_per_param=0"]):
-      with self.assertRaises(SystemExit):
+      with self.assertRaisesRegex(cli.ConfigError, bad[0].split("=")[0]):
         compare_dense.parse_args(["--dense_gin=gin/demo.gin", "--moe_gin=gin/demo.gin", *bad])
-    with self.assertRaises(SystemExit):
+    with self.assertRaisesRegex(cli.ConfigError, "--moe_gin"):
       compare_dense.parse_args(["--dense_gin=gin/demo.gin"])        # no --moe_gin
 
   def test_non_embedding_budget_is_selectable(self):

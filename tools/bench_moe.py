@@ -71,6 +71,7 @@ import subprocess
 import sys
 import time
 
+from m6t_tf import cli
 from m6t_tf.machine import machine_info
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -94,8 +95,8 @@ def _parse_ints(text: str) -> list[int]:
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--format", choices=("table", "json"), default="table")
   p.add_argument("--smoke", action="store_true", help="tiny shapes, a few seconds (tests)")
   p.add_argument("--tokens", type=_parse_ints, default=None,
@@ -774,4 +775,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run_argparse(main))

@@ -75,6 +75,7 @@ import statistics
 import sys
 import time
 
+from m6t_tf import cli
 from m6t_tf.machine import machine_info
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -90,8 +91,8 @@ EMBEDDING_NAMES = ("token_embedding", "position_embedding", "patch_embedding", "
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__.split("\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--dense_gin", required=True,
                  help="the dense twin's gin file(s), comma-separated; moe_placement='none' is "
                       "added")
@@ -406,9 +407,9 @@ def main(argv=None) -> int:
       if not c.dense and not c.moe["moe_layers"]:
         raise ValueError(f"--moe_gin={','.join(c.files)} builds no MoE layer "
                          f"(M6Transformer.moe_placement is 'none'?)")
-  except (ValueError, IOError) as e:
-    print(f"compare_dense.py: {e}", file=sys.stderr)
-    return 2
+  except (ValueError, OSError) as e:
+    # Building the models from their gin configs: an error here is the configs'.
+    raise cli.ConfigError(cli.one_line(e)) from e
   log(f"timing {1 + len(moes)} models: {args.warmup_steps} warm-up + {args.steps_to_time} rounds")
   time_interleaved([dense] + moes, args.steps_to_time, args.warmup_steps, log)
   machine["loadavg_end"] = list(os.getloadavg())
@@ -422,4 +423,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.run_argparse(main))

@@ -464,9 +464,9 @@ def time_step_ratios(sweep: Sweep, specs: list[RunSpec], baseline: RunSpec, *, r
 
 
 def make_parser(doc: str, name: str) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=doc.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=doc)
+  from m6t_tf import cli
+  p = cli.ArgumentParser(description=doc.split("\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
   add_common_flags(p, name)
   p.add_argument("--time_rounds", type=int, default=10,
                  help="interleaved step-time rounds of the models (0 = skip; default 10)")

@@ -135,4 +135,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from m6t_tf import cli
+  sys.exit(cli.run_argparse(main))
