@@ -41,6 +41,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from m6t_tf.cli import ConfigError
 from m6t_tf.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
 
 METHODS = ("greedy", "beam", "sample")
@@ -76,30 +77,30 @@ class DecodeOptions:
   num_samples: int = 1
 
   def check(self, max_text_length: int, vocab_size: int) -> None:
-    """Raises ValueError naming the bad option and the allowed range."""
+    """Raises ConfigError (a ValueError) naming the bad option and the allowed range."""
     if self.method not in METHODS:
-      raise ValueError(f"decode method {self.method!r}; allowed: {METHODS}")
+      raise ConfigError(f"decode method {self.method!r}; allowed: {METHODS}")
     if not 3 <= self.max_len <= max_text_length + 1:
-      raise ValueError(f"max_len={self.max_len} must be in [3, {max_text_length + 1}]: [CLS], "
+      raise ConfigError(f"max_len={self.max_len} must be in [3, {max_text_length + 1}]: [CLS], "
                        f"at least one token and [SEP], and at most the model's "
                        f"max_text_length={max_text_length} input positions plus [SEP]")
     if self.method == "beam" and not 1 <= self.beam_size <= (vocab_size - len(BANNED_IDS)) // 2:
-      raise ValueError(f"beam_size={self.beam_size} must be >= 1 (and 2·beam_size <= the "
+      raise ConfigError(f"beam_size={self.beam_size} must be >= 1 (and 2·beam_size <= the "
                        f"vocabulary)")
     if not (self.length_penalty >= 0 and math.isfinite(self.length_penalty)):
-      raise ValueError(f"length_penalty={self.length_penalty} must be a finite number >= 0 "
+      raise ConfigError(f"length_penalty={self.length_penalty} must be a finite number >= 0 "
                        f"(GNMT's alpha; 0 turns it off, 0.6-1.0 are usual)")
     if not (self.temperature > 0 and math.isfinite(self.temperature)):
-      raise ValueError(f"temperature={self.temperature} must be > 0 (1.0 samples the model's "
+      raise ConfigError(f"temperature={self.temperature} must be > 0 (1.0 samples the model's "
                        f"own distribution)")
     if not 0 <= self.top_k <= vocab_size:
-      raise ValueError(f"top_k={self.top_k} must be in [0, {vocab_size}] (0 = no top-k filter)")
+      raise ConfigError(f"top_k={self.top_k} must be in [0, {vocab_size}] (0 = no top-k filter)")
     if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1.0 = no nucleus filter)")
+      raise ConfigError(f"top_p={self.top_p} must be in (0, 1] (1.0 = no nucleus filter)")
     if self.num_samples < 1:
-      raise ValueError(f"num_samples={self.num_samples} must be >= 1")
+      raise ConfigError(f"num_samples={self.num_samples} must be >= 1")
     if self.method != "sample" and self.num_samples != 1:
-      raise ValueError(f"num_samples={self.num_samples} needs method='sample'")
+      raise ConfigError(f"num_samples={self.num_samples} needs method='sample'")
 
   @property
   def num_candidates(self) -> int:

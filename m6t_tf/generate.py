@@ -25,6 +25,8 @@ import os
 from absl import app
 from absl import flags
 
+from m6t_tf import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "A trainer's model_dir (config.gin + checkpoints/).")
 flags.DEFINE_string("images", None, "Image files: comma-separated glob patterns.")
@@ -52,7 +54,6 @@ flags.DEFINE_multi_string("gin_bindings", [], "Overrides applied after config.gi
 
 def main(argv):
   del argv
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if not FLAGS.model_dir:
     raise app.UsageError("--model_dir is required")
   if (FLAGS.images is None) == (FLAGS.split is None):
@@ -81,4 +82,4 @@ def main(argv):
     ctx.shutdown()
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from m6t_tf import decoding
+from m6t_tf.cli import ConfigError
 from m6t_tf.data import images as images_lib
 
 _PATCH_KERNEL = "patch_embedding/proj/kernel"
@@ -74,7 +75,7 @@ def restore(model_dir: str, *, checkpoint: Optional[str] = None, gin_bindings=()
 
   config_path = os.path.join(model_dir, "config.gin")
   if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: is --model_dir={model_dir!r} a trainer's "
+    raise ConfigError(f"{config_path} not found: is --model_dir={model_dir!r} a trainer's "
                             f"model_dir?")
   gin.clear_config()
   configurables.parse([config_path], list(gin_bindings))
@@ -83,7 +84,7 @@ def restore(model_dir: str, *, checkpoint: Optional[str] = None, gin_bindings=()
   ckpt_dir = os.path.join(model_dir, "checkpoints")
   path = checkpoint or checkpointing.Checkpointer(ckpt_dir, {}, ctx=ctx).latest()
   if not path:
-    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first (make train)")
+    raise ConfigError(f"no checkpoint in {ckpt_dir}: train first (make train)")
   # The image size is the dataset's, not the config's: read it off the patch projection.
   shapes = tf.train.load_checkpoint(path).get_variable_to_shape_map()
   kernel = [s for k, s in shapes.items() if k.endswith(_PATCH_KERNEL)]
@@ -149,7 +150,7 @@ def list_image_files(patterns: str) -> list[str]:
   for pattern in [p for p in patterns.split(",") if p]:
     found = sorted(f for f in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(f))
     if not found:
-      raise FileNotFoundError(f"--images={pattern!r} matches no file")
+      raise ConfigError(f"--images={pattern!r} matches no file")
     files.extend(found)
   return list(dict.fromkeys(files))
 
@@ -162,7 +163,7 @@ def read_image_files(paths: Sequence[str], image_size: int) -> list[Item]:
     try:
       pixels = decode(tf.io.read_file(path)).numpy()
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-      raise ValueError(f"{path}: undecodable image ({e.message.splitlines()[0]}); give PNG, "
+      raise ConfigError(f"{path}: undecodable image ({e.message.splitlines()[0]}); give PNG, "
                        f"JPEG, GIF or BMP files") from None
     items.append(Item(key=path, path=path, features=pixels, references=[]))
   return items
@@ -174,7 +175,7 @@ def read_split_items(pattern: str, *, image_mode: str, max_len: int) -> list[Ite
   del max_len  # references are the records' whole captions, as the metrics expect
   files = records.list_files(pattern)
   if not files:
-    raise FileNotFoundError(f"no records match {pattern!r}")
+    raise ConfigError(f"no records match {pattern!r}")
   feature = "image" if image_mode == "pixels" else "patch_features"
   items: dict[str, Item] = {}
   dataset = tf.data.TFRecordDataset(files).map(
@@ -264,11 +265,11 @@ def generate(model_dir: str, *, images: Optional[str] = None, split: Optional[st
     (all rows and the metrics on rank 0, this rank's rows elsewhere).
   """
   if (images is None) == (split is None):
-    raise ValueError("give exactly one of --images='photos/*.jpg' and --split=validation")
+    raise ConfigError("give exactly one of --images='photos/*.jpg' and --split=validation")
   if split is not None and split not in ("validation", "train"):
-    raise ValueError(f"--split={split!r}; allowed: 'validation', 'train'")
+    raise ConfigError(f"--split={split!r}; allowed: 'validation', 'train'")
   if batch_size < 1 or num_images < 0:
-    raise ValueError(f"batch_size={batch_size} must be >= 1 and num_images={num_images} >= 0")
+    raise ConfigError(f"batch_size={batch_size} must be >= 1 and num_images={num_images} >= 0")
   files = list_image_files(images) if images is not None else None
   restored = restore(model_dir, checkpoint=checkpoint, gin_bindings=gin_bindings, ctx=ctx)
   ctx = restored.ctx
@@ -279,18 +280,18 @@ def generate(model_dir: str, *, images: Optional[str] = None, split: Optional[st
   options.check(restored.network.max_text_length, restored.network.vocab_size)
   if files is not None:
     if restored.image_mode != "pixels":
-      raise ValueError(f"--images needs a model trained on pixels; {model_dir} was trained on "
+      raise ConfigError(f"--images needs a model trained on pixels; {model_dir} was trained on "
                        f"patch features: use --split")
     items = read_image_files(files[:num_images or None], restored.image_size)
   else:
     pattern = data or (restored.eval_data if split == "validation" else restored.train_data)
     if not pattern:
-      raise ValueError(f"no records for --split={split}: config.gin sets no train data pattern; "
+      raise ConfigError(f"no records for --split={split}: config.gin sets no train data pattern; "
                        f"pass --data")
     items = read_split_items(pattern, image_mode=restored.image_mode, max_len=max_len)
     items = items[:num_images or None]
   if not items:
-    raise ValueError("no images to caption")
+    raise ConfigError("no images to caption")
   from m6t_tf.data import tokenizer as tokenizer_lib
   tokenizer = tokenizer_lib.Tokenizer()
   captioner = Captioner(restored.network, options, lockstep=world > 1,
@@ -319,7 +320,7 @@ def generate(model_dir: str, *, images: Optional[str] = None, split: Optional[st
     say("caption metrics skipped: m6t_tf.caption_metrics is not available")
   if html:
     if metrics_lib is None:
-      raise ValueError("--html needs m6t_tf.caption_metrics (write_html)")
+      raise ConfigError("--html needs m6t_tf.caption_metrics (write_html)")
     page_rows = [dict(r) for r in rows]
     if files is None:
       by_key = {it.key: it for it in items}

@@ -1,0 +1,85 @@
+r"""Exports a trained captioner as a TensorFlow SavedModel for serving.
+
+  python -m m6t_tf.export --model_dir=runs/demo --export_dir=exports/demo \
+      [--decode=greedy|beam] [--beam_size=4] [--length_penalty=0.0] [--max_len=0] \
+      [--serving_batch=8]
+  saved_model_cli show --dir exports/demo --all
+
+The `serving_default` signature takes `images`, a <string>[N] batch of encoded PNG/JPEG/GIF/BMP
+files, and returns `captions` (<string>[N], UTF-8), `scores`, `log_probs` and `num_tokens`:
+image decoding and resizing (as tools/make_dataset.py), the decoding loop with its KV cache and
+the detokenisation all run inside the graph (m6t_tf/serving.py), so a client needs TensorFlow
+only:
+
+  import tensorflow as tf
+  serve = tf.saved_model.load("exports/demo").signatures["serving_default"]
+  out = serve(images=tf.constant([open("cat.jpg", "rb").read()]))
+  print(out["captions"][0].numpy().decode("utf-8"))
+
+Runs in one process (all experts); a checkpoint trained on any number of workers restores.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app
+from absl import flags
+
+from m6t_tf import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_dir", None, "A trainer's model_dir (config.gin + checkpoints/).")
+flags.DEFINE_string("export_dir", None, "Where the SavedModel goes (must not exist, or be empty).")
+flags.DEFINE_enum("decode", "greedy", ["greedy", "beam"], "Decoding method in the graph.")
+flags.DEFINE_integer("beam_size", 4, "Beams (--decode=beam); the best is returned.")
+flags.DEFINE_float("length_penalty", 0.0, "GNMT alpha of the beam score (see m6t_tf/decoding.py).")
+flags.DEFINE_integer("max_len", 0, "Caption tokens incl. [CLS]/[SEP]; 0 = the training max_len.")
+flags.DEFINE_integer("serving_batch", 8, "Images decoded together inside the graph.")
+flags.DEFINE_string("checkpoint", None, "A checkpoint prefix; default: the latest.")
+
+
+def export_model(model_dir: str, export_dir: str, *, options, serving_batch: int = 8,
+                 checkpoint=None) -> dict:
+  """Restores `model_dir` and writes the SavedModel; returns what was exported."""
+  import dataclasses
+  from m6t_tf import generation
+  from m6t_tf import serving
+  from m6t_tf.data import tokenizer as tokenizer_lib
+  from m6t_tf.parallel import launch_env
+  if launch_env.world_size() > 1:
+    raise cli.ConfigError("export runs in one process (it holds every expert): run it without "
+                     "horovodrun")
+  if os.path.exists(export_dir) and os.listdir(export_dir):
+    raise cli.ConfigError(f"--export_dir={export_dir!r} exists and is not empty; choose a new "
+                     f"directory or remove it")
+  restored = generation.restore(model_dir, checkpoint=checkpoint)
+  if restored.image_mode != "pixels":
+    raise cli.ConfigError(f"{model_dir} was trained on patch features; the SavedModel takes image "
+                     f"files and needs a model trained on pixels")
+  options = dataclasses.replace(options, max_len=options.max_len or restored.max_len)
+  vocab = tokenizer_lib.load_vocab(tokenizer_lib.find_vocab_file())
+  server = serving.CaptionServer(restored.network, vocab, options,
+                                 image_size=restored.image_size, serving_batch=serving_batch)
+  serving.export(server, export_dir)
+  return {"export_dir": export_dir, "checkpoint": restored.checkpoint,
+          "image_size": restored.image_size, "options": dataclasses.asdict(options)}
+
+
+def main(argv):
+  del argv
+  if not FLAGS.model_dir or not FLAGS.export_dir:
+    raise app.UsageError("--model_dir and --export_dir are required")
+  from m6t_tf import decoding
+  options = decoding.DecodeOptions(method=FLAGS.decode, max_len=FLAGS.max_len,
+                                   beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty)
+  info = export_model(FLAGS.model_dir, FLAGS.export_dir, options=options,
+                      serving_batch=FLAGS.serving_batch, checkpoint=FLAGS.checkpoint)
+  print(f"Exported {info['checkpoint']} ({info['options']['method']}, max_len "
+        f"{info['options']['max_len']}, {info['image_size']}x{info['image_size']} images) to "
+        f"{info['export_dir']}")
+  print(f"  saved_model_cli show --dir {info['export_dir']} --all")
+
+
+if __name__ == "__main__":
+  cli.run(main)
