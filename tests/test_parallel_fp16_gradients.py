@@ -7,7 +7,9 @@ reduction, the trainer's FP16 path (`HorovodContext.reduce_gradients` with
 rank's scaled value and of their sum, for every element, and flush no element whose scaled
 value S·g is in float16's normal range. The old path (unscale, then cast) fails that bound:
 checked too, so the bound is known to tell the two apart. With a scale that overflows, every
-rank's reduction is non-finite, so the trainer's finite check skips the step everywhere.
+rank's reduction is non-finite, and a `Trainer` (whose loss scale FP16 communication turns on,
+even for float32 compute) skips that step on every rank, halves the scale, then applies the
+next finite one identically on both.
 """
 
 import os
@@ -108,6 +110,19 @@ class Fp16GradientReductionTest(tf.test.TestCase):
   def test_overflow_is_non_finite_on_every_rank(self):
     for r in self.ranks:
       self.assertAllEqual(r["overflow_local_finite"], [False, False])
+
+  def test_trainer_skips_the_overflowed_step_on_every_rank(self):
+    for r in self.ranks:
+      # float32 compute: the scale is on because the gradients travel in float16.
+      self.assertTrue(r["trainer_scale_enabled"])
+      self.assertTrue(r["trainer_skips_nonfinite"])
+      self.assertFalse(r["step_overflow_finite"])
+      self.assertAllEqual(r["step_overflow_weights"], r["step_start_weights"])
+      self.assertEqual(r["step_overflow_scale_after"], 2.0 ** 14)
+      self.assertTrue(r["step_finite_finite"])
+      self.assertNotAllClose(r["step_finite_weights"], r["step_start_weights"])
+      self.assertEqual(r["skipped"], 1)
+    self.assertAllEqual(self.ranks[1]["step_finite_weights"], self.ranks[0]["step_finite_weights"])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ times the base value) and writes `P.rank<R>.npz` with:
   overflow_local_finite  per kind, whether this rank's reduction is finite with a loss scale
                      that overflows float16 (the trainer's finite check follows from it)
   scale              LOSS_SCALE
+  trainer_*, step_*  a `Trainer` over a Dense layer with FP16 communication: whether its loss
+                     scale is on, and an overflowing then a finite `apply_gradients` (finite
+                     flag, loss scale after, weights), `skipped`
 """
 
 import os
@@ -69,6 +72,34 @@ def main(argv):
   out["overflow_local_finite"] = np.array([bool(tf.reduce_all(tf.math.is_finite(g)))
                                           for g in reduced])
   out["scale"] = np.array(LOSS_SCALE)
+
+  # The trainer's side: FP16 communication turns the dynamic loss scale on (float32 compute
+  # here), and an overflowed reduction skips the step on every rank and halves the scale.
+  import keras
+  from m6t_tf import training
+  from m6t_tf.parallel import context as context_lib
+  layer = keras.layers.Dense(FLAGS.size // 8, name="probe")
+  layer.build((None, 8))
+  ctx.gradient_compression = "fp16"
+  trainer = training.Trainer(layer, keras.optimizers.SGD(1.0), ctx=ctx)
+  ctx.broadcast_state(trainer.variables)
+  out["trainer_scale_enabled"] = np.array(trainer.loss_scale.enabled)
+  out["trainer_skips_nonfinite"] = np.array(trainer.skip_nonfinite)
+  start = [v.numpy() for v in trainer.variables]
+  small = [tf.constant(np.reshape(b[:v.shape.num_elements()], v.shape).astype(np.float32) *
+                       (1.0 + ctx.rank / 10.0)) for b, v in zip(base, trainer.variables)]
+  for name, scale in (("overflow", 2.0 ** 15), ("finite", LOSS_SCALE)):
+    trainer.loss_scale.scale.assign(scale)
+    s = trainer.loss_scale.scale
+    reduced = ctx.reduce_gradients([g * s for g in small], trainer.variables, loss_scale=s)
+    norm = context_lib.global_norm(reduced, trainer.variables, ctx)
+    finite = ctx.all_finite(tf.math.is_finite(norm))
+    trainer.apply_gradients(reduced, {"grad_norm": norm, "finite": finite})
+    out[f"step_{name}_finite"] = np.array(bool(finite))
+    out[f"step_{name}_scale_after"] = np.array(float(trainer.loss_scale.scale.numpy()))
+    out[f"step_{name}_weights"] = np.concatenate([v.numpy().ravel() for v in trainer.variables])
+  out["step_start_weights"] = np.concatenate([w.ravel() for w in start])
+  out["skipped"] = np.array(int(trainer.loss_scale.skipped.numpy()))
   np.savez(f"{FLAGS.out}.rank{ctx.rank}.npz", **out)
   ctx.shutdown()
 
