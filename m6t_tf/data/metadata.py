@@ -87,18 +87,19 @@ def read(pattern: str, *, binding: str, need_length: bool = False) -> DataFacts:
   Raises:
     ConfigError: no file matches, a metadata.json is unreadable, or the files disagree.
   """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (gfile: also gs://, s3://)
   files = list_files(pattern, binding)
   folders = sorted({os.path.dirname(f) for f in files})
   metas = []
   for folder in folders:
     path = os.path.join(folder, METADATA_FILE)
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
       metas = None
       break
     try:
-      with open(path, encoding="utf-8") as f:
-        metas.append((path, json.load(f)))
-    except (OSError, ValueError) as e:
+      with tf.io.gfile.GFile(path, "rb") as f:
+        metas.append((path, json.loads(f.read().decode("utf-8"))))
+    except (OSError, ValueError, tf.errors.OpError) as e:
       raise ConfigError(f"{path} (metadata of {binding}) is unreadable: {e}; rebuild the "
                         f"dataset or delete the file") from None
   if metas:
@@ -180,7 +181,8 @@ def _longest_caption(files: Sequence[str]) -> int:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   spec = {"caption_ids": tf.io.RaggedFeature(tf.int64)}
   ds = tf.data.TFRecordDataset(list(files)).ignore_errors().batch(256).map(
-      lambda s: tf.reduce_max(tf.io.parse_example(s, spec)["caption_ids"].row_lengths()))
+      lambda s: tf.cast(tf.reduce_max(tf.io.parse_example(s, spec)["caption_ids"].row_lengths()),
+                        tf.int64))
   return int(ds.reduce(tf.constant(0, tf.int64), tf.maximum))
 
 
