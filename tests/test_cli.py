@@ -172,6 +172,28 @@ class ToolErrorsTest(CliTestCase):
     self.assertIn("ValueError: a bug, not a config error", proc.stderr)
 
 
+class NoiseFilterTest(tf.test.TestCase):
+  """What `quiet_tensorflow` writes back of the import's stderr (the real TF 2.21 lines)."""
+
+  START = (
+      "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+      "I0000 00:00:1796066852.135154    8684 port.cc:153] oneDNN custom operations are on. You "
+      "may see slightly different numerical results due to floating-point round-off errors from "
+      "different computation orders. To turn them off, set the environment variable "
+      "`TF_ENABLE_ONEDNN_OPTS=0`.\n"
+      "I0000 00:00:1796066852.135684    8684 cudart_stub.cc:31] Could not find cuda drivers on "
+      "your machine, GPU will not be used.\n")
+  CUINIT = ("E0000 00:00:1796066853.060055    8684 cuda_platform.cc:52] failed call to cuInit: "
+            "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n")
+
+  def test_notices_go_and_everything_else_stays(self):
+    from m6t_tf import cli  # pylint: disable=g-import-not-at-top
+    error = "ImportError: libfoo.so: cannot open shared object file\n"
+    self.assertEqual(cli.without_noise(self.START + self.CUINIT + error), error)
+    # With a CUDA driver installed a failed cuInit is a real problem: it stays.
+    self.assertEqual(cli.without_noise(self.CUINIT), self.CUINIT)
+
+
 # A user's own data: 12 pictures, 16 captions (four pictures have two); the longest caption
 # is longer than the demo's 20 tokens, so the length must follow the data.
 CAPTIONS = [
