@@ -43,15 +43,15 @@ def parse(gin_files, gin_bindings, search_paths=()) -> None:
   """
   register()
   search_paths = list(search_paths)
+  # Our gin files (`--gin_file=gin/demo.gin`, and their `include 'gin/base.gin'`) are found in
+  # the checkout holding the package too, so a run can start in another folder (the user's).
+  checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.path.isdir(os.path.join(checkout, "gin")):
+    search_paths.append(checkout)
   for path in gin_files or []:
     if not any(os.path.isfile(os.path.join(root, path)) for root in ["", *search_paths]):
       raise ConfigError(f"--gin_file={path}: no such file (looked in {os.getcwd()!r}"
                         f"{''.join(f', {p!r}' for p in search_paths if p not in ('', '.'))})")
-  # Our gin files include 'gin/base.gin': the checkout holding the package resolves it, so a
-  # run started in another folder (next to the user's data) finds it too.
-  checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if os.path.isdir(os.path.join(checkout, "gin")):
-    search_paths.append(checkout)
   for path in search_paths:
     gin.add_config_file_search_path(path)
   # gin logs "Path not found" before raising for a missing include; the error says it.
