@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "tools"))
 
 import fp16_grad_error  # noqa: E402
+from m6t_tf.cli import ConfigError  # noqa: E402
 
 
 def test_statistics_of_hand_made_values():
@@ -22,15 +23,16 @@ def test_statistics_of_hand_made_values():
   s = fp16_grad_error.statistics_of(reference, values)
   # Over the 4 non-zero references: relative errors 0, 0.1, 1 (flushed), 0.
   assert s["flushed_fraction"] == 0.25
+  assert s["largest_flushed"] == 4.0
   assert s["median_rel_error"] == pytest.approx(0.05, rel=1e-5)
   assert s["p99_rel_error"] == pytest.approx(0.1 + 0.97 * 0.9, rel=1e-5)
   assert s["norm_rel_error"] == pytest.approx(np.hypot(0.2, 4.0) / np.sqrt(85.0), rel=1e-5)
 
 
 def test_bad_arguments_name_the_choices():
-  with pytest.raises(SystemExit):
+  with pytest.raises(ConfigError, match="--configs='huge': unknown"):
     fp16_grad_error.parse_args(["--configs=huge"])
-  with pytest.raises(SystemExit):
+  with pytest.raises(ConfigError, match="--ranks"):
     fp16_grad_error.parse_args(["--ranks=1"])
   args = fp16_grad_error.parse_args(["--configs=demo"])
   assert args.names == ["demo"]

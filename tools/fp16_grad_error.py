@@ -23,15 +23,17 @@ Method, for each config (each one `horovodrun -np 2 --gloo` launch of this file 
          unscaled in float32 (`reduce_gradients` with `gradient_compression="fp16"`).
   4. Over every element that travels (dense gradients; expert ones too when a replica group has
      more than one rank) whose float32 reduction is non-zero: the fraction flushed to 0, the
-     median and 99th percentile of |x − ref| / |ref|, and ‖x − ref‖ / ‖ref‖ over the whole
-     gradient; also the fraction of reference elements below float16's smallest normal
-     (6.1e-5) unscaled, and scaled.
+     largest |ref| among those, the median and 99th percentile of |x − ref| / |ref|, and
+     ‖x − ref‖ / ‖ref‖ over the whole gradient; also the fraction of reference elements below
+     float16's smallest normal (6.1e-5) unscaled, and scaled. A zero where float32 is not can
+     also be a sum that cancels: |g_0 + g_1| below float16's rounding of g_0 and g_1.
 
 JSON (--format=json), schema_version 1:
   {"schema_version", "tool", "argv", "machine": {...}, "ranks", "batches",
    "configs": {name: {"gin_files", "gin_bindings", "mixed_precision", "loss_scale",
                       "elements", "subnormal_fraction_unscaled", "subnormal_fraction_scaled",
-                      "paths": {"before": {"flushed_fraction", "median_rel_error",
+                      "paths": {"before": {"flushed_fraction", "largest_flushed",
+                                           "median_rel_error",
                                            "p99_rel_error", "norm_rel_error"},
                                 "after": {...}}}}}
 """
@@ -48,7 +50,8 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from m6t_tf import cli  # noqa: E402
 
 SCHEMA_VERSION = 1
 TOOL = "tools/fp16_grad_error.py"
@@ -63,7 +66,8 @@ INITIAL_SCALE = 2.0 ** 15
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.ArgumentParser(description=__doc__.split("\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--configs", default=",".join(CONFIGS),
                  help=f"comma-separated, from {sorted(CONFIGS)}")
   p.add_argument("--batches", type=int, default=2, help="batches (steps at the initial "
@@ -116,6 +120,7 @@ def worker(args) -> None:
   q = configurables.query
   ctx = configurables.make_context_configured()
   mixed = bool(q("train.mixed_precision"))
+  training.set_seeds(q("train.seed", 0), False, rank=ctx.rank)  # as the trainer seeds
   stream = training.train_stream(q("train.train_data"), ctx=ctx, seed=q("train.seed", 0),
                                  batch_size=q("train.batch_size_per_worker"),
                                  max_len=q("train.max_len"), image_mode=q("train.image_mode"),
@@ -129,7 +134,7 @@ def worker(args) -> None:
                              mixed_precision=mixed)
   travels = [ctx.size > 1 if not ctx.is_expert(v) else ctx.replica_process_set is not None
              for v in trainer.variables]
-  owner = ctx.rank == 0 or False
+  owner = ctx.rank == 0
   rows = {"float32": [], "before": [], "after": []}
   scale = INITIAL_SCALE
   for step, batch in enumerate(batches):
@@ -168,7 +173,9 @@ def statistics_of(reference, values) -> dict:
   nz = reference != 0
   ref, got = reference[nz].astype(np.float64), values[nz].astype(np.float64)
   rel = np.abs(got - ref) / np.abs(ref)
-  return {"flushed_fraction": float(np.mean(got == 0)),
+  flushed = got == 0
+  return {"flushed_fraction": float(np.mean(flushed)),
+          "largest_flushed": float(np.abs(ref[flushed]).max()) if flushed.any() else 0.0,
           "median_rel_error": float(np.median(rel)),
           "p99_rel_error": float(np.percentile(rel, 99)),
           "norm_rel_error": float(np.linalg.norm(got - ref) / np.linalg.norm(ref))}
@@ -183,7 +190,7 @@ def measure(name: str, args, tmp: str) -> dict:
   env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
   if proc.returncode:
-    raise SystemExit(f"{name}: the {args.ranks}-rank run failed:\n{proc.stdout[-3000:]}\n"
+    raise RuntimeError(f"{name}: the {args.ranks}-rank run failed:\n{proc.stdout[-3000:]}\n"
                      f"{proc.stderr[-3000:]}")
   parts = [dict(np.load(f"{result}.rank{r}.npz")) for r in range(args.ranks)]
   pooled = {k: np.concatenate([p[k] for p in parts]) for k in ("float32", "before", "after")}
@@ -219,11 +226,11 @@ def table(report: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.worker:
     worker(args)
-    return
+    return 0
   from m6t_tf.machine import machine_info
   tmp = tempfile.mkdtemp(prefix="fp16_grad_error-")
   try:
@@ -238,7 +245,8 @@ def main(argv=None) -> None:
     with open(args.out, "w") as f:
       json.dump(report, f, indent=2, sort_keys=True)
   print(json.dumps(report, indent=2, sort_keys=True) if args.format == "json" else table(report))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli.run_argparse(main))
