@@ -28,18 +28,23 @@ therefore runs, in this order:
   3. flush the directory (the rename itself);
   4. prune checkpoints that `latest` no longer lists.
 
-Every file operation goes through a `FileOps` object (`LocalFileOps` for a POSIX disk): a
-filesystem without fsync (`tf.io.gfile` object stores) gets one whose flushes are no-ops.
+Every file operation goes through a `FileOps` object (`LocalFileOps` for a POSIX disk), and
+every path through `tf.io.gfile`, so `directory` may be on any TensorFlow filesystem (`gs://`,
+`s3://`, `hdfs://`, `ram://`). A remote directory gets `GFileOps`: no fsync exists there (its
+flushes are no-ops: a closed object is stored) and rename is not atomic (a copy then a delete),
+so step 2 writes `latest` whole, in one write, which an object store publishes atomically. The
+checkpoint is complete before that write, so the order above still holds.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Optional
 
 import tensorflow as tf
+
+from m6t_tf import storage
 
 LATEST = "latest"
 
@@ -51,6 +56,9 @@ class LocalFileOps:
     flush: fsync files and directories (True); False skips every flush (the behaviour of a
       filesystem without fsync, and the baseline of `tools/bench_checkpoint.py`).
   """
+
+  #: `os.replace` is atomic: `latest` is published by a rename.
+  atomic_rename = True
 
   def __init__(self, flush: bool = True):
     self.flush = flush
@@ -81,6 +89,34 @@ class LocalFileOps:
     os.remove(path)
 
 
+class GFileOps:
+  """The file operations on a remote `tf.io.gfile` filesystem (object or cluster storage).
+
+  There is no fsync: a file is stored when its writer closes it, so flushes are no-ops. Rename
+  is not atomic (copy, then delete), so the checkpointer publishes `latest` with one whole
+  write instead (`atomic_rename = False`).
+  """
+
+  atomic_rename = False
+
+  def flush_file(self, path: str) -> None:
+    del path
+
+  def flush_dir(self, path: str) -> None:
+    del path
+
+  def replace(self, src: str, dst: str) -> None:
+    tf.io.gfile.rename(src, dst, overwrite=True)
+
+  def remove(self, path: str) -> None:
+    tf.io.gfile.remove(path)
+
+
+def file_ops_for(directory: str):
+  """`LocalFileOps()` for a local path, `GFileOps()` for any other TensorFlow filesystem."""
+  return LocalFileOps() if storage.is_local(directory) else GFileOps()
+
+
 def _is_expert_key(key: str, expert_fragments: tuple[str, ...]) -> bool:
   return any(fragment in key for fragment in expert_fragments)
 
@@ -94,27 +130,27 @@ class Checkpointer:
     ctx: the worker context (rank, expert_index, data_index, expert_group_size, barrier).
     num_experts: E (global); expert variables have leading dimension E / expert_group_size.
     max_to_keep: older checkpoints are deleted after a successful save.
-    file_ops: the file operations (flush, rename, remove); `LocalFileOps()` by default.
+    file_ops: the file operations (flush, rename, remove); by default `file_ops_for(directory)`.
   """
 
   def __init__(self, directory: str, entries: dict, *, ctx, num_experts: int = 0,
                max_to_keep: int = 3, fragments: tuple[str, ...] = ("/experts/", "_experts_"),
-               file_ops: Optional[LocalFileOps] = None):
+               file_ops=None):
     self.directory = directory
     self.entries = entries
     self.ctx = ctx
     self.num_experts = num_experts
     self.max_to_keep = max_to_keep
-    self.fs = file_ops or LocalFileOps()
+    self.fs = file_ops or file_ops_for(directory)
     #: Test hook called after this worker wrote its shard, before the merge publishes it.
     self.before_merge = lambda step: None
     #: Test hook called on rank 0 after `latest` was published and flushed, before pruning.
     self.before_prune = lambda step: None
-    if ctx.rank == 0 and os.path.isdir(directory):
+    if ctx.rank == 0 and storage.isdir(directory):
       # Shards of a save that a crash interrupted were never published: drop them.
-      for name in os.listdir(directory):
+      for name in storage.listdir(directory):
         if name.startswith("tmp-"):
-          shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+          storage.rmtree(os.path.join(directory, name))
     d = getattr(ctx, "expert_group_size", 1)
     self.expert_keys = {k for k in entries if _is_expert_key(k, fragments)}
     for k in self.expert_keys:
@@ -148,8 +184,8 @@ class Checkpointer:
     tmp = os.path.join(self.directory, f"tmp-{step}")
     final = os.path.join(self.directory, f"ckpt-{step}")
     if self.ctx.rank == 0:
-      shutil.rmtree(tmp, ignore_errors=True)
-      os.makedirs(tmp, exist_ok=True)
+      storage.rmtree(tmp)
+      storage.makedirs(tmp)
     self.ctx.barrier()
     keys = sorted(k for k in self.entries if self._writes(k))
     shard_prefix = os.path.join(tmp, f"shard-{self.ctx.rank:05d}")
@@ -163,7 +199,7 @@ class Checkpointer:
     self.before_merge(step)
     self.ctx.barrier()
     if self.ctx.rank == 0:
-      shards = sorted({os.path.join(tmp, f[: f.index(".")]) for f in os.listdir(tmp)
+      shards = sorted({os.path.join(tmp, f[: f.index(".")]) for f in storage.listdir(tmp)
                        if f.endswith(".index")})
       tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=shards, destination_prefix=final,
                                     delete_old_dirs=False)
@@ -173,31 +209,35 @@ class Checkpointer:
       self.fs.flush_dir(self.directory)
       self._write_latest(step)
       self.before_prune(step)
-      shutil.rmtree(tmp, ignore_errors=True)
+      storage.rmtree(tmp)
       self._prune()
     self.ctx.barrier()
     return final
 
   def _flush_files(self, folder: str, prefix: str) -> None:
-    for name in sorted(os.listdir(folder)):
+    for name in sorted(storage.listdir(folder)):
       if name.startswith(prefix):
         self.fs.flush_file(os.path.join(folder, name))
 
   def _write_latest(self, step: int) -> None:
     """Publishes `step`: `latest` written whole to a temp file, flushed, renamed into place,
-    and the rename flushed (so that pruning never runs ahead of a durable `latest`)."""
+    and the rename flushed (so that pruning never runs ahead of a durable `latest`). Without
+    an atomic rename (`GFileOps`), `latest` itself is written whole, in one write."""
     path = os.path.join(self.directory, LATEST)
-    tmp = f"{path}.tmp-{os.getpid()}"
     kept = [s for s in self.steps() if s != step] + [step]
-    with open(tmp, "w") as f:
-      json.dump({"latest": step, "all": kept[-self.max_to_keep:]}, f)
+    content = json.dumps({"latest": step, "all": kept[-self.max_to_keep:]})
+    if not self.fs.atomic_rename:
+      storage.write_text(path, content)
+      return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    storage.write_text(tmp, content)
     self.fs.flush_file(tmp)
     self.fs.replace(tmp, path)
     self.fs.flush_dir(self.directory)
 
   def _prune(self) -> None:
     keep = set(self.steps())
-    for name in sorted(os.listdir(self.directory)):
+    for name in sorted(storage.listdir(self.directory)):
       if name.startswith("ckpt-"):
         step = name[len("ckpt-"):].split(".")[0]
         if step.isdigit() and int(step) not in keep:
@@ -205,25 +245,26 @@ class Checkpointer:
 
   # -- restore ------------------------------------------------------------------------------
 
-  def steps(self) -> list[int]:
+  def _read_latest(self) -> Optional[dict]:
     path = os.path.join(self.directory, LATEST)
-    if not os.path.exists(path):
-      return []
-    with open(path) as f:
-      return list(json.load(f)["all"])
+    if not storage.exists(path):
+      return None
+    return json.loads(storage.read_text(path))
+
+  def steps(self) -> list[int]:
+    pointer = self._read_latest()
+    return list(pointer["all"]) if pointer else []
 
   def latest(self) -> Optional[str]:
     """Prefix of the newest complete checkpoint, or None."""
-    path = os.path.join(self.directory, LATEST)
-    if not os.path.exists(path):
-      return None
-    with open(path) as f:
-      step = json.load(f)["latest"]
-    return os.path.join(self.directory, f"ckpt-{step}")
+    pointer = self._read_latest()
+    return os.path.join(self.directory, f"ckpt-{pointer['latest']}") if pointer else None
 
   def restore(self, prefix: str) -> None:
     """Assigns every entry from `prefix`, reading this worker's expert slices."""
-    reader = tf.train.load_checkpoint(prefix)
+    # Not tf.train.load_checkpoint: it asks isdir(prefix) first, which the in-memory ram://
+    # filesystem answers True for any prefix of a file name.
+    reader = tf.compat.v1.train.NewCheckpointReader(prefix)
     stored = reader.get_variable_to_shape_map()
     missing = sorted(k for k in self.entries if k not in stored)
     if missing:

@@ -11,9 +11,11 @@ import os
 import tokenize
 
 import gin
+import tensorflow as tf
 
 from m6t_tf.cli import ConfigError
 
+from m6t_tf import storage
 from m6t_tf import training
 from m6t_tf.networks import m6_transformer
 from m6t_tf.parallel import context as context_lib
@@ -42,6 +44,8 @@ def parse(gin_files, gin_bindings, search_paths=()) -> None:
       line with the file or binding (gin's own message spans several).
   """
   register()
+  # A run's config.gin may live on remote storage (model_dir on gs://, s3://, ...).
+  gin.config.register_file_reader(tf.io.gfile.GFile, _remote_file)
   search_paths = list(search_paths)
   # Our gin files (`--gin_file=gin/demo.gin`, and their `include 'gin/base.gin'`) are found in
   # the checkout holding the package too, so a run can start in another folder (the user's).
@@ -49,7 +53,8 @@ def parse(gin_files, gin_bindings, search_paths=()) -> None:
   if os.path.isdir(os.path.join(checkout, "gin")):
     search_paths.append(checkout)
   for path in gin_files or []:
-    if not any(os.path.isfile(os.path.join(root, path)) for root in ["", *search_paths]):
+    if not any(os.path.isfile(os.path.join(root, path)) or _remote_file(os.path.join(root, path))
+               for root in ["", *search_paths]):
       raise ConfigError(f"--gin_file={path}: no such file (looked in {os.getcwd()!r}"
                         f"{''.join(f', {p!r}' for p in search_paths if p not in ('', '.'))})")
   for path in search_paths:
@@ -67,6 +72,10 @@ def parse(gin_files, gin_bindings, search_paths=()) -> None:
   finally:
     logging.getLogger().removeFilter(quiet)
   resolve_max_len()
+
+
+def _remote_file(path: str) -> bool:
+  return not storage.is_local(path) and tf.io.gfile.exists(path)
 
 
 class _DropMessages(logging.Filter):

@@ -11,13 +11,14 @@ def evaluate(model_dir: str, *, eval_data: str | None = None, checkpoint: str | 
   import gin
   from m6t_tf import checkpointing
   from m6t_tf import configurables
+  from m6t_tf import storage
   from m6t_tf import training
   from m6t_tf.cli import ConfigError
   from m6t_tf.data import metadata
   from m6t_tf.data import pipeline
 
   config_path = os.path.join(model_dir, "config.gin")
-  if not os.path.exists(config_path):
+  if not storage.exists(config_path):
     raise ConfigError(f"{config_path} not found: is --model_dir={model_dir!r} a trainer's "
                       f"model_dir?")
   gin.clear_config()

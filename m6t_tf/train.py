@@ -35,6 +35,7 @@ def main(argv):
   import tensorflow as tf
 
   from m6t_tf import configurables
+  from m6t_tf import storage
   from m6t_tf import training
 
   if not FLAGS["verbosity"].present:
@@ -55,8 +56,7 @@ def main(argv):
   operative = gin.operative_config_str()
   logging.info("operative config:\n%s", operative)
   if ctx.is_chief and FLAGS.model_dir:
-    with open(os.path.join(FLAGS.model_dir, "operative_config.gin"), "w") as f:
-      f.write(operative)
+    storage.write_text(os.path.join(FLAGS.model_dir, "operative_config.gin"), operative)
   if ctx.is_chief and summary.get("eval"):
     e = summary["eval"]
     print(f"Validation perplexity {e['perplexity']:.2f} (log {e['log_perplexity']:.4f}) over "

@@ -21,6 +21,7 @@ from absl import logging
 from m6t_tf import checkpointing
 from m6t_tf import cli
 from m6t_tf import optimizers
+from m6t_tf import storage
 from m6t_tf.cli import ConfigError
 from m6t_tf.models import m6_captioner
 from m6t_tf.networks import m6_transformer
@@ -31,15 +32,13 @@ IMAGE_MODES = ("pixels", "features")
 
 
 def check_model_dir(model_dir: str) -> None:
-  """Fails at start-up, not at the first checkpoint, when `model_dir` cannot be written."""
+  """Fails at start-up, not at the first checkpoint, when `model_dir` cannot be written (on
+  any TensorFlow filesystem: `storage.check_writable`)."""
   try:
-    os.makedirs(model_dir, exist_ok=True)
-    probe = os.path.join(model_dir, f".write-test-{os.getpid()}")
-    with open(probe, "wb") as f:
-      f.write(b"\0" * 4096)
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"model_dir={model_dir!r} is not writable ({e.strerror}); choose another "
+    storage.check_writable(model_dir)
+  except (OSError, tf.errors.OpError) as e:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else cli.one_line(e)
+    raise ConfigError(f"model_dir={model_dir!r} is not writable ({why}); choose another "
                       f"--model_dir or free space there") from e
 
 
@@ -219,8 +218,11 @@ def variables_by_path(model, optimizer=None) -> dict:
 
 
 def check_free_space(model_dir: str, entries: dict, keep: int) -> None:
-  """Fails at start-up when `model_dir` cannot hold the checkpoints the run will keep."""
+  """Fails at start-up when `model_dir` cannot hold the checkpoints the run will keep (a local
+  disk only: remote storage reports no free space)."""
   import shutil
+  if not storage.is_local(model_dir):
+    return
   need = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in entries.values())
   free = shutil.disk_usage(model_dir).free
   # keep + 1: a new checkpoint is complete before the oldest is deleted.
@@ -242,17 +244,16 @@ class LossLog:
     self.path = path
 
   def write(self, step: int, loss: float) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+    storage.append_text(self.path, json.dumps({"step": step, "loss": loss}) + "\n")
 
 
 def read_loss_log(path: str) -> dict:
   """{step: loss} from `losses.jsonl`, later lines overriding earlier ones; a torn last line
   (the process was killed while writing it) is ignored."""
   out = {}
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return out
-  with open(path) as f:
+  with tf.io.gfile.GFile(path) as f:
     for line in f:
       try:
         row = json.loads(line)
@@ -367,11 +368,8 @@ class Progress:
 
 
 def write_json(path: str, payload: dict) -> None:
-  """Atomic JSON write (temp file + rename): a crash never leaves half a file."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """Atomic JSON write (`storage.write_whole`): a crash never leaves half a file."""
+  storage.write_whole(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 def set_seeds(seed: int, deterministic: bool, rank: int = 0) -> None:
@@ -425,12 +423,12 @@ class DataKeyLog:
 
   def __init__(self, model_dir: str, rank: int):
     folder = os.path.join(model_dir, "data_keys")
-    os.makedirs(folder, exist_ok=True)
+    storage.makedirs(folder)
     self.path = os.path.join(folder, f"rank{rank}.jsonl")
 
   def write(self, step: int, keys) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, "keys": [k.decode("utf-8") for k in keys]}) + "\n")
+    storage.append_text(self.path, json.dumps(
+        {"step": step, "keys": [k.decode("utf-8") for k in keys]}) + "\n")
 
 
 def _batches_for_eval(eval_data, *, batch_size, max_len, image_mode, ctx):
@@ -624,8 +622,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   if ctx.is_chief:
     try:
       import gin
-      with open(os.path.join(model_dir, "config.gin"), "w") as f:
-        f.write(gin.config_str())
+      storage.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
     except ImportError:
       pass
     n_params = model.count_params()
