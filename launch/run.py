@@ -7,7 +7,9 @@ r"""Builds and starts the horovodrun / mpirun command of a training run: one pro
 
 Before anything starts, the config is checked against the worker count: the layout's
 (data × expert) mesh must multiply to --num_workers and the experts must divide over the expert
-axis — the errors a cluster would otherwise report as a hang in the first all-to-all.
+axis — the errors a cluster would otherwise report as a hang in the first all-to-all. Then the
+command is printed and run (unless --dry_run); the launcher exits with its exit status (128 + N
+when it died of signal N), so a job script sees a failed rank as a failed job.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -41,6 +44,11 @@ flags.DEFINE_bool("dry_run", False, "Print the command and exit.")
 FORWARDED_ENV = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME",
                  "NCCL_IB_DISABLE", "TF_CPP_MIN_LOG_LEVEL", "M6T_TF_LOGS",
                  "HOROVOD_FUSION_THRESHOLD", "HOROVOD_CYCLE_TIME", *watchdog.STALL_ENV_DEFAULTS)
+
+# Under mpirun, Horovod's controller and CPU collectives are MPI's. Horovod picks MPI by default
+# when it was built with it, but a HOROVOD_CONTROLLER=gloo left in the environment (horovodrun
+# --gloo sets it) would make every rank wait for a Gloo rendezvous that never comes.
+MPI_ENV = {"HOROVOD_CONTROLLER": "mpi", "HOROVOD_CPU_OPERATIONS": "mpi"}
 
 
 def check_layout(gin_files, gin_bindings, num_workers: int) -> tuple[int, int]:
@@ -84,6 +92,8 @@ def build_command(*, gin_files, gin_bindings, num_workers: int, hosts=None, host
   for name in FORWARDED_ENV:
     if name in os.environ:  # Open MPI's -x of an unset variable is an error on some versions
       env += ["-x", name]
+  for name, value in MPI_ENV.items():
+    env += ["-x", f"{name}={value}"]
   # Horovod's recommended Open MPI flags: no core binding (TF manages its own threads), slot
   # mapping (one rank per GPU), TCP/shared-memory transport for control (NCCL carries the data).
   mpi = ["mpirun", "-np", str(num_workers), *where, "-bind-to", "none", "-map-by", "slot",
@@ -91,6 +101,23 @@ def build_command(*, gin_files, gin_bindings, num_workers: int, hosts=None, host
   if os.geteuid() == 0:
     mpi.insert(1, "--allow-run-as-root")
   return [*mpi, *trainer]
+
+
+def run_command(cmd: list[str]) -> int:
+  """Runs `cmd`, passing SIGINT/SIGTERM on to it; its exit status (128 + N for signal N)."""
+  proc = subprocess.Popen(cmd)
+
+  def forward(signum, frame):
+    del frame
+    proc.send_signal(signum)
+
+  previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    code = proc.wait()
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  return 128 - code if code < 0 else code
 
 
 def main(argv):
@@ -109,7 +136,7 @@ def main(argv):
   print(shlex.join(cmd), flush=True)
   if FLAGS.dry_run:
     return 0
-  return subprocess.call(cmd)
+  return run_command(cmd)
 
 
 if __name__ == "__main__":

@@ -421,7 +421,11 @@ class HorovodContext:
     return self.allreduce_metrics(metrics)
 
   def describe(self) -> str:
-    return (f"{self.size} Horovod ranks as {self.mesh} (rank {self.rank} at data_index "
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    # The controller in use (MPI under mpirun, Gloo under horovodrun --gloo), as a log shows it.
+    controller = "MPI" if hvd.mpi_enabled() else "Gloo" if hvd.gloo_enabled() else "unknown"
+    return (f"{self.size} Horovod ranks ({controller} controller) as {self.mesh} (rank "
+            f"{self.rank} at data_index "
             f"{self.data_index}, expert_index {self.expert_index}; D = {self.mesh.expert}, "
             f"all-to-all payload {self.communicator.wire_dtype or 'in the compute dtype'})")
 
