@@ -68,8 +68,12 @@ either way; "mask" terms exist only when dropout_rate > 0). Saved for backward:
       MoE attention instead of the attention input and context: per projection (input width
                     W_in, output W_out) the float32 router input T·W_in·f, router probabilities
                     T·E·f, expert input buffer E·C·W_in·a, combined rows k·T·W_out·a
-      dense FFN     n_a·T·I·a, n_a = 2 (pre- and post-activation; fused GeLU) or 4 (SwiGLU:
-                    gate, up, silu(gate), product)
+      dense FFN     n_a·T·I·a, n_a = 4 for GeLU: the tanh approximation is not one kernel
+                    but element-wise ops whose gradients keep the input, x³, the tanh output
+                    and the activation (measured: tools/measure_memory.py, docs/memory.md;
+                    counting 2, pre- and post-activation, missed 30% of the shrunk 1T's
+                    activations); 4 for SwiGLU (gate, up, silu(gate), product); 2 for ReLU
+                    and linear (pre- and post-activation)
       MoE FFN       instead of the FFN input (the gather-based dispatch does not keep it):
                     T·M·f (float32 router input) + T·E·f (router probabilities)
                     + E·C·M·a (expert input buffer, after the all-to-all)
@@ -82,7 +86,8 @@ either way; "mask" terms exist only when dropout_rate > 0). Saved for backward:
 With recomputation (checkpoint at every layer boundary, as `tf.recompute_grad` around each
 block would do; the trainer does not do this today) the layers keep only their inputs, N·T·M·a,
 plus the largest layer's activations, rematerialised one layer at a time during the backward
-pass; the embedding and output terms are unchanged. Not modelled: cuDNN/cuBLAS workspaces, the
+pass; the embedding and output terms are unchanged. `tools/measure_memory.py` measures the
+activations of shrunk configs against this model (docs/memory.md: within ±25%). Not modelled: cuDNN/cuBLAS workspaces, the
 CUDA context, allocator fragmentation, NCCL/Horovod fusion buffers, the input pipeline.
 
 FLOPs per step per worker. Matmul FLOPs only (2 per multiply-add; element-wise ops, softmax,
@@ -514,7 +519,7 @@ def _activation_bytes(config: PlanConfig) -> dict:
   i = config.intermediate_size
   e, c, k = config.num_experts, config.capacity, config.k
   drop = config.dropout_rate > 0
-  n_act = 4 if config.activation == "swiglu" else 2
+  n_act = 4 if config.activation in ("swiglu", "gelu") else 2
   einsum = bool(config.moe) and config.moe.get("dispatch", "index") == "einsum"
   lt = config.max_len - 1
 

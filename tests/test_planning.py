@@ -249,7 +249,9 @@ class PlanningTest(parameterized.TestCase, tf.test.TestCase):
                      2 * 3 * ar["dense"] // 4 + 2 * 1 * ar["expert"] // 2)
 
   def test_paper_sizes(self):
-    """The expert counts of the gin headers; 1T fits in 32 GB with Adafactor, not with AdamW."""
+    """The expert counts of the gin headers; base..100B fit in 32 GB; 1T with Adafactor fits
+    with recomputation (its unfused tanh-GeLU keeps 4 [E·C, I] tensors per layer, measured by
+    tools/measure_memory.py), with AdamW not even then."""
     layouts = os.path.join(ROOT, "gin", "layouts")
     want = {"base": (8, 1_342_177_280), "10B": (16, 10_737_418_240),
             "100B": (128, 103_079_215_104), "1T": (480, 1_002_606_428_160)}
@@ -259,8 +261,10 @@ class PlanningTest(parameterized.TestCase, tf.test.TestCase):
       plans[size] = planning.plan_from_gin(files, search_paths=[ROOT])
       self.assertEqual(plans[size]["params_by_component"]["experts"], experts)
       self.assertEqual(plans[size]["config"]["tokens_per_worker"], 8 * 143)
-      self.assertTrue(plans[size]["fits"], plans[size]["verdict"])
+      if size != "1T":
+        self.assertTrue(plans[size]["fits"], plans[size]["verdict"])
     one_t = plans["1T"]
+    self.assertTrue(one_t["fits_with_recompute"], one_t["verdict"])
     # Mixed precision (base..100B) sends float16 all-to-all payloads; 1T ran without it.
     self.assertEqual(plans["base"]["alltoall_bytes_per_element"], 2)
     self.assertEqual(one_t["alltoall_bytes_per_element"], 4)
@@ -273,6 +277,7 @@ class PlanningTest(parameterized.TestCase, tf.test.TestCase):
         [os.path.join(ROOT, "gin", "1T.gin"), os.path.join(layouts, "1x480.gin")],
         ["train.optimizer='adamw'"], search_paths=[ROOT])
     self.assertFalse(adamw["fits"])
+    self.assertFalse(adamw["fits_with_recompute"])
     self.assertLess(adamw["headroom_bytes"], 0)
     self.assertIn("does not fit", adamw["verdict"])
     self.assertLess(one_t["memory_bytes"]["activations_recompute"],

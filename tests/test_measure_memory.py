@@ -1,0 +1,58 @@
+"""tools/measure_memory.py runs a config in a fresh process and reports every memory component.
+
+Structural: the JSON keys, positive measurements, the planner's parameter count equal to the
+model's. One loose numeric check: the planner's activations within 2× of the measured ones on
+`tiny.gin` (docs/memory.md holds the ±25% table of the shrunk configs).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import tensorflow as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, "tools", "measure_memory.py")
+KEYS = ("weights", "optimizer_state", "gradients", "activations")
+
+
+class MeasureMemoryTest(tf.test.TestCase):
+
+  def run_tool(self, *args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, TOOL, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+  def test_tiny_config_json(self):
+    proc = self.run_tool("--gin_file=gin/demo.gin", "--gin_file=gin/tiny.gin",
+                         "--gin_bindings=MAX_LEN=12", "--format=json")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    report = json.loads(proc.stdout)
+    self.assertEqual(report["schema_version"], 1)
+    self.assertLen(report["configs"], 1)
+    c = report["configs"][0]
+    for key in ("name", "gin_files", "gin_bindings", "remat", "measured", "planned", "ratio"):
+      self.assertIn(key, c)
+    for key in KEYS:
+      self.assertGreater(c["measured"][key], 0, key)
+      self.assertGreater(c["planned"][key], 0, key)
+      self.assertAllClose(c["ratio"][key], c["planned"][key] / c["measured"][key])
+    for key in ("activations_eager_tape", "step_peak", "rss_step_peak"):
+      self.assertGreater(c["measured"][key], 0, key)
+    self.assertEqual(c["measured"]["params"], c["planned"]["params"])
+    self.assertBetween(c["ratio"]["activations"], 0.5, 2.0)
+    self.assertBetween(c["ratio"]["weights"], 0.8, 1.25)
+
+  def test_remat_without_trainer_support_is_one_error(self):
+    import inspect
+    from m6t_tf import training
+    if "remat" in inspect.signature(training.Trainer.__init__).parameters:
+      self.skipTest("the trainer has recomputation: --remat is measured, not refused")
+    proc = self.run_tool("--config=demo", "--remat=block")
+    self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+    self.assertIn("--remat='block'", proc.stderr)
+
+
+if __name__ == "__main__":
+  tf.test.main()
