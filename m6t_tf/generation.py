@@ -74,7 +74,7 @@ def restore(model_dir: str, *, checkpoint: Optional[str] = None, gin_bindings=()
   from m6t_tf import training
 
   config_path = os.path.join(model_dir, "config.gin")
-  if not os.path.exists(config_path):
+  if not tf.io.gfile.exists(config_path):  # model_dir may be on any TF filesystem
     raise ConfigError(f"{config_path} not found: is --model_dir={model_dir!r} a trainer's "
                             f"model_dir?")
   gin.clear_config()
@@ -86,7 +86,7 @@ def restore(model_dir: str, *, checkpoint: Optional[str] = None, gin_bindings=()
   if not path:
     raise ConfigError(f"no checkpoint in {ckpt_dir}: train first (make train)")
   # The image size is the dataset's, not the config's: read it off the patch projection.
-  shapes = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+  shapes = tf.compat.v1.train.NewCheckpointReader(path).get_variable_to_shape_map()
   kernel = [s for k, s in shapes.items() if k.endswith(_PATCH_KERNEL)]
   if len(kernel) != 1:
     raise ValueError(f"checkpoint {path} has no single '{_PATCH_KERNEL}' entry")

@@ -8,7 +8,8 @@
   * two workers (threads sharing one barrier, each its own `Checkpointer` and expert slice, as
     two ranks on shared storage) write one checkpoint to `ram://`, restored by one worker
     holding every expert (2 → 1);
-  * the evaluator reads config.gin and the checkpoint from `ram://` and writes eval.json there.
+  * the evaluator reads config.gin and the checkpoint from `ram://` and writes eval.json there;
+    the caption generator restores the model from there.
 Killing real processes and resharding across real Horovod ranks are in tests/test_reliability.py
 and tests/test_parallel_training.py (local disk); the file operations are the same calls.
 """
@@ -27,6 +28,7 @@ import tensorflow as tf
 from m6t_tf import checkpointing
 from m6t_tf import configurables
 from m6t_tf import evaluation
+from m6t_tf import generation
 from m6t_tf import storage
 from m6t_tf import training
 from m6t_tf.data import records
@@ -127,6 +129,12 @@ class RamModelDirTest(tf.test.TestCase):
     self.assertAllClose(result["log_perplexity"], straight["eval"]["log_perplexity"], rtol=1e-5)
     written = json.loads(storage.read_text(os.path.join(straight_dir, "eval.json")))
     self.assertAllClose(written["perplexity"], result["perplexity"])
+    # The caption generator's restore reads model_dir from ram:// as well.
+    restored = generation.restore(straight_dir)
+    self.assertEqual(restored.checkpoint, os.path.join(straight_dir, "checkpoints",
+                                                       f"ckpt-{STEPS}"))
+    for k, v in training.variables_by_path(restored.model).items():
+      self.assertAllEqual(v.numpy(), a.get_tensor(k), msg=k)
 
 
 class _ThreadRank:
