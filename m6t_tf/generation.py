@@ -76,7 +76,7 @@ def restore(model_dir: str, *, checkpoint: Optional[str] = None, gin_bindings=()
   config_path = os.path.join(model_dir, "config.gin")
   if not tf.io.gfile.exists(config_path):  # model_dir may be on any TF filesystem
     raise ConfigError(f"{config_path} not found: is --model_dir={model_dir!r} a trainer's "
-                            f"model_dir?")
+                      f"model_dir?")
   gin.clear_config()
   configurables.parse([config_path], list(gin_bindings))
   ctx = ctx or configurables.make_eval_context()
@@ -164,7 +164,7 @@ def read_image_files(paths: Sequence[str], image_size: int) -> list[Item]:
       pixels = decode(tf.io.read_file(path)).numpy()
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
       raise ConfigError(f"{path}: undecodable image ({e.message.splitlines()[0]}); give PNG, "
-                       f"JPEG, GIF or BMP files") from None
+                        f"JPEG, GIF or BMP files") from None
     items.append(Item(key=path, path=path, features=pixels, references=[]))
   return items
 
