@@ -92,7 +92,8 @@ def recompute_decoder(network, length: int):
     tokens = tf.fill([b, 1], decoding.CLS_ID)
     for t in range(1, length + 1):
       logits = step_fn(t)(image, tokens)
-      allowed = decoding._allowed(network.vocab_size, t, max_len)  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      allowed = decoding._allowed(network.vocab_size, t, max_len)
       nxt = tf.argmax(tf.where(allowed[None], logits, float("-inf")), -1, output_type=tf.int32)
       tokens = tf.concat([tokens, nxt[:, None]], 1)
     return tokens
