@@ -84,12 +84,22 @@ def write_whole(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+#: Schemes TensorFlow itself does not serve: the `tensorflow-io` package registers them when
+#: imported (gs:// is built in).
+PLUGIN_SCHEMES = ("s3", "hdfs", "viewfs", "har", "az", "http", "https")
+
+
 def check_writable(path: str) -> None:
   """Creates directory `path` and writes and deletes a 4 KiB probe file in it.
 
   Raises:
     OSError or tf.errors.OpError: `path` cannot be created or written.
   """
+  if path.split("://", 1)[0] in PLUGIN_SCHEMES and "://" in path:
+    try:
+      import tensorflow_io  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      pass  # the write below fails with "File system scheme ... not implemented"
   makedirs(path)
   probe = os.path.join(path, f".write-test-{os.getpid()}")
   with tf.io.gfile.GFile(probe, "wb") as f:

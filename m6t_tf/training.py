@@ -38,6 +38,8 @@ def check_model_dir(model_dir: str) -> None:
     storage.check_writable(model_dir)
   except (OSError, tf.errors.OpError) as e:
     why = e.strerror if isinstance(e, OSError) and e.strerror else cli.one_line(e)
+    if isinstance(e, tf.errors.UnimplementedError):
+      why += "; s3://, hdfs:// and az:// need the tensorflow-io package (gs:// is built in)"
     raise ConfigError(f"model_dir={model_dir!r} is not writable ({why}); choose another "
                       f"--model_dir or free space there") from e
 

@@ -156,6 +156,12 @@ class RamCheckpointTest(tf.test.TestCase):
     self.assertIsInstance(checkpointing.file_ops_for("gs://bucket/run"), checkpointing.GFileOps)
     self.assertIsInstance(checkpointing.file_ops_for("ram://run"), checkpointing.GFileOps)
 
+  def test_filesystem_without_support_is_named_at_start(self):
+    with self.assertRaisesRegex(ValueError, r"model_dir='s3://bucket/run' is not writable "
+                                            r"\(File system scheme 's3' not implemented.*"
+                                            r"tensorflow-io"):
+      training.check_model_dir("s3://bucket/run")
+
   def test_two_writers_on_ram_restore_onto_one(self):
     directory = _ram_dir("checkpoints")
     num_experts, size = 4, 2
