@@ -21,8 +21,11 @@ import tensorflow as tf
 
 
 def is_local(path: str) -> bool:
-  """True for a path of the local (POSIX) filesystem: no `scheme://`, or `file://`."""
-  return "://" not in path or path.startswith("file://")
+  """True for a plain path of the local (POSIX) filesystem, with fsync and atomic rename.
+
+  Any `scheme://` path, `file://` included, goes through `tf.io.gfile` only.
+  """
+  return "://" not in path
 
 
 def makedirs(path: str) -> None:

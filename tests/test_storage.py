@@ -152,7 +152,7 @@ class RamCheckpointTest(tf.test.TestCase):
   def test_file_ops_follow_the_path(self):
     self.assertIsInstance(checkpointing.file_ops_for("/ckpt/run"), checkpointing.LocalFileOps)
     self.assertIsInstance(checkpointing.file_ops_for("file:///ckpt/run"),
-                          checkpointing.LocalFileOps)
+                          checkpointing.GFileOps)
     self.assertIsInstance(checkpointing.file_ops_for("gs://bucket/run"), checkpointing.GFileOps)
     self.assertIsInstance(checkpointing.file_ops_for("ram://run"), checkpointing.GFileOps)
 
