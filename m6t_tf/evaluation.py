@@ -29,7 +29,9 @@ def evaluate(model_dir: str, *, eval_data: str | None = None, checkpoint: str | 
   eval_data = eval_data or q("eval_data")
   if not eval_data:
     raise ConfigError("no evaluation data: pass --eval_data or set train.eval_data")
-  batch = batch_size or q("batch_size_per_worker")
+  # The trainer's own per-worker batch (capacity, and so perplexity, depends on it).
+  batch = batch_size or training.per_worker_batch(q("batch_size_per_worker"),
+                                                  q("global_batch_size"), ctx.size)
   max_len, image_mode = q("max_len"), q("image_mode")
   # The evaluation data against the trained model, before building anything.
   facts = metadata.read(eval_data, binding=binding)

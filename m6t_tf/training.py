@@ -172,9 +172,11 @@ class Trainer:
 
   def _train_step(self, batch):
     grads, metrics = self.compute_gradients(batch)
+    # The rate this step applies: read before the update advances the optimiser's iterations
+    # (read after, the log showed the next step's rate).
+    lr = tf.cast(self.optimizer.learning_rate, tf.float32)
     self.apply_gradients(grads, metrics)
-    metrics.update(finite=tf.cast(metrics["finite"], tf.float32),
-                   learning_rate=tf.cast(self.optimizer.learning_rate, tf.float32))
+    metrics.update(finite=tf.cast(metrics["finite"], tf.float32), learning_rate=lr)
     return metrics
 
   def _eval_step(self, batch):
@@ -400,6 +402,17 @@ def numpy_metrics(metrics: dict) -> dict:
   return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
 
+def per_worker_batch(batch_size_per_worker: int, global_batch_size: int, num_workers: int) -> int:
+  """B: `train.global_batch_size / workers` when the global batch is set, else the per-worker
+  batch. The evaluator uses it too: capacity, and so perplexity, depends on B."""
+  if not global_batch_size:
+    return batch_size_per_worker
+  if global_batch_size % num_workers:
+    raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by the "
+                      f"{num_workers} workers; use a multiple of {num_workers}")
+  return global_batch_size // num_workers
+
+
 def train_stream(train_data, *, ctx, seed: int, batch_size: int, max_len: int, image_mode: str,
                  shuffle_buffer: int, skip_batches: int = 0, on_bad_record: str = "skip",
                  counter=None, include_keys: bool = False):
@@ -521,11 +534,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   if optimizer not in optimizers.OPTIMIZERS:
     raise ConfigError(f"train.optimizer={optimizer!r}; allowed: {optimizers.OPTIMIZERS}")
   ctx = ctx or context_lib.LocalContext()
-  if global_batch_size:
-    if global_batch_size % ctx.size:
-      raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by the "
-                        f"{ctx.size} workers; use a multiple of {ctx.size}")
-    batch_size_per_worker = global_batch_size // ctx.size
+  batch_size_per_worker = per_worker_batch(batch_size_per_worker, global_batch_size, ctx.size)
   if jit_compile and ctx.size > 1:
     raise ConfigError("train.jit_compile=True cannot run under Horovod (its collectives have no "
                       "XLA kernels); set train.jit_compile=False")

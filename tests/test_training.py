@@ -108,15 +108,37 @@ class GinFilesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertLen(second, 3)
     self.assertAllEqual(straight, first + second)
 
-  def test_evaluate_cli_matches_trainer_final_eval(self):
-    _tiny("demo.gin", ["train.eval_batches=0"])
+  @parameterized.parameters([[]], [["train.global_batch_size = 6"]])
+  def test_evaluate_cli_matches_trainer_final_eval(self, bindings):
+    # With a global batch the trainer's per-worker batch is global / workers, not the gin
+    # batch_size_per_worker (2 in tiny.gin); capacity, and so perplexity, depends on it. (An
+    # untrained tiny model's perplexity barely shows it: the batch count does.)
+    _tiny("demo.gin", ["train.eval_batches=0", *bindings])
     model_dir = _tmpdir()
     summary = configurables.run_train(model_dir=model_dir)
     result = evaluate_lib.evaluate(model_dir)
+    self.assertEqual(result["batches"], summary["eval"]["batches"])
+    self.assertEqual(result["tokens"], summary["eval"]["tokens"])
     self.assertAllClose(result["log_perplexity"], summary["eval"]["log_perplexity"], rtol=1e-5)
     with open(os.path.join(model_dir, "eval.json")) as f:
       self.assertAllClose(json.load(f)["perplexity"], result["perplexity"])
     self.assertGreater(result["unigram_perplexity"], 1.0)
+
+  def test_logged_learning_rate_is_the_one_applied(self):
+    # Warmup 1, then cosine to 10% over 3 steps: step s applies schedule(s - 1), so step 1
+    # applies the peak. (The log once showed the next step's rate, 5.5e-3 at step 1.)
+    _tiny("demo.gin", ["train.num_steps = 3", "train.warmup_steps = 1",
+                       "train.learning_rate = 1e-2", "train.lr_decay = 'cosine'",
+                       "train.final_lr_fraction = 0.1", "train.log_every = 1"])
+    model_dir = _tmpdir()
+    configurables.run_train(model_dir=model_dir)
+    logged = {}
+    for path in glob.glob(os.path.join(model_dir, "train", "events.*")):
+      for event in tf.compat.v1.train.summary_iterator(path):
+        for value in event.summary.value:
+          if value.tag == "learning_rate":
+            logged[event.step] = float(tf.make_ndarray(value.tensor))
+    self.assertAllClose([logged[s] for s in (1, 2, 3)], [1e-2, 5.5e-3, 1e-3], rtol=1e-5)
 
   def test_perplexity_matches_hand_computed_value(self):
     # With a zero embedding table the logits are the output bias alone, so the model is a
