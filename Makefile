@@ -5,11 +5,10 @@
 
 SHELL := /bin/bash
 PY := .venv/bin/python
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 MODEL_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup data train evaluate test test-fast clean
+.PHONY: setup data train evaluate caption test test-fast clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -23,6 +22,12 @@ train: data
 
 evaluate: setup
 	$(PY) -m m6t_tf.evaluate --model_dir=$(MODEL_DIR)
+
+# After `make train`: greedy captions of the validation split, BLEU/CIDEr-D next to the two
+# baselines, and the page runs/demo/captions.html.
+caption: setup
+	$(PY) -m m6t_tf.generate --model_dir=$(MODEL_DIR) --split=validation \
+	    --html=$(MODEL_DIR)/captions.html
 
 # matplotlib (requirements-plots.txt) so that the experiment scripts' smoke tests run too.
 test: experiments-setup
