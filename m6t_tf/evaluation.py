@@ -5,10 +5,25 @@ from __future__ import annotations
 import os
 
 
+def load_run_config(model_dir: str, gin_bindings=(), ctx=None):
+  """Parses `model_dir/config.gin` (written by the trainer) plus `gin_bindings`; returns the
+  evaluation context (`ctx` if given). model_dir may be on any TensorFlow filesystem."""
+  import gin
+  from m6t_tf import configurables
+  from m6t_tf import storage
+  from m6t_tf.cli import ConfigError
+  config_path = os.path.join(model_dir, "config.gin")
+  if not storage.exists(config_path):
+    raise ConfigError(f"{config_path} not found: is --model_dir={model_dir!r} a trainer's "
+                      f"model_dir?")
+  gin.clear_config()
+  configurables.parse([config_path], list(gin_bindings))
+  return ctx or configurables.make_eval_context()
+
+
 def evaluate(model_dir: str, *, eval_data: str | None = None, checkpoint: str | None = None,
              gin_bindings=(), batch_size: int = 0, ctx=None) -> dict:
   """Evaluates the checkpoint of `model_dir`; returns (and writes) the result dict."""
-  import gin
   from m6t_tf import checkpointing
   from m6t_tf import configurables
   from m6t_tf import storage
@@ -17,13 +32,7 @@ def evaluate(model_dir: str, *, eval_data: str | None = None, checkpoint: str | 
   from m6t_tf.data import metadata
   from m6t_tf.data import pipeline
 
-  config_path = os.path.join(model_dir, "config.gin")
-  if not storage.exists(config_path):
-    raise ConfigError(f"{config_path} not found: is --model_dir={model_dir!r} a trainer's "
-                      f"model_dir?")
-  gin.clear_config()
-  configurables.parse([config_path], list(gin_bindings))
-  ctx = ctx or configurables.make_eval_context()
+  ctx = load_run_config(model_dir, gin_bindings, ctx)
   q = lambda name: configurables.query(f"train.{name}")
   binding = "--eval_data" if eval_data else "train.eval_data"
   eval_data = eval_data or q("eval_data")

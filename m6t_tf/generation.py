@@ -68,18 +68,12 @@ class Restored:
 def restore(model_dir: str, *, checkpoint: Optional[str] = None, gin_bindings=(),
             ctx=None) -> Restored:
   """Rebuilds the model of `model_dir` and restores its latest (or the given) checkpoint."""
-  import gin
   from m6t_tf import checkpointing
   from m6t_tf import configurables
+  from m6t_tf import evaluation
   from m6t_tf import training
 
-  config_path = os.path.join(model_dir, "config.gin")
-  if not tf.io.gfile.exists(config_path):  # model_dir may be on any TF filesystem
-    raise ConfigError(f"{config_path} not found: is --model_dir={model_dir!r} a trainer's "
-                      f"model_dir?")
-  gin.clear_config()
-  configurables.parse([config_path], list(gin_bindings))
-  ctx = ctx or configurables.make_eval_context()
+  ctx = evaluation.load_run_config(model_dir, gin_bindings, ctx)
   q = lambda name: configurables.query(f"train.{name}")
   ckpt_dir = os.path.join(model_dir, "checkpoints")
   path = checkpoint or checkpointing.Checkpointer(ckpt_dir, {}, ctx=ctx).latest()
