@@ -21,8 +21,6 @@ Runs in one process (all experts); a checkpoint trained on any number of workers
 
 from __future__ import annotations
 
-import os
-
 from absl import app
 from absl import flags
 
@@ -39,33 +37,6 @@ flags.DEFINE_integer("serving_batch", 8, "Images decoded together inside the gra
 flags.DEFINE_string("checkpoint", None, "A checkpoint prefix; default: the latest.")
 
 
-def export_model(model_dir: str, export_dir: str, *, options, serving_batch: int = 8,
-                 checkpoint=None) -> dict:
-  """Restores `model_dir` and writes the SavedModel; returns what was exported."""
-  import dataclasses
-  from m6t_tf import generation
-  from m6t_tf import serving
-  from m6t_tf.data import tokenizer as tokenizer_lib
-  from m6t_tf.parallel import launch_env
-  if launch_env.world_size() > 1:
-    raise cli.ConfigError("export runs in one process (it holds every expert): run it without "
-                     "horovodrun")
-  if os.path.exists(export_dir) and os.listdir(export_dir):
-    raise cli.ConfigError(f"--export_dir={export_dir!r} exists and is not empty; choose a new "
-                     f"directory or remove it")
-  restored = generation.restore(model_dir, checkpoint=checkpoint)
-  if restored.image_mode != "pixels":
-    raise cli.ConfigError(f"{model_dir} was trained on patch features; the SavedModel takes image "
-                     f"files and needs a model trained on pixels")
-  options = dataclasses.replace(options, max_len=options.max_len or restored.max_len)
-  vocab = tokenizer_lib.load_vocab(tokenizer_lib.find_vocab_file())
-  server = serving.CaptionServer(restored.network, vocab, options,
-                                 image_size=restored.image_size, serving_batch=serving_batch)
-  serving.export(server, export_dir)
-  return {"export_dir": export_dir, "checkpoint": restored.checkpoint,
-          "image_size": restored.image_size, "options": dataclasses.asdict(options)}
-
-
 def main(argv):
   del argv
   if not FLAGS.model_dir or not FLAGS.export_dir:
@@ -73,7 +44,8 @@ def main(argv):
   from m6t_tf import decoding
   options = decoding.DecodeOptions(method=FLAGS.decode, max_len=FLAGS.max_len,
                                    beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty)
-  info = export_model(FLAGS.model_dir, FLAGS.export_dir, options=options,
+  from m6t_tf import serving
+  info = serving.export_model(FLAGS.model_dir, FLAGS.export_dir, options=options,
                       serving_batch=FLAGS.serving_batch, checkpoint=FLAGS.checkpoint)
   print(f"Exported {info['checkpoint']} ({info['options']['method']}, max_len "
         f"{info['options']['max_len']}, {info['image_size']}x{info['image_size']} images) to "

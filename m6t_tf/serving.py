@@ -19,6 +19,8 @@ The graph uses only core TensorFlow ops (no tensorflow_text): a client loads it 
 
 from __future__ import annotations
 
+import os
+
 import tensorflow as tf
 
 from m6t_tf import decoding
@@ -96,3 +98,30 @@ def export(server: CaptionServer, export_dir: str) -> None:
   """Writes the SavedModel with the `serving_default` signature."""
   tf.saved_model.save(server, export_dir,
                       signatures={SIGNATURE_KEY: server.serve.get_concrete_function()})
+
+
+def export_model(model_dir: str, export_dir: str, *, options, serving_batch: int = 8,
+                 checkpoint=None) -> dict:
+  """Restores `model_dir` and writes the SavedModel (`python -m m6t_tf.export`); returns what
+  was exported."""
+  import dataclasses
+  from m6t_tf import generation
+  from m6t_tf.data import tokenizer as tokenizer_lib
+  from m6t_tf.parallel import launch_env
+  if launch_env.world_size() > 1:
+    raise ConfigError("export runs in one process (it holds every expert): run it without "
+                      "horovodrun")
+  if os.path.exists(export_dir) and os.listdir(export_dir):
+    raise ConfigError(f"--export_dir={export_dir!r} exists and is not empty; choose a new "
+                      f"directory or remove it")
+  restored = generation.restore(model_dir, checkpoint=checkpoint)
+  if restored.image_mode != "pixels":
+    raise ConfigError(f"{model_dir} was trained on patch features; the SavedModel takes "
+                      f"image files and needs a model trained on pixels")
+  options = dataclasses.replace(options, max_len=options.max_len or restored.max_len)
+  vocab = tokenizer_lib.load_vocab(tokenizer_lib.find_vocab_file())
+  server = CaptionServer(restored.network, vocab, options, image_size=restored.image_size,
+                         serving_batch=serving_batch)
+  export(server, export_dir)
+  return {"export_dir": export_dir, "checkpoint": restored.checkpoint,
+          "image_size": restored.image_size, "options": dataclasses.asdict(options)}

@@ -213,7 +213,7 @@ class GenerateTest(tf.test.TestCase):
 
   def test_exported_saved_model_needs_only_tensorflow(self):
     """A process that never imports m6t_tf (nor tensorflow_text) serves the captions of generate."""
-    from m6t_tf import export as export_lib
+    from m6t_tf import serving as export_lib
     export_dir = os.path.join(self.tmp, "export")
     export_lib.export_model(self.model_dir, export_dir, options=decoding.DecodeOptions(),
                             serving_batch=2)
