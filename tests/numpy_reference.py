@@ -337,3 +337,86 @@ def rotary_half_split(x, positions, base=10000.0):
   theta = np.asarray(positions, np.float64)[:, None] * base ** (-2.0 * np.arange(d // 2) / d)
   z = z * np.exp(1j * theta)[None, :, None, :]
   return np.concatenate([z.real, z.imag], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing policies: which choices are used (second_expert_policy) and which tokens a full expert
+# keeps (drop_policy), written from the routing docstrings, with explicit loops
+# ---------------------------------------------------------------------------------------------
+
+def _place_with_policies(expert_index, gate_before, chosen_probs, valid, capacity, num_experts,
+                         *, second_expert_policy, drop_policy, uniform):
+  """Used choices, slots and kept choices of one routing.
+
+  Used: the first choice of a real token always; choice r ≥ 1 under "random" only when
+  uniform[r-1, t] < K · p_r / Σ_j p_j over the token's K chosen probabilities (GShard's
+  2·g2/(g1+g2) at K = 2). Unused choices take no slot (slot -1).
+
+  "position": as `top_k_routing` above, over used choices only: round r's choices take
+  positions in token order after the tokens earlier rounds kept (an expert of a prototype only
+  ever appears in one round, so this is token order there).
+  "probability": each expert ranks its used choices by gate, largest first, equal gates in
+  round-then-token order; slot = rank, kept = rank < C.
+  """
+  num_choices, num_tokens = expert_index.shape
+  used = np.zeros((num_choices, num_tokens), bool)
+  for r in range(num_choices):
+    for t in range(num_tokens):
+      if not valid[t]:
+        continue
+      if r == 0 or second_expert_policy == "all":
+        used[r, t] = True
+      else:
+        share = chosen_probs[r, t] / chosen_probs[:, t].sum()
+        used[r, t] = uniform[r - 1, t] < num_choices * share
+  slot = np.full((num_choices, num_tokens), -1, np.int64)
+  if drop_policy == "position":
+    kept_so_far = np.zeros(num_experts, np.int64)
+    for r in range(num_choices):
+      next_position = kept_so_far.copy()
+      for t in range(num_tokens):
+        if used[r, t]:
+          slot[r, t] = next_position[expert_index[r, t]]
+          next_position[expert_index[r, t]] += 1
+      kept_so_far = np.minimum(next_position, capacity)
+  elif drop_policy == "probability":
+    for e in range(num_experts):
+      members = [(r, t) for r in range(num_choices) for t in range(num_tokens)
+                 if used[r, t] and expert_index[r, t] == e]
+      members.sort(key=lambda rt: (-gate_before[rt], rt[0], rt[1]))
+      for rank, rt in enumerate(members):
+        slot[rt] = rank
+  else:
+    raise ValueError(drop_policy)
+  kept = used & (slot < capacity)
+  return used, slot, kept
+
+
+def routing_with_policies(logits, *, routing, k, capacity, normalization="auto", token_mask=None,
+                          second_expert_policy="all", drop_policy="position", uniform=None):
+  """`route` with a second-expert policy and a drop policy (the routing functions' defaults
+  "all" / "position" give `route` exactly). Choices, probabilities and both router losses do
+  not depend on the policies (the load-balance f counts first choices before capacity), so
+  they are taken from `route`; the placement is redone. Returns (Routing, used)."""
+  base = route(logits, routing=routing, k=k, capacity=capacity, normalization=normalization,
+               token_mask=token_mask)
+  logits = np.asarray(logits, np.float64)
+  num_tokens, num_experts = logits.shape
+  valid = np.ones(num_tokens, bool) if token_mask is None else np.asarray(token_mask, bool)
+  if normalization == "auto":
+    normalization = ("none" if k == 1 else "renormalize") if routing == "top_k" else "none"
+  expert_index = base.expert_index
+  chosen_probs = np.take_along_axis(base.probs, expert_index.T, axis=1).T       # [K, T]
+  gate_before = np.zeros(expert_index.shape)
+  for t in range(num_tokens):
+    gate_before[:, t] = _gates(chosen_probs[:, t], logits[t, expert_index[:, t]], normalization)
+  used, slot, kept = _place_with_policies(
+      expert_index, gate_before, chosen_probs, valid, capacity, num_experts,
+      second_expert_policy=second_expert_policy, drop_policy=drop_policy,
+      uniform=None if uniform is None else np.asarray(uniform, np.float64))
+  gate = np.where(kept, gate_before, 0.0)
+  combine, dispatch, tpe, _ = _assemble(expert_index, slot, kept, gate, base.probs, capacity,
+                                        num_experts, valid)
+  dropped = 0.0 if used.sum() == 0 else 1.0 - kept.sum() / used.sum()
+  return Routing(expert_index, slot, kept, gate, base.probs, combine, dispatch, tpe,
+                 base.aux_loss, base.z_loss, dropped, capacity), used

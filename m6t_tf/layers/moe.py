@@ -38,6 +38,9 @@ DISPATCHES = ("einsum", "index")
 EXPERT_TYPES = ("ffn", "linear")
 #: Names of the routing statistics every MoE layer exposes after each call (`MoE.stats`).
 STAT_NAMES = ("tokens_per_expert", "load_cv", "dropped_fraction", "aux_loss", "z_loss")
+# Folded into the call's seed for the second-expert draws, so that other random uses of the same
+# per-step, per-layer seed (e.g. dropout) draw different numbers.
+_SECOND_EXPERT_SEED_SALT = 0x5EC0
 
 
 def dispatch_einsum(x, routing: routing_lib.Routing):
@@ -144,6 +147,14 @@ class MoE(keras.layers.Layer):
     aux_loss_weight: coefficient of the Switch load-balance loss (0 = off).
     z_loss_weight: coefficient of the router z-loss (0 = off).
     min_capacity: lower bound on C.
+    second_expert_policy: "all" (every one of the k choices is used) or "random" (GShard: a
+      choice after the first is used with probability min(1, k·p_r / Σ p) over the k chosen
+      probabilities, 2·g2/(g1+g2) at k = 2; `routing.top_k_routing`). "random" needs
+      routing="top_k" and applies at training only: evaluation and decoding use every choice,
+      so they stay deterministic (C = T decoding batch invariant). Mesh-TF's default also
+      samples at eval; we do not.
+    drop_policy: which tokens an overflowing expert keeps: "position" (earlier rounds, then
+      earlier tokens) or "probability" (the C with the largest gates, Megatron-Core's "probs").
     communicator: a `Communicator`; defaults to the process default (`LocalCommunicator`).
   """
 
@@ -155,6 +166,7 @@ class MoE(keras.layers.Layer):
                init_std: float = 0.02, router_init_std: Optional[float] = None,
                dropout_rate: float = 0.0, aux_loss_weight: float = 0.0,
                z_loss_weight: float = 0.0, min_capacity: int = 1,
+               second_expert_policy: str = "all", drop_policy: str = "position",
                communicator: Optional[comm_lib.Communicator] = None, **kwargs):
     super().__init__(**kwargs)
     if not isinstance(num_experts, int) or num_experts < 1:
@@ -195,6 +207,15 @@ class MoE(keras.layers.Layer):
     for name, value in (("aux_loss_weight", aux_loss_weight), ("z_loss_weight", z_loss_weight)):
       if value < 0:
         raise ValueError(f"{name}={value!r} must be >= 0 (0 turns it off)")
+    if second_expert_policy not in routing_lib.SECOND_EXPERT_POLICIES:
+      raise ValueError(f"second_expert_policy={second_expert_policy!r}; allowed: "
+                       f"{routing_lib.SECOND_EXPERT_POLICIES}")
+    if second_expert_policy == "random" and routing != "top_k":
+      raise ValueError(f"second_expert_policy='random' needs routing='top_k', got "
+                       f"routing={routing!r} (prototype routing has no second-best choice); "
+                       f"use second_expert_policy='all'")
+    if drop_policy not in routing_lib.DROP_POLICIES:
+      raise ValueError(f"drop_policy={drop_policy!r}; allowed: {routing_lib.DROP_POLICIES}")
     self.num_experts = num_experts
     self.intermediate_size = intermediate_size
     self.routing = routing
@@ -213,6 +234,14 @@ class MoE(keras.layers.Layer):
     self.aux_loss_weight = aux_loss_weight
     self.z_loss_weight = z_loss_weight
     self.min_capacity = min_capacity
+    self.second_expert_policy = second_expert_policy
+    self.drop_policy = drop_policy
+    # Seeds the second-expert draws of calls without `seed=`. Only the random policy creates it
+    # (other layers' variables are unchanged). Its state is a layer variable whose path holds
+    # "seed_generator", so the trainer treats it as dropout's: reseeded every step from
+    # (seed, rank, step), never broadcast, averaged or stored, and a resumed run draws the same.
+    self._seed_generator = (keras.random.SeedGenerator(name="second_expert_seed_generator")
+                            if second_expert_policy == "random" else None)
     self.communicator = communicator or comm_lib.get_default()
     # E must split evenly over the expert group; raised here, before any collective.
     self.expert_ids = self.communicator.expert_ids(num_experts)
@@ -278,7 +307,7 @@ class MoE(keras.layers.Layer):
     n_out = (self.output_size or self.hidden_size) if self.expert_type == "linear" else self.hidden_size
     return self.num_experts * c * (self.hidden_size + n_out) * tf.as_dtype(wire).size
 
-  def call(self, inputs, training=None, token_mask=None, capacity=None):
+  def call(self, inputs, training=None, token_mask=None, capacity=None, seed=None):
     """Routes `inputs` <float>[..., M] through the experts; returns <float>[..., M or N].
 
     Args:
@@ -291,6 +320,11 @@ class MoE(keras.layers.Layer):
         (a token's choices are distinct experts), so every token's output is independent of
         the others in the call: decoding uses it (`m6t_tf.decoding`). Must be equal on every
         worker of the expert group.
+      seed: optional <int32>[2] stateless RNG seed for second_expert_policy="random" at
+        training; the draws are a pure function of it, so a recomputed forward pass (and a
+        resumed run given the same per-step, per-layer seed) routes identically. None draws a
+        seed from the layer's own `SeedGenerator` (advanced once per call; the trainer
+        reseeds it each step).
     """
     shape = tf.shape(inputs)
     m = inputs.shape[-1]
@@ -310,8 +344,18 @@ class MoE(keras.layers.Layer):
     self.last_capacity = c
 
     logits = self.router(tf.cast(x, tf.float32))                          # [T, E] float32
+    policy, uniform = "all", None
+    if self.second_expert_policy == "random" and training and self.k > 1:
+      policy = "random"
+      if seed is None:
+        seed = self._seed_generator.next()
+      seed = tf.random.experimental.stateless_fold_in(
+          tf.cast(seed, tf.int64), _SECOND_EXPERT_SEED_SALT)
+      uniform = tf.random.stateless_uniform([self.k - 1, num_tokens], seed=seed)  # [K-1, T]
     r = routing_lib.route(logits, routing=self.routing, k=self.k, capacity=c,
-                          normalization=self.normalization, token_mask=mask)
+                          normalization=self.normalization, token_mask=mask,
+                          second_expert_policy=policy, drop_policy=self.drop_policy,
+                          uniform=uniform)
 
     if self.dispatch == "einsum":
       dispatched = dispatch_einsum(x, r)                                   # [E, C, M]
@@ -351,5 +395,6 @@ class MoE(keras.layers.Layer):
         expert_type=self.expert_type, output_size=self.output_size, init_std=self.init_std,
         router_init_std=self.router_init_std, dropout_rate=self.dropout_rate,
         aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
-        min_capacity=self.min_capacity)
+        min_capacity=self.min_capacity, second_expert_policy=self.second_expert_policy,
+        drop_policy=self.drop_policy)
     return config

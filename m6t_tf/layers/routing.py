@@ -21,6 +21,13 @@ would be ≥ C is dropped for that expert. First choices therefore always beat s
 Prototype routing makes its Z choices in parallel: expert j of prototype z only ever receives
 tokens of prototype z, so one cumulative sum over tokens places them all (no loop over k),
 which is why its step time stays near top-1 (paper Table 2).
+
+Two policies change this (both off by default, so the paper's routing is unchanged):
+  * `second_expert_policy="random"` (GShard): every choice after the first is used only with a
+    probability that grows with its gate (`_used_choices`); an unused choice takes no slot.
+  * `drop_policy="probability"` (Megatron-Core's "probs" drop policy): an overflowing expert
+    keeps the C choices with the largest gates, whatever their round or token position
+    (`_slots_by_probability`).
 """
 
 from __future__ import annotations
@@ -37,6 +44,14 @@ NORMALIZATIONS = ("auto", "none", "renormalize", "softmax_topk")
 _CHOSEN = float(np.finfo(np.float32).min)
 _ABOVE_CHOSEN = float(np.nextafter(np.float32(_CHOSEN), np.float32(0)))
 CAPACITY_MODES = ("k", "1")
+SECOND_EXPERT_POLICIES = ("all", "random")
+DROP_POLICIES = ("position", "probability")
+# The random second expert of GShard's Top2Gating (lingvo `Top2GatingOnLogits`, Mesh-TF
+# `_top_2_gating`): the second expert is used iff uniform < g2 / threshold, g2 = p2 / (p1 + p2)
+# renormalised before capacity and not renormalised after a skip (lingvo's default
+# `legacy_mtf_behavior`). The threshold is 1/2 as in fairseq's `top2gating` ("2·g2 > uniform");
+# Mesh-TF defaults to 0.2. Here it is 1/k over the top k, the same rule at k = 2
+# (`_used_choices`).
 
 
 def capacity(num_tokens: int, num_experts: int, *, k: int = 1, capacity_factor: float = 1.25,
@@ -76,7 +91,10 @@ class Routing:
     expert_index: <int32>[K, T] expert of each token's choice (placement) K.
     slot: <int32>[K, T] position in that expert's buffer (may be ≥ C when dropped).
     gate: <float32>[K, T] combine weight of each choice, already 0 for dropped choices.
-    kept: <bool>[K, T] whether the choice fit under capacity.
+    kept: <bool>[K, T] whether the choice was used and fit under capacity.
+    used: <bool>[K, T] whether the choice takes part in routing: a real token's choice that the
+      second-expert policy did not skip ("all": every real token's choices). `slot` is only
+      meaningful where `used`.
     probs: <float32>[T, E] router probabilities (per prototype for prototype routing).
     valid: <bool>[T] tokens that take part in routing (padding tokens do not).
     tokens_per_expert: <int32>[E] real tokens each expert computes (after capacity).
@@ -89,6 +107,7 @@ class Routing:
   slot: tf.Tensor
   gate: tf.Tensor
   kept: tf.Tensor
+  used: tf.Tensor
   probs: tf.Tensor
   valid: tf.Tensor
   tokens_per_expert: tf.Tensor
@@ -121,9 +140,11 @@ class Routing:
 
   @property
   def dropped_fraction(self) -> tf.Tensor:
-    """<float32>[] fraction of real token-choices that found their expert full."""
-    choices = tf.cast(tf.shape(self.kept)[0], tf.float32) * tf.reduce_sum(
-        tf.cast(self.valid, tf.float32))
+    """<float32>[] fraction of used token-choices that found their expert full.
+
+    A choice the random second-expert policy skipped was never sent, so it is not a drop.
+    """
+    choices = tf.reduce_sum(tf.cast(self.used, tf.float32))
     return tf.math.divide_no_nan(
         choices - tf.reduce_sum(tf.cast(self.kept, tf.float32)), choices)
 
@@ -171,10 +192,103 @@ def _valid_mask(token_mask, num_tokens):
   return tf.cast(token_mask, tf.bool)
 
 
+def _check_policies(second_expert_policy: str, drop_policy: str) -> None:
+  if second_expert_policy not in SECOND_EXPERT_POLICIES:
+    raise ValueError(f"second_expert_policy={second_expert_policy!r}; allowed: "
+                     f"{SECOND_EXPERT_POLICIES}")
+  if drop_policy not in DROP_POLICIES:
+    raise ValueError(f"drop_policy={drop_policy!r}; allowed: {DROP_POLICIES}")
+
+
+def _used_choices(chosen_probs: tf.Tensor, valid: tf.Tensor, second_expert_policy: str,
+                  uniform) -> tf.Tensor:
+  """<bool>[K, T] choices that take part in routing.
+
+  "all": every real token's K choices. "random" (GShard's Top2Gating): the first choice is
+  always used; choice r ≥ 1 is used iff `uniform[r-1] < k · p_r / Σ_j p_j`, the p the router
+  probabilities of the token's k chosen experts. At k = 2 that is GShard's
+  `uniform < g2 / 0.5` with g2 = p_2 / (p_1 + p_2), i.e. a second expert holding at least half
+  of the pair's weight is always used and a weaker one with probability 2·g2. For k > 2 every
+  choice after the first gets the same rule with threshold 1/k (its even share of the top k);
+  each draw decides its own choice, the shares being those of all k before any is skipped.
+
+  Args:
+    chosen_probs: <float32>[K, T] router probabilities of the chosen experts, best first.
+    valid: <bool>[T] real tokens.
+    second_expert_policy: "all" or "random".
+    uniform: for "random" with K > 1, <float32>[K-1, T] draws in [0, 1); else None.
+  """
+  k, num_tokens = chosen_probs.shape
+  used = tf.tile(valid[None, :], [k, 1])                                  # [K, T]
+  if second_expert_policy == "all":
+    if uniform is not None:
+      raise ValueError("uniform draws are only used by second_expert_policy='random'; pass "
+                       "uniform=None with second_expert_policy='all'")
+    return used
+  if k == 1:
+    if uniform is not None and tuple(tf.convert_to_tensor(uniform).shape) != (0, num_tokens):
+      raise ValueError(f"uniform must be None or [0, T={num_tokens}] for k=1 (no second "
+                       f"choice), got shape {tf.convert_to_tensor(uniform).shape}")
+    return used
+  if uniform is None:
+    raise ValueError(f"second_expert_policy='random' needs uniform=<float32>[k-1={k - 1}, "
+                     f"T={num_tokens}] draws in [0, 1) (the routing stays a pure function)")
+  uniform = tf.cast(tf.convert_to_tensor(uniform), tf.float32)
+  if tuple(uniform.shape) != (k - 1, num_tokens):
+    raise ValueError(f"uniform must have shape [k-1={k - 1}, T={num_tokens}], got "
+                     f"{uniform.shape}")
+  # Probabilities, not the normalised gates: the rule is GShard's whatever `normalization` is.
+  # The top probability is ≥ 1/E, so the sum is never 0.
+  share = tf.stop_gradient(chosen_probs[1:] / tf.reduce_sum(chosen_probs, axis=0))  # [K-1, T]
+  sampled = uniform < share * float(k)                                    # [K-1, T]
+  return tf.logical_and(used, tf.concat([tf.ones([1, num_tokens], tf.bool), sampled], axis=0))
+
+
+def _slots_by_position(expert_index: tf.Tensor, used: tf.Tensor, capacity_: int,
+                       num_experts: int) -> tf.Tensor:
+  """<int32>[K, T] slots in round order, then token order (the looped-argmax priority)."""
+  placed = tf.zeros([num_experts], tf.int32)                              # tokens kept so far, [E]
+  slots = []
+  for r in range(expert_index.shape[0]):
+    mask = tf.one_hot(expert_index[r], num_experts, dtype=tf.int32)       # [T, E]
+    mask *= tf.cast(used[r], tf.int32)[:, None]                           # used choices only
+    # Position of each token among the tokens choosing the same expert in this round,
+    # after those already placed there by earlier rounds.
+    position = tf.cumsum(mask, axis=0, exclusive=True) + placed[None, :]  # [T, E]
+    slots.append(tf.reduce_sum(position * mask, axis=-1))                 # [T]
+    placed = tf.minimum(placed + tf.reduce_sum(mask, axis=0), capacity_)
+  return tf.stack(slots)
+
+
+def _slots_by_probability(expert_index: tf.Tensor, used: tf.Tensor, gate: tf.Tensor,
+                          num_experts: int) -> tf.Tensor:
+  """<int32>[K, T] slot = rank of the choice among its expert's used choices by gate.
+
+  All K rounds compete together inside an expert (as Megatron-Core's "probs" policy takes the
+  top C of every expert's column over all token-choices): the C largest gates get slots
+  0..C-1, so `slot < C` keeps exactly them and kept slots stay unique per expert. Equal gates
+  go to the earlier choice in round-then-token order (the "position" priority), so the result
+  is deterministic. Two stable sorts of the K·T choices (gate descending, then expert) cost
+  O(K·T log(K·T)); no [K·T, K·T] comparison is formed.
+  """
+  k, num_tokens = expert_index.shape
+  n = k * num_tokens
+  # Unused choices go to an extra bucket E, after every real expert, so they take no rank there.
+  bucket = tf.reshape(tf.where(used, expert_index, num_experts), [-1])  # [K·T]
+  by_gate = tf.argsort(tf.reshape(tf.stop_gradient(gate), [-1]), direction="DESCENDING",
+                       stable=True)                                       # [K·T]
+  order = tf.gather(by_gate, tf.argsort(tf.gather(bucket, by_gate), stable=True))  # [K·T]
+  counts = tf.math.unsorted_segment_sum(tf.ones([n], tf.int32), bucket, num_experts + 1)
+  start = tf.cumsum(counts, exclusive=True)                               # [E+1]
+  rank_sorted = tf.range(n, dtype=tf.int32) - tf.gather(start, tf.gather(bucket, order))
+  rank = tf.gather(rank_sorted, tf.math.invert_permutation(order))        # [K·T]
+  return tf.reshape(rank, [k, num_tokens])
+
+
 def _finish(expert_index, slot, gates, probs, logits_z, first_choice, capacity_, num_experts,
-            balance_groups, valid) -> Routing:
+            balance_groups, valid, used) -> Routing:
   """Builds both placement forms from [K, T] choices and computes the router losses."""
-  kept = tf.logical_and(slot < capacity_, valid[None, :])                # [K, T]
+  kept = tf.logical_and(slot < capacity_, used)                          # [K, T]
   gate = tf.where(kept, gates, tf.zeros_like(gates))                     # [K, T]
   tokens_per_expert = tf.math.unsorted_segment_sum(
       tf.reshape(tf.cast(kept, tf.int32), [-1]), tf.reshape(expert_index, [-1]), num_experts)
@@ -195,6 +309,7 @@ def _finish(expert_index, slot, gates, probs, logits_z, first_choice, capacity_,
       slot=slot,
       gate=gate,
       kept=kept,
+      used=used,
       probs=probs,
       valid=valid,
       tokens_per_expert=tokens_per_expert,
@@ -205,7 +320,8 @@ def _finish(expert_index, slot, gates, probs, logits_z, first_choice, capacity_,
 
 
 def top_k_routing(logits: tf.Tensor, *, k: int, capacity: int, normalization: str = "auto",
-                  token_mask: tf.Tensor | None = None) -> Routing:
+                  token_mask: tf.Tensor | None = None, second_expert_policy: str = "all",
+                  drop_policy: str = "position", uniform: tf.Tensor | None = None) -> Routing:
   """Top-k routing by looped argmax (GShard / M6-T "top-k").
 
   Args:
@@ -215,6 +331,19 @@ def top_k_routing(logits: tf.Tensor, *, k: int, capacity: int, normalization: st
     normalization: "auto" (raw probability for k = 1, renormalised over the chosen k for k > 1),
       "none", "renormalize", or "softmax_topk" (the paper's eq. (1), softmax over top-k logits).
     token_mask: optional <bool>[T]; False tokens (padding) take no slot and get a zero output.
+    second_expert_policy: "all" (every choice is used: the second paper's "naive" top-k) or
+      "random" (GShard's Top2Gating: choice r ≥ 1 is used iff `uniform[r-1] < k·p_r / Σ_j p_j`
+      over the k chosen probabilities, i.e. `uniform < 2·g2/(g1+g2)` at k = 2; see
+      `_used_choices`). An unused choice takes no slot and its gate is 0. The other gates are
+      not renormalised: as in GShard (lingvo's default `legacy_mtf_behavior`) the gates are
+      normalised over all k before any choice is skipped or dropped, like a capacity drop.
+    drop_policy: which choices an overflowing expert keeps: "position" (the looped-argmax
+      priority: earlier rounds first, then earlier tokens) or "probability" (the C choices with
+      the largest gates, all rounds competing together; ties to the earlier round, then token;
+      see `_slots_by_probability`). Slots are then ranks by gate, largest gate in slot 0.
+    uniform: <float32>[k-1, T] draws in [0, 1) for second_expert_policy="random" (None for
+      "all", or for k = 1); draw them from a stateless RNG so that the routing stays a pure,
+      reproducible function (`MoE.call(seed=...)`).
 
   Returns:
     A `Routing` with K = k choices per token.
@@ -224,40 +353,38 @@ def top_k_routing(logits: tf.Tensor, *, k: int, capacity: int, normalization: st
     raise ValueError(f"k={k} must satisfy 1 <= k <= num_experts={num_experts}")
   if capacity < 1:
     raise ValueError(f"capacity={capacity} must be >= 1")
+  _check_policies(second_expert_policy, drop_policy)
   valid = _valid_mask(token_mask, num_tokens)
   probs = tf.nn.softmax(logits, axis=-1)                                  # [T, E]
   # Choices on the logits. An expert already chosen is marked with the lowest float32, and a
   # -inf logit is lifted just above it, so the choices stay distinct (TF's CPU argmax never
   # picks a value <= the lowest float32 over an earlier index: it would repeat expert 0).
   remaining = tf.maximum(logits, _ABOVE_CHOSEN)                           # [T, E]
-  placed = tf.zeros([num_experts], tf.int32)                              # tokens kept so far, [E]
-  indices, slots, gates, top_logits = [], [], [], []
-  first_choice = None
+  indices, gates, top_logits = [], [], []
   for _ in range(k):
     index = tf.argmax(remaining, axis=-1, output_type=tf.int32)           # [T]
-    chosen = tf.one_hot(index, num_experts, dtype=tf.int32)               # [T, E]
-    mask = chosen * tf.cast(valid, tf.int32)[:, None]                     # real tokens only
-    # Position of each token among the tokens choosing the same expert in this round,
-    # after those already placed there by earlier rounds.
-    position = tf.cumsum(mask, axis=0, exclusive=True) + placed[None, :]  # [T, E]
-    slot = tf.reduce_sum(position * mask, axis=-1)                        # [T]
-    placed = tf.minimum(placed + tf.reduce_sum(mask, axis=0), capacity)
     indices.append(index)
-    slots.append(slot)
     gates.append(tf.gather(probs, index, batch_dims=1))
     top_logits.append(tf.gather(logits, index, batch_dims=1))
-    if first_choice is None:
-      first_choice = tf.cast(mask, tf.float32)
-    # Mask the chosen expert so the next round picks the next best. `chosen`, not `mask`:
-    # padding tokens must also move on, or they would list the same expert k times.
-    remaining = tf.where(chosen > 0, _CHOSEN, remaining)
-  gate = _normalize(tf.stack(gates), tf.stack(top_logits), normalization, k)
-  return _finish(tf.stack(indices), tf.stack(slots), gate, probs, logits, first_choice, capacity,
-                 num_experts, balance_groups=1, valid=valid)
+    # Mask the chosen expert so the next round picks the next best. Padding tokens must also
+    # move on, or they would list the same expert k times.
+    remaining = tf.where(tf.one_hot(index, num_experts) > 0, _CHOSEN, remaining)
+  expert_index = tf.stack(indices)                                        # [K, T]
+  chosen_probs = tf.stack(gates)                                          # [K, T]
+  gate = _normalize(chosen_probs, tf.stack(top_logits), normalization, k)  # [K, T]
+  used = _used_choices(chosen_probs, valid, second_expert_policy, uniform)  # [K, T]
+  if drop_policy == "position":
+    slot = _slots_by_position(expert_index, used, capacity, num_experts)
+  else:
+    slot = _slots_by_probability(expert_index, used, gate, num_experts)
+  first_choice = tf.one_hot(indices[0], num_experts) * tf.cast(valid, tf.float32)[:, None]
+  return _finish(expert_index, slot, gate, probs, logits, first_choice, capacity, num_experts,
+                 balance_groups=1, valid=valid, used=used)
 
 
 def prototype_routing(logits: tf.Tensor, *, num_prototypes: int, capacity: int,
-                      normalization: str = "none", token_mask: tf.Tensor | None = None) -> Routing:
+                      normalization: str = "none", token_mask: tf.Tensor | None = None,
+                      drop_policy: str = "position") -> Routing:
   """Expert prototyping, "Z top-1" (M6-T §3.3): top-1 inside each of Z groups of F experts.
 
   Experts [z·F, (z+1)·F) form prototype z; each prototype has its own softmax over its F logits
@@ -270,11 +397,18 @@ def prototype_routing(logits: tf.Tensor, *, num_prototypes: int, capacity: int,
     normalization: "none" (default, the paper's per-prototype probability), "renormalize" (over
       the Z chosen gates), "softmax_topk" (softmax over the Z chosen logits), or "auto" (= "none").
     token_mask: optional <bool>[T]; False tokens (padding) take no slot and get a zero output.
+    drop_policy: "position" (an expert keeps its first C tokens) or "probability" (the C tokens
+      with the largest gates, ties to the earlier token; slots are ranks by gate). An expert
+      only receives choices of its own prototype, so either way tokens compete per expert.
+
+  There is no `second_expert_policy`: the Z choices are made in parallel, one per prototype, so
+  none of them is a "second" choice (`route` rejects "random" with prototype routing).
 
   Returns:
     A `Routing` with K = Z choices per token.
   """
   logits, num_tokens, num_experts = _check_logits(logits)
+  _check_policies("all", drop_policy)
   z = num_prototypes
   if not 1 <= z <= num_experts or num_experts % z:
     raise ValueError(f"num_prototypes={z} must divide num_experts={num_experts} (E = Z·F)")
@@ -288,27 +422,44 @@ def prototype_routing(logits: tf.Tensor, *, num_prototypes: int, capacity: int,
   index = local + tf.range(z, dtype=tf.int32)[None, :] * f                # [T, Z] global expert
   mask = tf.reduce_sum(tf.one_hot(index, num_experts, dtype=tf.int32), axis=1)  # [T, E]
   mask *= tf.cast(valid, tf.int32)[:, None]
-  position = tf.cumsum(mask, axis=0, exclusive=True)                      # [T, E]
-  slot = tf.gather(position, index, batch_dims=1)                         # [T, Z]
   gates = tf.gather(probs_z, local, batch_dims=2)                         # [T, Z]
   top_logits = tf.gather(logits_z, local, batch_dims=2)                   # [T, Z]
   if normalization == "auto":
     normalization = "none"
-  gate = _normalize(tf.transpose(gates), tf.transpose(top_logits), normalization, z)
+  gate = _normalize(tf.transpose(gates), tf.transpose(top_logits), normalization, z)  # [Z, T]
+  used = tf.tile(valid[None, :], [z, 1])                                  # [Z, T]
+  if drop_policy == "position":
+    position = tf.cumsum(mask, axis=0, exclusive=True)                    # [T, E]
+    slot = tf.transpose(tf.gather(position, index, batch_dims=1))         # [Z, T]
+  else:
+    slot = _slots_by_probability(tf.transpose(index), used, gate, num_experts)  # [Z, T]
   probs = tf.reshape(probs_z, [num_tokens, num_experts])
-  return _finish(tf.transpose(index), tf.transpose(slot), gate, probs, logits_z,
-                 tf.cast(mask, tf.float32), capacity, num_experts, balance_groups=z, valid=valid)
+  return _finish(tf.transpose(index), slot, gate, probs, logits_z, tf.cast(mask, tf.float32),
+                 capacity, num_experts, balance_groups=z, valid=valid, used=used)
 
 
 def route(logits: tf.Tensor, *, routing: str, k: int, capacity: int,
-          normalization: str = "auto", token_mask: tf.Tensor | None = None) -> Routing:
-  """Dispatches to `top_k_routing` ("top_k") or `prototype_routing` ("prototype", Z = k)."""
+          normalization: str = "auto", token_mask: tf.Tensor | None = None,
+          second_expert_policy: str = "all", drop_policy: str = "position",
+          uniform: tf.Tensor | None = None) -> Routing:
+  """Dispatches to `top_k_routing` ("top_k") or `prototype_routing` ("prototype", Z = k).
+
+  second_expert_policy="random" needs routing="top_k" (a ValueError otherwise): prototype
+  routing has no second-best choice to skip.
+  """
   if routing == "top_k":
     return top_k_routing(logits, k=k, capacity=capacity, normalization=normalization,
-                         token_mask=token_mask)
+                         token_mask=token_mask, second_expert_policy=second_expert_policy,
+                         drop_policy=drop_policy, uniform=uniform)
   if routing == "prototype":
+    _check_policies(second_expert_policy, drop_policy)
+    if second_expert_policy != "all" or uniform is not None:
+      raise ValueError(f"second_expert_policy={second_expert_policy!r} needs routing='top_k': "
+                       f"prototype routing makes its k choices in parallel, none is a second "
+                       f"choice; use second_expert_policy='all' with routing='prototype'")
     return prototype_routing(logits, num_prototypes=k, capacity=capacity,
-                             normalization=normalization, token_mask=token_mask)
+                             normalization=normalization, token_mask=token_mask,
+                             drop_policy=drop_policy)
   raise ValueError(f"routing={routing!r}; allowed: 'top_k', 'prototype'")
 
 

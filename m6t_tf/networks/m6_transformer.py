@@ -47,6 +47,8 @@ class MoEConfig:
   aux_loss_weight: float = 0.0
   z_loss_weight: float = 0.0
   min_capacity: int = 1
+  second_expert_policy: str = "all"     # "all" | "random" (GShard, top_k only, training only)
+  drop_policy: str = "position"         # "position" | "probability" (largest gates kept)
 
   def kwargs(self) -> dict:
     return dataclasses.asdict(self)
