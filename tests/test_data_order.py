@@ -10,7 +10,6 @@ records twice and others never, e.g. 480 workers over 256 files).
 
 import collections
 import dataclasses
-import glob
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 from m6t_tf import training  # pylint: disable=g-import-not-at-top
 from m6t_tf.data import pipeline  # pylint: disable=g-import-not-at-top
 from m6t_tf.data import records  # pylint: disable=g-import-not-at-top
+from tests import jobs  # pylint: disable=g-import-not-at-top
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
@@ -131,9 +131,8 @@ class DistributedDataOrderTest(tf.test.TestCase):
             "m6t_tf.train", "--gin_file=gin/demo.gin", "--gin_file=gin/tiny.gin",
             "--gin_file=gin/layouts/1x2.gin", f"--model_dir={model_dir}"]
     args += [f"--gin_bindings={b}" for b in bindings]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1", PYTHONPATH=REPO,
-               CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(args, cwd=REPO, env=jobs.worker_env(), capture_output=True, text=True,
+                          timeout=300)
     self.assertEqual(proc.returncode, 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     read = []
     for rank in range(2):

@@ -27,6 +27,7 @@ from m6t_tf.data import detokenizer as detokenizer_lib
 from m6t_tf.data import images as images_lib
 from m6t_tf.data import records
 from m6t_tf.data import tokenizer as tokenizer_lib
+from tests import jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
@@ -41,20 +42,14 @@ make_dataset = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_dataset)
 
 
-def _env():
-  env = dict(os.environ)
-  env.update(TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1", PYTHONPATH=REPO,
-             CUDA_VISIBLE_DEVICES="")
-  return env
-
-
 def train_tiny(model_dir: str) -> None:
   """Two trainer steps of demo.gin shrunk by tiny.gin (init_std 0.2: decisive random logits)."""
   args = [sys.executable, "-m", "m6t_tf.train", "--gin_file=gin/demo.gin",
           "--gin_file=gin/tiny.gin", f"--model_dir={model_dir}",
           "--gin_bindings=train.num_steps=2", "--gin_bindings=INIT_STD = 0.2",
           "--gin_bindings=DROPOUT = 0.0"]
-  proc = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(args, cwd=REPO, env=jobs.worker_env(), capture_output=True, text=True,
+                        timeout=300)
   if proc.returncode:
     raise RuntimeError(f"training failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
@@ -234,7 +229,7 @@ class GenerateTest(tf.test.TestCase):
         "print(json.dumps({'captions': [c.decode('utf-8') for c in out['captions'].numpy()],\n"
         "                  'log_probs': out['log_probs'].numpy().tolist(),\n"
         "                  'scores': out['scores'].numpy().tolist(), 'modules': bad}))\n")
-    env = _env()
+    env = jobs.worker_env()
     env.pop("PYTHONPATH")
     proc = subprocess.run([sys.executable, "-c", client], cwd=self.tmp, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -252,7 +247,7 @@ class GenerateTest(tf.test.TestCase):
     args = [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
             "m6t_tf.generate", f"--model_dir={self.model_dir}", "--split=validation",
             "--num_images=5", "--batch_size=4", f"--out={out}"]
-    proc = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run(args, cwd=REPO, env=jobs.worker_env(), capture_output=True, text=True,
                           timeout=400)
     self.assertEqual(proc.returncode, 0, proc.stdout[-3000:] + proc.stderr[-3000:])
     self.assertIn("on 2 worker(s)", proc.stdout)

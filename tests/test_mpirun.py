@@ -15,29 +15,21 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import tensorflow as tf
 
 from launch import run
 from m6t_tf import training
+from tests import jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, ".data", "demo")
 WORKER = os.path.join(REPO, "tests", "distributed", "train_worker.py")
 GIN = ["gin/demo.gin", "gin/tiny.gin", "gin/layouts/1x2.gin"]
+# A Gloo controller left in the environment would make mpirun's ranks wait for a rendezvous.
+MPI_DROP = ("M6T_FAULT_INJECT", "HOROVOD_CONTROLLER", "HOROVOD_CPU_OPERATIONS")
 BINDINGS = [f"train.train_data='{DEMO}/train-*.tfrecord'", "train.eval_data=None",
             "train.deterministic=True", "train.checkpoint_every=1000", "train.log_every=1"]
-
-
-def _env(**extra):
-  env = dict(os.environ)
-  for name in ("M6T_FAULT_INJECT", "HOROVOD_CONTROLLER", "HOROVOD_CPU_OPERATIONS"):
-    env.pop(name, None)
-  env.update(TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1", PYTHONPATH=REPO,
-             CUDA_VISIBLE_DEVICES="", **extra)
-  return env
 
 
 class MpirunTest(tf.test.TestCase):
@@ -70,7 +62,7 @@ class MpirunTest(tf.test.TestCase):
               *[f"--gin_file={f}" for f in GIN], *[f"--gin_bindings={b}" for b in bindings]]
     if stop_after is not None:
       worker.append(f"--stop_after={stop_after}")
-    proc = subprocess.run([*mpirun, *worker], cwd=REPO, env=_env(), capture_output=True,
+    proc = subprocess.run([*mpirun, *worker], cwd=REPO, env=jobs.worker_env(drop=MPI_DROP), capture_output=True,
                           text=True, timeout=300)
     self.assertEqual(proc.returncode, 0, f"{name}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     self.assertIn("2 Horovod ranks (MPI controller)", proc.stdout)
@@ -94,26 +86,9 @@ class MpirunTest(tf.test.TestCase):
     cmd = [sys.executable, "-m", "launch.run", *[f"--gin_file={f}" for f in GIN],
            *[f"--gin_bindings={b}" for b in [*BINDINGS, "train.num_steps=100000"]],
            "--num_workers=2", "--backend=mpi", f"--model_dir={model_dir}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(M6T_FAULT_INJECT="kill_after_step:3:1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    # A job that hangs is killed after 240 s (and the test fails: it did not end by itself).
-    hang_guard = threading.Timer(240, lambda: os.killpg(proc.pid, signal.SIGKILL))
-    hang_guard.start()
+    proc = jobs.start_job(cmd, drop=MPI_DROP, M6T_FAULT_INJECT="kill_after_step:3:1")
     # Rank 0 logs step 2; it never logs step 3, whose logged metrics need rank 1.
-    lines, step_2_at = [], None
-    try:
-      for line in proc.stdout:
-        lines.append(line)
-        if "step 2/" in line:
-          step_2_at = time.time()
-      proc.wait(timeout=30)
-      ended_at = time.time()
-    finally:
-      hang_guard.cancel()
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    out = "".join(lines)
+    out, step_2_at, ended_at = jobs.watch(proc, "step 2/")
     self.assertNotEqual(proc.returncode, -signal.SIGKILL, "the job hung: " + out[-3000:])
     self.assertNotEqual(proc.returncode, 0, out[-3000:])
     self.assertTrue(re.search(r"^mpirun (--allow-run-as-root )?-np 2 ", out, re.M), out[:3000])

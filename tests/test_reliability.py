@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import keras
@@ -20,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from m6t_tf import training
+from tests import jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
@@ -27,14 +27,6 @@ DEMO = os.path.join(REPO, ".data", "demo")
 STEPS = 10
 BINDINGS = [f"train.num_steps={STEPS}", "train.checkpoint_every=3", "train.deterministic=True",
             "train.eval_data=None", "train.log_every=1", "train.keep_checkpoints=2"]
-
-
-def _env(**extra):
-  env = dict(os.environ)
-  env.update(TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1", PYTHONPATH=REPO, **extra)
-  env.pop("M6T_FAULT_INJECT", None)
-  env.update(extra)
-  return env
 
 
 def _command(model_dir, ranks, extra_bindings=()):
@@ -47,9 +39,7 @@ def _command(model_dir, ranks, extra_bindings=()):
 
 
 def _start(model_dir, ranks, **env):
-  return subprocess.Popen(_command(model_dir, ranks), cwd=REPO, env=_env(**env),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True)
+  return jobs.start_job(_command(model_dir, ranks), **env)
 
 
 def _run(model_dir, ranks, timeout=300, **env):
@@ -159,10 +149,8 @@ class WorkerFailureTest(tf.test.TestCase):
 
   def test_lost_rank_ends_job_within_60s_and_run_resumes(self):
     model_dir = _tmpdir()
-    proc = subprocess.Popen(
-        _command(model_dir, 2, ["train.num_steps=100000", "train.checkpoint_every=2"]),
-        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+    proc = jobs.start_job(
+        _command(model_dir, 2, ["train.num_steps=100000", "train.checkpoint_every=2"]))
     try:
       deadline = time.time() + 180
       while not os.path.exists(os.path.join(model_dir, "checkpoints", "latest")):
@@ -190,26 +178,9 @@ class StallTest(tf.test.TestCase):
     # Rank 1 of 2 sleeps (an hour) before the collectives of step 5; rank 0 waits in them.
     limit = 10
     model_dir = _tmpdir()
-    proc = subprocess.Popen(
-        _command(model_dir, 2, [f"train.stall_timeout_s={limit}"]), cwd=REPO,
-        env=_env(M6T_FAULT_INJECT="stall:5:1"), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    # A job that hangs is killed after 240 s (and the test fails: it did not end by itself).
-    hang_guard = threading.Timer(240, lambda: os.killpg(proc.pid, signal.SIGKILL))
-    hang_guard.start()
-    lines, step_4_at = [], None
-    try:
-      for line in proc.stdout:                  # read as it comes, to time the end
-        lines.append(line)
-        if "step 4/" in line:
-          step_4_at = time.time()
-      proc.wait(timeout=30)
-      ended_at = time.time()
-    finally:
-      hang_guard.cancel()
-      if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    out = "".join(lines)
+    proc = jobs.start_job(_command(model_dir, 2, [f"train.stall_timeout_s={limit}"]),
+                          M6T_FAULT_INJECT="stall:5:1")
+    out, step_4_at, ended_at = jobs.watch(proc, "step 4/")
     self.assertNotEqual(proc.returncode, -signal.SIGKILL, "the job hung: " + out[-3000:])
     self.assertNotEqual(proc.returncode, 0, out[-3000:])
     self.assertIsNotNone(step_4_at, out[-3000:])

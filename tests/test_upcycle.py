@@ -26,6 +26,7 @@ from m6t_tf import configurables
 from m6t_tf import training
 from m6t_tf.data import records
 from m6t_tf.parallel import context as context_lib
+from tests import jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -36,13 +37,6 @@ WORKER = os.path.join(REPO, "tests", "distributed", "train_worker.py")
 DEMO = os.path.join(REPO, ".data", "demo")
 FILES = ["gin/demo.gin", "gin/tiny.gin"]
 BATCH = 4
-
-
-def _env():
-  env = dict(os.environ)
-  env.update(TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1", PYTHONPATH=REPO,
-             CUDA_VISIBLE_DEVICES="")
-  return env
 
 
 class UpcycleTest(tf.test.TestCase):
@@ -109,7 +103,7 @@ class UpcycleTest(tf.test.TestCase):
       args += ["--gin_file=gin/layouts/1x2.gin",
                f"--gin_bindings=train.batch_size_per_worker = {BATCH // ranks}"]
       args = [HOROVODRUN, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", *args]
-    proc = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run(args, cwd=REPO, env=jobs.worker_env(), capture_output=True, text=True,
                           timeout=600)
     self.assertEqual(proc.returncode, 0, f"{name} failed:\n{proc.stdout[-3000:]}\n"
                                          f"{proc.stderr[-5000:]}")
