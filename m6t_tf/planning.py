@@ -83,10 +83,11 @@ either way; "mask" terms exist only when dropout_rate > 0). Saved for backward:
     output layer    B·L_t·M·f (float32 text states) + B·L_t·V·f (softmax-cross-entropy
                     backprop) [+ T·M·a final RMSNorm input, pre-RMS]
 
-With recomputation (checkpoint at every layer boundary, as `tf.recompute_grad` around each
-block would do; the trainer does not do this today) the layers keep only their inputs, N·T·M·a,
-plus the largest layer's activations, rematerialised one layer at a time during the backward
-pass; the embedding and output terms are unchanged. `tools/measure_memory.py` measures the
+With recomputation (checkpoint at every layer boundary: the trainer's `train.remat="block"`,
+`keras.remat` around each block) the layers keep only their inputs, N·T·M·a, plus one
+layer's activations at a time, rematerialised during the backward pass after the output
+layer's buffers are freed: embedding + N·T·M·a + max(largest layer, output). (Adding the two,
+as this model once did, over-predicted the measured shrunk 1T by 1.5×.) `tools/measure_memory.py` measures the
 activations of shrunk configs against this model (docs/memory.md: within ±25%). Not modelled: cuDNN/cuBLAS workspaces, the
 CUDA context, allocator fragmentation, NCCL/Horovod fusion buffers, the input pipeline.
 
@@ -114,7 +115,8 @@ Communication per step per worker.
 
     all-to-all  2 per MoE layer per forward pass, each moving the whole [D, e, C, W] buffer
                 (as `MoE.alltoall_bytes_per_forward` counts it, the worker's own row included):
-                E·C·(W_in + W_out)·bytes per MoE per forward, the same again backward. Payload
+                E·C·(W_in + W_out)·bytes per MoE per forward, the same again backward, and
+                with block recomputation (`train.remat="block"`) the forward's again. Payload
                 bytes are the compute dtype's (2 under mixed precision, else 4) unless given.
     allreduce   dense (non-expert, routers included) gradients over all workers when there is
                 more than one; expert gradients only over the R data-axis replicas holding the
@@ -162,6 +164,10 @@ JSON keys (`plan()` returns them; `tools/plan.py --format=json` prints them):
     moe_expert_flops_share        float in [0, 1] (null without MoE FFN layers)
     alltoall_bytes_per_forward    int, per worker, all MoE layers, one forward pass
     alltoall_bytes_per_step       int, 2 × alltoall_bytes_per_forward (forward + backward)
+    alltoall_bytes_per_step_recompute  int, 3 × alltoall_bytes_per_forward: block
+                                  recomputation repeats the forward's all-to-alls (the
+                                  "attention" and "experts" modes repeat none, except MoE
+                                  attention's under "attention")
     alltoall_bytes_per_element    int, the payload dtype's size
     allreduce_bytes_per_step      {dense, expert, total}: gradient payload reduced per worker
     allreduce_wire_bytes_per_step int, ring-allreduce bytes one worker sends per step
@@ -569,7 +575,10 @@ def memory_bytes(config: PlanConfig, params: dict) -> dict:
   optimizer = _FLOAT32 * optimizer_state_elements(trainable_shapes, config.optimizer)
   act = _activation_bytes(config)
   full = act["embedding"] + sum(act["layers"]) + act["output"]
-  recompute = act["embedding"] + act["checkpoints"] + max(act["layers"], default=0) + act["output"]
+  # With recomputation the output layer's buffers are freed before the first block is
+  # recomputed, so they and the largest block's activations are never alive together.
+  recompute = act["embedding"] + act["checkpoints"] + max(max(act["layers"], default=0),
+                                                          act["output"])
   static = weights + casts + gradients + optimizer
   return {"weights": weights, "weight_casts": casts, "gradients": gradients,
           "optimizer_state": optimizer, "activations": full, "activations_recompute": recompute,
@@ -707,6 +716,7 @@ def plan(config: PlanConfig, *, gpu_memory_gb: float = 32.0,
       "moe_expert_flops_share": moe_expert_flops_share(config),
       "alltoall_bytes_per_forward": a2a,
       "alltoall_bytes_per_step": 2 * a2a,
+      "alltoall_bytes_per_step_recompute": 3 * a2a,
       "alltoall_bytes_per_element": a2a_elem,
       "allreduce_bytes_per_step": allreduce,
       "allreduce_wire_bytes_per_step": wire,

@@ -88,8 +88,17 @@ class Trainer:
 
   def __init__(self, model, optimizer, *, ctx=None, clip_norm: float = 0.0,
                mixed_precision: bool = False, jit_compile: bool = False,
-               skip_nonfinite: Optional[bool] = None):
+               skip_nonfinite: Optional[bool] = None, remat="none"):
+    """See the class. `remat`: what the network recomputes in the backward pass instead of
+    storing ("none" | "block" | "attention" | "experts" | a list of block names;
+    `M6Transformer.set_remat`)."""
     self.model = model
+    network = getattr(model, "network", None)
+    if network is not None and hasattr(network, "set_remat"):
+      network.set_remat(remat)
+    elif remat != "none":
+      raise ValueError(f"remat={remat!r} needs an M6Transformer network; this model has none")
+    self.remat = remat
     self.optimizer = optimizer
     self.ctx = ctx or context_lib.LocalContext()
     self.clip_norm = clip_norm
@@ -455,6 +464,71 @@ def _batches_for_eval(eval_data, *, batch_size, max_len, image_mode, ctx):
                                repeat=False, drop_remainder=False, num_batches=n)
 
 
+class CaptionSamples:
+  """Greedy captions of a few validation images beside their references, for TensorBoard.
+
+  Every worker decodes (in lockstep: with experts sharded each decode step runs the
+  all-to-alls), and the chief writes one `eval/captions` text summary: a Markdown table of
+  image key, generated caption and references.
+  """
+
+  def __init__(self, eval_data: str, *, num_images: int, network, image_mode: str,
+               max_len: int, ctx):
+    from m6t_tf import decoding  # local: generation imports this module
+    from m6t_tf import generation
+    from m6t_tf.data import tokenizer as tokenizer_lib
+    self.ctx = ctx
+    self.items = self._first_items(eval_data, num_images, image_mode)
+    self.feature = "image" if image_mode == "pixels" else "patch_features"
+    self.tokenizer = tokenizer_lib.Tokenizer()
+    options = decoding.DecodeOptions(method="greedy",
+                                     max_len=min(max_len, network.max_text_length + 1))
+    self.captioner = generation.Captioner(
+        network, options, lockstep=ctx.size > 1,
+        vocab=tokenizer_lib.load_vocab(self.tokenizer.vocab_path))
+    self._decode_items = generation.decode_items
+
+  @staticmethod
+  def _first_items(pattern: str, num_images: int, image_mode: str) -> list:
+    """The first `num_images` distinct images of the split, with the references found among
+    its first records (the whole split is not read)."""
+    from m6t_tf import generation
+    from m6t_tf.data import records
+    feature = "image" if image_mode == "pixels" else "patch_features"
+    items = {}
+    dataset = tf.data.TFRecordDataset(records.list_files(pattern)).take(64 * num_images).map(
+        lambda x: records.parse_example(x, image_mode=image_mode))
+    for ex in dataset.as_numpy_iterator():
+      key = ex["key"].decode("utf-8")
+      if key not in items and len(items) < num_images:
+        items[key] = generation.Item(key=key, path=None, features=ex[feature], references=[])
+      if key in items:
+        items[key].references.append(ex["caption"].decode("utf-8"))
+    return list(items.values())
+
+  def rows(self) -> list[dict]:
+    """Decodes the images (every worker must call it); rows on the chief."""
+    return self._decode_items(self.items, self.captioner, feature=self.feature, ctx=self.ctx,
+                              batch_size=len(self.items), tokenizer=self.tokenizer)
+
+  @staticmethod
+  def markdown(rows: list[dict]) -> str:
+    cell = lambda t: str(t).replace("|", "\\|").replace("\n", " ")
+    lines = ["| image | generated (log-prob) | references |", "|---|---|---|"]
+    for r in rows:
+      lines.append(f"| {cell(r['key'])} | {cell(r['caption'])} ({r['log_prob']:.2f}) | "
+                   f"{cell(' / '.join(r['references']))} |")
+    return "\n".join(lines)
+
+  def write(self, writer, step: int) -> list[dict]:
+    rows = self.rows()
+    if writer is not None and rows:
+      with writer.as_default():
+        tf.summary.text("eval/captions", self.markdown(rows), step=step)
+      writer.flush()
+    return rows
+
+
 def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
           num_steps: int, batch_size_per_worker: int = 8, max_len: int = 64,
           truncate_captions: bool = False, image_mode: str = "pixels", optimizer: str = "adamw",
@@ -467,7 +541,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
           deterministic: bool = False, jit_compile: bool = False, shuffle_buffer: int = 2048,
           global_batch_size: int = 0, on_bad_record: str = "skip", log_data_keys: bool = False,
           ctx=None, network_fn=None, stop_after: Optional[int] = None,
-          stall_timeout_s: float = 300.0) -> dict:
+          stall_timeout_s: float = 300.0, remat="none", eval_captions: int = 4) -> dict:
   """Trains the M6 captioner; resumes from the latest checkpoint in `model_dir` if there is one.
 
   Args:
@@ -503,6 +577,14 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     stall_timeout_s: under Horovod, a rank that makes no progress for this long outside the
       collectives ends the job, naming itself, the last completed step and the checkpoint to
       resume from (`m6t_tf.parallel.watchdog`); 0 = off.
+    remat: recomputation in the backward pass, trading compute for activation memory: "none",
+      "block" (each Transformer block whole; its MoE all-to-alls run again), "attention",
+      "experts" (the expert FFNs between the all-to-alls, dense FFNs whole), or a list of
+      block names to recompute whole (["block_0", "block_1"]). Gradients are those of
+      "none" (same routing, same dropout masks); `tools/plan.py` gives the memory saved.
+    eval_captions: at every evaluation, greedy captions of this many validation images are
+      written beside their references as the TensorBoard text summary `eval/captions`
+      (0 = off).
 
   Returns:
     A summary dict: final step, the per-step losses of this invocation, final evaluation.
@@ -550,6 +632,9 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   for facts in data_facts:
     metadata.check_config(facts, image_mode=image_mode, max_len=max_len,
                           truncate_captions=truncate_captions)
+  if not (isinstance(eval_captions, int) and not isinstance(eval_captions, bool)
+          and eval_captions >= 0):
+    raise ConfigError(f"train.eval_captions={eval_captions!r} must be an integer >= 0 (0 = off)")
   if not (isinstance(stall_timeout_s, (int, float)) and stall_timeout_s >= 0):
     raise ValueError(f"train.stall_timeout_s={stall_timeout_s!r} must be a number of seconds "
                      f">= 0 (0 = off)")
@@ -567,6 +652,10 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   except ValueError as e:
     raise ConfigError(f"the network config (M6Transformer.*, MoEConfig.*): {cli.one_line(e)}"
                       ) from e
+  try:
+    network.set_remat(remat)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"train.remat: {cli.one_line(e)}") from e
   if max_len - 1 > network.max_text_length:
     longest = max((f.max_caption_tokens or 0) for f in data_facts)
     raise ConfigError(
@@ -586,7 +675,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   opt = optimizers.make_optimizer(optimizer, schedule, weight_decay=weight_decay, beta_1=beta_1,
                                   beta_2=beta_2, epsilon=epsilon)
   trainer = Trainer(model, opt, ctx=ctx, clip_norm=clip_norm, mixed_precision=mixed_precision,
-                    jit_compile=jit_compile)
+                    jit_compile=jit_compile, remat=remat)
   step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
   entries = variables_by_path(model, opt)
   entries.update({"train/step": step_var, "train/loss_scale": trainer.loss_scale.scale,
@@ -640,6 +729,9 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     print(f"Model: {n_params:,} parameters on this worker; {len(model.moe_layers)} MoE layers; "
           f"{ctx.describe()}; steps {start}→{num_steps}", flush=True)
   progress = Progress(num_steps, start, log_every, ctx.is_chief)
+  samples = (CaptionSamples(eval_data, num_images=eval_captions, network=model.network,
+                            image_mode=image_mode, max_len=max_len, ctx=ctx)
+             if eval_data and eval_captions else None)
   tokens_per_step = batch_size_per_worker * (max_len - 1 + 16) * ctx.size
   losses = []
   last_log_time, last_log_step = time.time(), start
@@ -707,6 +799,8 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
           ctx=ctx), eval_batches or None)
       summary_scalars(writer, step, {"eval/log_perplexity": r["log_perplexity"],
                                      "eval/perplexity": r["perplexity"]})
+      if samples is not None:
+        samples.write(writer, step)
       if ctx.is_chief:
         print(f"  eval @ {step}: perplexity {r['perplexity']:.2f}", flush=True)
   if end > start or stop_after == 0:
@@ -717,6 +811,11 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
         ctx=ctx), eval_batches or None)
     summary_scalars(writer, end, {"eval/log_perplexity": eval_result["log_perplexity"],
                                   "eval/perplexity": eval_result["perplexity"]})
+    if samples is not None:
+      rows = samples.write(writer, end)
+      if ctx.is_chief:
+        eval_result["captions"] = [{k: r[k] for k in ("key", "caption", "references")}
+                                   for r in rows]
   bad = bad_records()
   summary = {"step": end, "losses": losses, "eval": eval_result,
              "skipped_steps": int(trainer.loss_scale.skipped.numpy()),

@@ -44,14 +44,21 @@ class MeasureMemoryTest(tf.test.TestCase):
     self.assertBetween(c["ratio"]["activations"], 0.5, 2.0)
     self.assertBetween(c["ratio"]["weights"], 0.8, 1.25)
 
-  def test_remat_without_trainer_support_is_one_error(self):
-    import inspect
-    from m6t_tf import training
-    if "remat" in inspect.signature(training.Trainer.__init__).parameters:
-      self.skipTest("the trainer has recomputation: --remat is measured, not refused")
-    proc = self.run_tool("--config=demo", "--remat=block")
+  def test_remat_block_reports_a_saving(self):
+    proc = self.run_tool("--gin_file=gin/demo.gin", "--gin_file=gin/tiny.gin",
+                         "--gin_bindings=MAX_LEN=12", "--remat=block", "--format=json")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    c = json.loads(proc.stdout)["configs"][0]
+    self.assertEqual(c["remat"], "block")
+    saving = c["saving"]
+    self.assertGreater(saving["planned"], 0)
+    self.assertGreater(saving["measured"], 0)
+    self.assertAllClose(saving["ratio"], saving["planned"] / saving["measured"])
+
+  def test_bad_remat_is_one_error(self):
+    proc = self.run_tool("--config=demo", "--remat=blocks")
     self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
-    self.assertIn("--remat='block'", proc.stderr)
+    self.assertIn("--remat='blocks'; allowed", proc.stderr)
 
 
 if __name__ == "__main__":

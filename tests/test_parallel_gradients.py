@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from m6t_tf.data import records
+from tests import jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
@@ -43,13 +44,6 @@ RTOL = 1e-5
 # invariant to q·b_k, the same for every key); what they get is round-off, ~1e-12 of the
 # model's gradient norm, so they are checked to be that small rather than relatively.
 ZERO_GRADIENT = "attention/key/bias"
-
-
-def _env():
-  env = dict(os.environ)
-  env.update(TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1", PYTHONPATH=REPO,
-             CUDA_VISIBLE_DEVICES="")
-  return env
 
 
 def relative_error(x: np.ndarray, reference: np.ndarray) -> float:
@@ -85,19 +79,19 @@ class ParallelGradientsTest(tf.test.TestCase):
     super().tearDownClass()
 
   @classmethod
-  def launch(cls, name, data, expert):
+  def launch(cls, name, data, expert, remat="none"):
     ranks = data * expert
     out = os.path.join(cls.tmp, name)
     args = [sys.executable, WORKER, f"--out={out}", f"--data={cls.data}", f"--init={cls.init}",
             f"--global_batch={GLOBAL_BATCH}", f"--steps={STEPS}",
             f"--learning_rate={LEARNING_RATE}", "--gin_file=gin/demo.gin",
-            "--gin_file=gin/tiny.gin"]
+            "--gin_file=gin/tiny.gin", f"--remat={remat}"]
     args += [f"--gin_bindings={b}" for b in (
         "CAPACITY_FACTOR = 8.0", "DROPOUT = 0.0", "AUX_LOSS = 0.0", "Z_LOSS = 0.0",
         "make_context.mesh_data = %d" % data, "make_context.mesh_expert = %d" % expert)]
     if ranks > 1:
       args = [HOROVODRUN, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", *args]
-    proc = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run(args, cwd=REPO, env=jobs.worker_env(), capture_output=True, text=True,
                           timeout=300)
     if proc.returncode:
       raise AssertionError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -118,7 +112,8 @@ class ParallelGradientsTest(tf.test.TestCase):
       value = value[rank["expert_index"] * e:(rank["expert_index"] + 1) * e]
     return value
 
-  def check_mesh(self, data, expert):
+  def check_mesh(self, data, expert, remat="none"):
+    """Ranks of a (data, expert) mesh against one process without recomputation."""
     ref = self.reference
     self.assertEqual(ref["no_gradient"], [])
     total = np.sqrt(sum(np.sum(np.square(g)) for g in ref["grads"].values()))
@@ -127,7 +122,7 @@ class ParallelGradientsTest(tf.test.TestCase):
         self.assertLess(np.linalg.norm(g), 1e-9 * total, path)
       else:
         self.assertGreater(np.linalg.norm(g), 1e-6 * total, f"{path}: ~no gradient to compare")
-    ranks = self.launch(f"mesh{data}x{expert}", data, expert)
+    ranks = self.launch(f"mesh{data}x{expert}{remat}", data, expert, remat)
     # The condition that makes the test sensitive to the normalisation: every rank holds a
     # different number of target tokens.
     tokens = [r["num_tokens"] for r in ranks]
@@ -165,6 +160,15 @@ class ParallelGradientsTest(tf.test.TestCase):
 
   def test_mesh_2x2(self):
     self.check_mesh(2, 2)
+
+  # Recomputation with experts sharded: "block" repeats both all-to-alls of every MoE layer in
+  # the backward pass (in the same order on each rank, or the job would hang until the timeout);
+  # "experts" recomputes the expert FFNs between them. Gradients equal 1 process without it.
+  def test_mesh_1x2_remat_block(self):
+    self.check_mesh(1, 2, remat="block")
+
+  def test_mesh_1x2_remat_experts(self):
+    self.check_mesh(1, 2, remat="experts")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from m6t_tf.data import records
+from tests import jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
@@ -32,13 +33,6 @@ WORKER = os.path.join(REPO, "tests", "distributed", "train_worker.py")
 DEMO = os.path.join(REPO, ".data", "demo")
 GLOBAL_BATCH = 4
 STEPS = 3
-
-
-def _env():
-  env = dict(os.environ)
-  env.update(TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1", PYTHONPATH=REPO,
-             CUDA_VISIBLE_DEVICES="")
-  return env
 
 
 class ParallelTrainingTest(tf.test.TestCase):
@@ -87,7 +81,7 @@ class ParallelTrainingTest(tf.test.TestCase):
       args.append(f"--stop_after={stop_after}")
     if ranks > 1:
       args = [HOROVODRUN, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", *args]
-    proc = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True,
+    proc = subprocess.run(args, cwd=REPO, env=jobs.worker_env(), capture_output=True, text=True,
                           timeout=timeout)
     self.assertEqual(proc.returncode, 0, f"{name} failed:\n{proc.stdout[-3000:]}\n"
                                          f"{proc.stderr[-5000:]}")
@@ -100,14 +94,20 @@ class ParallelTrainingTest(tf.test.TestCase):
   def test_distributed_training_equals_one_process(self):
     # Shared initial weights: a step-0 checkpoint of one process.
     self.launch("init", ranks=1, stop_after=0, init=False)
-    reference = self.launch("one", ranks=1)[0]["losses"]
+    one = self.launch("one", ranks=1, extra=["train.eval_captions = 3"])[0]
+    reference = one["losses"]
     self.assertLen(reference, STEPS)
 
     # 2 ranks, expert axis 2, resumed after one step.
     first = self.launch("two", ranks=2, layout="1x2", batch=GLOBAL_BATCH // 2, stop_after=1)
-    second = self.launch("two", ranks=2, layout="1x2", batch=GLOBAL_BATCH // 2)
+    second = self.launch("two", ranks=2, layout="1x2", batch=GLOBAL_BATCH // 2,
+                         extra=["train.eval_captions = 3"])
     two = first[0]["losses"] + second[0]["losses"]
     self.assertAllClose(two, reference, rtol=2e-5, atol=2e-5)
+    # The evaluation's TensorBoard captions: the 2 ranks decode in lockstep (each decode step
+    # runs the all-to-alls) and the chief reports the same captions as one process.
+    self.assertLen(one["eval_captions"], 3)
+    self.assertEqual(second[0]["eval_captions"], one["eval_captions"])
     for r in second:
       self.assertEqual(r["losses"], second[0]["losses"])  # every rank logs the global loss
       self.assertEqual(r["dense_fingerprint"], second[0]["dense_fingerprint"])

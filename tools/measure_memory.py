@@ -2,7 +2,7 @@ r"""Measured memory of a training step against the planner's prediction (`m6t_tf
 
   python tools/measure_memory.py                       # shrunk base, 10B, 1T and the demo
   python tools/measure_memory.py --config=demo --format=json
-  python tools/measure_memory.py --config=base --remat=block   # once train.remat exists
+  python tools/measure_memory.py --remat=block        # with recomputation, and the saving
 
 Every config runs in a fresh Python process (no allocation of an earlier model is still
 around), on one worker, float32, with a synthetic batch of the pipeline's shapes (64×64 images,
@@ -38,18 +38,19 @@ optimizer, the real 21128-entry vocabulary) and cut widths, depth, experts and b
 step runs in seconds on 2 CPU cores (`SHRUNK` below lists the bindings). `ratio` is planner /
 measured; the target is the activation ratio within [0.75, 1.25].
 
-Recomputation switch: `--remat=<value>` (default "none") hands `remat=<value>` to
-`training.Trainer` in the child — the trainer's `train.remat` once it exists — and compares the
-measurement with the planner's `activations_recompute`. Until `Trainer` takes a `remat`
-argument the tool refuses any value but "none" (one error line, exit 2); if recomputation
-lands elsewhere (the network), `_trainer_kwargs_for_remat` is the one place to adapt.
+Recomputation: `--remat=<value>` (default "none") hands `remat=<value>` to `training.Trainer`
+in the child (the trainer's `train.remat`) and compares the measurement with the planner's
+`activations_recompute`; each config is then also measured without recomputation, and the
+saving (activations without − with) is reported planned and measured, with its ratio (target:
+within [0.75, 1.25]). The planner models "block" recomputation.
 
 JSON (--format=json): {"schema_version": 1, "tool", "argv", "machine", "method",
   "configs": [{"name", "gin_files", "gin_bindings", "shrunk", "remat",
                "measured": {weights, optimizer_state, gradients, activations,
                             activations_all_grads, activations_eager_tape, step_peak, rss_step_peak, params},
                "planned": {weights, optimizer_state, gradients, activations, params},
-               "ratio": {weights, optimizer_state, gradients, activations}}]}
+               "ratio": {weights, optimizer_state, gradients, activations},
+               "saving": {planned, measured, ratio} (with --remat only)}]}
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ _SMALL = ["HIDDEN=64", "NUM_HEADS=4", "HEAD_SIZE=16", "MAX_LEN=32",
           "train.batch_size_per_worker=4", "train.mixed_precision=False"]
 #: name -> (gin files, bindings that shrink it). Widths, depth, experts and batch are cut; the
 #: vocabulary, routing, k, capacity, placement, norm, activation and optimiser are the config's.
+REMATS = ("none", "block", "attention", "experts")  # train.remat (M6Transformer.set_remat)
 SHRUNK = {
     "base": (["gin/base.gin"], _SMALL + ["INTERMEDIATE=256"]),                # 5 layers, 32 E
     "10B": (["gin/10B.gin"], _SMALL + ["INTERMEDIATE=256", "NUM_LAYERS=4", "NUM_EXPERTS=16"]),
@@ -121,16 +123,6 @@ def _synthetic_batch(batch_size: int, max_len: int, vocab_size: int = 21128):
           "image": tf.constant(rng.integers(0, 256, (batch_size, 64, 64, 3), dtype=np.uint8))}
 
 
-def _trainer_kwargs_for_remat(remat: str, training) -> dict:
-  import inspect
-  if remat == "none":
-    return {}
-  if "remat" in inspect.signature(training.Trainer.__init__).parameters:
-    return {"remat": remat}
-  raise cli.ConfigError(f"--remat={remat!r}: this trainer has no recomputation yet "
-                        f"(training.Trainer takes no remat argument); use --remat=none")
-
-
 def measure(gin_files, gin_bindings, remat: str = "none") -> dict:
   """Builds the config's model and optimiser and measures each component (module docstring)."""
   import gin
@@ -147,7 +139,7 @@ def measure(gin_files, gin_bindings, remat: str = "none") -> dict:
   mixed = bool(configurables.query("train.mixed_precision", False))
   opt_name = configurables.query("train.optimizer", "adamw")
   clip_norm = configurables.query("train.clip_norm", 1.0)
-  trainer_kwargs = _trainer_kwargs_for_remat(remat, training)
+  trainer_kwargs = {"remat": remat}
   del bindings
   info = lambda: tf.config.experimental.get_memory_info("CPU:0")  # noqa: E731
   batch = _synthetic_batch(batch_size, max_len,
@@ -279,6 +271,14 @@ def table(report: dict) -> str:
     lines.append(f"| {name} | {m['params']:,} | " + " | ".join(cells) +
                  f" | {_mib(m['step_peak'])} ({_mib(p['activations'] + p['gradients'])}) | "
                  f"{_mib(m['rss_step_peak'])} |")
+  savings = [c for c in report["configs"] if "saving" in c]
+  if savings:
+    lines += ["", f"| config | activations saved by remat {savings[0]['remat']} MiB: plan / "
+                  f"measured (ratio) |", "|---|---|"]
+    for c in savings:
+      v = c["saving"]
+      lines.append(f"| {c['name']} | {_mib(v['planned'])} / {_mib(v['measured'])} "
+                   f"({v['ratio']:.2f}) |")
   return "\n".join(lines)
 
 
@@ -293,9 +293,8 @@ def main(argv=None) -> int:
   else:
     runs = [(name, SHRUNK[name][0], SHRUNK[name][1] + args.gin_bindings)
             for name in (args.config or list(SHRUNK))]
-  if args.remat != "none":
-    from m6t_tf import training
-    _trainer_kwargs_for_remat(args.remat, training)   # refused here, before any child runs
+  if args.remat not in REMATS:
+    raise cli.ConfigError(f"--remat={args.remat!r}; allowed: {REMATS}")
   configs = []
   for name, files, bindings in runs:
     try:
@@ -304,9 +303,18 @@ def main(argv=None) -> int:
       raise cli.ConfigError(cli.one_line(e)) from e
     measured = run_child(files, bindings, args.remat)
     ratio = {k: plan[k] / measured[k] if measured[k] else float("nan") for k in MEMORY_KEYS}
-    configs.append({"name": name, "gin_files": files, "gin_bindings": bindings,
-                    "shrunk": not args.gin_file, "remat": args.remat, "measured": measured,
-                    "planned": plan, "ratio": ratio})
+    config = {"name": name, "gin_files": files, "gin_bindings": bindings,
+              "shrunk": not args.gin_file, "remat": args.remat, "measured": measured,
+              "planned": plan, "ratio": ratio}
+    if args.remat != "none":
+      plan_none = planned(files, bindings, "none")["activations"]
+      measured_none = run_child(files, bindings, "none")["activations"]
+      saving = {"planned": plan_none - plan["activations"],
+                "measured": measured_none - measured["activations"]}
+      saving["ratio"] = (saving["planned"] / saving["measured"] if saving["measured"] > 0
+                         else float("nan"))
+      config["saving"] = saving
+    configs.append(config)
   report = {"schema_version": 1, "tool": "tools/measure_memory.py", "argv": sys.argv[1:],
             "machine": machine_info(),
             "method": {"allocator": "tf.config.experimental.get_memory_info('CPU:0')",

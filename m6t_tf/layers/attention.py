@@ -12,6 +12,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from m6t_tf.layers import dropout as dropout_lib
 from m6t_tf.layers import embeddings
 from m6t_tf.layers import moe as moe_lib
 
@@ -39,7 +40,7 @@ class SelfAttention(keras.layers.Layer):
     self.dropout_rate = dropout_rate
     self.use_rope = use_rope
     self.moe_projections = dict(moe_projections) if moe_projections else None
-    self._dropout = keras.layers.Dropout(dropout_rate)
+    self._dropout = dropout_lib.Dropout(dropout_rate)
 
   def build(self, input_shape):
     m = int(input_shape[-1])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from m6t_tf.layers import dropout as dropout_lib
+
 ACTIVATIONS = ("relu", "gelu", "swiglu", "linear")
 
 
@@ -77,7 +79,7 @@ class Experts(keras.layers.Layer):
     self.dropout_rate = dropout_rate
     # Same dtype policy as this layer: a Dropout on the global policy would cast the float16
     # activations of a per-layer "mixed_float16" expert back to float32.
-    self._dropout = keras.layers.Dropout(dropout_rate, dtype=self.dtype_policy)
+    self._dropout = dropout_lib.Dropout(dropout_rate, dtype=self.dtype_policy)
 
   def build(self, input_shape=None):
     e, m, i = self.num_local_experts, self.hidden_size, self.intermediate_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from m6t_tf.layers import dropout as dropout_lib
 from m6t_tf.layers import experts as experts_lib
 
 
@@ -20,7 +21,7 @@ class FeedForward(keras.layers.Layer):
     self.activation = activation
     self.init_std = init_std
     self.dropout_rate = dropout_rate
-    self._dropout = keras.layers.Dropout(dropout_rate)
+    self._dropout = dropout_lib.Dropout(dropout_rate)
 
   def build(self, input_shape):
     m, i = int(input_shape[-1]), self.intermediate_size

@@ -24,11 +24,14 @@ Two dispatch implementations compute the same function:
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional
 
 import keras
 import tensorflow as tf
 
+from m6t_tf.layers import dropout as dropout_lib
 from m6t_tf.layers import experts as experts_lib
 from m6t_tf.layers import routing as routing_lib
 from m6t_tf.parallel import communicator as comm_lib
@@ -41,6 +44,22 @@ STAT_NAMES = ("tokens_per_expert", "load_cv", "dropped_fraction", "aux_loss", "z
 # Folded into the call's seed for the second-expert draws, so that other random uses of the same
 # per-step, per-layer seed (e.g. dropout) draw different numbers.
 _SECOND_EXPERT_SEED_SALT = 0x5EC0
+
+
+_LOSS_SINK = threading.local()
+
+
+@contextlib.contextmanager
+def collect_losses():
+  """Within, MoE layers append their auxiliary and z-losses to the yielded list instead of
+  `add_loss`: a recomputed function (`keras.remat`) must return its losses as outputs, or their
+  gradient would not reach the router (its forward runs without recording)."""
+  previous = getattr(_LOSS_SINK, "losses", None)
+  _LOSS_SINK.losses = []
+  try:
+    yield _LOSS_SINK.losses
+  finally:
+    _LOSS_SINK.losses = previous
 
 
 def dispatch_einsum(x, routing: routing_lib.Routing):
@@ -248,6 +267,8 @@ class MoE(keras.layers.Layer):
     self.num_local_experts = len(self.expert_ids)
     #: C of the last call (static), for reporting all-to-all volume.
     self.last_capacity: Optional[int] = None
+    #: Recompute the expert FFNs in the backward pass (set by `M6Transformer.set_remat`).
+    self.remat_experts = False
 
   def build(self, input_shape):
     m = int(input_shape[-1])
@@ -348,6 +369,10 @@ class MoE(keras.layers.Layer):
     if self.second_expert_policy == "random" and training and self.k > 1:
       policy = "random"
       if seed is None:
+        # Inside a Transformer block the seed comes from the block's per-step seed scope (so a
+        # recomputed forward draws the same values); standalone, from the layer's generator.
+        seed = dropout_lib.next_seed()
+      if seed is None:
         seed = self._seed_generator.next()
       seed = tf.random.experimental.stateless_fold_in(
           tf.cast(seed, tf.int64), _SECOND_EXPERT_SEED_SALT)
@@ -365,7 +390,12 @@ class MoE(keras.layers.Layer):
     e = self.num_local_experts
     dispatched = tf.reshape(dispatched, [d, e, c, m])                      # [D, e, C, M]
     received = self.communicator.all_to_all(dispatched)                   # [D, e, C, M]
-    y = self.experts(received, training=training)                         # [D, e, C, N]
+    # With `remat_experts`, the expert FFNs (their [e, D·C, I] activations are the layer's
+    # largest) are recomputed in the backward pass; routing and the all-to-alls stay outside,
+    # so nothing is sent again. Same dropout masks either way (`dropout_lib.maybe_remat`).
+    run_experts = dropout_lib.maybe_remat(lambda t: self.experts(t, training=training),
+                                          bool(self.remat_experts and training))
+    y = run_experts(received)                                             # [D, e, C, N]
     n = y.shape[-1]
     returned = self.communicator.all_to_all(y)                            # [D, e, C, N]
     returned = tf.reshape(returned, [self.num_experts, c, n])             # [E, C, N]
@@ -374,10 +404,12 @@ class MoE(keras.layers.Layer):
     else:
       out = combine_index(returned, r, self.num_experts)                   # [T, N]
 
+    sink = getattr(_LOSS_SINK, "losses", None)
+    add_loss = self.add_loss if sink is None else sink.append
     if self.aux_loss_weight > 0:
-      self.add_loss(self.aux_loss_weight * r.aux_loss)
+      add_loss(self.aux_loss_weight * r.aux_loss)
     if self.z_loss_weight > 0:
-      self.add_loss(self.z_loss_weight * r.z_loss)
+      add_loss(self.z_loss_weight * r.z_loss)
     self._stats["tokens_per_expert"].assign(r.tokens_per_expert)
     self._stats["load_cv"].assign(routing_lib.coefficient_of_variation(r.tokens_per_expert))
     self._stats["dropped_fraction"].assign(r.dropped_fraction)

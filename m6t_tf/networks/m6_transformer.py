@@ -23,12 +23,16 @@ import keras
 import tensorflow as tf
 
 from m6t_tf.layers import attention as attention_lib
+from m6t_tf.layers import dropout as dropout_lib
 from m6t_tf.layers import embeddings
 from m6t_tf.layers import feedforward
 from m6t_tf.layers import moe as moe_lib
 from m6t_tf.layers import normalization
 
 PLACEMENTS = ("all", "every_k", "last_k", "none")
+#: Recomputation (`train.remat`): what each block recomputes in the backward pass instead of
+#: storing (a list of block names recomputes those blocks whole).
+REMATS = ("none", "block", "attention", "experts")
 NORMS = ("post_ln", "pre_rms")
 POSITIONS = ("learned", "rope")
 
@@ -81,6 +85,11 @@ def prefix_causal_mask(num_patches: int, text_length: int) -> tf.Tensor:
   return tf.logical_or(j < num_patches, tf.logical_and(i >= num_patches, j <= i))
 
 
+def _sum_losses(losses) -> tf.Tensor:
+  """<float32>[] sum of loss tensors (0 for none): a fixed output of recomputed functions."""
+  return tf.add_n([tf.cast(l, tf.float32) for l in losses]) if losses else tf.zeros([], tf.float32)
+
+
 @keras.saving.register_keras_serializable(package="m6t_tf")
 class TransformerBlock(keras.layers.Layer):
   """Self-attention and FFN (dense or MoE), post-LN (BERT/M6) or pre-RMSNorm (LLaMA-2)."""
@@ -110,7 +119,13 @@ class TransformerBlock(keras.layers.Layer):
                  if norm == "post_ln" else (lambda n: normalization.RMSNorm(name=n)))
     self.attention_norm = make_norm("attention_norm")
     self.ffn_norm = make_norm("ffn_norm")
-    self._dropout = keras.layers.Dropout(dropout_rate)
+    self._dropout = dropout_lib.Dropout(dropout_rate)
+    # One seed per training call; every random draw of the block derives from it (see
+    # `m6t_tf.layers.dropout`), so a recomputed forward draws the same masks. Its state is an
+    # RNG state the trainer reseeds each step from (seed, rank, step).
+    self.seed_generator = keras.random.SeedGenerator(name="seed_generator")
+    #: "none" | "block" | "attention" | "experts": set by `M6Transformer.set_remat`.
+    self.remat = "none"
 
   def build(self, input_shape):
     for layer in (self.attention, self.ffn, self.attention_norm, self.ffn_norm):
@@ -122,17 +137,66 @@ class TransformerBlock(keras.layers.Layer):
     """<float>[B, S, M] -> <float>[B, S, M]; with a KV `cache`, (output, updated cache).
 
     `cache`, `cache_index` and `moe_capacity` are those of `SelfAttention.call`; `moe_capacity`
-    also sets C of the MoE FFN.
+    also sets C of the MoE FFN. In training, `self.remat` selects what is recomputed in the
+    backward pass; the MoE losses of the block are then returned by the recomputed functions
+    and added here, so their gradient reaches the routers.
     """
+    if cache is not None:
+      return self._forward(x, mask, training, token_mask, cache, cache_index, moe_capacity)
+    seed = self.seed_generator.next() if training else None
+    remat = self.remat if training else "none"
+    emitted = []
+
+    def body(t):
+      out, losses = self._forward(t, mask, training, token_mask, None, None, moe_capacity,
+                                  remat=remat)
+      emitted.append(bool(losses))
+      return out, _sum_losses(losses)
+
+    with dropout_lib.seed_scope(seed):
+      out, loss = dropout_lib.maybe_remat(body, remat == "block")(x)
+    if emitted and emitted[0]:
+      self.add_loss(loss)
+    return out
+
+  def _forward(self, x, mask, training, token_mask, cache, cache_index, moe_capacity,
+               remat="none"):
+    """The block's computation. Without a cache returns (output, [MoE loss tensors])."""
     probe = self.__dict__.get("_probe")  # set by M6Transformer.start_probe, never in graphs
     record = (lambda name, t: probe.append((f"{self.name}/{name}", t))) if probe is not None \
         else (lambda name, t: None)
     ffn_name = "moe" if self.moe else "ffn"
-    attend = lambda t: self.attention(t, mask, training=training, token_mask=token_mask,
-                                      cache=cache, cache_index=cache_index,
-                                      moe_capacity=moe_capacity)
+    losses = []
+
+    def sublayer(fn, rematerialize):
+      """Runs fn(t) with its own seed (and, without a cache, its losses collected)."""
+      if cache is not None:
+        return fn
+      def unit(t):
+        with moe_lib.collect_losses() as sink:
+          out = fn(t)
+        emitted.append(bool(sink))
+        return out, _sum_losses(sink)
+      emitted = []
+      run = dropout_lib.maybe_remat(unit, rematerialize)
+
+      def call(t):
+        out, loss = run(t)
+        if emitted[0]:
+          losses.append(loss)
+        return out
+      return call
+
+    attend = sublayer(
+        lambda t: self.attention(t, mask, training=training, token_mask=token_mask, cache=cache,
+                                 cache_index=cache_index, moe_capacity=moe_capacity),
+        remat == "attention")
     ffn_kwargs = {"capacity": moe_capacity} if self.moe else {}
-    ffn = lambda t: self.ffn(t, training=training, token_mask=token_mask, **ffn_kwargs)
+    # "experts": the expert FFNs of an MoE layer (between its all-to-alls), a dense FFN whole.
+    if self.moe:
+      self.ffn.remat_experts = remat == "experts"
+    ffn = sublayer(lambda t: self.ffn(t, training=training, token_mask=token_mask, **ffn_kwargs),
+                   remat == "experts" and not self.moe)
     if self.norm == "post_ln":
       h = attend(x)
       if cache is not None:
@@ -142,7 +206,7 @@ class TransformerBlock(keras.layers.Layer):
       h = ffn(x)
       record(ffn_name, h)
       out = self.ffn_norm(x + self._dropout(h, training=training))
-      return out if cache is None else (out, cache)
+      return (out, cache) if cache is not None else (out, losses)
     h = attend(self.attention_norm(x))
     if cache is not None:
       h, cache = h
@@ -151,7 +215,7 @@ class TransformerBlock(keras.layers.Layer):
     h = ffn(self.ffn_norm(x))
     record(ffn_name, h)
     out = x + self._dropout(h, training=training)
-    return out if cache is None else (out, cache)
+    return (out, cache) if cache is not None else (out, losses)
 
   def get_config(self):
     config = super().get_config()
@@ -220,7 +284,7 @@ class M6Transformer(keras.layers.Layer):
     self.embedding_norm = (keras.layers.LayerNormalization(epsilon=1e-12, name="embedding_norm")
                            if norm == "post_ln" else None)
     self.final_norm = normalization.RMSNorm(name="final_norm") if norm == "pre_rms" else None
-    self._dropout = keras.layers.Dropout(dropout_rate)
+    self._dropout = dropout_lib.Dropout(dropout_rate)
     self.blocks = []
     for i in range(num_layers):
       is_moe = i in self.moe_layers
@@ -359,6 +423,33 @@ class M6Transformer(keras.layers.Layer):
                              cache_index=first, moe_capacity=capacity)
       new_cache.append(block_cache)
     return self._logits(x[:, s - length:]), new_cache
+
+  def set_remat(self, remat) -> None:
+    """What the blocks recompute in the backward pass instead of storing (`train.remat`).
+
+    Args:
+      remat: "none"; "block" (every block whole: attention, FFN and, in MoE layers, routing and
+        both all-to-alls, which the backward pass therefore repeats); "attention" (the
+        self-attention of every block); "experts" (the expert FFNs of MoE layers, between their
+        all-to-alls, and dense FFNs whole); or a list of block names ("block_0", ...) to
+        recompute whole.
+    Routing is computed again from the same inputs and weights, so it is identical; dropout
+    masks are drawn again from the same seeds (`m6t_tf.layers.dropout`).
+    """
+    names = [b.name for b in self.blocks]
+    if isinstance(remat, str):
+      if remat not in REMATS:
+        raise ValueError(f"remat={remat!r}; allowed: {REMATS} or a list of block names "
+                         f"(e.g. ['block_0'])")
+      modes = {name: remat for name in names}
+    else:
+      unknown = [n for n in remat if n not in names]
+      if unknown:
+        raise ValueError(f"remat names {unknown} are not blocks of this network; its blocks: "
+                         f"{names[0]} … {names[-1]}")
+      modes = {name: "block" if name in remat else "none" for name in names}
+    for block in self.blocks:
+      block.remat = modes[block.name]
 
   def start_probe(self) -> list:
     """Records (name, output) of the embeddings and of each block's attention and FFN during

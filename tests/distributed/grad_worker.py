@@ -1,7 +1,7 @@
 """One gradient-probe process for tests/test_parallel_gradients.py (alone or under horovodrun).
 
   python tests/distributed/grad_worker.py --out=P --data=F --init=I.npz --global_batch=G \
-      --steps=K --learning_rate=LR --gin_file=... [--gin_bindings=...]
+      --steps=K --learning_rate=LR --gin_file=... [--gin_bindings=...] [--remat=block]
 
 Reads the first K global batches of G examples from the TFRecord file F (no shuffling) and
 deals each one to the W ranks in contiguous blocks: rank r trains on rows [r·G/W, (r+1)·G/W).
@@ -33,6 +33,7 @@ flags.DEFINE_integer("steps", 3, "SGD steps.")
 flags.DEFINE_float("learning_rate", 0.5, "SGD learning rate.")
 flags.DEFINE_multi_string("gin_file", [], "Gin files.")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
+flags.DEFINE_string("remat", "none", "Trainer recomputation (train.remat).")
 
 
 def main(argv):
@@ -80,7 +81,7 @@ def main(argv):
     v.assign(value)
 
   trainer = training.Trainer(model, keras.optimizers.SGD(FLAGS.learning_rate), ctx=ctx,
-                             clip_norm=0.0)
+                             clip_norm=0.0, remat=FLAGS.remat)
   compute = tf.function(tf.autograph.experimental.do_not_convert(trainer.compute_gradients))
   grads, metrics = compute(batches[0])
   np.savez(f"{FLAGS.out}.rank{ctx.rank}.grads.npz",

@@ -51,6 +51,7 @@ def main(argv):
                                       stop_after=FLAGS.stop_after)
     result["losses"] = summary["losses"]
     result["step"] = summary["step"]
+    result["eval_captions"] = (summary["eval"] or {}).get("captions")
     model = summary["model"]
     dense = [v.numpy() for v in model.trainable_variables if not context_lib.is_expert_variable(v)]
     expert = [v.numpy() for v in model.trainable_variables if context_lib.is_expert_variable(v)]
