@@ -10,8 +10,10 @@ PYTEST_ARGS ?=
 
 .PHONY: setup data train evaluate caption test test-fast clean
 
+# `make setup GPU=1` on a GPU node: tensorflow[and-cuda] and Horovod with NCCL (README "GPU
+# clusters: the NCCL build"); without GPU= the command is exactly the CPU one.
 setup:
-	@bash tools/setup_env.sh
+	@$(if $(GPU),M6T_GPU=$(GPU) )bash tools/setup_env.sh
 
 data: setup
 	@$(PY) tools/build_demo_data.py
@@ -67,3 +69,12 @@ experiments: experiments-setup
 	    --moe_gin=tools/experiments/gin/2top1_cap_k.gin --moe_gin=tools/experiments/gin/top2_cap_k.gin \
 	    --moe_gin=tools/experiments/gin/4top1_cap_k.gin --moe_gin=tools/experiments/gin/top4_cap_k.gin \
 	    --out=docs/results/compare_dense.json > docs/results/compare_dense.md
+
+# The GPU (NCCL) flavour built and checked on any machine, GPU or not, in its own venv so that
+# .venv (the suite's) is never touched; not part of `make test`. Then, on a GPU node:
+# `make setup GPU=1 && bash tools/gpu_check.sh`.
+.PHONY: gpu-build-check
+GPU_VENV ?= .venv-gpu
+gpu-build-check:
+	@M6T_GPU=1 M6T_VENV=$(GPU_VENV) bash tools/setup_env.sh
+	@PYTHON=$(GPU_VENV)/bin/python bash tools/gpu_check.sh --build-only
