@@ -72,6 +72,7 @@ def parse(gin_files, gin_bindings, search_paths=()) -> None:
   finally:
     logging.getLogger().removeFilter(quiet)
   resolve_max_len()
+  resolve_real_token_fraction()
 
 
 def _remote_file(path: str) -> bool:
@@ -116,6 +117,48 @@ def resolve_max_len() -> None:
       return
   if lengths:
     gin.bind_parameter("%MAX_LEN", max(lengths))
+
+
+def real_token_fraction(mean_caption_tokens: float, max_len: int,
+                        num_patches: int = 16) -> float:
+  """The share of a batch's positions that are real tokens: patches plus the caption input.
+
+  The network reads `tokens[:, :-1]` of captions padded (or cut) to `max_len`, so a caption of
+  n tokens ([CLS]/[SEP] included) fills min(n, max_len − 1) of its max_len − 1 input
+  positions; the 16 patches are always real. Computed at the mean n (for truncated data this
+  slightly overstates the share: C errs on the large side).
+  """
+  real = num_patches + min(float(mean_caption_tokens), max_len - 1)
+  return round(real / (num_patches + max_len - 1), 4)
+
+
+def resolve_real_token_fraction() -> None:
+  """`REAL_TOKEN_FRACTION = None` (gin/demo.gin): expert capacity follows the real tokens.
+
+  Padding is not routed, so a capacity computed from every position of a padded batch gives
+  an effective γ of γ / (real share) — about 1.8 for the demo's 1.25. Binds the macro to the
+  real share of train.train_data's batches (`real_token_fraction`, from metadata.json's
+  mean caption length and MAX_LEN), so `MoE` sizes C = ceil(k · share · T / E · γ) and the
+  γ of the config is the one routing gets. It lands in config.gin, so the evaluator and the
+  caption tools rebuild the same capacity. Unknown (no mean in metadata.json): 1.0, every
+  position, as before.
+  """
+  try:
+    if gin.query_parameter("%REAL_TOKEN_FRACTION") is not None:
+      return
+  except ValueError:  # no macro: the config wires MoEConfig itself
+    return
+  from m6t_tf.data import metadata
+  fraction = 1.0
+  pattern, max_len = query("train.train_data"), query("train.max_len")
+  if isinstance(pattern, str) and pattern and isinstance(max_len, int):
+    try:
+      mean = metadata.read(pattern, binding="train.train_data").mean_caption_tokens
+    except ConfigError:
+      mean = None
+    if mean is not None:
+      fraction = real_token_fraction(mean, max_len)
+  gin.bind_parameter("%REAL_TOKEN_FRACTION", fraction)
 
 
 def check_required() -> None:

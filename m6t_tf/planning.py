@@ -252,12 +252,24 @@ class PlanConfig:
 
   @property
   def capacity(self) -> int:
-    """C at training time (`MoE.capacity_for(T, training=True)`)."""
+    """Slots per expert in the buffers: O · C, with C = `MoE.capacity_for(T / O, training=True)`
+    for O outer groups (`num_groups`; 1 by default). Dropless has no C: the planner sizes it at
+    balanced routing, k·T/E rows per expert, or at its `max_tokens_per_expert_factor`
+    ceiling when one is set (the worst case it allows)."""
     if not self.moe:
       return 0
     from m6t_tf.layers import routing as routing_lib  # noqa: the capacity rule, one definition
-    return routing_lib.capacity(
-        self.tokens_per_worker, self.num_experts, k=self.k,
+    groups = int(self.moe.get("num_groups", 1) or 1)
+    if self.moe.get("capacity_mode") == "dropless":
+      factor = self.moe.get("max_tokens_per_expert_factor")
+      return routing_lib.capacity(self.tokens_per_worker, self.num_experts, k=self.k,
+                                  capacity_factor=float(factor or 1.0), mode="k")
+    tokens = self.tokens_per_worker // groups
+    fraction = self.moe.get("capacity_token_fraction")
+    if fraction is not None:   # `MoE.capacity_for`: C from the real tokens' share
+      tokens = max(1, math.ceil(float(fraction) * tokens - 1e-9))
+    return groups * routing_lib.capacity(
+        tokens, self.num_experts, k=self.k,
         capacity_factor=float(self.moe.get("capacity_factor", 1.25)),
         mode=self.moe.get("capacity_mode", "k"), min_capacity=int(self.moe.get("min_capacity", 1)))
 

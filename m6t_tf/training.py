@@ -201,6 +201,8 @@ class Trainer:
           tf.cast(layer.stats["tokens_per_expert"], tf.float32)).numpy()
       mean = tokens.mean()
       out[f"{name}/load_cv"] = float(tokens.std() / mean) if mean > 0 else 0.0
+      # The busiest expert against the mean: what a dropless layer's memory grows with.
+      out[f"{name}/max_over_mean_load"] = float(tokens.max() / mean) if mean > 0 else 0.0
       out[f"{name}/dropped_fraction"] = float(layer.stats["dropped_fraction"].numpy())
       out[f"{name}/aux_loss"] = float(layer.stats["aux_loss"].numpy())
       out[f"{name}/z_loss"] = float(layer.stats["z_loss"].numpy())
@@ -208,6 +210,24 @@ class Trainer:
         # Forward and backward each move the [D, e, C, M] buffer out and back.
         out[f"{name}/alltoall_bytes_per_step"] = 2.0 * layer.alltoall_bytes_per_forward()
     return out
+
+
+def dropless_warnings(model, stats: dict) -> list[str]:
+  """One line per dropless MoE layer whose `max_tokens_per_expert_factor` ceiling dropped
+  token choices in the last step (`stats` from `Trainer.moe_stats`)."""
+  lines = []
+  for i, layer in enumerate(model.moe_layers):
+    if layer.capacity_mode != "dropless" or layer.max_tokens_per_expert_factor is None:
+      continue
+    name = layer.path.split("/", 1)[-1] if hasattr(layer, "path") else f"moe_{i}"
+    dropped = stats.get(f"{name}/dropped_fraction", 0.0)
+    if dropped > 0:
+      lines.append(f"warning: {name} is dropless but its max_tokens_per_expert_factor="
+                   f"{layer.max_tokens_per_expert_factor:g} ceiling dropped {dropped:.2%} of its "
+                   f"token choices this step (busiest expert "
+                   f"{stats.get(f'{name}/max_over_mean_load', 0.0):.1f}× the mean load); raise "
+                   f"the factor if memory allows, or balance the router (MoEConfig.aux_loss_weight)")
+  return lines
 
 
 def variables_by_path(model, optimizer=None) -> dict:
@@ -718,6 +738,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     bad_total.assign(bad_records())
     checkpointer.save(step)
   start = int(step_var)
+  positions_per_step = batch_size_per_worker * (max_len - 1 + 16)  # per worker
   writer = tf.summary.create_file_writer(os.path.join(model_dir, "train")) if ctx.is_chief else None
   if ctx.is_chief:
     try:
@@ -728,13 +749,28 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     n_params = model.count_params()
     print(f"Model: {n_params:,} parameters on this worker; {len(model.moe_layers)} MoE layers; "
           f"{ctx.describe()}; steps {start}→{num_steps}", flush=True)
+    if model.moe_layers:
+      layer = model.moe_layers[0]
+      if layer.capacity_mode == "dropless":
+        print("Experts: dropless (no capacity; every token reaches its experts)", flush=True)
+      else:
+        fraction = layer.capacity_token_fraction
+        share = (f"{fraction:.1%} of the {positions_per_step:,} positions, the real tokens' "
+                 f"share" if fraction is not None and fraction < 1 else
+                 f"all {positions_per_step:,} positions (padding included)")
+        print(f"Experts: C = {layer.capacity_for(positions_per_step // layer.num_groups, True)} "
+              f"slots per expert{' per group' if layer.num_groups > 1 else ''}, "
+              f"γ = {layer.capacity_factor} over {share}", flush=True)
   progress = Progress(num_steps, start, log_every, ctx.is_chief)
   samples = (CaptionSamples(eval_data, num_images=eval_captions, network=model.network,
                             image_mode=image_mode, max_len=max_len, ctx=ctx)
              if eval_data and eval_captions else None)
-  tokens_per_step = batch_size_per_worker * (max_len - 1 + 16) * ctx.size
+  # Real (routed) positions since the last log: patches of real examples plus non-padding
+  # caption inputs; the rest of a padded batch is computed by attention but never routed.
+  real_positions = 0
   losses = []
   last_log_time, last_log_step = time.time(), start
+  dropless_ceiling_hits = 0  # (layer, log step) pairs where a dropless ceiling dropped tokens
   end = num_steps if stop_after is None else min(num_steps, start + stop_after)
   eval_result = None
   step = start
@@ -752,6 +788,8 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     faults.maybe_corrupt(step, model)
     trainer.reseed(seed, step)
     batch = next(iterator)
+    inputs = batch["tokens"].numpy()[:, :-1]
+    real_positions += 16 * int(np.count_nonzero(inputs[:, 0])) + int(np.count_nonzero(inputs))
     if key_log is not None:
       batch = dict(batch)
       keys = batch.pop("key").numpy()
@@ -776,20 +814,40 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     faults.maybe_kill("kill_after_step", step)
     if step % log_every == 0 or step == end:
       elapsed = time.time() - last_log_time
-      tok_s = tokens_per_step * (step - last_log_step) / max(elapsed, 1e-9)
+      # Real tokens per second over all workers (each worker counts its own batch).
+      steps_logged = step - last_log_step
+      real_total = float(ctx.sum_over_world(tf.constant(float(real_positions))))
+      tok_s = real_total / max(elapsed, 1e-9)
+      padded_fraction = 1.0 - real_total / (positions_per_step * ctx.size * steps_logged)
       m = numpy_metrics(ctx.mean_metrics({k: metrics[k] for k in ("loss", "moe_loss", "grad_norm")}))
       lr = float(metrics["learning_rate"])
       progress.update(step, m["loss"], lr, tok_s)
       scalars = {"loss": m["loss"], "log_perplexity": m["loss"], "learning_rate": lr,
                  "moe_loss": m["moe_loss"], "grad_norm": m["grad_norm"],
                  "step_time_s": time.time() - t_step, "tokens_per_s": tok_s,
+                 "data/padded_fraction": padded_fraction,
                  "skipped_steps": float(trainer.loss_scale.skipped.numpy())}
-      scalars.update({f"moe/{k}": v for k, v in trainer.moe_stats().items()})
+      moe_stats = trainer.moe_stats()
+      scalars.update({f"moe/{k}": v for k, v in moe_stats.items()})
+      warnings = dropless_warnings(model, moe_stats)
+      dropless_ceiling_hits += len(warnings)
+      scalars["moe/dropless_ceiling_hits"] = float(dropless_ceiling_hits)
+      if ctx.is_chief:
+        for line in warnings:
+          print(line, flush=True)
       bad = bad_records()
       scalars.update({f"data/bad_records/{r}": float(n) for r, n in zip(records.REASON_NAMES, bad)})
       scalars["data/bad_records_total"] = float(bad.sum())
+      capped = [l for l in model.moe_layers if l.last_capacity is not None]
+      if capped and real_total > 0:
+        # γ the routed tokens got: slots per expert over the mean real choices per expert.
+        layer = capped[0]
+        real_per_worker = real_total / (ctx.size * steps_logged)
+        k_eff = layer.k if layer.capacity_mode == "k" else 1
+        scalars["moe/effective_capacity_factor"] = (
+            layer.last_capacity * layer.num_groups * layer.num_experts / (k_eff * real_per_worker))
       summary_scalars(writer, step, scalars)
-      last_log_time, last_log_step = time.time(), step
+      last_log_time, last_log_step, real_positions = time.time(), step, 0
     watchdog.step_done(step)
     if step % checkpoint_every == 0 and step != end:
       save(step)

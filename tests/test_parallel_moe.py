@@ -130,6 +130,23 @@ def test_matches_one_process_holding_all_experts(runs, data, expert, tag):
 
 
 @pytest.mark.parametrize("data,expert", MESHES)
+@pytest.mark.parametrize("load", ["balanced", "skewed"])
+@pytest.mark.parametrize("routing", ["top_k1", "top_k2", "prototype2"])
+def test_dropless_matches_one_process(runs, data, expert, load, routing):
+  """Dropless: variable-size all-to-alls, eager and traced, training and evaluation, equal to
+  one process; nothing dropped, even when every token's first choice is one expert."""
+  run = runs.equivalence(data, expert)
+  tag = f"dropless_{load}/{routing}"
+  for part in ("out", "loss", "grad_x", "grad_router", "grad_wi", "grad_wo", "no_drop",
+               "tf_function", "eval"):
+    _assert_ok(run, f"{tag}/{part}")
+  if load == "skewed":
+    loads = [c["value"] for _, c in _checks(run, f"{tag}/max_over_mean_load")]
+    # Expert 0 takes every token's first choice: E/k times its balanced share (4 here).
+    assert min(loads) >= 4.0 - 1e-6, loads
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
 def test_some_tokens_were_dropped(runs, data, expert):
   """The comparison covers capacity overflow, not only the happy path."""
   run = runs.equivalence(data, expert)

@@ -154,7 +154,7 @@ def convert(input_path: str | os.PathLike, *, image_dir: str | os.PathLike,
            "validation": [records.shard_name("validation", 0, 1)]}
   counts = {"train": [0] * num_train_shards, "validation": [0]}
   skipped: list[str] = []
-  num_skipped = num_truncated = num_unk = max_tokens = 0
+  num_skipped = num_truncated = num_unk = max_tokens = sum_tokens = 0
 
   with contextlib.ExitStack() as stack:
     writers = {split: [stack.enter_context(records.RecordWriter(output_dir / n)) for n in ns]
@@ -182,6 +182,7 @@ def convert(input_path: str | os.PathLike, *, image_dir: str | os.PathLike,
         continue
       num_unk += caption_ids.count(UNK_ID)
       max_tokens = max(max_tokens, len(caption_ids))
+      sum_tokens += len(caption_ids)
       split = "validation" if key in held else "train"
       # Round-robin over the training shards keeps their sizes within one record.
       shard = sum(counts[split]) % len(writers[split])
@@ -206,6 +207,7 @@ def convert(input_path: str | os.PathLike, *, image_dir: str | os.PathLike,
       "vocab_size": tokenizer.vocab_size,
       "max_len": max_len,
       "max_caption_tokens": max_tokens,
+      "mean_caption_tokens": round(sum_tokens / max(1, sum(map(sum, counts.values()))), 3),
       "num_truncated_captions": int(num_truncated),
       "num_unk_tokens": num_unk,
       "num_lines": num_lines,

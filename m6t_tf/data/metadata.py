@@ -47,6 +47,9 @@ class DataFacts:
     feature_dim: P of the patch features, or None.
     max_caption_tokens: the longest caption in tokens ([CLS]/[SEP] included); None = unknown
       (no metadata and no scan asked for).
+    mean_caption_tokens: the mean caption length in tokens, from metadata.json (weighted by
+      records over folders); None = unknown. Sizes expert capacity from the real tokens
+      (`configurables.resolve_real_token_fraction`).
   """
   pattern: str
   binding: str
@@ -55,6 +58,7 @@ class DataFacts:
   image_size: Optional[tuple]
   feature_dim: Optional[int]
   max_caption_tokens: Optional[int]
+  mean_caption_tokens: Optional[float] = None
 
   def where(self) -> str:
     return f"{self.binding}={self.pattern!r}"
@@ -108,8 +112,11 @@ def read(pattern: str, *, binding: str, need_length: bool = False) -> DataFacts:
 
 
 def _from_metadata(pattern, binding, metas) -> DataFacts:
-  modes, sizes, dims, lengths = set(), set(), set(), []
+  modes, sizes, dims, lengths, means = set(), set(), set(), [], []
   for _, meta in metas:
+    records = meta.get("num_pairs", meta.get("num_records"))
+    if meta.get("mean_caption_tokens") is not None and records:
+      means.append((float(meta["mean_caption_tokens"]), int(records)))
     mode = meta.get("image_mode", "pixels")
     modes.update([mode] if isinstance(mode, str) else mode)
     if meta.get("image_size"):
@@ -127,7 +134,9 @@ def _from_metadata(pattern, binding, metas) -> DataFacts:
                    image_modes=tuple(sorted(modes)),
                    image_size=next(iter(sizes)) if sizes else None,
                    feature_dim=next(iter(dims)) if dims else None,
-                   max_caption_tokens=max(lengths) if len(lengths) == len(metas) else None)
+                   max_caption_tokens=max(lengths) if len(lengths) == len(metas) else None,
+                   mean_caption_tokens=(sum(m * n for m, n in means) / sum(n for _, n in means)
+                                        if means and len(means) == len(metas) else None))
 
 
 def _features(serialized: bytes) -> dict:

@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from m6t_tf.layers import dropout as dropout_lib
+from m6t_tf.parallel import communicator as comm_lib
 
 ACTIVATIONS = ("relu", "gelu", "swiglu", "linear")
 
@@ -51,6 +52,26 @@ def expert_matmul(x, w):
   return tf.transpose(y, [*range(1, e_axis + 1), 0, rank - 2, rank - 1])
 
 
+def grouped_apply(x, group_sizes, num_experts: int, expert_fn, output_size: int, training):
+  """Runs `expert_fn(j, rows_j, training)` on each expert's row range of <float>[R, M].
+
+  Dropless MoE computes on the real rows only: R = Σ group_sizes varies per step, so each
+  expert runs a plain matmul on its dynamic slice (`tf.split` with run-time sizes; its
+  gradient is a concat). A trailing (e+1)-th group gets zeros.
+
+  Returns:
+    <float>[R, output_size], rows in the input's order.
+  """
+  num_groups = group_sizes.shape[0]
+  if num_groups not in (num_experts, num_experts + 1):
+    raise ValueError(f"group_sizes has {num_groups} groups; expected e={num_experts} or e+1")
+  parts = tf.split(x, group_sizes, num=num_groups, axis=0)
+  outs = [expert_fn(j, parts[j], training) for j in range(num_experts)]
+  if num_groups > num_experts:
+    outs.append(tf.zeros([tf.shape(parts[-1])[0], output_size], x.dtype))
+  return tf.concat(outs, axis=0)
+
+
 @keras.saving.register_keras_serializable(package="m6t_tf")
 class Experts(keras.layers.Layer):
   """e expert FFNs with stacked weights `[e, M, I]` and `[e, I, M]`.
@@ -63,6 +84,9 @@ class Experts(keras.layers.Layer):
     init_std: std of the truncated-normal initialiser (0.02; 0.002 for the 1T model).
     dropout_rate: dropout on the intermediate activations (0.1 in M6).
   """
+
+  # Each worker holds its own e experts: `m6t_tf.parallel` reads this mark.
+  expert_sharded = True
 
   def __init__(self, num_local_experts: int, hidden_size: int, intermediate_size: int, *,
                activation: str = "gelu", init_std: float = 0.02, dropout_rate: float = 0.0,
@@ -90,8 +114,19 @@ class Experts(keras.layers.Layer):
     self.wo = self.add_weight(name="wo", shape=(e, i, m), initializer=init)
     self.built = True
 
-  def call(self, x, training=None):
-    """<float>[..., e, C, M] -> <float>[..., e, C, M]."""
+  def call(self, x, training=None, group_sizes=None):
+    """<float>[..., e, C, M] -> <float>[..., e, C, M]; with `group_sizes`, grouped rows.
+
+    Args:
+      x: the e experts' slot buffers, or (with `group_sizes`) <float>[R, M] rows grouped by
+        expert: the first group_sizes[0] rows for expert 0, and so on (dropless MoE).
+      training: dropout on.
+      group_sizes: optional <int32>[e] or [e + 1]: rows per expert; an (e+1)-th group is rows
+        no expert computes (they get zeros).
+    """
+    if group_sizes is not None:
+      return grouped_apply(x, group_sizes, self.num_local_experts, self._expert_rows,
+                           self.hidden_size, training)
     act = activation_fn(self.activation)
     h = expert_matmul(x, self.wi)                                        # [..., e, C, I]
     if self.activation == "swiglu":
@@ -100,6 +135,15 @@ class Experts(keras.layers.Layer):
       h = act(h)
     h = self._dropout(h, training=training)
     return expert_matmul(h, self.wo)                                     # [..., e, C, M]
+
+  def _expert_rows(self, j: int, x, training):
+    """Expert j on its rows <float>[R_j, M] -> [R_j, M] (plain matmuls)."""
+    act = activation_fn(self.activation)
+    cast = lambda w: tf.cast(w[j], x.dtype)
+    h = tf.matmul(x, cast(self.wi))                                      # [R_j, I]
+    h = act(tf.matmul(x, cast(self.wi_gate))) * h if self.activation == "swiglu" else act(h)
+    h = self._dropout(h, training=training)
+    return tf.matmul(h, cast(self.wo))                                   # [R_j, M]
 
   def get_config(self):
     config = super().get_config()
@@ -112,6 +156,9 @@ class Experts(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="m6t_tf")
 class LinearExperts(keras.layers.Layer):
   """e one-matrix experts without non-linearity, `[e, M, N]` (MoE attention, paper §3.4)."""
+
+  # Each worker holds its own e experts: `m6t_tf.parallel` reads this mark.
+  expert_sharded = True
 
   def __init__(self, num_local_experts: int, input_size: int, output_size: int, *,
                init_std: float = 0.02, **kwargs):
@@ -127,9 +174,14 @@ class LinearExperts(keras.layers.Layer):
         initializer=keras.initializers.TruncatedNormal(stddev=self.init_std))
     self.built = True
 
-  def call(self, x, training=None):
-    """<float>[..., e, C, M] -> <float>[..., e, C, N]."""
-    del training
+  def call(self, x, training=None, group_sizes=None):
+    """<float>[..., e, C, M] -> <float>[..., e, C, N]; rows grouped by expert with
+    `group_sizes` (see `Experts.call`)."""
+    if group_sizes is not None:
+      return grouped_apply(
+          x, group_sizes, self.num_local_experts,
+          lambda j, rows, training: tf.matmul(rows, tf.cast(self.kernel[j], rows.dtype)),
+          self.output_size, training)
     return expert_matmul(x, self.kernel)
 
   def get_config(self):

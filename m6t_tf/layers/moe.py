@@ -25,6 +25,7 @@ Two dispatch implementations compute the same function:
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Optional
 
@@ -37,6 +38,8 @@ from m6t_tf.layers import routing as routing_lib
 from m6t_tf.parallel import communicator as comm_lib
 
 ROUTINGS = ("top_k", "prototype")
+#: "k" and "1" route under a capacity C (`routing.capacity`); "dropless" drops nothing.
+CAPACITY_MODES = routing_lib.CAPACITY_MODES + ("dropless",)
 DISPATCHES = ("einsum", "index")
 EXPERT_TYPES = ("ffn", "linear")
 #: Names of the routing statistics every MoE layer exposes after each call (`MoE.stats`).
@@ -154,7 +157,19 @@ class MoE(keras.layers.Layer):
     k: choices per token; for "prototype" the number of prototypes Z (E must divide by Z).
     capacity_factor: γ at training time (1.25 in M6-T).
     eval_capacity_factor: γ at evaluation (`training=False`); defaults to `capacity_factor`.
-    capacity_mode: "k" (Capacity k×) or "1" (Capacity 1×, the paper's limited setting).
+    capacity_mode: "k" (Capacity k×), "1" (Capacity 1×, the paper's limited setting) or
+      "dropless" (no capacity: every token reaches its k experts, in training and evaluation;
+      the experts compute the real rows only, exchanged with variable-size all-to-alls).
+    max_tokens_per_expert_factor: dropless only, optional memory guard: an expert takes at
+      most ceil(factor · k·T / E) choices of a call and drops the rest (counted in
+      `stats["dropped_fraction"]`, and the trainer warns). None = no ceiling.
+    capacity_token_fraction: the share of a call's T positions that are real tokens (padding
+      is not routed): C is computed from that many tokens, so γ is the effective capacity
+      factor over the tokens routed. None or 1.0: every position (the paper's rule). The
+      trainer binds it from the data (`REAL_TOKEN_FRACTION`, gin/demo.gin).
+    num_groups: O outer-batch groups (the second paper, axlearn's `outer_batch`): the T tokens
+      split into O contiguous groups, each routed and capacity-limited on its own (C computed
+      from T/O tokens); one all-to-all carries all groups ([D, e, O·C, M]). 1 = one group.
     normalization: gate normalisation, see `routing.top_k_routing`; "auto" by default.
     dispatch: "index" (fast gather) or "einsum" (GShard reference).
     activation: "relu" | "gelu" | "swiglu" for FFN experts.
@@ -186,6 +201,8 @@ class MoE(keras.layers.Layer):
                dropout_rate: float = 0.0, aux_loss_weight: float = 0.0,
                z_loss_weight: float = 0.0, min_capacity: int = 1,
                second_expert_policy: str = "all", drop_policy: str = "position",
+               max_tokens_per_expert_factor: Optional[float] = None, num_groups: int = 1,
+               capacity_token_fraction: Optional[float] = None,
                communicator: Optional[comm_lib.Communicator] = None, **kwargs):
     super().__init__(**kwargs)
     if not isinstance(num_experts, int) or num_experts < 1:
@@ -203,8 +220,24 @@ class MoE(keras.layers.Layer):
                         ("eval_capacity_factor", eval_capacity_factor)):
       if value is not None and not value > 0:
         raise ValueError(f"{name}={value!r} must be > 0 (M6-T uses 1.25, the second paper 2.0)")
-    if capacity_mode not in routing_lib.CAPACITY_MODES:
-      raise ValueError(f"capacity_mode={capacity_mode!r}; allowed: {routing_lib.CAPACITY_MODES}")
+    if capacity_mode not in CAPACITY_MODES:
+      raise ValueError(f"capacity_mode={capacity_mode!r}; allowed: {CAPACITY_MODES}")
+    if max_tokens_per_expert_factor is not None:
+      if capacity_mode != "dropless":
+        raise ValueError(f"max_tokens_per_expert_factor={max_tokens_per_expert_factor!r} is the "
+                         f"dropless memory guard; capacity_mode={capacity_mode!r} has a capacity "
+                         f"already (capacity_factor): set capacity_mode='dropless' or drop it")
+      if not max_tokens_per_expert_factor > 0:
+        raise ValueError(f"max_tokens_per_expert_factor={max_tokens_per_expert_factor!r} must be "
+                         f"> 0 (e.g. 4.0: an expert takes at most 4× its balanced share)")
+    if capacity_token_fraction is not None and not 0.0 < capacity_token_fraction <= 1.0:
+      raise ValueError(f"capacity_token_fraction={capacity_token_fraction!r} must be in (0, 1]: "
+                       f"the share of positions that are real tokens (None = all)")
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+      raise ValueError(f"num_groups={num_groups!r} must be an integer >= 1")
+    if num_groups > 1 and capacity_mode == "dropless":
+      raise ValueError(f"num_groups={num_groups} splits the capacity into groups; "
+                       f"capacity_mode='dropless' has none: use num_groups=1")
     if normalization not in routing_lib.NORMALIZATIONS:
       raise ValueError(f"normalization={normalization!r}; allowed: {routing_lib.NORMALIZATIONS}")
     if dispatch not in DISPATCHES:
@@ -255,6 +288,9 @@ class MoE(keras.layers.Layer):
     self.min_capacity = min_capacity
     self.second_expert_policy = second_expert_policy
     self.drop_policy = drop_policy
+    self.max_tokens_per_expert_factor = max_tokens_per_expert_factor
+    self.num_groups = num_groups
+    self.capacity_token_fraction = capacity_token_fraction
     # Seeds the second-expert draws of calls without `seed=`. Only the random policy creates it
     # (other layers' variables are unchanged). Its state is a layer variable whose path holds
     # "seed_generator", so the trainer treats it as dropout's: reseeded every step from
@@ -265,7 +301,8 @@ class MoE(keras.layers.Layer):
     # E must split evenly over the expert group; raised here, before any collective.
     self.expert_ids = self.communicator.expert_ids(num_experts)
     self.num_local_experts = len(self.expert_ids)
-    #: C of the last call (static), for reporting all-to-all volume.
+    #: C of the last call (static, per group), for reporting all-to-all volume; None when
+    #: dropless.
     self.last_capacity: Optional[int] = None
     #: Recompute the expert FFNs in the backward pass (set by `M6Transformer.set_remat`).
     self.remat_experts = False
@@ -309,9 +346,18 @@ class MoE(keras.layers.Layer):
     return tuple(input_shape[:-1]) + (n,)
 
   def capacity_for(self, num_tokens: int, training: bool) -> int:
+    """C for a call of `num_tokens` tokens (per group with `num_groups`). Dropless: the most
+    choices an expert may take, K·T, or the `max_tokens_per_expert_factor` ceiling."""
+    if self.capacity_mode == "dropless":
+      if self.max_tokens_per_expert_factor is None:
+        return self.k * num_tokens
+      return max(1, math.ceil(self.max_tokens_per_expert_factor * self.k * num_tokens
+                              / self.num_experts - 1e-9))
     factor = self.capacity_factor
     if not training and self.eval_capacity_factor is not None:
       factor = self.eval_capacity_factor
+    if self.capacity_token_fraction is not None:
+      num_tokens = max(1, math.ceil(self.capacity_token_fraction * num_tokens - 1e-9))
     return routing_lib.capacity(num_tokens, self.num_experts, k=self.k, capacity_factor=factor,
                                 mode=self.capacity_mode, min_capacity=self.min_capacity)
 
@@ -321,9 +367,13 @@ class MoE(keras.layers.Layer):
     Counts the whole [D, e, C, M] buffer both ways, as the collective moves it (the row a
     worker keeps for itself included), so the figure is independent of D.
     """
+    if self.capacity_mode == "dropless" and capacity is None:
+      raise ValueError("alltoall_bytes_per_forward: a dropless layer sends its real rows, which "
+                       "vary per step (stats['tokens_per_expert']); pass capacity= for a bound")
     c = capacity if capacity is not None else self.last_capacity
     if c is None:
       raise ValueError("alltoall_bytes_per_forward: call the layer once or pass capacity=")
+    c *= self.num_groups
     wire = self.communicator.wire_dtype or self.compute_dtype
     n_out = (self.output_size or self.hidden_size) if self.expert_type == "linear" else self.hidden_size
     return self.num_experts * c * (self.hidden_size + n_out) * tf.as_dtype(wire).size
@@ -355,67 +405,152 @@ class MoE(keras.layers.Layer):
       raise ValueError(f"MoE needs a static token count (capacity depends on it); got input "
                        f"shape {inputs.shape}. Use fixed batch and sequence sizes.")
     mask = None if token_mask is None else tf.reshape(token_mask, [-1])
+    if num_tokens % self.num_groups:
+      raise ValueError(f"num_groups={self.num_groups} must divide the T={num_tokens} tokens of "
+                       f"the call (batch × sequence length)")
     if capacity is None:
-      c = self.capacity_for(num_tokens, bool(training))
+      c = self.capacity_for(num_tokens // self.num_groups, bool(training))
     elif isinstance(capacity, int) and capacity >= 1:
       c = capacity
     else:
       raise ValueError(f"capacity={capacity!r} must be an integer >= 1 (or None for the "
                        f"capacity factor)")
-    self.last_capacity = c
+    # C of the slot buffers (per group); a dropless layer has none (its rows vary per step).
+    self.last_capacity = None if self.capacity_mode == "dropless" else c
 
     logits = self.router(tf.cast(x, tf.float32))                          # [T, E] float32
-    policy, uniform = "all", None
-    if self.second_expert_policy == "random" and training and self.k > 1:
-      policy = "random"
-      if seed is None:
-        # Inside a Transformer block the seed comes from the block's per-step seed scope (so a
-        # recomputed forward draws the same values); standalone, from the layer's generator.
-        seed = dropout_lib.next_seed()
-      if seed is None:
-        seed = self._seed_generator.next()
-      seed = tf.random.experimental.stateless_fold_in(
-          tf.cast(seed, tf.int64), _SECOND_EXPERT_SEED_SALT)
-      uniform = tf.random.stateless_uniform([self.k - 1, num_tokens], seed=seed)  # [K-1, T]
-    r = routing_lib.route(logits, routing=self.routing, k=self.k, capacity=c,
-                          normalization=self.normalization, token_mask=mask,
-                          second_expert_policy=policy, drop_policy=self.drop_policy,
-                          uniform=uniform)
+    uniform = self._second_expert_draws(num_tokens, training, seed)        # [K-1, T] or None
+    policy = "all" if uniform is None else "random"
+    route = lambda lg, cap, m, u: routing_lib.route(
+        lg, routing=self.routing, k=self.k, capacity=cap, normalization=self.normalization,
+        token_mask=m, second_expert_policy=policy, drop_policy=self.drop_policy, uniform=u)
 
-    if self.dispatch == "einsum":
-      dispatched = dispatch_einsum(x, r)                                   # [E, C, M]
+    if self.capacity_mode == "dropless":
+      r = route(logits, c, mask, uniform)
+      out = self._dropless(x, r, training)                                 # [T, N]
+      routings = [r]
     else:
-      dispatched = dispatch_index(x, r, self.num_experts)                  # [E, C, M]
-    d = self.communicator.expert_group_size
-    e = self.num_local_experts
-    dispatched = tf.reshape(dispatched, [d, e, c, m])                      # [D, e, C, M]
-    received = self.communicator.all_to_all(dispatched)                   # [D, e, C, M]
-    # With `remat_experts`, the expert FFNs (their [e, D·C, I] activations are the layer's
-    # largest) are recomputed in the backward pass; routing and the all-to-alls stay outside,
-    # so nothing is sent again. Same dropout masks either way (`dropout_lib.maybe_remat`).
-    run_experts = dropout_lib.maybe_remat(lambda t: self.experts(t, training=training),
-                                          bool(self.remat_experts and training))
-    y = run_experts(received)                                             # [D, e, C, N]
-    n = y.shape[-1]
-    returned = self.communicator.all_to_all(y)                            # [D, e, C, N]
-    returned = tf.reshape(returned, [self.num_experts, c, n])             # [E, C, N]
-    if self.dispatch == "einsum":
-      out = combine_einsum(returned, r)                                    # [T, N]
-    else:
-      out = combine_index(returned, r, self.num_experts)                   # [T, N]
+      o = self.num_groups
+      split = lambda t, axis=0: [None] * o if t is None else tf.split(t, o, axis=axis)
+      routings = [route(lg, c, m, u) for lg, m, u in zip(
+          split(logits), split(mask), split(uniform, axis=1))]
+      out = self._dispatch_and_combine(split(x), routings, training)       # [T, N]
 
+    n = out.shape[-1]
     sink = getattr(_LOSS_SINK, "losses", None)
     add_loss = self.add_loss if sink is None else sink.append
+    # Per-group losses are averaged (equal-size groups), as GShard does over its groups.
+    aux_loss = tf.add_n([r.aux_loss for r in routings]) / len(routings)
+    z_loss = tf.add_n([r.z_loss for r in routings]) / len(routings)
     if self.aux_loss_weight > 0:
-      add_loss(self.aux_loss_weight * r.aux_loss)
+      add_loss(self.aux_loss_weight * aux_loss)
     if self.z_loss_weight > 0:
-      add_loss(self.z_loss_weight * r.z_loss)
-    self._stats["tokens_per_expert"].assign(r.tokens_per_expert)
-    self._stats["load_cv"].assign(routing_lib.coefficient_of_variation(r.tokens_per_expert))
-    self._stats["dropped_fraction"].assign(r.dropped_fraction)
-    self._stats["aux_loss"].assign(r.aux_loss)
-    self._stats["z_loss"].assign(r.z_loss)
+      add_loss(self.z_loss_weight * z_loss)
+    tokens_per_expert = tf.add_n([r.tokens_per_expert for r in routings])
+    used = tf.add_n([tf.reduce_sum(tf.cast(r.used, tf.float32)) for r in routings])
+    kept = tf.add_n([tf.reduce_sum(tf.cast(r.kept, tf.float32)) for r in routings])
+    self._stats["tokens_per_expert"].assign(tokens_per_expert)
+    self._stats["load_cv"].assign(routing_lib.coefficient_of_variation(tokens_per_expert))
+    self._stats["dropped_fraction"].assign(tf.math.divide_no_nan(used - kept, used))
+    self._stats["aux_loss"].assign(aux_loss)
+    self._stats["z_loss"].assign(z_loss)
     return tf.reshape(out, tf.concat([shape[:-1], [n]], axis=0))
+
+  def _second_expert_draws(self, num_tokens: int, training, seed):
+    """<float32>[K-1, T] uniform draws of second_expert_policy="random" (training), or None."""
+    if not (self.second_expert_policy == "random" and training and self.k > 1):
+      return None
+    if seed is None:
+      # Inside a Transformer block the seed comes from the block's per-step seed scope (so a
+      # recomputed forward draws the same values); standalone, from the layer's generator.
+      seed = dropout_lib.next_seed()
+    if seed is None:
+      seed = self._seed_generator.next()
+    seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64),
+                                                    _SECOND_EXPERT_SEED_SALT)
+    return tf.random.stateless_uniform([self.k - 1, num_tokens], seed=seed)
+
+  def _run_experts(self, x, training, group_sizes=None):
+    """The local experts on their buffer (or grouped rows); with `remat_experts` recomputed in
+    the backward pass — routing and the all-to-alls stay outside, so nothing is sent again.
+    Same dropout masks either way (`dropout_lib.maybe_remat`)."""
+    kwargs = {} if group_sizes is None else {"group_sizes": group_sizes}
+    return dropout_lib.maybe_remat(lambda t: self.experts(t, training=training, **kwargs),
+                                   bool(self.remat_experts and training))(x)
+
+  def _dispatch_and_combine(self, xs, routings, training):
+    """Capacity routing: O groups' slot buffers [O, E, C, M] travel as [D, e, O·C, M]."""
+    o, c, m = len(routings), routings[0].capacity, xs[0].shape[-1]
+    d, e = self.communicator.expert_group_size, self.num_local_experts
+    if self.dispatch == "einsum":
+      dispatched = [dispatch_einsum(x, r) for x, r in zip(xs, routings)]  # O × [E, C, M]
+    else:
+      dispatched = [dispatch_index(x, r, self.num_experts) for x, r in zip(xs, routings)]
+    buffer = tf.stack(dispatched, axis=1) if o > 1 else dispatched[0][:, None]  # [E, O, C, M]
+    buffer = tf.reshape(buffer, [d, e, o * c, m])                          # [D, e, O·C, M]
+    received = self.communicator.all_to_all(buffer)                       # [D, e, O·C, M]
+    y = self._run_experts(received, training)                             # [D, e, O·C, N]
+    n = y.shape[-1]
+    returned = self.communicator.all_to_all(y)                            # [D, e, O·C, N]
+    returned = tf.reshape(returned, [self.num_experts, o, c, n])           # [E, O, C, N]
+    combine = combine_einsum if self.dispatch == "einsum" else (
+        lambda y_, r_: combine_index(y_, r_, self.num_experts))
+    outs = [combine(returned[:, g], r) for g, r in enumerate(routings)]   # O × [T/O, N]
+    return tf.concat(outs, axis=0) if o > 1 else outs[0]
+
+  def _dropless(self, x, r: routing_lib.Routing, training):
+    """Every kept choice computed on real rows: no capacity padding, nothing dropped (unless
+    `max_tokens_per_expert_factor` caps an expert).
+
+    The kept choices are laid out sorted by expert: choice (k, t) goes to row
+    offset[expert] + slot, since the routing's slots of an expert's kept choices are
+    0, 1, ... in order. With experts sharded, each worker's rows for worker d's experts are
+    contiguous, so one variable-size all-to-all (`Communicator.all_to_all_v`) sends them and
+    the per-expert counts (a fixed [D, e] all-to-all) say which received rows belong to
+    which local expert. A loop over the e local experts runs `tf.matmul` on each expert's
+    dynamic row range (`experts.grouped_apply`); the reverse all-to-all brings the rows back.
+    """
+    k, t = r.expert_index.shape
+    n_rows = k * t
+    d, e = self.communicator.expert_group_size, self.num_local_experts
+    counts = r.tokens_per_expert                                          # [E] kept choices
+    offsets = tf.cumsum(counts, exclusive=True)                           # [E]
+    rows = tf.where(r.kept, tf.gather(offsets, r.expert_index) + r.slot, n_rows)  # [K, T]
+    row_token = tf.tensor_scatter_nd_update(
+        tf.fill([n_rows + 1], t), tf.reshape(rows, [-1, 1]),
+        tf.reshape(tf.broadcast_to(tf.range(t)[None], [k, t]), [-1]))[:-1]  # [K·T]; T: none
+    total = tf.reduce_sum(counts)
+
+    @tf.custom_gradient
+    def gather_rows(x):
+      def grad(d_out):                                                    # [K·T, M] -> [T, M]
+        return _sum_rows(_pad_row(d_out), rows)
+      return tf.gather(_pad_row(x), row_token), grad                     # [K·T, M]
+
+    x_sorted = gather_rows(x)                                             # [K·T, M]
+    if d == 1:
+      y_sorted = self._run_experts(x_sorted, training,
+                                   tf.concat([counts, [n_rows - total]], axis=0))
+    else:
+      counts_de = tf.reshape(counts, [d, e])                              # for worker d's experts
+      # received[s, j]: rows worker s sends for my expert j (integers travel exactly).
+      received_counts, _ = self.communicator.all_to_all_v(
+          tf.reshape(counts_de, [-1]), tf.fill([d], e))
+      received_counts = tf.reshape(received_counts, [d, e])               # [D, e]
+      x_recv, recv_splits = self.communicator.all_to_all_v(
+          x_sorted[:total], tf.reduce_sum(counts_de, axis=1))              # [R, M]
+      # Received rows come by source, then expert; group them by local expert.
+      expert_of_row = tf.repeat(tf.tile(tf.range(e), [d]), tf.reshape(received_counts, [-1]))
+      order = tf.argsort(expert_of_row, stable=True)                      # [R]
+      y_grouped = self._run_experts(tf.gather(x_recv, order), training,
+                                    tf.reduce_sum(received_counts, axis=0))
+      y_recv = tf.gather(y_grouped, tf.math.invert_permutation(order))    # [R, N]
+      y_back, _ = self.communicator.all_to_all_v(y_recv, recv_splits)      # [total, N]
+      y_sorted = tf.concat([y_back, tf.zeros([n_rows - total, y_back.shape[-1]],
+                                             y_back.dtype)], axis=0)      # [K·T, N]
+    y_pad = _pad_row(y_sorted)                                            # row K·T: zeros
+    gate = tf.cast(r.gate, y_sorted.dtype)                                # 0 where not kept
+    return tf.add_n([gate[i][:, None] * tf.gather(y_pad, rows[i]) for i in range(k)])
 
   def get_config(self):
     config = super().get_config()
@@ -428,5 +563,7 @@ class MoE(keras.layers.Layer):
         router_init_std=self.router_init_std, dropout_rate=self.dropout_rate,
         aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
         min_capacity=self.min_capacity, second_expert_policy=self.second_expert_policy,
-        drop_policy=self.drop_policy)
+        drop_policy=self.drop_policy,
+        max_tokens_per_expert_factor=self.max_tokens_per_expert_factor,
+        num_groups=self.num_groups, capacity_token_fraction=self.capacity_token_fraction)
     return config

@@ -53,6 +53,9 @@ class MoEConfig:
   min_capacity: int = 1
   second_expert_policy: str = "all"     # "all" | "random" (GShard, top_k only, training only)
   drop_policy: str = "position"         # "position" | "probability" (largest gates kept)
+  max_tokens_per_expert_factor: Optional[float] = None  # dropless memory ceiling (× balanced)
+  num_groups: int = 1                   # O outer-batch groups, each routed on its own
+  capacity_token_fraction: Optional[float] = None  # C from this share of positions (real tokens)
 
   def kwargs(self) -> dict:
     return dataclasses.asdict(self)

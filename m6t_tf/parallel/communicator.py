@@ -15,6 +15,17 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+#: The attribute a layer sets to True when its variables are sharded over the expert axis
+#: (each worker holds its own e experts): `m6t_tf.parallel` reduces their gradients over the
+#: expert's replicas only and never broadcasts them. Layers import this module, never the other
+#: way round.
+EXPERT_SHARDED = "expert_sharded"
+
+
+def is_expert_sharded(layer) -> bool:
+  """Whether `layer` marked its variables as expert-sharded (`EXPERT_SHARDED`)."""
+  return bool(getattr(layer, EXPERT_SHARDED, False))
+
 
 class Communicator:
   """Interface of the expert-parallel exchange used by `m6t_tf.layers.moe.MoE`."""
@@ -29,6 +40,13 @@ class Communicator:
 
   def all_to_all(self, x: tf.Tensor) -> tf.Tensor:
     """Exchanges rows of `x` <[D, ...]>: row d goes to worker d; returns the rows received."""
+    raise NotImplementedError
+
+  def all_to_all_v(self, x: tf.Tensor, splits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Variable-size exchange (dropless MoE): the first splits[0] rows of `x` <[R, ...]> go
+    to worker 0 of the group, the next splits[1] to worker 1, ...; returns the rows received
+    (from worker 0 first) and <int32>[D] how many came from each. Differentiable for floats:
+    the gradient is the reverse exchange."""
     raise NotImplementedError
 
   def expert_ids(self, num_experts: int) -> list[int]:
@@ -50,6 +68,9 @@ class LocalCommunicator(Communicator):
 
   def all_to_all(self, x: tf.Tensor) -> tf.Tensor:
     return x
+
+  def all_to_all_v(self, x: tf.Tensor, splits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    return x, tf.cast(tf.reshape(splits, [1]), tf.int32)
 
 
 _DEFAULT: list[Communicator] = [LocalCommunicator()]

@@ -38,7 +38,6 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import keras
 import tensorflow as tf
 
-from m6t_tf.layers import experts as experts_lib
 from m6t_tf.parallel import communicator as comm_lib
 from m6t_tf.parallel import context as context_lib
 # Read before `hvd.init`, so that a wrong mesh fails on every rank before any rendezvous.
@@ -144,6 +143,28 @@ class HorovodCommunicator(comm_lib.Communicator):
     # Every row has the same shape, so the output's shape is the input's; say so statically.
     received = tf.ensure_shape(received, payload.shape)
     return tf.cast(received, x.dtype) if wire != x.dtype else received
+
+  def all_to_all_v(self, x: tf.Tensor, splits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Rows [Σ splits[:d], Σ splits[:d+1]) of `x` go to rank d of the expert group; returns the
+    rows received (rank order) and how many came from each. Floats travel in the wire dtype;
+    integers as they are. Every rank calls it the same number of times (sizes may differ)."""
+    x = tf.convert_to_tensor(x)
+    splits = tf.cast(splits, tf.int32)
+    d = self.expert_group_size
+    if d == 1:
+      return x, tf.reshape(tf.shape(x)[0], [1])
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    wire = x.dtype
+    if x.dtype.is_floating:
+      wire = tf.as_dtype(self.wire_dtype) if self.wire_dtype else x.dtype
+      if wire not in _HOROVOD_FLOATS:
+        wire = tf.float32
+    payload = tf.cast(x, wire) if wire != x.dtype else x
+    self.calls += 1
+    received, received_splits = hvd.alltoall(payload, splits=splits,
+                                             process_set=self.process_set)
+    received = tf.ensure_shape(received, [None, *payload.shape[1:]])
+    return (tf.cast(received, x.dtype) if wire != x.dtype else received), received_splits
 
 
 @dataclasses.dataclass
@@ -537,13 +558,14 @@ def init_horovod(mesh: Optional[Mesh] = None, *, expert: Optional[int] = None,
 def expert_variable_filter(model: keras.layers.Layer) -> Callable[[Any], bool]:
   """`is_expert` for `allreduce_gradients`: True for variables of the model's expert layers.
 
-  Matches the Keras variables of every `Experts` / `LinearExperts` sub-layer (identity, not
-  name), i.e. what `model.trainable_variables` hands to the optimizer.
+  Matches the Keras variables of every sub-layer marked `expert_sharded`
+  (`communicator.EXPERT_SHARDED`: `Experts`, `LinearExperts`) by identity, not name, i.e. what
+  `model.trainable_variables` hands to the optimizer.
   """
   ids = set()
   # Keras 3 has no public recursive layer walk; `_flatten_layers` is what Keras itself uses.
   for layer in model._flatten_layers(include_self=True, recursive=True):  # pylint: disable=protected-access
-    if isinstance(layer, (experts_lib.Experts, experts_lib.LinearExperts)):
+    if comm_lib.is_expert_sharded(layer):
       ids.update(id(v) for v in layer.variables)
       ids.update(id(_tf_variable(v)) for v in layer.variables)
   return lambda v: id(v) in ids

@@ -82,9 +82,9 @@ def reference_weights():
               wo=(0.3 * rng.standard_normal((E, I, M))).astype(np.float32))
 
 
-def make_layer(communicator, routing, k, dispatch, weights):
+def make_layer(communicator, routing, k, dispatch, weights, **kwargs):
   layer = MoE(E, I, routing=routing, k=k, capacity_factor=CAPACITY_FACTOR, dispatch=dispatch,
-              aux_loss_weight=0.01, z_loss_weight=0.001, communicator=communicator)
+              aux_loss_weight=0.01, z_loss_weight=0.001, communicator=communicator, **kwargs)
   layer.build((None, M))
   ids = layer.expert_ids
   layer.router.kernel.assign(weights["router"])
@@ -99,10 +99,10 @@ def slice_loss(layer, x, target):
   return y, loss
 
 
-def reference(routing, k, dispatch, weights, x_all, target_all):
+def reference(routing, k, dispatch, weights, x_all, target_all, **kwargs):
   """One process, all E experts, each rank's slice routed as its own group."""
   world = x_all.shape[0]
-  layer = make_layer(comm_lib.LocalCommunicator(), routing, k, dispatch, weights)
+  layer = make_layer(comm_lib.LocalCommunicator(), routing, k, dispatch, weights, **kwargs)
   x_all = tf.constant(x_all)
   with tf.GradientTape() as tape:
     tape.watch(x_all)
@@ -251,6 +251,33 @@ def run_equivalence(args, checks):
         for name, g16, g in zip(("router", "wi", "wo"), grads16, grads):
           checks.close(f"{tag}/fp16_gradient_compression/{name}", g16, g, FP16_TOL)
         check_trainer_interface(checks, ctx, layer, x, target, ref)
+
+  # Dropless: every rank sends a different number of rows to each other rank (variable-size
+  # all-to-all); nothing is dropped, and the result equals one process. Then adversarial
+  # routing (every token's first choice is expert 0, held by expert rank 0: inputs shifted
+  # positive, router column 0 raised), under tf.function, in training and evaluation: no rank
+  # may wait for sizes another rank does not send.
+  skewed = dict(weights, router=weights["router"].copy())
+  skewed["router"][:, 0] += 20.0
+  for name, w, shift in (("balanced", weights, 0.0), ("skewed", skewed, 5.0)):
+    for routing, k in ROUTINGS:
+      tag = f"dropless_{name}/{routing}{k}"
+      ref = reference(routing, k, "index", w, x_all + shift, target_all,
+                      capacity_mode="dropless")
+      layer = make_layer(comm, routing, k, "index", w, capacity_mode="dropless")
+      x = tf.constant(x_all[rank] + shift)
+      y, loss, gx, grads = distributed_step(ctx, layer, x, target)
+      compare(checks, tag, ref, layer.expert_ids, rank, world, y, loss, gx, grads, TOL)
+      checks.equal(f"{tag}/no_drop", float(layer.stats["dropped_fraction"].numpy()), 0.0)
+      tokens = ctx.sum_over_expert_group(tf.cast(layer.stats["tokens_per_expert"], tf.float32))
+      checks.info(f"{tag}/max_over_mean_load", float(tf.reduce_max(tokens) / tf.reduce_mean(tokens)))
+      step = tf.function(lambda x, t: distributed_step(ctx, layer, x, t))
+      y, loss, gx, grads = step(x, target)
+      compare(checks, f"{tag}/tf_function", ref, layer.expert_ids, rank, world, y, loss, gx,
+              grads, TOL)
+      evaluate = tf.function(lambda x: layer(x, training=False))
+      checks.close(f"{tag}/eval", evaluate(x), ref["out"][rank], TOL)
+  x = tf.constant(x_all[rank])
 
   # Graph mode: the trainer runs the step under tf.function (named collectives in a graph).
   routing, k, dispatch = "prototype", 2, "index"
