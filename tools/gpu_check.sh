@@ -52,7 +52,7 @@ if [[ ! -x $PY ]]; then
   echo "gpu_check: no Python at $PY: run \`make setup GPU=1\` first, or set PYTHON=" >&2; exit 2
 fi
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+WORK=$(mktemp -d -t gpu_check.XXXXXX)
 [[ $KEEP == 1 ]] || trap 'rm -rf "$WORK"' EXIT
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 # --cpu hides any GPU, so that what runs is what a GPU-less machine runs.
