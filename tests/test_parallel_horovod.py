@@ -178,3 +178,36 @@ def test_one_rank_helpers_are_identities():
   ctx.check_consistent({"capacity": 3})
   with pytest.raises(ValueError, match="compression='int8'"):
     ctx.allreduce_gradients(grads, lambda v: False, compression="int8")
+
+
+class _FakeConfig:
+  """`tf.config` stand-in: a node with `n` GPUs (no GPU runs TensorFlow here)."""
+
+  def __init__(self, n):
+    self.gpus = [type("Device", (), {"name": f"/physical_device:GPU:{i}"})() for i in range(n)]
+    self.visible, self.growth = None, []
+    self.experimental = self
+
+  def list_physical_devices(self, kind):
+    return list(self.gpus) if kind == "GPU" else []
+
+  def set_visible_devices(self, device, kind):
+    self.visible = (device.name, kind)
+
+  def set_memory_growth(self, device, on):
+    self.growth.append((device.name, on))
+
+
+@pytest.mark.parametrize("local_rank,gpus,want", [(0, 4, 0), (3, 4, 3), (5, 4, 1), (1, 1, 0)])
+def test_each_rank_computes_on_its_own_gpu(local_rank, gpus, want):
+  config = _FakeConfig(gpus)
+  name = hvd_lib.pin_gpu(local_rank, config)
+  assert name == f"/physical_device:GPU:{want}"
+  assert config.visible == (name, "GPU")
+  assert config.growth == [(name, True)]
+
+
+def test_no_gpu_pins_nothing():
+  config = _FakeConfig(0)
+  assert hvd_lib.pin_gpu(2, config) is None
+  assert config.visible is None

@@ -491,6 +491,21 @@ def resolve_mesh(mesh: Optional[Mesh], expert: Optional[int],
   return Mesh.for_world(world_size, expert=expert)
 
 
+def pin_gpu(local_rank: int, config=None) -> Optional[str]:
+  """Makes GPU `local_rank` (mod the node's GPUs) the only one this process sees, with memory
+  growth, as Horovod's TensorFlow guide does: without it every rank of a node computes on
+  GPU 0. Must run before TensorFlow touches a GPU. Returns the device name, or None without
+  GPUs. `config`: `tf.config` (a stand-in in tests)."""
+  config = config or tf.config
+  gpus = config.list_physical_devices("GPU")
+  if not gpus:
+    return None
+  gpu = gpus[local_rank % len(gpus)]
+  config.set_visible_devices(gpu, "GPU")
+  config.experimental.set_memory_growth(gpu, True)
+  return gpu.name
+
+
 def init_horovod(mesh: Optional[Mesh] = None, *, expert: Optional[int] = None,
                  num_experts: Optional[int] = None, wire_dtype: Optional[str] = None,
                  set_default: bool = True) -> HorovodContext:
@@ -534,6 +549,7 @@ def init_horovod(mesh: Optional[Mesh] = None, *, expert: Optional[int] = None,
                      f"({[list(g) for g in process_sets]}): {e}. Does the mesh match the "
                      "number of processes started?") from e
   size, rank = hvd.size(), hvd.rank()
+  pin_gpu(hvd.local_rank())
   if mesh is None:
     mesh = Mesh.for_world(size)
   mesh.validate(size, num_experts)
