@@ -262,6 +262,20 @@ class UserDatasetWalkTest(CliTestCase):
     self.assertEqual(proc.stderr, "")
     self.assertIn("unigram perplexity of the same captions", proc.stdout)
 
+    # ... and captions of the user's own photos (the PNGs), as the README's walk ends.
+    out = os.path.join(model_dir, "photos.jsonl")
+    proc = _run([PY, "-m", "m6t_tf.generate", f"--model_dir={model_dir}",
+                 f"--images={os.path.join(root, 'photos', '*.png')}", f"--out={out}"])
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn("Captioning 6 images", proc.stdout)
+    with open(out, encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f]
+    self.assertEqual([os.path.basename(r["image"]) for r in rows],
+                     [f"photo_{i:02d}.png" for i in range(0, 12, 2)])
+    for r in rows:
+      self.assertTrue(r["caption"])
+      self.assertNotIn("##", r["caption"])
+
 
 if __name__ == "__main__":
   tf.test.main()
