@@ -147,6 +147,19 @@ def test_dropless_matches_one_process(runs, data, expert, load, routing):
 
 
 @pytest.mark.parametrize("data,expert", MESHES)
+@pytest.mark.parametrize("tag", ["groups2", "groups5", "drop_probability",
+                                 "groups2_drop_probability"])
+def test_outer_groups_and_drop_policy_match_one_process(runs, data, expert, tag):
+  """num_groups and drop_policy="probability" under expert parallelism, with tokens dropped."""
+  run = runs.equivalence(data, expert)
+  for routing in ("top_k2", "prototype2"):
+    for part in ("out", "loss", "grad_x", "grad_router", "grad_wi", "grad_wo"):
+      _assert_ok(run, f"policies/{tag}/{routing}/{part}")
+  dropped = [c["value"] for _, c in _checks(run, f"policies/{tag}/") if "value" in c]
+  assert max(dropped) > 0
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
 def test_some_tokens_were_dropped(runs, data, expert):
   """The comparison covers capacity overflow, not only the happy path."""
   run = runs.equivalence(data, expert)

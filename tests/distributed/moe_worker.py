@@ -279,6 +279,19 @@ def run_equivalence(args, checks):
       checks.close(f"{tag}/eval", evaluate(x), ref["out"][rank], TOL)
   x = tf.constant(x_all[rank])
 
+  # Outer-batch groups (each rank's T tokens in O groups, C from T/O; one all-to-all carries
+  # all groups) and drop by probability, at the tight capacity: equal to one process.
+  for tag, kwargs in (("groups2", dict(num_groups=2)), ("groups5", dict(num_groups=5)),
+                      ("drop_probability", dict(drop_policy="probability")),
+                      ("groups2_drop_probability", dict(num_groups=2, drop_policy="probability"))):
+    for routing, k in (("top_k", 2), ("prototype", 2)):
+      name = f"policies/{tag}/{routing}{k}"
+      ref = reference(routing, k, "index", weights, x_all, target_all, **kwargs)
+      layer = make_layer(comm, routing, k, "index", weights, **kwargs)
+      y, loss, gx, grads = distributed_step(ctx, layer, x, target)
+      compare(checks, name, ref, layer.expert_ids, rank, world, y, loss, gx, grads, TOL)
+      checks.info(f"{name}/dropped", float(layer.stats["dropped_fraction"].numpy()))
+
   # Graph mode: the trainer runs the step under tf.function (named collectives in a graph).
   routing, k, dispatch = "prototype", 2, "index"
   ref = reference(routing, k, dispatch, weights, x_all, target_all)
