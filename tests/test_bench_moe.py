@@ -5,6 +5,7 @@ smoke run times them too, without them it must say why instead of failing.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -111,6 +112,105 @@ class SmokeReportTest(unittest.TestCase):
       else:
         self.assertTrue(status["reason"], name)
         self.assertFalse(ran, name)
+
+
+class DroplessSmokeReportTest(unittest.TestCase):
+  """`--suite=dropless --smoke`: one process for the layer sections, one 2-rank Gloo run."""
+
+  GROUPS = {"dropless-balanced", "dropless-skewed", "groups-natural", "groups-skewed",
+            "alltoall-step", "alltoall-share-capacity", "alltoall-share-variable",
+            "alltoall-share-padded", "alltoall-alone"}
+
+  @classmethod
+  def setUpClass(cls):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "bench_moe.py"), "--suite=dropless",
+         "--smoke", "--repeats=1", "--format=json"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+      raise AssertionError(f"bench_moe.py --suite=dropless --smoke failed ({proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    cls.report = json.loads(proc.stdout)
+
+  def test_every_group_ran_with_typed_keys_and_positive_ratios(self):
+    r = self.report
+    self.assertEqual(r["schema_version"], bench_moe.SCHEMA_VERSION)
+    self.assertEqual(r["suite"], "dropless")
+    self.assertEqual(r["skipped"], [])
+    self.assertEqual({row["name"] for row in r["results"]}, self.GROUPS)
+    for row in r["results"]:
+      for key, kind in RESULT_KEYS.items():
+        self.assertIsInstance(row[key], kind, f"{key} of {row['name']} {row['variant']}")
+      self.assertGreater(row["ratio_to_baseline"], 0.0)
+      self.assertTrue(math.isfinite(row["ratio_to_baseline"]))
+    groups = {}
+    for row in r["results"]:
+      groups.setdefault((row["name"], row["shape"], row["baseline"]), []).append(row)
+    for key, rows in groups.items():
+      baselines = [row for row in rows if row["is_baseline"]]
+      self.assertEqual(len(baselines), 1, key)
+      self.assertAlmostEqual(baselines[0]["ratio_to_baseline"], 1.0, places=9)
+    self.assertEqual({row["num_groups"] for row in r["results"]
+                      if row["name"] == "groups-natural"}, set(bench_moe.GROUPS))
+
+  def test_dropped_fractions(self):
+    shape = self.report["shape"]["T=64"]
+    for row in self.report["results"]:
+      if row["variant"].startswith("dropless"):
+        self.assertEqual(row["dropped_fraction"], 0.0, row["variant"])
+    # Skewed at capacity 1.25: expert 0 keeps C of its round(0.6·T) tokens, the others fit.
+    c = bench_moe._capacity(shape)
+    want = (round(bench_moe.SKEW * shape["T"]) - c) / shape["T"]
+    for row in self.report["results"]:
+      if row["name"] == "dropless-skewed" and row["variant"].startswith("capacity"):
+        self.assertAlmostEqual(row["dropped_fraction"], want, places=6)
+
+  def test_alltoall_summary(self):
+    a2a = self.report["alltoall"]
+    self.assertEqual(set(a2a), {"balanced", "skewed"})
+    for routing, s in a2a.items():
+      for key in ("step_padded_over_variable", "step_capacity_over_variable",
+                  "alone_padded_over_variable", "share_capacity", "share_variable",
+                  "share_padded"):
+        self.assertIsInstance(s[key], float, f"{routing} {key}")
+        self.assertGreater(s[key], 0.0, f"{routing} {key}")
+      # The padded exchange is the same function as the variable-split one.
+      self.assertLess(s["padded_max_rel_difference"], 1e-5, routing)
+      for variant in ("capacity", "variable", "padded"):
+        per_rank = s["bytes"][variant]["per_rank"]
+        self.assertEqual(len(per_rank), bench_moe.A2A_RANKS)
+        for b in per_rank:
+          self.assertGreater(b["bytes"], 0)
+          self.assertGreaterEqual(b["bytes"], b["remote_bytes"])
+
+  def test_targets_have_booleans(self):
+    targets = self.report["targets"]
+    self.assertEqual(len(targets), 6)
+    for t in targets:
+      self.assertTrue(t["evaluated"], t["name"])
+      self.assertIsInstance(t["measured"], float)
+      self.assertGreater(t["measured"], 0.0)
+      self.assertIsInstance(t["holds"], bool)
+      self.assertEqual(t["comparison"], "<=")
+
+
+class PinnedRoutingTest(unittest.TestCase):
+
+  def test_balanced_and_skewed_counts(self):
+    import numpy as np
+    balanced = np.bincount(bench_moe.pinned_experts(64, 8), minlength=8)
+    self.assertEqual(balanced.tolist(), [8] * 8)
+    skewed = np.bincount(bench_moe.pinned_experts(100, 8, 0.6), minlength=8)
+    self.assertEqual(skewed[0], 60)
+    self.assertEqual(skewed.sum(), 100)
+    self.assertLessEqual(skewed[1:].max() - skewed[1:].min(), 1)
+
+  def test_dropless_suite_arguments(self):
+    args = bench_moe.parse_args(["--suite=dropless"])
+    self.assertEqual(args.sections, bench_moe.DROPLESS_SECTIONS)
+    with self.assertRaisesRegex(cli.ConfigError, "routing"):
+      bench_moe.parse_args(["--suite=dropless", "--sections=routing"])
 
 
 class PeerImportTest(unittest.TestCase):

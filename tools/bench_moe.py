@@ -54,6 +54,33 @@ JSON (--format=json), schema_version 1:
                 "evaluated": bool, "holds": bool, "note"}]}
 A target that could not be measured (e.g. a peer is not installed) has evaluated=false and
 holds=false. The exit status is 0 whether or not targets hold (they are benchmarks, not tests).
+
+Suite dropless (--suite=dropless; sections balanced, skewed, groups, alltoall; ~5 min):
+  python tools/bench_moe.py --suite=dropless --out=runs/bench_dropless.json
+  python tools/bench_moe.py --suite=dropless --profile   # dropless vs bare vs capacity, by op
+Top-1 at the issue's shapes (E = 8, M = 512, I = 2048, one process, T = each --tokens). The
+router's logits get a fixed margin (`pin_router`) so that routing is deterministic:
+  balanced  token t to expert t mod E. dropless vs capacity 1.25 (target <= 0.90: it computes
+            T rows instead of γ·T slots), vs the bare `Experts` on [E, T/E, M] (<= 1.10), and
+            the bare expert matmuls on per-expert row blocks (`_bare_rows`)
+  skewed    60% of the tokens to expert 0, the rest evenly over the others: dropless vs the
+            bare matmuls on the same per-expert rows (<= 1.15); capacity 1.25's dropped fraction
+  groups    capacity 1.25 with O = 1, 2, 4, 8 outer groups, the model's own router (natural)
+            and skewed: time ratio to O = 1, dropped fraction
+  what-if   rows "experts' weights unstacked once": the dropless layer with `Experts`'
+            grouped call reading its weights once (`unstacked_rows`), a benchmark-only variant
+  alltoall  `horovodrun -np 2 --gloo` (mesh data 1 × expert 2, T per rank = first --tokens,
+            one intra-op thread per rank): layer steps of capacity 1.25 (fixed all-to-all),
+            dropless with variable splits, and dropless padded to the expert group's maximum
+            count with the fixed all-to-all (`padded_dropless_class`), balanced and skewed;
+            each one's all-to-alls alone (`exchanges`), so share = exchanges / layer step
+JSON as above plus "suite": "dropless" and
+  "alltoall": {routing: {"step_padded_over_variable", "step_capacity_over_variable",
+               "alone_padded_over_variable", "share_capacity", "share_variable",
+               "share_padded", "padded_max_rel_difference",
+               "bytes": {variant: {"bytes", "remote_bytes", ..., "per_rank": [...]}}}};
+result rows carry "dropped_fraction", "load_cv", "rows_computed" (slots or real rows).
+Bytes are those handed to the all-to-all per step, forward and backward, float32.
 """
 
 from __future__ import annotations
@@ -82,6 +109,12 @@ ROUTINGS = (  # (variant name, MoE routing, k); the paper's Tables 1–2 rows
     ("2xtop1", "prototype", 2), ("4xtop1", "prototype", 4))
 CAPACITY_MODES = ("k", "1")
 SECTIONS = ("routing", "dispatch", "floor", "dense", "peers", "scaling")
+SUITES = ("layer", "dropless")
+DROPLESS_SECTIONS = ("balanced", "skewed", "groups", "alltoall")
+GROUPS = (1, 2, 4, 8)          # O, outer-batch groups
+SKEW = 0.6                     # share of the tokens the skewed router sends to expert 0
+# Targets of the dropless suite (time ratios, <=).
+DROPLESS_TARGETS = {"vs_capacity": 0.90, "vs_bare": 1.10, "skewed_vs_bare": 1.15}
 GAMMA = 1.25
 # Model Garden's tokens/s targets by T (the issue's); other T get no target.
 MG_TARGETS = {2048: 1.5, 8192: 3.5}
@@ -104,8 +137,12 @@ def parse_args(argv):
   p.add_argument("--scaling_tokens", type=_parse_ints, default=None,
                  help="T of the scaling section (default 1024,2048,4096,8192,16384)")
   p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; smoke 3)")
-  p.add_argument("--sections", default=",".join(SECTIONS),
-                 help=f"comma-separated subset of {','.join(SECTIONS)}")
+  p.add_argument("--suite", choices=SUITES, default="layer",
+                 help="layer: the sections above (default); dropless: dropless experts, "
+                      "outer groups and the 2-rank all-to-all (see 'Suite dropless' above)")
+  p.add_argument("--sections", default=None,
+                 help=f"comma-separated subset of the suite's sections (layer: "
+                      f"{','.join(SECTIONS)}; dropless: {','.join(DROPLESS_SECTIONS)})")
   p.add_argument("--no_worker", action="store_true", help="skip the per-worker shape")
   p.add_argument("--no_peers", action="store_true", help="do not import the peers")
   p.add_argument("--profile", action="store_true",
@@ -118,11 +155,15 @@ def parse_args(argv):
                  help="run each shape and the scaling in its own process (auto: yes unless "
                       "--smoke); TF's CPU allocator keeps the memory a large einsum grew")
   p.add_argument("--task", default=None, help=argparse.SUPPRESS)  # internal: one child task
+  p.add_argument("--result", default=None, help=argparse.SUPPRESS)  # internal: 2-rank output
   args = p.parse_args(argv)
-  unknown = set(args.sections.split(",")) - set(SECTIONS)
+  allowed = SECTIONS if args.suite == "layer" else DROPLESS_SECTIONS
+  if args.sections is None:
+    args.sections = ",".join(allowed)
+  unknown = set(args.sections.split(",")) - set(allowed)
   if unknown:
-    p.error(f"unknown --sections {sorted(unknown)}; allowed: {SECTIONS}")
-  args.sections = tuple(s for s in SECTIONS if s in args.sections.split(","))
+    p.error(f"unknown --sections {sorted(unknown)} for --suite={args.suite}; allowed: {allowed}")
+  args.sections = tuple(s for s in allowed if s in args.sections.split(","))
   if args.repeats is None:
     args.repeats = 3 if args.smoke else 7
   if args.repeats < 1:
@@ -199,20 +240,31 @@ def import_peers(enabled: bool) -> tuple[dict, dict]:
 
 
 class Candidate:
-  """One thing to time. `build()` makes the layer and traces the step; `run()` runs one step."""
+  """One thing to time. `build()` makes the layer and traces the step; `run()` runs one step.
+
+  `input_shape` is one shape, or a list of shapes (the layer then takes a list of inputs and
+  may return a list, e.g. the bare experts on per-expert row blocks).
+  """
 
   def __init__(self, key: str, make, input_shape, tokens: int):
-    self.key, self._make, self.input_shape, self.tokens = key, make, tuple(input_shape), tokens
+    self.key, self._make, self.tokens = key, make, tokens
+    self.many = isinstance(input_shape, list)
+    self.input_shape = ([tuple(s) for s in input_shape] if self.many else tuple(input_shape))
     self.step = None
     self.error = None
 
   def build(self):
     import tensorflow as tf
     layer, call = self._make()
-    x = tf.random.stateless_normal(self.input_shape, [1, 2])
+    if self.many:
+      x = [tf.random.stateless_normal(s, [1, 2 + i]) for i, s in enumerate(self.input_shape)]
+    else:
+      x = tf.random.stateless_normal(self.input_shape, [1, 2])
     y = call(layer, x)                               # eager: builds the weights
-    probe = tf.random.stateless_normal(y.shape, [3, 4], dtype=y.dtype)
+    probe = tf.nest.map_structure(
+        lambda t: tf.random.stateless_normal(t.shape, [3, 4], dtype=t.dtype), y)
     variables = layer.trainable_variables
+    many = self.many
 
     # The loss is returned too: with gradients alone, TF prunes every forward op whose value no
     # gradient needs (the experts' second matmul, unless a router gradient reads its output).
@@ -220,8 +272,9 @@ class Candidate:
     def step(x):
       with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = tf.reduce_sum(call(layer, x) * probe)
-      return loss, tape.gradient(loss, [x] + list(variables))
+        loss = tf.add_n([tf.reduce_sum(a * b) for a, b in zip(
+            tf.nest.flatten(call(layer, x)), tf.nest.flatten(probe))])
+      return loss, tape.gradient(loss, (list(x) if many else [x]) + list(variables))
 
     self.layer, self.x = layer, x
     step(x)                                          # trace + warm-up, excluded
@@ -341,7 +394,12 @@ def time_interleaved(candidates: list[Candidate], repeats: int, log) -> dict:
 def _error_text(e: Exception) -> str:
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
   oom = [l for l in lines if l.startswith("OOM when allocating")]
-  text = oom[0].split(" on /job")[0] if oom else (lines[0] if lines else "")
+  if oom:
+    text = oom[0].split(" on /job")[0]
+  elif lines and lines[0] == "in user code:":     # a traced function's error: its last line
+    text = lines[-1]
+  else:
+    text = lines[0] if lines else ""
   return f"{type(e).__name__}: {text}"[:300]
 
 
@@ -540,6 +598,556 @@ def measure_scaling(args, results, skipped, fit, log):
 
 
 # --------------------------------------------------------------------------------------------
+# Suite dropless: dropless experts, outer groups, the 2-rank all-to-all
+
+
+def pinned_experts(num_tokens: int, num_experts: int, skew=None):
+  """<int>[T] expert of each token, deterministic.
+
+  skew=None: balanced, token t to expert t mod E (each expert exactly T/E tokens when E | T).
+  skew=s: round(s·T) tokens, drawn by a fixed permutation, to expert 0; the others in turn to
+  experts 1 … E-1 (the rest uniform).
+  """
+  import numpy as np
+  if skew is None:
+    return np.arange(num_tokens) % num_experts
+  hot = round(skew * num_tokens)
+  order = np.random.default_rng(0).permutation(num_tokens)
+  out = np.empty(num_tokens, np.int64)
+  out[order[:hot]] = 0
+  out[order[hot:]] = 1 + np.arange(num_tokens - hot) % (num_experts - 1)
+  return out
+
+
+def pin_router(layer, assign, margin: float = 10.0):
+  """Adds margin·onehot(assign) <float32>[T, E] to the built MoE's router logits.
+
+  The router's matmul and its gradient stay in the step (they are part of the layer's cost);
+  the margin only decides the argmax (router logits of the benchmark's inputs are O(1)), so the
+  routing is the one asked for, and the gates are ≈ 1.
+  """
+  import numpy as np
+  import tensorflow as tf
+  bias = tf.constant(margin * np.eye(layer.num_experts, dtype=np.float32)[assign])
+  dense = layer.router
+  call = dense.call
+  dense.call = lambda inputs, *a, **kw: call(inputs, *a, **kw) + bias
+
+
+def _moe(shape, *, mode="k", assign=None, num_groups=1, communicator=None, cls=None,
+         unstacked=False):
+  """Our top-1 MoE (index dispatch, GeLU); `assign` pins the routing (`pinned_experts`);
+  `unstacked`: its experts read their weights once per call (`unstacked_experts_class`)."""
+  def make():
+    import keras
+    from m6t_tf.layers import moe as moe_lib
+    keras.utils.set_random_seed(7)         # same router and experts in every variant
+    layer = (cls or moe_lib.MoE)(shape["E"], shape["I"], k=1, capacity_mode=mode,
+                                 capacity_factor=shape["gamma"], num_groups=num_groups,
+                                 communicator=communicator)
+    layer.build((shape["B"], shape["L"], shape["M"]))
+    if assign is not None:
+      pin_router(layer, assign)
+    if unstacked:
+      layer.experts.__class__ = unstacked_experts_class()   # same weights, other grouped call
+    return layer, lambda l, x: l(x, training=True)
+  return make
+
+
+def _bare_rows(shape, counts):
+  """The bare expert FFN matmuls on per-expert row blocks of static sizes `counts` (no routing,
+  no split or concat: each expert's rows are their own input). The stacked weights are
+  unstacked once (`unstacked_rows`), so their gradient is one stack, not e dense slice
+  gradients."""
+  def make():
+    from m6t_tf.layers import experts as experts_lib
+    layer = experts_lib.Experts(len(counts), shape["M"], shape["I"])
+    layer.build(None)
+
+    def call(l, xs):
+      fn = unstacked_rows(l)
+      return [fn(j, x, True) for j, x in enumerate(xs)]
+    return layer, call
+  return make
+
+
+def unstacked_rows(experts):
+  """`Experts._expert_rows` with the [e, M, I] / [e, I, M] weights unstacked once per call.
+
+  `_expert_rows` reads `w[j]` per expert; the gradient of each read is a dense [e, M, I]
+  StridedSliceGrad, and the e of them are summed by an AddN. `tf.unstack` has one stack as
+  its gradient. (GeLU/ReLU experts, no dropout: what this benchmark builds.)
+  """
+  import tensorflow as tf
+  from m6t_tf.layers import experts as experts_lib
+  act = experts_lib.activation_fn(experts.activation)
+  wi, wo = tf.unstack(experts.wi), tf.unstack(experts.wo)
+  return lambda j, x, training: tf.matmul(act(tf.matmul(x, wi[j])), wo[j])
+
+
+def unstacked_experts_class():
+  """Experts whose grouped (dropless) call reads its weights with `unstacked_rows`: a what-if
+  of the layer's `Experts._expert_rows`, benchmark only."""
+  from m6t_tf.layers import experts as experts_lib
+
+  class UnstackedExperts(experts_lib.Experts):
+
+    def call(self, x, training=None, group_sizes=None):
+      if group_sizes is None:
+        return super().call(x, training=training)
+      return experts_lib.grouped_apply(x, group_sizes, self.num_local_experts,
+                                       unstacked_rows(self), self.hidden_size, training)
+
+  return UnstackedExperts
+
+
+def _stat(layer, name):
+  return float(layer.stats[name].numpy())
+
+
+def measure_dropless(shape_name, shape, args, results, skipped, log):
+  """Balanced and skewed routing (dropless vs capacity 1.25 vs bare matmuls) and O groups."""
+  import numpy as np
+  t, m, e_total, sections = shape["T"], shape["M"], shape["E"], args.sections
+  x_shape = (shape["B"], shape["L"], m)
+  cands, routed = {}, {}
+
+  def add(key, make, input_shape=x_shape):
+    cands[key] = Candidate(key, make, input_shape, t)
+
+  assigns = {"balanced": pinned_experts(t, e_total), "skewed": pinned_experts(t, e_total, SKEW)}
+  for r in ("balanced", "skewed"):
+    if r not in sections:
+      continue
+    counts = np.bincount(assigns[r], minlength=e_total)
+    add(f"{r}/dropless", _moe(shape, mode="dropless", assign=assigns[r]))
+    add(f"{r}/unstacked", _moe(shape, mode="dropless", assign=assigns[r], unstacked=True))
+    add(f"{r}/capacity", _moe(shape, assign=assigns[r]))
+    add(f"{r}/bare_rows", _bare_rows(shape, counts), [(int(n), m) for n in counts])
+    routed[r] = counts
+    if r == "balanced" and t % e_total == 0:
+      add("balanced/bare", _floor(shape), (e_total, t // e_total, m))
+  if "groups" in sections:
+    for r, assign in (("natural", None), ("skewed", assigns["skewed"])):
+      for o in GROUPS:
+        if t % o:
+          skipped.append({"name": "groups", "variant": f"O={o}", "shape": shape_name,
+                          "reason": f"O={o} does not divide T={t}"})
+          continue
+        add(f"groups-{r}/O={o}", _moe(shape, assign=assign, num_groups=o))
+  log(f"[dropless {shape_name}] {len(cands)} candidates, {args.repeats} rounds")
+  times = time_interleaved(list(cands.values()), args.repeats, log)
+  for key, c in cands.items():
+    if key not in times:
+      skipped.append({"name": "run", "variant": key, "shape": shape_name, "reason": c.error})
+  ok = lambda *keys: all(k in times for k in keys)
+
+  def stats(key):
+    layer = cands[key].layer
+    return {"dropped_fraction": _stat(layer, "dropped_fraction"),
+            "load_cv": _stat(layer, "load_cv")}
+
+  cap = lambda o=1: o * _capacity(dict(shape, T=t // o))   # O·C slots per expert
+  for r, counts in routed.items():
+    name = f"dropless-{r}"
+    rows = {"dropless": ("dropless top1", {"rows_computed": t, **stats(f"{r}/dropless")}),
+            "unstacked": ("dropless top1, experts' weights unstacked once (what-if)",
+                          {"rows_computed": t, **stats(f"{r}/unstacked")}),
+            "capacity": (f"capacity {shape['gamma']} top1",
+                         {"rows_computed": e_total * cap(), **stats(f"{r}/capacity")}),
+            "bare_rows": ("bare expert matmuls, per-expert rows", {"rows_computed": t}),
+            "bare": ("bare expert matmuls [E, T/E, M]", {"rows_computed": t})}
+    pairs = [("capacity", ("dropless", "unstacked", "capacity"))]
+    if r == "balanced" and "balanced/bare" in cands:
+      pairs.append(("bare", ("dropless", "unstacked", "bare_rows", "bare")))
+    else:
+      pairs.append(("bare_rows", ("dropless", "unstacked", "bare_rows")))
+    for base, members in pairs:
+      for mkey in members:
+        key, base_key = f"{r}/{mkey}", f"{r}/{base}"
+        if ok(key, base_key):
+          variant, info = rows[mkey]
+          results.append(_row(name, variant, shape_name, cands[key], times, base_key,
+                              rows[base][0], routing=r,
+                              tokens_per_expert=[int(n) for n in counts], **info))
+  if "groups" in sections:
+    for r in ("natural", "skewed"):
+      base_key = f"groups-{r}/O=1"
+      for o in GROUPS:
+        key = f"groups-{r}/O={o}"
+        if ok(key, base_key):
+          results.append(_row(f"groups-{r}", f"O={o} capacity {shape['gamma']} top1",
+                              shape_name, cands[key], times, base_key,
+                              f"O=1 capacity {shape['gamma']} top1", routing=r, num_groups=o,
+                              rows_computed=e_total * cap(o), **stats(key)))
+  for c in cands.values():
+    c.release()
+  del cands
+  gc.collect()
+
+
+def dropless_shapes(args) -> dict:
+  issue = ({"E": 8, "D": 1, "M": 16, "I": 32, "gamma": GAMMA} if args.smoke else
+           {"E": 8, "D": 1, "M": 512, "I": 2048, "gamma": GAMMA})
+  shapes = {f"T={t}": dict(issue, T=t, B=1, L=t, e=issue["E"]) for t in args.tokens}
+  if "alltoall" in args.sections:
+    t = args.tokens[0]
+    shapes[A2A_SHAPE] = dict(issue, D=A2A_RANKS, e=issue["E"] // A2A_RANKS, T=t, B=1, L=t)
+  return shapes
+
+
+A2A_RANKS = 2
+A2A_SHAPE = f"{A2A_RANKS} ranks"
+# A padded / variable step ratio within 1 ± this is not called faster or slower: at 2 ranks on
+# a shared machine the same comparison moves by about that much between runs.
+A2A_CLEAR = 0.05
+
+
+def padded_dropless_class():
+  """MoE whose dropless exchange pads every worker's rows to the expert group's maximum count
+  and uses the fixed-size all-to-all (the alternative to variable splits; benchmark only).
+
+  Choice (k, t) goes to slot offset e·Cmax + its slot, Cmax = max over the group (MAX
+  allreduce) of any worker's rows for any one expert: the capacity path's index dispatch and
+  combine with a run-time C = Cmax. The receiver computes the real rows only (unpadded into
+  the grouped layout, `experts.grouped_apply`) and pads the results back for the return trip.
+  """
+  import dataclasses
+  import tensorflow as tf
+  import horovod.tensorflow as hvd
+  from m6t_tf.layers import moe as moe_lib
+
+  def moved(x, src, inv):
+    """x[src] (src injective) with a dense gradient: d_x = pad(d)[inv]."""
+    @tf.custom_gradient
+    def f(x):
+      return tf.gather(x, src), lambda d: tf.gather(moe_lib._pad_row(d), inv)
+    return f(x)
+
+  class PaddedDroplessMoE(moe_lib.MoE):
+
+    def _dropless(self, x, r, training):
+      comm = self.communicator
+      d, e = comm.expert_group_size, self.num_local_experts
+      counts = r.tokens_per_expert                                        # [E]
+      cmax = hvd.allreduce(tf.reduce_max(counts), op=hvd.Max,
+                           process_set=comm.process_set)                  # Cmax over the group
+      rp = dataclasses.replace(r, capacity=cmax)
+      buffer = tf.reshape(moe_lib.dispatch_index(x, rp, self.num_experts),
+                          [d, e, cmax, x.shape[-1]])                      # [D, e, Cmax, M]
+      received = comm.all_to_all(buffer)                                  # [D, e, Cmax, M]
+      received_counts = comm.all_to_all(tf.reshape(counts, [d, e]))      # [D, e]
+      # Expert-major [e, D, Cmax]: the real rows of expert j are contiguous once unpadded.
+      real = tf.reshape(tf.range(cmax)[None, None] < tf.transpose(received_counts)[..., None],
+                        [-1])                                             # [e·D·Cmax]
+      src = tf.cast(tf.where(real)[:, 0], tf.int32)                       # [R]
+      inv = tf.where(real, tf.cumsum(tf.cast(real, tf.int32)) - 1, tf.size(src))
+      flat = tf.reshape(tf.transpose(received, [1, 0, 2, 3]), [-1, x.shape[-1]])
+      y = self._run_experts(moved(flat, src, inv), training,
+                            tf.reduce_sum(received_counts, axis=0))       # [R, N]
+      n = y.shape[-1]
+      y_pad = moved(moe_lib._pad_row(y), inv, tf.concat([src, [tf.size(real)]], 0))  # [e·D·Cmax, N]
+      y_pad = tf.transpose(tf.reshape(y_pad, [e, d, cmax, n]), [1, 0, 2, 3])
+      returned = comm.all_to_all(y_pad)                                   # [D, e, Cmax, N]
+      out = moe_lib.combine_index(returned, rp, self.num_experts)         # [T, N]
+      return tf.ensure_shape(out, [x.shape[0], n])
+
+  return PaddedDroplessMoE
+
+
+class ExchangeCandidate(Candidate):
+  """The all-to-alls of one layer step alone (forward and backward), on payloads of the sizes
+  the layer sends: `fn` is traced once and timed like a layer step."""
+
+  def __init__(self, key: str, fn, args, tokens: int):
+    super().__init__(key, None, (), tokens)
+    self._fn, self._args = fn, args
+
+  def build(self):
+    import tensorflow as tf
+    self.step = tf.function(self._fn)
+    self.step(*self._args)
+
+  def run(self) -> float:
+    start = time.perf_counter()
+    self.step(*self._args)
+    return time.perf_counter() - start
+
+  def release(self):
+    self.step = self._args = None
+
+
+def exchanges(comm, shape, counts) -> dict:
+  """{variant: (fn, args)}: the all-to-alls one layer step makes (forward then backward),
+  alone, on payloads of the sizes the layer sends, given the (identical) per-expert counts of
+  each rank. Payloads and counts are arguments: made inside the function they would be
+  constants, and Grappler's constant folding would run the chain once at trace time."""
+  import numpy as np
+  import tensorflow as tf
+  import horovod.tensorflow as hvd
+  d, e, m = shape["D"], shape["e"], shape["M"]
+  c = _capacity(shape)
+  counts_de = np.asarray(counts, np.int32).reshape(d, e)
+  send = counts_de.sum(axis=1)                          # rows to worker d
+  cmax = int(counts_de.max())
+  normal = lambda *s: tf.random.stateless_normal(s, [5, 6])
+
+  def capacity(y):
+    for _ in range(4):                                  # forward x, y; backward dy, dx
+      y = comm.all_to_all(y)
+    return y
+
+  def variable(y, counts, send):
+    got, _ = comm.all_to_all_v(tf.reshape(counts, [-1]), tf.fill([d], e))  # counts
+    for _ in range(2):                                  # forward x, y; backward dy, dx
+      y, back = comm.all_to_all_v(y, send)
+      y, _ = comm.all_to_all_v(y, back)
+    return y, got
+
+  def padded(y, counts):
+    cm = hvd.allreduce(tf.reduce_max(counts), op=hvd.Max,
+                       process_set=comm.process_set)   # Cmax over the group
+    got = comm.all_to_all(counts)
+    y = y[:, :, :cm]
+    for _ in range(4):
+      y = comm.all_to_all(y)
+    return y, got
+
+  return {"capacity": (capacity, (normal(d, e, c, m),)),
+          "variable": (variable, (normal(int(send.sum()), m), tf.constant(counts_de),
+                                  tf.constant(send))),
+          "padded": (padded, (normal(d, e, cmax, m), tf.constant(counts_de)))}
+
+
+def measure_alltoall(args, shape, log) -> dict:
+  """One rank of the 2-rank run (`horovodrun -np 2 --gloo`, mesh data=1 × expert=2).
+
+  Per routing (balanced, skewed): the layer step of capacity 1.25 (fixed [D, e, C, M]
+  all-to-all), dropless with variable splits (`Communicator.all_to_all_v`) and dropless padded
+  to the group's maximum (`padded_dropless_class`), each with its exchanges timed alone.
+  """
+  import numpy as np
+  import tensorflow as tf
+  tf.config.threading.set_intra_op_parallelism_threads(1)   # 2 ranks share the 2 cores
+  from m6t_tf.parallel import horovod as hvd_lib
+  ctx = hvd_lib.init_horovod(expert=A2A_RANKS, num_experts=shape["E"], set_default=False)
+  comm = ctx.communicator
+  d, e, big_e, m, t = shape["D"], shape["e"], shape["E"], shape["M"], shape["T"]
+  c = _capacity(shape)
+  padded_cls = padded_dropless_class()
+  x_shape = (shape["B"], shape["L"], m)
+  cands, info = {}, {}
+  for r in ("balanced", "skewed"):
+    assign = pinned_experts(t, big_e, None if r == "balanced" else SKEW)
+    counts = np.bincount(assign, minlength=big_e)                        # same on every rank
+    counts_de = counts.reshape(d, e)
+    send = counts_de.sum(axis=1)                                         # rows to worker d
+    recv = d * counts_de[ctx.expert_index]                               # rows from each worker
+    cmax = int(counts.max())
+    f32 = 4
+    info[r] = {
+        "capacity": {"bytes": 4 * big_e * c * m * f32,
+                     "remote_bytes": 4 * (d - 1) * e * c * m * f32, "slots": big_e * c},
+        "variable": {"bytes": 2 * (int(send.sum()) + int(recv.sum())) * m * f32 + big_e * 4,
+                     "remote_bytes": 2 * (int(send.sum() - send[ctx.expert_index])
+                                          + int(recv.sum()) // d * (d - 1)) * m * f32,
+                     "rows_received": int(recv.sum())},
+        "padded": {"bytes": 4 * big_e * cmax * m * f32 + big_e * 4,
+                   "remote_bytes": 4 * (d - 1) * e * cmax * m * f32, "cmax": cmax,
+                   "rows_received": int(recv.sum())}}
+    for variant, make in (("capacity", _moe(shape, assign=assign, communicator=comm)),
+                          ("variable", _moe(shape, mode="dropless", assign=assign,
+                                            communicator=comm)),
+                          ("padded", _moe(shape, mode="dropless", assign=assign,
+                                          communicator=comm, cls=padded_cls))):
+      cands[f"{r}/{variant}"] = Candidate(f"{r}/{variant}", make, x_shape, t)
+
+    for variant, (fn, fn_args) in exchanges(comm, shape, counts).items():
+      cands[f"{r}/a2a/{variant}"] = ExchangeCandidate(f"{r}/a2a/{variant}", fn, fn_args, t)
+  log(f"[{A2A_SHAPE} rank {ctx.rank}] {len(cands)} candidates, {args.repeats} rounds")
+  times = time_interleaved(list(cands.values()), args.repeats,
+                           log if ctx.rank == 0 else (lambda msg: None))
+  results, skipped = [], []
+  labels = {"capacity": f"capacity {shape['gamma']}, fixed all-to-all",
+            "variable": "dropless, variable-split all-to-all",
+            "padded": "dropless, padded to the group max, fixed all-to-all"}
+  for key, cand in cands.items():
+    if key not in times:
+      skipped.append({"name": "alltoall", "variant": key, "shape": A2A_SHAPE, "reason": cand.error})
+  summary = {}
+  for r in ("balanced", "skewed"):
+    sname = f"{A2A_SHAPE} {r}"
+    base = f"{r}/variable"
+    for variant in ("capacity", "variable", "padded"):
+      key = f"{r}/{variant}"
+      if key in times and base in times:
+        stats = {"dropped_fraction": _stat(cands[key].layer, "dropped_fraction")}
+        results.append(_row("alltoall-step", labels[variant], sname, cands[key], times, base,
+                            labels["variable"], routing=r, exchange=variant, **stats,
+                            **info[r][variant]))
+    for variant in ("capacity", "variable", "padded"):
+      key, a2a = f"{r}/{variant}", f"{r}/a2a/{variant}"
+      if key in times and a2a in times:
+        name = f"alltoall-share-{variant}"
+        results.append(_row(name, f"layer step, {labels[variant]}", sname, cands[key], times,
+                            key, "its layer step", routing=r, exchange=variant))
+        results.append(_row(name, "its all-to-alls alone", sname, cands[a2a], times, key,
+                            "its layer step", routing=r, exchange=variant, **info[r][variant]))
+    a2a_base = f"{r}/a2a/variable"
+    for variant in ("variable", "padded"):
+      key = f"{r}/a2a/{variant}"
+      if key in times and a2a_base in times:
+        results.append(_row("alltoall-alone", f"all-to-alls of {labels[variant]}", sname,
+                            cands[key], times, a2a_base, "variable-split all-to-alls",
+                            routing=r, exchange=variant, **info[r][variant]))
+    got = lambda k, b: _ratio(times, k, b) if k in times and b in times else None
+    # The padded variant is the same function: same weights (seeded) and inputs, so its loss
+    # and gradients must match the variable-split layer's.
+    mismatch = None
+    if base in times and f"{r}/padded" in times:
+      (lv, gv), (lp, gp) = (cands[k].step(cands[k].x) for k in (base, f"{r}/padded"))
+      mismatch = max(float(tf.reduce_max(tf.abs(a - b)) / (tf.reduce_max(tf.abs(a)) + 1e-30))
+                     for a, b in zip([lv] + gv, [lp] + gp))
+    summary[r] = {
+        "padded_max_rel_difference": mismatch,
+        "step_padded_over_variable": got(f"{r}/padded", base),
+        "step_capacity_over_variable": got(f"{r}/capacity", base),
+        "alone_padded_over_variable": got(f"{r}/a2a/padded", a2a_base),
+        **{f"share_{v}": got(f"{r}/a2a/{v}", f"{r}/{v}") for v in ("capacity", "variable",
+                                                                  "padded")},
+        "bytes": {v: info[r][v] for v in ("capacity", "variable", "padded")}}
+  for cand in cands.values():
+    cand.release()
+  out = {"rank": ctx.rank, "results": results, "skipped": skipped, "alltoall": summary}
+  ctx.shutdown()
+  return out
+
+
+def run_alltoall(args, log) -> dict:
+  """Launches this file's 2-rank task under `horovodrun --gloo`; returns rank 0's part with
+  every rank's byte counts."""
+  import shutil
+  import tempfile
+  tmp = tempfile.mkdtemp(prefix="bench_moe_a2a-")
+  try:
+    result = os.path.join(tmp, "part")
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    cmd = [horovodrun, "-np", str(A2A_RANKS), "-H", f"localhost:{A2A_RANKS}", "--gloo",
+           sys.executable, os.path.abspath(__file__), *_child_argv(args, "alltoall"),
+           f"--result={result}"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    log(f"[{A2A_SHAPE}] horovodrun -np {A2A_RANKS} --gloo")
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+    parts = []
+    for rank in range(A2A_RANKS):
+      path = f"{result}.rank{rank}.json"
+      if os.path.exists(path):
+        with open(path) as f:
+          parts.append(json.load(f))
+    if proc.returncode or len(parts) != A2A_RANKS:
+      tail = (proc.stderr or proc.stdout or "")[-600:].strip().replace("\n", " | ")
+      return {"results": [], "scaling_fit": {}, "alltoall": {},
+              "skipped": [{"name": "alltoall", "variant": "*", "shape": A2A_SHAPE,
+                           "reason": f"horovodrun exited with status {proc.returncode}: {tail}"}]}
+    first = parts[0]
+    for r, s in first["alltoall"].items():
+      for v, b in s["bytes"].items():
+        b["per_rank"] = [dict(p["alltoall"][r]["bytes"][v]) for p in parts]
+    return {"results": first["results"], "skipped": first["skipped"], "scaling_fit": {},
+            "alltoall": first["alltoall"]}
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def evaluate_dropless_targets(results, shapes, sections) -> list[dict]:
+  by = {(r["name"], r["variant"], r["shape"], r["baseline"]): r["ratio_to_baseline"]
+        for r in results}
+  targets = []
+
+  def target(name, threshold, measured, note):
+    evaluated = measured is not None
+    targets.append({"name": name, "threshold": threshold, "comparison": "<=",
+                    "measured": measured, "evaluated": evaluated,
+                    "holds": bool(evaluated and measured <= threshold),
+                    "note": note if evaluated else "not measured (see skipped)"})
+
+  whatif = "dropless top1, experts' weights unstacked once (what-if)"
+  for s, shape in shapes.items():
+    if shape["D"] != 1:
+      continue
+    cap = f"capacity {shape['gamma']} top1"
+    bare = "bare expert matmuls [E, T/E, M]"
+    if "balanced" in sections:
+      target(f"dropless vs {cap}, balanced [{s}]", DROPLESS_TARGETS["vs_capacity"],
+             by.get(("dropless-balanced", "dropless top1", s, cap)),
+             f"time ratio; dropless computes T rows, capacity E*C = {shape['gamma']}*T slots")
+      target(f"dropless vs bare expert matmuls [E, T/E, M], balanced [{s}]",
+             DROPLESS_TARGETS["vs_bare"],
+             by.get(("dropless-balanced", "dropless top1", s, "bare expert matmuls [E, T/E, M]")),
+             "time ratio; bare = the expert FFN on the same real rows, no routing")
+    if "skewed" in sections:
+      target(f"dropless vs bare expert matmuls (same per-expert rows), skewed [{s}]",
+             DROPLESS_TARGETS["skewed_vs_bare"],
+             by.get(("dropless-skewed", "dropless top1", s,
+                     "bare expert matmuls, per-expert rows")),
+             f"time ratio; {SKEW:.0%} of the tokens to expert 0")
+    # The same targets for the what-if layer (not the layer as it is; see `unstacked_rows`).
+    for group, base, key in (("balanced", cap, "vs_capacity"), ("balanced", bare, "vs_bare"),
+                             ("skewed", "bare expert matmuls, per-expert rows",
+                              "skewed_vs_bare")):
+      if group in sections:
+        target(f"what-if unstacked expert weights: dropless vs {base}, {group} [{s}]",
+               DROPLESS_TARGETS[key], by.get((f"dropless-{group}", whatif, s, base)),
+               "time ratio; experts read their weights once per call (benchmark-only variant)")
+  return targets
+
+
+def dropless_table(report) -> str:
+  out = [table(report), ""]
+  seen = set()
+  out += ["| group | variant | shape | rows computed | dropped fraction | load cv |",
+          "|---|---|---|---:|---:|---:|"]
+  for r in report["results"]:
+    key = (r["name"], r["variant"], r["shape"])
+    if "dropped_fraction" not in r or key in seen:
+      continue
+    seen.add(key)
+    out.append(f"| {r['name']} | {r['variant']} | {r['shape']} | {r.get('rows_computed', '')} | "
+               f"{r['dropped_fraction']:.4f} | "
+               f"{'' if r.get('load_cv') is None else format(r['load_cv'], '.3f')} |")
+  for routing, s in report.get("alltoall", {}).items():
+    b = s["bytes"]
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"
+    out += ["", f"2-rank all-to-all, {routing} routing (ratios: median over rounds, rank 0):",
+            f"  all-to-all share of the layer step: capacity {fmt(s['share_capacity'])}, "
+            f"dropless variable {fmt(s['share_variable'])}, dropless padded "
+            f"{fmt(s['share_padded'])}",
+            f"  layer step / dropless variable: capacity {fmt(s['step_capacity_over_variable'])}, "
+            f"padded {fmt(s['step_padded_over_variable'])}; all-to-alls alone, padded / "
+            f"variable {fmt(s['alone_padded_over_variable'])}"]
+    for v in ("capacity", "variable", "padded"):
+      per_rank = ", ".join(f"{p['bytes'] / 2**20:.1f}" for p in b[v].get("per_rank", [b[v]]))
+      remote = ", ".join(f"{p['remote_bytes'] / 2**20:.1f}"
+                         for p in b[v].get("per_rank", [b[v]]))
+      out.append(f"  {v}: MiB handed to all-to-all per step (forward+backward) by rank: "
+                 f"{per_rank}; to the other rank: {remote}"
+                 + (f"; Cmax {b[v]['cmax']}" if "cmax" in b[v] else ""))
+    ratio = s["step_padded_over_variable"]
+    if ratio is not None:
+      verdict = ("FASTER than" if ratio < 1 - A2A_CLEAR else "slower than" if ratio > 1 + A2A_CLEAR
+                 else f"within ±{A2A_CLEAR:.0%} of")
+      out.append(f"  => layer step, padded fixed-size all-to-all {verdict} variable splits "
+                 f"({ratio:.3f}x)")
+  out.append("")
+  for t in report["targets"]:
+    verdict = ("PASS" if t["holds"] else "MISS") if t["evaluated"] else "N/A "
+    m = "not measured" if t["measured"] is None else f"{t['measured']:.3f}"
+    out.append(f"{verdict} {t['name']}: {m} {t['comparison']} {t['threshold']}")
+  return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
 # Targets
 
 
@@ -596,17 +1204,27 @@ def profile(args, log) -> dict:
   import tempfile
   import tensorflow as tf
   from tensorflow.tsl.profiler.protobuf import xplane_pb2
-  shape_name, shape = next(iter(shapes_for(args).items()))
+  if args.suite == "dropless":
+    shape_name, shape = next(iter(dropless_shapes(args).items()))
+    x_shape = (shape["B"], shape["L"], shape["M"])
+    balanced = pinned_experts(shape["T"], shape["E"])
+    # (MoE, its floor, a third column): dropless and capacity top-1 at balanced routing.
+    specs = (("dropless", _moe(shape, mode="dropless", assign=balanced), x_shape),
+             ("bare", _floor(shape), (shape["E"], shape["T"] // shape["E"], shape["M"])),
+             ("capacity", _moe(shape, assign=balanced), x_shape))
+  else:
+    shape_name, shape = next(iter(shapes_for(args).items()))
+    x_shape = (shape["B"], shape["L"], shape["M"])
+    specs = (("moe_index", _ours(shape), x_shape),
+             ("floor", _floor(shape),
+              (shape["E"] // shape["D"], shape["D"] * _capacity(shape), shape["M"])),
+             ("moe_einsum", _ours(shape, dispatch="einsum"), x_shape))
   out = {"shape": shape_name, "steps": 3, "ops": {}}
   # The first profiler session of a process runs its ops markedly slower: warm it up first.
   tf.profiler.experimental.start(tempfile.mkdtemp(prefix="bench_moe_profile_"))
   tf.reduce_sum(tf.matmul(tf.ones([512, 512]), tf.ones([512, 512]))).numpy()
   tf.profiler.experimental.stop()
-  for key, make, in_shape in (
-      ("moe_index", _ours(shape), (shape["B"], shape["L"], shape["M"])),
-      ("moe_einsum", _ours(shape, dispatch="einsum"), (shape["B"], shape["L"], shape["M"])),
-      ("floor", _floor(shape),
-       (shape["E"] // shape["D"], shape["D"] * _capacity(shape), shape["M"]))):
+  for key, make, in_shape in specs:
     c = Candidate(key, make, in_shape, shape["T"])
     c.build()
     c.run()
@@ -636,7 +1254,8 @@ def profile(args, log) -> dict:
 
 
 def profile_table(prof, top=12) -> str:
-  cands = ("moe_index", "floor", "moe_einsum")
+  cands = tuple(prof["ops"])                    # (MoE, its floor, a third MoE), as profiled
+  first, floor, third = cands
   by_type = {c: {} for c in cands}
   for c in cands:
     for name, ms in prof["ops"][c].items():
@@ -644,14 +1263,15 @@ def profile_table(prof, top=12) -> str:
       by_type[c][kind] = by_type[c].get(kind, 0.0) + ms
   a, b, e = (by_type[c] for c in cands)
   lines = [f"Op time by op type, ms per step, shape {prof['shape']} (inter-op parallelism 1)", "",
-           "| op type | MoE index | floor | MoE - floor | MoE einsum |", "|---|---:|---:|---:|---:|"]
+           f"| op type | {first} | {floor} | {first} - {floor} | {third} |",
+           "|---|---:|---:|---:|---:|"]
   for k in sorted(set(a) | set(b) | set(e), key=lambda k: -max(a.get(k, 0), e.get(k, 0)))[:top]:
     lines.append(f"| {k} | {a.get(k, 0):.2f} | {b.get(k, 0):.2f} | "
                  f"{a.get(k, 0) - b.get(k, 0):+.2f} | {e.get(k, 0):.2f} |")
   total = {c: sum(prof["ops"][c].values()) for c in cands}
-  lines.append(f"| **all ops** | {total['moe_index']:.1f} | {total['floor']:.1f} | "
-               f"{total['moe_index'] - total['floor']:+.1f} | {total['moe_einsum']:.1f} |")
-  for c in ("moe_index", "moe_einsum"):
+  lines.append(f"| **all ops** | {total[first]:.1f} | {total[floor]:.1f} | "
+               f"{total[first] - total[floor]:+.1f} | {total[third]:.1f} |")
+  for c in (first, third):
     ops = sorted(((ms, n) for n, ms in prof["ops"][c].items()
                   if "MatMul" not in n and "Einsum" not in n.split(":")[-1]), reverse=True)[:top]
     lines += ["", f"{c}: largest ops other than matmuls (ms per step)", ""]
@@ -708,7 +1328,9 @@ def table(report) -> str:
 
 def run_task(task: str, args, shapes, peers, log) -> dict:
   results, skipped, fit = [], [], {}
-  if task == "scaling":
+  if args.suite == "dropless":
+    measure_dropless(task, shapes[task], args, results, skipped, log)
+  elif task == "scaling":
     measure_scaling(args, results, skipped, fit, log)
   else:
     measure_shape(task, shapes[task], args, peers, results, skipped, log)
@@ -718,7 +1340,8 @@ def run_task(task: str, args, shapes, peers, log) -> dict:
 def _child_argv(args, task: str) -> list[str]:
   argv = [f"--tokens={','.join(map(str, args.tokens))}",
           f"--scaling_tokens={','.join(map(str, args.scaling_tokens))}",
-          f"--repeats={args.repeats}", f"--sections={','.join(args.sections)}", f"--task={task}"]
+          f"--repeats={args.repeats}", f"--sections={','.join(args.sections)}", f"--task={task}",
+          f"--suite={args.suite}"]
   return argv + [flag for flag, on in (("--smoke", args.smoke), ("--no_peers", args.no_peers),
                                        ("--no_worker", args.no_worker)) if on]
 
@@ -734,20 +1357,43 @@ def main(argv=None) -> int:
     prof = profile(args, log)
     print(json.dumps(prof, indent=1) if args.format == "json" else profile_table(prof))
     return 0
-  shapes = shapes_for(args)
-  peer_status, peers = import_peers(not args.no_peers and "peers" in args.sections)
+  dropless = args.suite == "dropless"
+  shapes = dropless_shapes(args) if dropless else shapes_for(args)
+  peer_status, peers = (({}, {}) if dropless else
+                        import_peers(not args.no_peers and "peers" in args.sections))
+  if args.task == "alltoall":                       # one rank of the 2-rank run
+    part = measure_alltoall(args, shapes[A2A_SHAPE], log)
+    with open(f"{args.result}.rank{part['rank']}.json", "w") as f:
+      json.dump(part, f)
+    return 0
   if args.task:
     print(json.dumps(run_task(args.task, args, shapes, peers, log)))
     return 0
   machine = machine_info()
   isolate = args.isolate == "yes" or (args.isolate == "auto" and not args.smoke)
-  tasks = list(shapes) + (["scaling"] if "scaling" in args.sections else [])
+  if dropless:
+    tasks = [s for s in shapes if s != A2A_SHAPE] if {"balanced", "skewed", "groups"} & set(
+        args.sections) else []
+    tasks += ["alltoall"] if "alltoall" in args.sections else []
+  else:
+    tasks = list(shapes) + (["scaling"] if "scaling" in args.sections else [])
   report = {"schema_version": SCHEMA_VERSION, "tool": "tools/bench_moe.py", "argv": argv,
-            "smoke": args.smoke, "repeats": args.repeats, "isolated": isolate,
-            "machine": machine, "shape": shapes, "peers": peer_status, "results": [],
-            "skipped": [], "scaling_fit": {}, "targets": []}
+            "suite": args.suite, "smoke": args.smoke, "repeats": args.repeats,
+            "isolated": isolate, "machine": machine, "shape": shapes, "peers": peer_status,
+            "results": [], "skipped": [], "scaling_fit": {}, "targets": []}
+  if dropless:
+    report["alltoall"] = {}
+
+  def evaluate():
+    if dropless:
+      return evaluate_dropless_targets(report["results"], shapes, args.sections)
+    return evaluate_targets(report["results"], report["scaling_fit"], shapes, peer_status,
+                            args.sections)
+
   for task in tasks:
-    if isolate:
+    if task == "alltoall":
+      part = run_alltoall(args, log)
+    elif isolate:
       proc = subprocess.run([sys.executable, os.path.abspath(__file__), *_child_argv(args, task)],
                             stdout=subprocess.PIPE, text=True)
       if proc.returncode != 0:
@@ -760,17 +1406,18 @@ def main(argv=None) -> int:
     report["results"] += part["results"]
     report["skipped"] += part["skipped"]
     report["scaling_fit"].update(part["scaling_fit"])
+    if dropless:
+      report["alltoall"].update(part.get("alltoall", {}))
     machine["loadavg_end"] = list(os.getloadavg())
-    report["targets"] = evaluate_targets(report["results"], report["scaling_fit"], shapes,
-                                         peer_status, args.sections)
+    report["targets"] = evaluate()
     if args.out:
       os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
       with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
   machine["loadavg_end"] = list(os.getloadavg())
-  report["targets"] = evaluate_targets(report["results"], report["scaling_fit"], shapes,
-                                       peer_status, args.sections)
-  print(json.dumps(report, indent=1) if args.format == "json" else table(report))
+  report["targets"] = evaluate()
+  print(json.dumps(report, indent=1) if args.format == "json" else
+        dropless_table(report) if dropless else table(report))
   return 0
 
 

@@ -516,9 +516,11 @@ class MoE(keras.layers.Layer):
     counts = r.tokens_per_expert                                          # [E] kept choices
     offsets = tf.cumsum(counts, exclusive=True)                           # [E]
     rows = tf.where(r.kept, tf.gather(offsets, r.expert_index) + r.slot, n_rows)  # [K, T]
-    row_token = tf.tensor_scatter_nd_update(
-        tf.fill([n_rows + 1], t), tf.reshape(rows, [-1, 1]),
-        tf.reshape(tf.broadcast_to(tf.range(t)[None], [k, t]), [-1]))[:-1]  # [K·T]; T: none
+    # Kept rows are unique; dropped choices all land on the dump row K·T (sliced off).
+    row_choice = tf.tensor_scatter_nd_update(
+        tf.fill([n_rows + 1], n_rows), tf.reshape(rows, [-1, 1]),
+        tf.range(n_rows, dtype=tf.int32))[:-1]                            # [K·T]; K·T: none
+    row_token = tf.where(row_choice < n_rows, row_choice % t, t)          # [K·T]; T: none
     total = tf.reduce_sum(counts)
 
     @tf.custom_gradient
@@ -542,15 +544,36 @@ class MoE(keras.layers.Layer):
       # Received rows come by source, then expert; group them by local expert.
       expert_of_row = tf.repeat(tf.tile(tf.range(e), [d]), tf.reshape(received_counts, [-1]))
       order = tf.argsort(expert_of_row, stable=True)                      # [R]
-      y_grouped = self._run_experts(tf.gather(x_recv, order), training,
+      inverse = tf.math.invert_permutation(order)                         # [R]
+
+      def permute(v, perm, inv):
+        """v[perm]; its gradient is the inverse permutation's gather, not IndexedSlices."""
+        @tf.custom_gradient
+        def gather(v):
+          return tf.gather(v, perm), lambda d: tf.gather(d, inv)
+        return gather(v)
+
+      y_grouped = self._run_experts(permute(x_recv, order, inverse), training,
                                     tf.reduce_sum(received_counts, axis=0))
-      y_recv = tf.gather(y_grouped, tf.math.invert_permutation(order))    # [R, N]
+      y_recv = permute(y_grouped, inverse, order)                         # [R, N]
       y_back, _ = self.communicator.all_to_all_v(y_recv, recv_splits)      # [total, N]
       y_sorted = tf.concat([y_back, tf.zeros([n_rows - total, y_back.shape[-1]],
                                              y_back.dtype)], axis=0)      # [K·T, N]
-    y_pad = _pad_row(y_sorted)                                            # row K·T: zeros
-    gate = tf.cast(r.gate, y_sorted.dtype)                                # 0 where not kept
-    return tf.add_n([gate[i][:, None] * tf.gather(y_pad, rows[i]) for i in range(k)])
+
+    # The combine carries its own gradient, as `combine_index` does (rows scaled by their gate
+    # first; backward one gather per row and one dot product per row for the gate): autodiff
+    # of the gather would give IndexedSlices that TF densifies with UnsortedSegmentSum.
+    @tf.custom_gradient
+    def weighted_gather(y_rows, gate):
+      row_gate = tf.gather(_pad_row(tf.reshape(gate, [-1])), row_choice)[:, None]  # [K·T, 1]
+      def grad(d_out):                                                    # [T, N]
+        d_row = tf.gather(_pad_row(d_out), row_token)                     # [K·T, N]; 0 if none
+        row_dot = tf.reduce_sum(y_rows * d_row, axis=-1)                  # [K·T]
+        return d_row * row_gate, tf.gather(_pad_row(row_dot), rows)       # [K·T, N], [K, T]
+      return _sum_rows(_pad_row(y_rows * row_gate), rows), grad          # [T, N]
+
+    # gate is 0 where not kept; those choices read the zero row K·T.
+    return weighted_gather(y_sorted, tf.cast(r.gate, y_sorted.dtype))
 
   def get_config(self):
     config = super().get_config()
