@@ -68,7 +68,9 @@ router's logits get a fixed margin (`pin_router`) so that routing is determinist
   groups    capacity 1.25 with O = 1, 2, 4, 8 outer groups, the model's own router (natural)
             and skewed: time ratio to O = 1, dropped fraction
   what-if   rows "experts' weights unstacked once": the dropless layer with `Experts`'
-            grouped call reading its weights once (`unstacked_rows`), a benchmark-only variant
+            grouped call reading its weights once (`unstacked_rows`). The layer now does this
+            itself, so these rows are the same computation: a control of run-to-run noise;
+            formerly a benchmark-only variant
   alltoall  `horovodrun -np 2 --gloo` (mesh data 1 × expert 2, T per rank = first --tokens,
             one intra-op thread per rank): layer steps of capacity 1.25 (fixed all-to-all),
             dropless with variable splits, and dropless padded to the expert group's maximum

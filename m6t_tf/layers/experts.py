@@ -125,8 +125,16 @@ class Experts(keras.layers.Layer):
         no expert computes (they get zeros).
     """
     if group_sizes is not None:
-      return grouped_apply(x, group_sizes, self.num_local_experts, self._expert_rows,
-                           self.hidden_size, training)
+      # The [e, ...] weights are split once per call: slicing w[j] per expert would give each
+      # slice a dense full-size gradient, summed by an AddN (most of dropless' extra time in
+      # tools/bench_moe.py --suite=dropless --profile); unstack's gradient is one stack.
+      names = ("wi", "wi_gate", "wo") if self.activation == "swiglu" else ("wi", "wo")
+      per_expert = {n: tf.unstack(tf.cast(getattr(self, n), x.dtype)) for n in names}
+      return grouped_apply(
+          x, group_sizes, self.num_local_experts,
+          lambda j, rows, training: self._expert_rows(
+              rows, {n: w[j] for n, w in per_expert.items()}, training),
+          self.hidden_size, training)
     act = activation_fn(self.activation)
     h = expert_matmul(x, self.wi)                                        # [..., e, C, I]
     if self.activation == "swiglu":
@@ -136,14 +144,13 @@ class Experts(keras.layers.Layer):
     h = self._dropout(h, training=training)
     return expert_matmul(h, self.wo)                                     # [..., e, C, M]
 
-  def _expert_rows(self, j: int, x, training):
-    """Expert j on its rows <float>[R_j, M] -> [R_j, M] (plain matmuls)."""
+  def _expert_rows(self, x, w: dict, training):
+    """One expert on its rows <float>[R_j, M] -> [R_j, M]; `w`: its "wi", "wo" ("wi_gate")."""
     act = activation_fn(self.activation)
-    cast = lambda w: tf.cast(w[j], x.dtype)
-    h = tf.matmul(x, cast(self.wi))                                      # [R_j, I]
-    h = act(tf.matmul(x, cast(self.wi_gate))) * h if self.activation == "swiglu" else act(h)
+    h = tf.matmul(x, w["wi"])                                            # [R_j, I]
+    h = act(tf.matmul(x, w["wi_gate"])) * h if self.activation == "swiglu" else act(h)
     h = self._dropout(h, training=training)
-    return tf.matmul(h, cast(self.wo))                                   # [R_j, M]
+    return tf.matmul(h, w["wo"])                                         # [R_j, M]
 
   def get_config(self):
     config = super().get_config()
@@ -178,10 +185,10 @@ class LinearExperts(keras.layers.Layer):
     """<float>[..., e, C, M] -> <float>[..., e, C, N]; rows grouped by expert with
     `group_sizes` (see `Experts.call`)."""
     if group_sizes is not None:
-      return grouped_apply(
-          x, group_sizes, self.num_local_experts,
-          lambda j, rows, training: tf.matmul(rows, tf.cast(self.kernel[j], rows.dtype)),
-          self.output_size, training)
+      kernels = tf.unstack(tf.cast(self.kernel, x.dtype))   # once per call (see Experts.call)
+      return grouped_apply(x, group_sizes, self.num_local_experts,
+                           lambda j, rows, training: tf.matmul(rows, kernels[j]),
+                           self.output_size, training)
     return expert_matmul(x, self.kernel)
 
   def get_config(self):

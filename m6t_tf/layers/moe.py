@@ -127,23 +127,43 @@ def dispatch_index(x, routing: routing_lib.Routing, num_experts: int):
   return tf.reshape(gather_rows(x), [num_experts, routing.capacity, -1])
 
 
+def gate_weighted_sum(y_rows, gate, rows, row_choice, row_token):
+  """out[t] = Σ_k gate[k, t] · y_rows[rows[k, t]], with its own gradient.
+
+  Every per-row product runs over the R buffer rows (E·C slots, or a dropless layer's sorted
+  rows), not the K·T choices: rows are scaled by their gate first, and the gate's gradient is
+  one dot product per row. Autodiff of the gather would give IndexedSlices that TF densifies
+  with a single-threaded UnsortedSegmentSum.
+
+  Args:
+    y_rows: <float>[R, N] expert outputs.
+    gate: <float>[K, T], 0 for dropped choices.
+    rows: <int32>[K, T] buffer row of each choice; R (a zero row) for dropped ones.
+    row_choice: <int32>[R] flat choice (k·T + t) filling each row; K·T for empty rows.
+    row_token: <int32>[R] token t filling each row; T for empty rows.
+
+  Returns:
+    <float>[T, N].
+  """
+  @tf.custom_gradient
+  def weighted_sum(y_rows, gate):
+    row_gate = tf.gather(_pad_row(tf.reshape(gate, [-1])), row_choice)[:, None]  # [R, 1]
+    def grad(d_out):                                                      # [T, N]
+      d_row = tf.gather(_pad_row(d_out), row_token)                       # [R, N]; 0 if empty
+      row_dot = tf.reduce_sum(y_rows * d_row, axis=-1)                    # [R]
+      return d_row * row_gate, tf.gather(_pad_row(row_dot), rows)         # [R, N], [K, T]
+    return _sum_rows(_pad_row(y_rows * row_gate), rows), grad            # [T, N]
+
+  return weighted_sum(y_rows, gate)
+
+
 def combine_index(y, routing: routing_lib.Routing, num_experts: int):
   """<E, C, M> -> <T, M>: Σ over the K choices of gate · y[expert, slot]."""
   rows, slot_choice, slot_token = _index_maps(routing, num_experts)
 
-  # Every per-row product runs over the E·C slots (γ·T at Capacity 1×), not the K·T choices:
-  # slots are scaled by their gate first, and the gate's gradient is one dot product per slot.
-  @tf.custom_gradient
-  def weighted_gather(y_flat, gate):
-    slot_gate = tf.gather(_pad_row(tf.reshape(gate, [-1])), slot_choice)[:, None]  # [E·C, 1]
-    def grad(d_out):                                                      # [T, N]
-      d_slot = tf.gather(_pad_row(d_out), slot_token)                     # [E·C, N]; 0 if padding
-      slot_dot = tf.reduce_sum(y_flat * d_slot, axis=-1)                  # [E·C]
-      return d_slot * slot_gate, tf.gather(_pad_row(slot_dot), rows)      # [E·C, N], [K, T]
-    return _sum_rows(_pad_row(y_flat * slot_gate), rows), grad           # [T, N]
-
   y_flat = tf.reshape(y, [num_experts * routing.capacity, -1])             # [E·C, N]
-  return weighted_gather(y_flat, tf.cast(routing.gate, y.dtype))
+  return gate_weighted_sum(y_flat, tf.cast(routing.gate, y.dtype), rows, slot_choice,
+                           slot_token)
 
 
 @keras.saving.register_keras_serializable(package="m6t_tf")
@@ -560,20 +580,9 @@ class MoE(keras.layers.Layer):
       y_sorted = tf.concat([y_back, tf.zeros([n_rows - total, y_back.shape[-1]],
                                              y_back.dtype)], axis=0)      # [K·T, N]
 
-    # The combine carries its own gradient, as `combine_index` does (rows scaled by their gate
-    # first; backward one gather per row and one dot product per row for the gate): autodiff
-    # of the gather would give IndexedSlices that TF densifies with UnsortedSegmentSum.
-    @tf.custom_gradient
-    def weighted_gather(y_rows, gate):
-      row_gate = tf.gather(_pad_row(tf.reshape(gate, [-1])), row_choice)[:, None]  # [K·T, 1]
-      def grad(d_out):                                                    # [T, N]
-        d_row = tf.gather(_pad_row(d_out), row_token)                     # [K·T, N]; 0 if none
-        row_dot = tf.reduce_sum(y_rows * d_row, axis=-1)                  # [K·T]
-        return d_row * row_gate, tf.gather(_pad_row(row_dot), rows)       # [K·T, N], [K, T]
-      return _sum_rows(_pad_row(y_rows * row_gate), rows), grad          # [T, N]
-
     # gate is 0 where not kept; those choices read the zero row K·T.
-    return weighted_gather(y_sorted, tf.cast(r.gate, y_sorted.dtype))
+    return gate_weighted_sum(y_sorted, tf.cast(r.gate, y_sorted.dtype), rows, row_choice,
+                             row_token)
 
   def get_config(self):
     config = super().get_config()
