@@ -179,6 +179,24 @@ class RematCollectivesTest(tf.test.TestCase):
     gin.clear_config()
 
 
+class RematIndexedSlicesTest(tf.test.TestCase):
+
+  def test_a_gathering_consumer_of_a_recomputed_output(self):
+    # tf.recompute_grad in a graph fails on IndexedSlices arriving at its outputs (a consumer
+    # gathering their rows, as the dropless combine once did); `dropout.remat` densifies them.
+    from m6t_tf.layers import dropout as dropout_lib
+    w = tf.Variable(tf.reshape(tf.range(12, dtype=tf.float32), [4, 3]))
+
+    @tf.function
+    def step(x):
+      with tf.GradientTape() as tape:
+        y = dropout_lib.remat(lambda t: tf.matmul(t, w))(x)
+        loss = tf.reduce_sum(tf.gather(y, [0, 2, 2]))
+      return tape.gradient(loss, w)
+
+    self.assertAllClose(step(tf.ones([5, 4])), tf.fill([4, 3], 3.0))
+
+
 class RematConfigTest(tf.test.TestCase):
 
   def test_bad_values_name_the_options(self):

@@ -74,7 +74,20 @@ def remat(fn: Callable[[tf.Tensor], tuple]) -> Callable[[tf.Tensor], tuple]:
       needs (masks, flags) is closed over: `tf.recompute_grad` takes no keyword arguments in a
       graph and passes gradients only to positional inputs and variables.
   """
-  return keras.remat(scoped(fn))
+  recomputed = keras.remat(scoped(fn))
+
+  def call(x):
+    return tf.nest.map_structure(_dense_gradient, recomputed(x))
+
+  return call
+
+
+@tf.custom_gradient
+def _dense_gradient(x):
+  """Identity whose gradient is always a dense tensor. `tf.recompute_grad` (graph mode) fails
+  with "Expected a type in (Tensor), got IndexedSlices" when the gradient arriving at its
+  outputs is IndexedSlices, as it is when a consumer gathers rows of them."""
+  return tf.identity(x), lambda dy: tf.convert_to_tensor(dy)
 
 
 def maybe_remat(fn: Callable[[tf.Tensor], tuple], enabled: bool):
