@@ -40,6 +40,13 @@ def parse_args(argv):
   return args, sweep, machine
 
 
+def specs_for(args) -> list:
+  """The two arms (without / with the loss), every seed of `--seeds`."""
+  return [common.RunSpec(label, gins, seed) for seed in args.seeds for label, gins in (
+      (f"{args.routing}, no auxiliary loss", (args.routing,)),
+      (f"{args.routing}, auxiliary loss 0.01", (args.routing, "aux_loss")))]
+
+
 def plot(runs: dict, off, on, args):
   plt = common.pyplot()
   layers = common.moe_layer_names(runs[off])

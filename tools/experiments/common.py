@@ -39,7 +39,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GIN_DIR = "tools/experiments/gin"            # relative to ROOT, as the gin files include paths
 TINY_GIN = "gin/tiny.gin"
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 300
+DEFAULT_SEEDS = "0,1,2"
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
@@ -68,6 +69,12 @@ def add_common_flags(p: argparse.ArgumentParser, default_name: str) -> None:
                  help="overlay gin/tiny.gin (seconds per run; the tests' smoke runs)")
   p.add_argument("--gin_bindings", action="append", default=[],
                  help="extra bindings for every run (they change the run directories' match)")
+  p.add_argument("--seeds", default=DEFAULT_SEEDS,
+                 help=f"comma-separated seeds of every arm (default {DEFAULT_SEEDS}: tables give "
+                      f"mean ± sd and 95%% intervals over them)")
+  p.add_argument("--jobs", type=int, default=2,
+                 help="runs trained at once, each in its own process (default 2: on 2 cores two "
+                      "runs side by side finish ~1.5× sooner than one after the other)")
 
 
 def check_common_flags(p: argparse.ArgumentParser, args) -> None:
@@ -75,6 +82,14 @@ def check_common_flags(p: argparse.ArgumentParser, args) -> None:
     p.error("--steps must be >= 2 (the cosine schedule needs steps > warm-up steps)")
   if args.eval_points < 1 or args.log_every < 1:
     p.error("--eval_points and --log_every must be >= 1")
+  if args.jobs < 1:
+    p.error(f"--jobs={args.jobs}: must be >= 1")
+  try:
+    args.seeds = [int(x) for x in str(args.seeds).split(",") if x.strip()]
+  except ValueError:
+    p.error(f"--seeds={args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
+  if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+    p.error(f"--seeds={args.seeds}: give one or more distinct seeds")
 
 
 def machine_info() -> dict:
@@ -128,6 +143,71 @@ class Sweep:
     head.append("    " + parts[-1])
     return " \\\n".join(head)
 
+  def manifest(self, spec: RunSpec) -> dict:
+    return {"gin_files": self.files(spec), "gin_bindings": self.bindings(spec)}
+
+  def done(self, spec: RunSpec) -> bool:
+    """True if the run exists, finished, with the same files and bindings."""
+    run_dir = self.run_dir(spec)
+    try:
+      with open(os.path.join(run_dir, "experiment.json")) as f:
+        old = json.load(f)
+    except (OSError, ValueError):
+      return False
+    manifest = self.manifest(spec)
+    return ({k: old.get(k) for k in manifest} == manifest and old.get("status") == "done"
+            and _finished(run_dir, self.args.steps))
+
+  def ensure_all(self, specs: list) -> dict:
+    """`ensure` of every spec, the missing runs trained `args.jobs` at a time in processes of
+    their own (each one `python tools/experiments/common.py --train_one=...`, which calls
+    `ensure` there); returns {spec: load_run}. A failed run raises after the others finished,
+    naming its log."""
+    unique = {}
+    for spec in specs:
+      unique.setdefault(self.run_dir(spec), spec)
+    todo = [s for s in unique.values() if not self.done(s)]
+    jobs = getattr(self.args, "jobs", 1)
+    if jobs > 1 and len(todo) > 1:
+      self._train_in_processes(todo, jobs)
+    return {spec: self.ensure(spec) for spec in specs}
+
+  def _train_in_processes(self, todo: list, jobs: int) -> None:
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    pending, running, failed = list(todo), [], []
+    os.makedirs(self.model_root, exist_ok=True)
+    while pending or running:
+      while pending and len(running) < jobs:
+        spec = pending.pop(0)
+        log_path = self.run_dir(spec) + ".log"
+        payload = {"args": {k: getattr(self.args, k) for k in _WORKER_ARGS},
+                   "label": spec.label, "gins": list(spec.gins), "seed": spec.seed}
+        self.log(f"training {spec.label} (seed {spec.seed}) in a process of its own; log "
+                 f"{rel(log_path)}")
+        log = open(log_path, "w")
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                                 "--train_one=" + json.dumps(payload)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        running.append((proc, spec, log, log_path))
+      time.sleep(1.0)
+      for item in list(running):
+        proc, spec, log, log_path = item
+        if proc.poll() is None:
+          continue
+        running.remove(item)
+        log.close()
+        if proc.returncode != 0:
+          failed.append(f"{spec.label} seed {spec.seed} (exit {proc.returncode}; see "
+                        f"{rel(log_path)})")
+          self.log(f"FAILED: {failed[-1]}")
+        else:
+          self.log(f"finished {spec.label} (seed {spec.seed}); {len(pending)} waiting, "
+                   f"{len(running)} running")
+    if failed:
+      raise RuntimeError("training runs failed: " + "; ".join(failed))
+
   def ensure(self, spec: RunSpec) -> dict:
     """Trains the run unless a finished one with the same settings exists; returns `load_run`."""
     import gin
@@ -135,7 +215,7 @@ class Sweep:
     from m6t_tf import configurables
     from m6t_tf.parallel import context as context_lib
     run_dir = self.run_dir(spec)
-    manifest = {"gin_files": self.files(spec), "gin_bindings": self.bindings(spec)}
+    manifest = self.manifest(spec)
     path = os.path.join(run_dir, "experiment.json")
     if os.path.exists(path):
       with open(path) as f:
@@ -172,10 +252,24 @@ class Sweep:
     return load_run(run_dir)
 
 
+# What a worker process needs of the parent's flags to make the same run directory and bindings.
+_WORKER_ARGS = ("steps", "model_root", "eval_points", "log_every", "tiny", "gin_bindings")
+
+
+def _train_one(payload: str) -> int:
+  """A worker of `Sweep.ensure_all`: trains (or reuses) one run."""
+  d = json.loads(payload)
+  quiet_tensorflow()
+  sweep = Sweep(argparse.Namespace(**d["args"], jobs=1))
+  sweep.ensure(RunSpec(d["label"], tuple(d["gins"]), d["seed"]))
+  return 0
+
+
 def derived_config() -> dict:
-  """Routing values of the parsed gin config, and the training capacity C they give."""
+  """Routing values of the parsed gin config, and the training capacity C they give (None for
+  dropless routing, which has no capacity)."""
   from m6t_tf import configurables
-  from m6t_tf.layers import routing as routing_lib
+  from m6t_tf.layers import moe as moe_lib
   q = configurables.query
   batch, max_len = q("train.batch_size_per_worker", 8), q("train.max_len", 64)
   tokens = batch * (16 + max_len - 1)
@@ -183,11 +277,16 @@ def derived_config() -> dict:
          "routing": q("MoEConfig.routing"), "k": q("MoEConfig.k"),
          "capacity_mode": q("MoEConfig.capacity_mode"),
          "capacity_factor": q("MoEConfig.capacity_factor"),
+         "capacity_token_fraction": q("MoEConfig.capacity_token_fraction", None),
+         "second_expert_policy": q("MoEConfig.second_expert_policy", "all"),
+         "drop_policy": q("MoEConfig.drop_policy", "position"),
          "aux_loss_weight": q("MoEConfig.aux_loss_weight"),
          "moe_attention": q("M6Transformer.moe_attention", False)}
-  out["capacity"] = routing_lib.capacity(tokens, out["num_experts"], k=out["k"],
-                                         capacity_factor=out["capacity_factor"],
-                                         mode=out["capacity_mode"])
+  layer = moe_lib.MoE(out["num_experts"], 8, routing=out["routing"], k=out["k"],
+                      capacity_factor=out["capacity_factor"], capacity_mode=out["capacity_mode"],
+                      capacity_token_fraction=out["capacity_token_fraction"])
+  out["capacity"] = (None if out["capacity_mode"] == "dropless"
+                     else layer.capacity_for(tokens, training=True))
   return out
 
 
@@ -463,11 +562,17 @@ def time_step_ratios(sweep: Sweep, specs: list[RunSpec], baseline: RunSpec, *, r
   return out
 
 
-def make_parser(doc: str, name: str) -> argparse.ArgumentParser:
+def cli_parser(doc: str, name: str) -> argparse.ArgumentParser:
+  """A parser with the flags every experiment shares (`add_common_flags`)."""
   from m6t_tf import cli
   p = cli.ArgumentParser(description=doc.split("\n")[0],
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
   add_common_flags(p, name)
+  return p
+
+
+def make_parser(doc: str, name: str) -> argparse.ArgumentParser:
+  p = cli_parser(doc, name)
   p.add_argument("--time_rounds", type=int, default=10,
                  help="interleaved step-time rounds of the models (0 = skip; default 10)")
   return p
@@ -490,3 +595,10 @@ def quiet_tensorflow() -> None:
   "retracing"; that warning is expected here, not a problem to chase."""
   import tensorflow as tf
   tf.get_logger().setLevel("ERROR")
+
+
+if __name__ == "__main__":
+  if len(sys.argv) == 2 and sys.argv[1].startswith("--train_one="):
+    sys.exit(_train_one(sys.argv[1][len("--train_one="):]))
+  sys.exit("tools/experiments/common.py is a library; its only command line is the "
+           "--train_one=<json> of Sweep.ensure_all's worker processes")

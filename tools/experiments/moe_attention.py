@@ -46,6 +46,13 @@ def parse_args(argv):
   return args, sweep, machine
 
 
+def specs_for(args) -> list:
+  """For each routing: the MoE FFN baseline and MoE attention, every seed of `--seeds`."""
+  return [common.RunSpec(label, gins, seed) for seed in args.seeds for r in args.routings
+          for label, gins in ((f"{r}, MoE FFN", (r,)),
+                              (f"{r}, MoE FFN + MoE attention", (r, "moe_attention")))]
+
+
 def plot(runs: dict, pairs, args):
   plt = common.pyplot()
   fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))

@@ -64,12 +64,11 @@ def parse_args(argv):
   return args, sweep, machine
 
 
-def specs_for(args):
+def specs_for(args) -> list:
+  """Every variant of `--variants`, every seed of `--seeds`."""
   info = {v[0]: v for v in VARIANTS}
-  main = [common.RunSpec(f"{info[v][1]}, capacity {info[v][2]}", (v,)) for v in args.variants]
-  reps = [common.RunSpec(f"{info[v][1]}, capacity {info[v][2]} (seed {s})", (v,), seed=s)
-          for v in args.replicate if v in args.variants for s in args.replicate_seeds if s != 0]
-  return main, reps
+  return [common.RunSpec(f"{info[v][1]}, capacity {info[v][2]}", (v,), seed)
+          for seed in args.seeds for v in args.variants]
 
 
 def plot(runs: dict, main, reps, timing):
