@@ -1,7 +1,7 @@
 r"""FLOPs per training step of the five routings × two capacities (paper Table 1, our scale).
 
   python tools/experiments/flops.py                      # the committed docs/results run
-  python tools/experiments/flops.py --tiny --out_dir=/tmp/flops
+  python tools/experiments/flops.py --tiny --out_dir=runs/flops_tiny
 
 The paper counted per-GPU GFLOPs with the TensorFlow profiler. For every routing of
 `tools/experiments/gin/` (top-1, top-2, top-4, 2 top-1, 4 top-1 under Capacity k× and 1×; each
@@ -265,7 +265,7 @@ def build_rows(results: list) -> list:
   return rows
 
 
-def markdown(args, argv, machine, rows, results) -> tuple[str, str]:
+def markdown(args, argv, machine, rows, results, share_1t) -> tuple[str, str]:
   cmd = " ".join(shlex.quote(a) for a in ["python", "tools/experiments/flops.py", *argv])
   header = ["routing", "capacity", "C (planner / trainer)", "planner GFLOPs/step",
             "matmul GFLOPs/step, shape count", "shape / planner",
@@ -386,12 +386,15 @@ def markdown(args, argv, machine, rows, results) -> tuple[str, str]:
       f"matmul FLOPs (shape count; {', '.join(r['routing'] for r in cap1)}), since C and thus "
       f"the expert buffers are top-1's. Capacity k× rows cost "
       f"{', '.join(_r(r['shape_vs_top1']) for r in capk)} × top-1 "
-      f"({', '.join(r['routing'] for r in capk)}): the expert matmuls scale with C ∝ k "
-      f"(experts column: {', '.join(_r(r['experts_vs_top1'], 2) for r in capk)} × top-1's). "
-      f"At this scale the tied output softmax (V = {cfg['vocab_size']:,}) is "
-      f"{100 * output_share:.0f}% of top-1's planner FLOPs, which flattens the whole-step "
-      f"ratios; in the paper's models the experts dominate "
-      f"(`moe_expert_flops_share` ≈ 98.7% of a 1T MoE layer).", "",
+      f"({', '.join(r['routing'] for r in capk)}): the expert matmuls scale with C, about "
+      f"k × top-1's (experts column: {', '.join(_r(r['experts_vs_top1'], 2) for r in capk)} "
+      f"× top-1's). The planner gives Capacity 1× "
+      f"{', '.join(_r(r['planner_vs_top1']) for r in cap1)} × top-1: its element-wise "
+      f"combine term grows with k. At this scale the tied output softmax "
+      f"(V = {cfg['vocab_size']:,}) is {100 * output_share:.0f}% of top-1's planner FLOPs, "
+      f"which flattens the whole-step ratios; in the paper's models the experts dominate "
+      f"(the planner's `moe_expert_flops_share` of one MoE layer of gin/1T.gin: "
+      f"{100 * share_1t:.1f}%).", "",
       "## Forward pass alone", "", fwd_table, "",
       "The forward graph is `M6Captioner.losses_and_metrics(batch, training=True)`; its "
       "profiler columns have the same two gaps as the step's.", ""]
@@ -404,6 +407,8 @@ def main(argv=None) -> int:
   common.quiet_tensorflow()
   machine = common.machine_info()
   info = {v[0]: v for v in VARIANTS}
+  import gin
+  from m6t_tf import planning
   results = []
   cwd = os.getcwd()
   os.chdir(common.ROOT)   # gin files name their includes and data relative to the repository
@@ -421,18 +426,22 @@ def main(argv=None) -> int:
             f"{r['step']['shape_matmul'] / 1e9:.3f} ({time.time() - start:.1f} s)",
             file=sys.stderr, flush=True)
   finally:
-    import gin
     gin.clear_config()
     os.chdir(cwd)
+  # The paper's scale, for the text: arithmetic only, nothing is built.
+  share_1t = planning.plan_from_gin(
+      ["gin/1T.gin"], search_paths=[common.ROOT])["moe_expert_flops_share"]
+  gin.clear_config()
   rows = build_rows(results)
   machine["loadavg_end"] = list(os.getloadavg())
-  md, table = markdown(args, argv, machine, rows, results)
+  md, table = markdown(args, argv, machine, rows, results, share_1t)
   os.makedirs(args.out_dir, exist_ok=True)
   with open(os.path.join(args.out_dir, f"{NAME}.md"), "w") as f:
     f.write(md.rstrip() + "\n")
   with open(os.path.join(args.out_dir, f"{NAME}.json"), "w") as f:
     json.dump({"experiment": NAME, "argv": argv, "tiny": args.tiny, "machine": machine,
-               "rows": rows, "results": results}, f, indent=1, sort_keys=True, default=int)
+               "rows": rows, "results": results,
+               "moe_expert_flops_share_1T": share_1t}, f, indent=1, sort_keys=True, default=int)
   print(table)
   print(f"wrote {common.rel(os.path.join(args.out_dir, NAME + '.md'))}, "
         f"{common.rel(os.path.join(args.out_dir, NAME + '.json'))}")
