@@ -49,12 +49,14 @@ bench-setup: setup
 bench: bench-setup
 	$(PY) tools/bench_moe.py $(BENCH_ARGS)
 
-# The paper's experiments at demo scale (docs/results/README.md): routing × capacity, auxiliary
-# loss, MoE attention (~30 min on 2 cores at --steps=600), then the dense comparison.
+# The paper's experiments at demo scale (docs/results/README.md): 63 training runs (routing ×
+# capacity, auxiliary loss, MoE attention, routing options, model size; three seeds each, 300
+# steps; ~85 min on 2 cores, two at a time), then the scripts' tables and plots (with step
+# timing and captions of the final models), FLOPs per routing and the dense comparison.
 #   make experiments                                   # writes docs/results/*.png, *.md, *.json
-#   make experiments EXPERIMENT_ARGS="--steps=1000 --model_root=runs/experiments1000"
+#   make experiments EXPERIMENT_ARGS="--steps=600 --seeds=0,1,2,3,4 --model_root=runs/exp600"
 .PHONY: experiments-setup experiments
-EXPERIMENT_ARGS ?= --steps=600
+EXPERIMENT_ARGS ?=
 PLOTS_STAMP = .venv/.stamp-plots-$(shell sha256sum requirements-plots.txt | cut -c1-16)
 experiments-setup: data $(PLOTS_STAMP)
 $(PLOTS_STAMP): requirements-plots.txt
@@ -62,9 +64,13 @@ $(PLOTS_STAMP): requirements-plots.txt
 	@touch $@
 
 experiments: experiments-setup
+	$(PY) tools/experiments/train_runs.py $(EXPERIMENT_ARGS)
 	$(PY) tools/experiments/routing.py $(EXPERIMENT_ARGS)
 	$(PY) tools/experiments/aux_loss.py $(EXPERIMENT_ARGS)
 	$(PY) tools/experiments/moe_attention.py $(EXPERIMENT_ARGS)
+	$(PY) tools/experiments/routing_options.py $(EXPERIMENT_ARGS)
+	$(PY) tools/experiments/scale.py $(EXPERIMENT_ARGS)
+	$(PY) tools/experiments/flops.py
 	$(PY) tools/compare_dense.py --dense_gin=gin/demo.gin --moe_gin=tools/experiments/gin/top1.gin \
 	    --moe_gin=tools/experiments/gin/2top1_cap_k.gin --moe_gin=tools/experiments/gin/top2_cap_k.gin \
 	    --moe_gin=tools/experiments/gin/4top1_cap_k.gin --moe_gin=tools/experiments/gin/top4_cap_k.gin \

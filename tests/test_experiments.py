@@ -1,6 +1,8 @@
-"""Smoke runs of tools/experiments/{routing,aux_loss,moe_attention}.py: a couple of tiny steps
-per run into a temporary folder; each must write its PNG, markdown table and JSON, share the
-runs it has in common with the others, and reuse finished runs. Plus the helpers' arithmetic.
+"""Smoke runs of tools/experiments/{routing,aux_loss,moe_attention,routing_options,scale}.py: a
+couple of tiny steps per run, two seeds, into a temporary folder; each must write its PNG,
+markdown table and JSON, share the runs it has in common with the others, train in worker
+processes and reuse finished runs. Plus the helpers' arithmetic: means, t-intervals, paired
+verdicts, the scale trend's slope.
 
 The scripts plot with matplotlib (`requirements-plots.txt`, installed by `make experiments`);
 without it the smoke runs are skipped, saying so.
@@ -48,15 +50,21 @@ class ScriptsSmokeTest(unittest.TestCase):
     cls.root = os.path.join(cls.tmp, "runs")
     cls.out = os.path.join(cls.tmp, "out")
     common_flags = SMOKE + [f"--model_root={cls.root}", f"--out_dir={cls.out}"]
+    two = ["--seeds=0,1"]
     cwd = os.getcwd()
     try:
-      # One timed round in the routing script exercises the step-time column and cost plot.
+      # One timed round in the routing script exercises the step-time column and cost plot;
+      # --jobs=2 trains its four runs two at a time in worker processes.
       cls.rc = {
-          "routing": _load("routing").main(common_flags + [
-              "--variants=top1,2top1_cap_k", "--replicate=", "--time_rounds=1"]),
-          "aux_loss": _load("aux_loss").main(common_flags + ["--time_rounds=0"]),
+          "routing": _load("routing").main(common_flags + two + [
+              "--variants=top1,4top1_cap_k", "--time_rounds=1", "--jobs=2"]),
+          "aux_loss": _load("aux_loss").main(common_flags + ["--seeds=0", "--time_rounds=0"]),
           "moe_attention": _load("moe_attention").main(common_flags + [
-              "--routings=top1", "--time_rounds=0"]),
+              "--seeds=0", "--routings=top1", "--time_rounds=0"]),
+          "routing_options": _load("routing_options").main(common_flags + two + [
+              "--arms=top1_dropless", "--captions=1", "--time_rounds=1", "--jobs=2"]),
+          "scale": _load("scale").main(common_flags + two + [
+              "--sizes=8,16", "--time_rounds=0", "--jobs=1"]),
       }
     finally:
       _restore_globals()
@@ -65,6 +73,10 @@ class ScriptsSmokeTest(unittest.TestCase):
   @classmethod
   def tearDownClass(cls):
     shutil.rmtree(cls.tmp, ignore_errors=True)
+
+  def _json(self, name):
+    with open(os.path.join(self.out, f"{name}.json")) as f:
+      return json.load(f)
 
   def test_every_script_writes_png_table_and_json(self):
     for name, rc in self.rc.items():
@@ -75,12 +87,11 @@ class ScriptsSmokeTest(unittest.TestCase):
       with open(os.path.join(self.out, f"{name}.md")) as f:
         md = f.read()
       self.assertIn(f"![", md)
-      self.assertIn("| val PPL |", md)
+      self.assertIn("[95% CI]", md)
       self.assertIn("python -m m6t_tf.train --gin_file=tools/experiments/gin/", md)
       self.assertIn(f"tools/experiments/{name}.py", md)
       self.assertIn("Machine:", md)
-      with open(os.path.join(self.out, f"{name}.json")) as f:
-        payload = json.load(f)
+      payload = self._json(name)
       self.assertEqual(payload["experiment"], name)
       self.assertEqual(payload["steps"], 2)
       for run in payload["runs"]:
@@ -90,28 +101,72 @@ class ScriptsSmokeTest(unittest.TestCase):
       self.assertEqual(f.read(8), PNG_MAGIC)
 
   def test_table_rows(self):
-    with open(os.path.join(self.out, "routing.json")) as f:
-      runs = json.load(f)["runs"]
-    self.assertEqual([(r["routing"], r["capacity"]) for r in runs],
-                     [("top-1", "k× = 1×"), ("2 top-1", "k×")])
+    payload = self._json("routing")
+    runs = payload["runs"]
+    self.assertEqual([(r["routing"], r["capacity"], r["seed"]) for r in runs],
+                     [("top-1", "k× = 1×", 0), ("4 top-1", "k×", 0),
+                      ("top-1", "k× = 1×", 1), ("4 top-1", "k×", 1)])
     # tiny.gin: T = 2 × (16 + 11) = 54 positions, E = 8, γ = 1.25 → C = ceil(k · 54 / 8 · 1.25).
-    self.assertEqual([r["derived"]["capacity"] for r in runs], [9, 17])
-    self.assertIsNotNone(runs[1]["step_time_vs_top1"])
-    with open(os.path.join(self.out, "aux_loss.json")) as f:
-      aux = json.load(f)["runs"]
+    self.assertEqual([r["derived"]["capacity"] for r in runs], [9, 34, 9, 34])
+    arm = payload["arms"]["4top1_cap_k"]
+    self.assertEqual(arm["log_ppl"]["n"], 2)
+    by_seed = {int(k): v for k, v in arm["log_ppl_by_seed"].items()}
+    base = {int(k): v for k, v in payload["arms"]["top1"]["log_ppl_by_seed"].items()}
+    self.assertAlmostEqual(arm["delta_vs_top1"]["mean"],
+                           (by_seed[0] - base[0] + by_seed[1] - base[1]) / 2)
+    self.assertIn(arm["delta_vs_top1"]["verdict"], ("lower", "higher", "tie"))
+    self.assertIsNotNone(payload["timing"]["4 top-1, capacity k×"]["ratio"])
+    aux = self._json("aux_loss")["runs"]
     self.assertEqual([r["derived"]["aux_loss_weight"] for r in aux], [0.0, 0.01])
     self.assertEqual(len(aux[0]["late_load_cv"]), 2)          # tiny.gin: 2 MoE layers
-    with open(os.path.join(self.out, "moe_attention.json")) as f:
-      attn = json.load(f)["runs"]
+    attn = self._json("moe_attention")["runs"]
     self.assertEqual([r["derived"]["moe_attention"] for r in attn], [False, True])
     # Q, K, V, O of both layers are MoEs with routing statistics of their own.
     self.assertEqual(len(attn[1]["late_dropped_fraction_attention"]), 8)
 
+  def test_routing_options_compare_by_seed_with_captions(self):
+    payload = self._json("routing_options")
+    (comparison,) = payload["comparisons"]
+    self.assertEqual(comparison["name"], "top-1 dropless")
+    self.assertIsNone(comparison["arm"]["capacity"])            # dropless: no C
+    self.assertEqual(comparison["base"]["capacity"], 9)
+    self.assertEqual(comparison["delta"]["n"], 2)
+    for side in ("arm", "base"):
+      self.assertEqual(comparison[side]["BLEU-4"]["n"], 2)
+      self.assertEqual(comparison[side]["CIDEr-D"]["n"], 2)
+    for seed in (0, 1):   # every final model captioned the validation split
+      path = os.path.join(self.root, f"top1+dropless+tiny-steps2-seed{seed}",
+                          "caption_metrics.json")
+      with open(path) as f:
+        self.assertIn("CIDEr-D", json.load(f)["model"])
+    self.assertIsNotNone(comparison["step_time_ratio"])
+
+  def test_scale_sizes_differ_and_give_a_trend(self):
+    payload = self._json("scale")
+    sizes = payload["sizes"]
+    self.assertEqual([s["size"] for s in sizes], ["E = 8 (demo)", "E = 16"])
+    # experts16.gin still applies under --tiny: twice the expert parameters.
+    self.assertEqual(sizes[1]["params"]["params_expert"], 2 * sizes[0]["params"]["params_expert"])
+    self.assertEqual(sizes[0]["benefit"]["n"], 2)
+    self.assertEqual(payload["trend"]["n"], 4)
+    self.assertIn(payload["trend"]["verdict"], ("grows", "shrinks", "cannot be told apart"))
+
+  def test_runs_train_in_worker_processes(self):
+    # --jobs=2 trained the routing runs in processes of their own, each with its log.
+    for name in ("top1+tiny-steps2-seed0", "4top1_cap_k+tiny-steps2-seed1"):
+      self.assertTrue(os.path.exists(os.path.join(self.root, name + ".log")), name)
+      with open(os.path.join(self.root, name, "experiment.json")) as f:
+        self.assertEqual(json.load(f)["status"], "done")
+
   def test_runs_are_shared_between_scripts(self):
     # top-1 is the routing sweep's run, aux loss "off" and the MoE-attention baseline.
-    self.assertEqual(sorted(os.listdir(self.root)), [
-        "2top1_cap_k+tiny-steps2-seed0", "top1+aux_loss+tiny-steps2-seed0",
-        "top1+moe_attention+tiny-steps2-seed0", "top1+tiny-steps2-seed0"])
+    self.assertEqual(sorted(d for d in os.listdir(self.root) if not d.endswith(".log")), [
+        "4top1_cap_k+experts16+tiny-steps2-seed0", "4top1_cap_k+experts16+tiny-steps2-seed1",
+        "4top1_cap_k+tiny-steps2-seed0", "4top1_cap_k+tiny-steps2-seed1",
+        "top1+aux_loss+tiny-steps2-seed0", "top1+dropless+tiny-steps2-seed0",
+        "top1+dropless+tiny-steps2-seed1", "top1+experts16+tiny-steps2-seed0",
+        "top1+experts16+tiny-steps2-seed1", "top1+moe_attention+tiny-steps2-seed0",
+        "top1+tiny-steps2-seed0", "top1+tiny-steps2-seed1"])
 
   def test_finished_runs_are_reused(self):
     path = os.path.join(self.root, "top1+tiny-steps2-seed0", "experiment.json")
@@ -120,7 +175,7 @@ class ScriptsSmokeTest(unittest.TestCase):
     out = os.path.join(self.tmp, "again")
     try:
       rc = _load("aux_loss").main(SMOKE + [f"--model_root={self.root}", f"--out_dir={out}",
-                                           "--time_rounds=0"])
+                                           "--seeds=0", "--time_rounds=0"])
     finally:
       _restore_globals()
     self.assertEqual(rc, 0)
@@ -167,6 +222,55 @@ class HelpersTest(unittest.TestCase):
     self.assertEqual(sweep.files(spec), ["tools/experiments/gin/top1.gin"])
     self.assertTrue(sweep.run_dir(spec).endswith(os.path.join("r", "top1-steps400-seed3")))
     self.assertIn("--gin_file=tools/experiments/gin/top1.gin", sweep.command(spec))
+
+  def test_stats_mean_sd_and_t_interval(self):
+    st = common.stats([1.0, 2.0, 3.0])
+    self.assertEqual((st["n"], st["mean"], st["sd"]), (3, 2.0, 1.0))
+    self.assertAlmostEqual(st["ci95"], 4.303 / 3 ** 0.5)     # t(0.975, 2 df) · sd / √n
+    self.assertAlmostEqual(common.stats([5.0, 7.0])["ci95"], 12.706 * 2 ** 0.5 / 2 ** 0.5)
+    one = common.stats([4.0])
+    self.assertEqual((one["mean"], one["sd"], one["ci95"]), (4.0, None, None))
+    self.assertEqual(common.stats([None, float("nan")])["n"], 0)
+    self.assertEqual(common.fmt_sd(st), "2.000 ± 1.000")
+    self.assertEqual(common.fmt_ci(common.stats([-1.0, -1.0, -1.0])), "-1.000 [-1.000, -1.000]")
+
+  def test_paired_differences_remove_the_seed_effect(self):
+    # The seed moves both arms by up to 1.0; the arm is 0.05 better in every seed: unpaired
+    # intervals would overlap, the paired one excludes 0.
+    base = {0: 2.0, 1: 3.0, 2: 2.5}
+    arm = {0: 1.95, 1: 2.96, 2: 2.44}
+    d = common.paired(arm, base)
+    self.assertEqual(d["seeds"], [0, 1, 2])
+    self.assertAlmostEqual(d["mean"], -0.05)
+    self.assertEqual(d["verdict"], "lower")
+    self.assertEqual(common.paired(base, arm)["verdict"], "higher")
+    self.assertEqual(common.paired({0: 1.0, 1: 2.0, 2: 0.9}, {0: 1.0, 1: 1.0, 2: 1.0})["verdict"],
+                     "tie")
+    self.assertEqual(common.paired({0: 1.0}, {0: 2.0})["verdict"], "tie")   # one seed: no claim
+    self.assertEqual(common.paired({0: 1.0, 1: 2.0}, {1: 1.5, 2: 0.0})["seeds"], [1])
+
+  def test_scale_slope_and_its_interval(self):
+    scale = _load("scale")
+    exact = scale.slope([1.0, 2.0, 3.0, 4.0], [0.5, 0.7, 0.9, 1.1])
+    self.assertAlmostEqual(exact["slope"], 0.2)
+    self.assertAlmostEqual(exact["ci95"], 0.0)
+    noisy = scale.slope([0, 0, 1, 1, 2, 2], [0.0, 0.2, 0.1, 0.3, 0.2, 0.4])
+    self.assertAlmostEqual(noisy["slope"], 0.1)
+    # residual variance 0.02 · 4/4 … from the formula: s² = Σr²/(n − 2), se = √(s²/Sxx)
+    resid = sum(r * r for r in (-0.1, 0.1, -0.1, 0.1, -0.1, 0.1)) / 4
+    self.assertAlmostEqual(noisy["ci95"], 2.776 * (resid / 4) ** 0.5)
+    with self.assertRaisesRegex(ValueError, "sizes must differ"):
+      scale.slope([1.0, 1.0], [0.0, 1.0])
+
+  def test_band_is_the_mean_over_common_steps(self):
+    plt = common.pyplot() if importlib.util.find_spec("matplotlib") else None
+    if plt is None:
+      self.skipTest("matplotlib missing: `pip install -r requirements-plots.txt`")
+    fig, ax = plt.subplots()
+    xs, mean = common.band(ax, [([0, 10, 20], [1.0, 2.0, 3.0]), ([10, 20, 30], [4.0, 6.0, 8.0])],
+                           "black")
+    self.assertEqual((xs, mean), ([10, 20], [3.0, 4.5]))
+    plt.close(fig)
 
   def test_markdown_table(self):
     self.assertEqual(common.markdown_table(["a", "b"], [[1, 2]], align="lr"),

@@ -1,9 +1,9 @@
 r"""Auxiliary load-balance loss on vs off: per-layer load cv over training (paper Figure 1).
 
-  python tools/experiments/aux_loss.py --steps=600           # the committed docs/results run
+  python tools/experiments/aux_loss.py                       # the committed docs/results run
   python tools/experiments/aux_loss.py --routing=2top1_cap_k --steps=1000
 
-Two runs of the demo model with the routing `--routing` (a file of tools/experiments/gin/;
+Two arms of the demo model, each trained with every seed of `--seeds` (default 0, 1, 2), with the routing `--routing` (a file of tools/experiments/gin/;
 default top1, the paper's base-model routing): without auxiliary loss (that file alone, the
 same run as the routing sweep's) and with the Switch load-balance loss of weight 0.01
 (`tools/experiments/gin/aux_loss.gin`). The paper's finding: the loss balances the load (cv
@@ -14,8 +14,12 @@ excluded), logged per MoE layer every `--log_every` steps by the trainer; the dr
 is logged alongside. `--time_rounds` interleaved rounds also time one `Trainer.train_step` of
 both (the loss adds a few reductions per layer).
 
+Tables give means ± sd over seeds and the difference with − without the loss paired by seed
+with its 95% t-interval ("tie" unless the interval excludes 0).
+
 Writes <out_dir>/aux_loss.png (cv and dropped fraction per layer, training and validation
-log-perplexity), aux_loss.md (table, commands, machine) and aux_loss.json.
+log-perplexity; mean over seeds and a ±1 sd band), aux_loss.md (table, commands, machine) and
+aux_loss.json.
 """
 
 from __future__ import annotations
@@ -47,23 +51,22 @@ def specs_for(args) -> list:
       (f"{args.routing}, auxiliary loss 0.01", (args.routing, "aux_loss")))]
 
 
-def plot(runs: dict, off, on, args):
+def plot(runs: dict, off: list, on: list, args):
   plt = common.pyplot()
-  layers = common.moe_layer_names(runs[off])
+  layers = common.moe_layer_names(runs[off[0]])
   n = len(layers)
   fig, axes = plt.subplots(2, n + 1, figsize=(3.3 * (n + 1), 6.4), squeeze=False)
-  styles = {off: ("tab:blue", "no auxiliary loss"), on: ("tab:orange", "auxiliary loss 0.01")}
+  styles = ((off, "tab:blue", "no auxiliary loss"), (on, "tab:orange", "auxiliary loss 0.01"))
   window = 5
   for i, layer in enumerate(layers):
     cv_ax, drop_ax = axes[0][i], axes[1][i]
-    for spec, (color, label) in styles.items():
-      xs, ys = common.series(runs[spec], f"moe/{layer}/load_cv")
-      cv_ax.plot(xs, ys, color=color, alpha=0.25, lw=0.8)
-      cv_ax.plot(xs, common.smooth(ys, window), color=color, lw=1.6, label=label)
-      xs, ys = common.series(runs[spec], f"moe/{layer}/dropped_fraction")
-      drop_ax.plot(xs, [100 * y for y in ys], color=color, alpha=0.25, lw=0.8)
-      drop_ax.plot(xs, [100 * y for y in common.smooth(ys, window)], color=color, lw=1.6,
-                   label=label)
+    for specs, color, label in styles:
+      for ax, stat, scale in ((cv_ax, "load_cv", 1.0), (drop_ax, "dropped_fraction", 100.0)):
+        curves = []
+        for spec in specs:
+          xs, ys = common.series(runs[spec], f"moe/{layer}/{stat}")
+          curves.append((xs, [scale * y for y in common.smooth(ys, window)]))
+        common.band(ax, curves, color, "-", label)
     cv_ax.axhline(0.3, color="grey", ls=":", lw=1)
     cv_ax.set_title(f"{common.short_layer(layer)}: load cv")
     cv_ax.set_ylim(bottom=0)
@@ -75,21 +78,19 @@ def plot(runs: dict, off, on, args):
                   transform=axes[0][0].get_yaxis_transform(), va="bottom")
   train_ax, val_ax = axes[0][n], axes[1][n]
   curves_t, curves_v = [], []
-  for spec, (color, label) in styles.items():
-    xs, ys = common.loss_curve(runs[spec])
-    train_ax.plot(xs, ys, color=color, lw=1.4, label=label)
-    curves_t.append((xs, ys))
-    ex, ey = common.eval_curve(runs[spec])
-    val_ax.plot(ex, ey, color=color, lw=1.4, marker="o", ms=4, label=label)
-    curves_v.append((ex, ey))
-  common.zoom_to_tail(train_ax, curves_t, skip_fraction=0.3)
-  common.zoom_to_tail(val_ax, curves_v, skip_fraction=0.3)
+  for specs, color, label in styles:
+    curves_t.append(common.band(train_ax, [common.loss_curve(runs[s]) for s in specs], color,
+                                "-", label))
+    curves_v.append(common.band(val_ax, [common.eval_curve(runs[s]) for s in specs], color,
+                                "-", label, marker="o"))
+  common.zoom_to_tail(train_ax, curves_t, skip_fraction=0.3, pad=0.25)
+  common.zoom_to_tail(val_ax, curves_v, skip_fraction=0.3, pad=0.25)
   train_ax.set_title("training log-perplexity")
   val_ax.set_title("validation log-perplexity")
   val_ax.set_xlabel("step")
   fig.suptitle(f"Auxiliary load-balance loss on vs off, {args.routing} routing on the demo model "
-               f"(paper Figure 1); faint: every logged step, bold: running mean of {window}",
-               fontsize=10)
+               f"(paper Figure 1): mean over {len(off)} seeds (running mean of {window} logged "
+               f"steps), band ±1 sd", fontsize=10)
   fig.tight_layout()
   return fig
 
@@ -97,50 +98,74 @@ def plot(runs: dict, off, on, args):
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   args, sweep, machine = parse_args(argv)
-  off = common.RunSpec(f"{args.routing}, no auxiliary loss", (args.routing,))
-  on = common.RunSpec(f"{args.routing}, auxiliary loss 0.01", (args.routing, "aux_loss"))
-  runs = {spec: sweep.ensure(spec) for spec in (off, on)}
-  timing = (common.time_step_ratios(sweep, [on], off, rounds=args.time_rounds)
+  specs = specs_for(args)
+  runs = sweep.ensure_all(specs)
+  (off_gins, off), (on_gins, on) = common.group_arms(specs).items()
+  timing = (common.time_step_ratios(sweep, [on[0]], off[0], rounds=args.time_rounds)
             if args.time_rounds else {})
   machine["loadavg_end"] = list(os.getloadavg())
 
-  layers = common.moe_layer_names(runs[off])
-  header = (["run", "val PPL", "val log-PPL", "train loss (last 10%)"]
+  layers = common.moe_layer_names(runs[off[0]])
+  header = (["run", "seeds", "val log-PPL (mean ± sd)", "Δ vs no loss [95% CI]", "",
+             "train loss (last 10%)"]
             + [f"cv {common.short_layer(l)}" for l in layers]
             + ["cv mean", "dropped (mean)", "balance loss E·Σf·P", "step time vs off"])
-  rows, records = [], []
-  for spec in (off, on):
-    run = runs[spec]
-    ev = common.final_eval(run)
-    cv = [common.late_mean(run, f"moe/{l}/load_cv") for l in layers]
-    drop = [common.late_mean(run, f"moe/{l}/dropped_fraction") for l in layers]
-    bal = [common.late_mean(run, f"moe/{l}/aux_loss") for l in layers]
-    mean = lambda xs: sum(xs) / len(xs) if xs and None not in xs else None
-    t = timing.get(spec.label)
-    rows.append([spec.label, common.fmt(ev["perplexity"]), common.fmt(ev["log_perplexity"], 3),
-                 common.fmt(common.final_train_loss(run), 3)]
-                + [common.fmt(c) for c in cv]
-                + [common.fmt(mean(cv)), common.fmt(mean(drop), 1, pct=True),
-                   common.fmt(mean(bal), 3), common.fmt(t["ratio"]) if t else "—"])
-    records.append({"label": spec.label, "gins": list(spec.gins),
-                    "derived": run["experiment"].get("derived"),
-                    "late_load_cv": dict(zip(layers, cv)),
-                    "late_dropped_fraction": dict(zip(layers, drop)),
-                    "late_balance_loss": dict(zip(layers, bal)),
-                    "step_time_vs_off": t["ratio"] if t else None, **common.run_record(run)})
-  table = common.markdown_table(header, rows, align="l" + "r" * (len(header) - 1))
-  notes = ("\nColumns: cv and dropped are means over the logged steps of the second half of "
-           "training (one step's batch each: 32 captions); the balance loss E·Σ_e f_e·P_e is "
-           "the Switch loss the auxiliary term adds ×0.01 (1.0 = perfectly balanced), logged "
-           "in both runs although only the second trains on it. val PPL: teacher-forced "
-           "perplexity on the validation split at the last step.\n")
+  log_ppl = {g: common.by_seed(runs, group, common.final_log_ppl)
+             for g, group in ((off_gins, off), (on_gins, on))}
+  rows, records, arms = [], [], {}
+  for gins, group in ((off_gins, off), (on_gins, on)):
+    per_layer = {l: common.stats(common.late_mean(runs[s], f"moe/{l}/load_cv") for s in group)
+                 for l in layers}
+    arm = {"log_ppl": common.stats(log_ppl[gins].values()),
+           "log_ppl_by_seed": {str(k): v for k, v in log_ppl[gins].items()},
+           "train_loss": common.stats(common.final_train_loss(runs[s]) for s in group),
+           "load_cv_by_layer": per_layer,
+           "load_cv": common.stats(common.layer_mean(runs[s], "load_cv") for s in group),
+           "dropped": common.stats(common.layer_mean(runs[s], "dropped_fraction")
+                                   for s in group),
+           "balance_loss": common.stats(common.layer_mean(runs[s], "aux_loss") for s in group)}
+    delta = common.paired(log_ppl[gins], log_ppl[off_gins]) if gins == on_gins else None
+    arm["delta_vs_off"] = delta
+    arms["+".join(gins)] = arm
+    t = timing.get(group[0].label)
+    rows.append([group[0].label, arm["log_ppl"]["n"], common.fmt_sd(arm["log_ppl"]),
+                 common.fmt_ci(delta) if delta else "0", delta["verdict"] if delta else "",
+                 common.fmt_sd(arm["train_loss"])]
+                + [common.fmt_sd(per_layer[l], 2) for l in layers]
+                + [common.fmt_sd(arm["load_cv"], 2), common.fmt_sd(arm["dropped"], 1, pct=True),
+                   common.fmt_sd(arm["balance_loss"]), common.fmt(t["ratio"]) if t else "—"])
+    for spec in group:
+      run = runs[spec]
+      records.append({"label": spec.label, "gins": list(spec.gins), "seed": spec.seed,
+                      "derived": run["experiment"].get("derived"),
+                      "late_load_cv": {l: common.late_mean(run, f"moe/{l}/load_cv")
+                                       for l in layers},
+                      "late_dropped_fraction": {
+                          l: common.late_mean(run, f"moe/{l}/dropped_fraction") for l in layers},
+                      "late_balance_loss": {l: common.late_mean(run, f"moe/{l}/aux_loss")
+                                            for l in layers},
+                      **common.run_record(run)})
+  train_delta = common.paired(common.by_seed(runs, on, common.final_train_loss),
+                              common.by_seed(runs, off, common.final_train_loss))
+  table = common.markdown_table(header, rows, align="lrrrlr" + "r" * (len(header) - 6))
+  notes = ("\nColumns: val log-PPL is the teacher-forced log-perplexity on the validation split "
+           "at the last step (mean ± sample sd over seeds); Δ is with − without the loss, paired "
+           "by seed, with its 95% t-interval (\"lower\"/\"higher\" only when it excludes 0). "
+           "cv and dropped are means over the logged steps of the second half of training (one "
+           "step's batch each: 32 captions) and over the MoE layers for the mean columns; the "
+           "balance loss E·Σ_e f_e·P_e is the Switch loss the auxiliary term adds ×0.01 (1.0 = "
+           "perfectly balanced), logged in both arms although only the second trains on it. "
+           f"Training loss, with − without: {common.fmt_ci(train_delta)} "
+           f"({train_delta['verdict']}).\n")
   md = (common.header_block(f"Auxiliary loss on vs off, {args.routing} routing on the demo "
-                            f"model, {args.steps} steps (paper Figure 1)", args, sweep,
-                            [off, on], machine, argv, "tools/experiments/aux_loss.py")
+                            f"model, {args.steps} steps, seeds "
+                            f"{', '.join(map(str, args.seeds))} (paper Figure 1)", args, sweep,
+                            specs, machine, argv, "tools/experiments/aux_loss.py")
         + f"![aux loss curves]({NAME}.png)\n\n" + table + "\n" + notes)
   fig = plot(runs, off, on, args)
-  payload = {"experiment": NAME, "argv": argv, "steps": args.steps, "machine": machine,
-             "runs": records, "timing": timing}
+  payload = {"experiment": NAME, "argv": argv, "steps": args.steps, "seeds": args.seeds,
+             "machine": machine, "runs": records, "timing": timing, "arms": arms,
+             "train_loss_delta": train_delta}
   common.finish(args, NAME, md, table, payload, fig)
   return 0
 

@@ -112,7 +112,10 @@ class Sweep:
     self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
 
   def files(self, spec: RunSpec) -> list[str]:
-    return [f"{GIN_DIR}/{g}.gin" for g in spec.gins] + ([TINY_GIN] if self.args.tiny else [])
+    """The routing file, then (with --tiny) gin/tiny.gin, then the overlays: tiny shrinks the
+    demo model but an overlay such as experts16.gin still changes what it names."""
+    files = [f"{GIN_DIR}/{g}.gin" for g in spec.gins]
+    return files[:1] + ([TINY_GIN] if self.args.tiny else []) + files[1:]
 
   def bindings(self, spec: RunSpec) -> list[str]:
     steps = self.args.steps
@@ -173,40 +176,15 @@ class Sweep:
     return {spec: self.ensure(spec) for spec in specs}
 
   def _train_in_processes(self, todo: list, jobs: int) -> None:
-    import subprocess
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    pending, running, failed = list(todo), [], []
     os.makedirs(self.model_root, exist_ok=True)
-    while pending or running:
-      while pending and len(running) < jobs:
-        spec = pending.pop(0)
-        log_path = self.run_dir(spec) + ".log"
-        payload = {"args": {k: getattr(self.args, k) for k in _WORKER_ARGS},
-                   "label": spec.label, "gins": list(spec.gins), "seed": spec.seed}
-        self.log(f"training {spec.label} (seed {spec.seed}) in a process of its own; log "
-                 f"{rel(log_path)}")
-        log = open(log_path, "w")
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__),
-                                 "--train_one=" + json.dumps(payload)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        running.append((proc, spec, log, log_path))
-      time.sleep(1.0)
-      for item in list(running):
-        proc, spec, log, log_path = item
-        if proc.poll() is None:
-          continue
-        running.remove(item)
-        log.close()
-        if proc.returncode != 0:
-          failed.append(f"{spec.label} seed {spec.seed} (exit {proc.returncode}; see "
-                        f"{rel(log_path)})")
-          self.log(f"FAILED: {failed[-1]}")
-        else:
-          self.log(f"finished {spec.label} (seed {spec.seed}); {len(pending)} waiting, "
-                   f"{len(running)} running")
-    if failed:
-      raise RuntimeError("training runs failed: " + "; ".join(failed))
+    tasks = []
+    for spec in todo:
+      payload = {"args": {k: getattr(self.args, k) for k in _WORKER_ARGS},
+                 "label": spec.label, "gins": list(spec.gins), "seed": spec.seed}
+      tasks.append((f"training {spec.label} (seed {spec.seed})",
+                    [sys.executable, os.path.abspath(__file__),
+                     "--train_one=" + json.dumps(payload)], self.run_dir(spec) + ".log"))
+    run_processes(tasks, jobs, self.log)
 
   def ensure(self, spec: RunSpec) -> dict:
     """Trains the run unless a finished one with the same settings exists; returns `load_run`."""
@@ -250,6 +228,60 @@ class Sweep:
     _write_json(path, {**manifest, "status": "done", "command": self.command(spec),
                        "derived": derived, "wall_s": wall, "loadavg_end": list(os.getloadavg())})
     return load_run(run_dir)
+
+
+def run_processes(tasks: list, jobs: int, log) -> None:
+  """Runs `tasks` ([(what, argv, log path)]) `jobs` at a time from the repository root, each
+  writing its output to its log; raises after all finished if any failed, naming their logs."""
+  import subprocess
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  pending, running, failed = list(tasks), [], []
+  while pending or running:
+    while pending and len(running) < jobs:
+      what, argv, log_path = pending.pop(0)
+      log(f"{what} in a process of its own; log {rel(log_path)}")
+      out = open(log_path, "w")
+      proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+      running.append((proc, what, out, log_path))
+    time.sleep(1.0)
+    for item in list(running):
+      proc, what, out, log_path = item
+      if proc.poll() is None:
+        continue
+      running.remove(item)
+      out.close()
+      if proc.returncode != 0:
+        failed.append(f"{what} (exit {proc.returncode}; see {rel(log_path)})")
+        log(f"FAILED: {failed[-1]}")
+      else:
+        log(f"done: {what}; {len(pending)} waiting, {len(running)} running")
+  if failed:
+    raise RuntimeError("failed: " + "; ".join(failed))
+
+
+def caption_metrics(runs: dict, jobs: int, log) -> dict:
+  """{spec: {"BLEU-4", "CIDEr-D", ...}} of each run's final model: greedy captions of the
+  validation split (`python -m m6t_tf.generate --split=validation`, which writes
+  model_dir/caption_metrics.json); reused when that file is newer than the run's end."""
+  tasks, paths = [], {}
+  for spec, run in runs.items():
+    path = os.path.join(run["dir"], "caption_metrics.json")
+    paths[spec] = path
+    summary = os.path.join(run["dir"], "train_summary.json")
+    if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(summary):
+      continue
+    if any(t[2] == run["dir"] + ".captions.log" for t in tasks):
+      continue
+    tasks.append((f"captioning {rel(run['dir'])}",
+                  [sys.executable, "-m", "m6t_tf.generate", f"--model_dir={run['dir']}",
+                   "--split=validation"], run["dir"] + ".captions.log"))
+  run_processes(tasks, jobs, log)
+  out = {}
+  for spec, path in paths.items():
+    with open(path) as f:
+      out[spec] = json.load(f)["model"]
+  return out
 
 
 # What a worker process needs of the parent's flags to make the same run directory and bindings.
@@ -319,6 +351,8 @@ def read_scalars(run_dir: str) -> dict:
       for v in event.summary.value:
         kind = v.WhichOneof("value")
         if kind == "tensor":
+          if v.tensor.dtype == tf.string.as_datatype_enum:
+            continue   # text summaries (eval/captions)
           value = float(tf.make_ndarray(v.tensor))
         elif kind == "simple_value":
           value = float(v.simple_value)
@@ -419,6 +453,112 @@ def loss_curve(run: dict, window: Optional[int] = None) -> tuple[list, list]:
 
 def eval_curve(run: dict) -> tuple[list, list]:
   return series(run, "eval/log_perplexity")
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds: means, intervals, paired differences
+
+# Two-sided 95% quantiles of Student's t with n − 1 degrees of freedom (n = 2 … 10 seeds).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262}
+
+
+def stats(values) -> dict:
+  """n, mean, sample sd and the 95% t-interval half-width of `values` (None where undefined:
+  sd and interval need two values; the t table goes to 10)."""
+  vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+  n = len(vals)
+  if not n:
+    return {"n": 0, "mean": None, "sd": None, "ci95": None, "values": []}
+  mean = sum(vals) / n
+  sd = statistics.stdev(vals) if n > 1 else None
+  half = _T95[n - 1] * sd / math.sqrt(n) if n > 1 and n - 1 in _T95 else None
+  return {"n": n, "mean": mean, "sd": sd, "ci95": half, "values": vals}
+
+
+def paired(a: dict, b: dict) -> dict:
+  """`stats` of a[seed] − b[seed] over the seeds both have, and a verdict: "lower" / "higher"
+  when the 95% interval excludes 0, else "tie". Pairing by seed removes what the seed does to
+  both arms alike (data order, initial embedding), so the interval is that of the difference
+  itself, not of two noisy means."""
+  seeds = sorted(set(a) & set(b))
+  out = stats([a[s] - b[s] for s in seeds])
+  out["seeds"] = seeds
+  lo, hi = interval(out)
+  out["verdict"] = ("lower" if hi is not None and hi < 0 else
+                    "higher" if lo is not None and lo > 0 else "tie")
+  return out
+
+
+def interval(st: dict) -> tuple:
+  if st.get("ci95") is None or st.get("mean") is None:
+    return None, None
+  return st["mean"] - st["ci95"], st["mean"] + st["ci95"]
+
+
+def fmt_sd(st: dict, digits: int = 3, pct: bool = False) -> str:
+  """"2.245 ± 0.012" (mean ± sample sd), "2.245" with one value, "—" with none."""
+  if not st or st.get("mean") is None:
+    return "—"
+  scale, unit = (100.0, "%") if pct else (1.0, "")
+  mean = f"{scale * st['mean']:.{digits}f}"
+  if st.get("sd") is None:
+    return mean + unit
+  return f"{mean} ± {scale * st['sd']:.{digits}f}{unit}"
+
+
+def fmt_ci(st: dict, digits: int = 3) -> str:
+  """"−0.047 [−0.080, −0.014]" (mean and 95% interval), signed."""
+  if not st or st.get("mean") is None:
+    return "—"
+  lo, hi = interval(st)
+  mean = f"{st['mean']:+.{digits}f}"
+  return mean if lo is None else f"{mean} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def by_seed(runs: dict, specs: list, value) -> dict:
+  """{seed: value(run)} over `specs` (one arm's runs, one per seed)."""
+  return {spec.seed: value(runs[spec]) for spec in specs}
+
+
+def final_log_ppl(run: dict) -> float:
+  return final_eval(run)["log_perplexity"]
+
+
+def layer_mean(run: dict, stat: str, where=lambda layer: True) -> Optional[float]:
+  """Mean over the MoE layers (those `where` accepts) of `late_mean(moe/<layer>/<stat>)`."""
+  vals = [late_mean(run, f"moe/{l}/{stat}") for l in moe_layer_names(run) if where(l)]
+  return sum(vals) / len(vals) if vals and None not in vals else None
+
+
+def group_arms(specs: list) -> dict:
+  """{gins: [specs, by seed]} in first-seen order: the seeds of each arm."""
+  out: dict = {}
+  for spec in specs:
+    out.setdefault(spec.gins, []).append(spec)
+  return out
+
+
+def band(ax, curves: list, color, ls="-", label=None, marker=None, alpha=0.18) -> tuple:
+  """Mean of `curves` ([(xs, ys)], one per seed) over their common x, and a ±1 sd band (the
+  min–max range with two seeds). Returns the mean curve (for `zoom_to_tail`)."""
+  curves = [(list(x), list(y)) for x, y in curves if len(x)]
+  if not curves:
+    return [], []
+  common_x = sorted(set(curves[0][0]).intersection(*[set(x) for x, _ in curves[1:]]))
+  cols = [[dict(zip(x, y))[s] for x, y in curves] for s in common_x]
+  mean = [sum(c) / len(c) for c in cols]
+  ax.plot(common_x, mean, color=color, ls=ls, lw=1.4, label=label, marker=marker,
+          ms=4 if marker else None)
+  if len(curves) > 1:
+    if len(curves) > 2:
+      sd = [statistics.stdev(c) for c in cols]
+      lo = [m - d for m, d in zip(mean, sd)]
+      hi = [m + d for m, d in zip(mean, sd)]
+    else:
+      lo, hi = [min(c) for c in cols], [max(c) for c in cols]
+    ax.fill_between(common_x, lo, hi, color=color, alpha=alpha, lw=0)
+  return common_x, mean
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 r"""MoE attention vs the MoE baseline on the demo model (paper §3.4, Figure 4).
 
-  python tools/experiments/moe_attention.py --steps=600      # the committed docs/results run
+  python tools/experiments/moe_attention.py                  # the committed docs/results run
   python tools/experiments/moe_attention.py --routings=top1 --steps=1000
 
-For each routing of `--routings` (files of tools/experiments/gin/; default top1, the paper's
+Every arm is trained with every seed of `--seeds` (default 0, 1, 2). For each routing of
+`--routings` (files of tools/experiments/gin/; default top1, the paper's
 baseline, and 2top1_cap_k, since the paper found that expert prototyping helps MoE attention
 converge), two runs: the MoE baseline (that file alone: MoE FFNs, dense attention; the same
 run as the routing sweep's) and MoE attention (`tools/experiments/gin/moe_attention.gin`: Q, K,
@@ -14,8 +15,12 @@ Stability is read from the curves and from the gradient norm the trainer logs ev
 `--log_every` steps (before clipping at 1.0). `--time_rounds` interleaved rounds time one
 `Trainer.train_step` of every model relative to the first baseline.
 
-Writes <out_dir>/moe_attention.png (training and validation log-perplexity, gradient norm),
-moe_attention.md (table, commands, machine) and moe_attention.json.
+Tables give means ± sd over seeds and MoE attention − baseline paired by seed with its 95%
+t-interval ("tie" unless the interval excludes 0).
+
+Writes <out_dir>/moe_attention.png (training and validation log-perplexity, gradient norm; mean
+over seeds and a ±1 sd band), moe_attention.md (table, commands, machine) and
+moe_attention.json.
 """
 
 from __future__ import annotations
@@ -60,27 +65,29 @@ def plot(runs: dict, pairs, args):
   curves_t, curves_v = [], []
   for i, (routing, base, attn) in enumerate(pairs):
     color = COLORS[i % len(COLORS)]
-    for spec, ls, what in ((base, "-", "MoE FFN"), (attn, "--", "+ MoE attention")):
+    for specs, ls, what in ((base, "-", "MoE FFN"), (attn, "--", "+ MoE attention")):
       label = f"{routing}: {what}"
-      xs, ys = common.loss_curve(runs[spec])
-      train_ax.plot(xs, ys, color=color, ls=ls, lw=1.4, label=label)
-      curves_t.append((xs, ys))
-      ex, ey = common.eval_curve(runs[spec])
-      val_ax.plot(ex, ey, color=color, ls=ls, lw=1.4, marker="o", ms=4, label=label)
-      curves_v.append((ex, ey))
-      gx, gy = common.series(runs[spec], "grad_norm")
-      grad_ax.plot(gx, gy, color=color, ls=ls, lw=1.1, label=label)
-  common.zoom_to_tail(train_ax, curves_t, skip_fraction=0.3)
-  common.zoom_to_tail(val_ax, curves_v, skip_fraction=0.3)
+      curves_t.append(common.band(train_ax, [common.loss_curve(runs[s]) for s in specs],
+                                  color, ls, label))
+      curves_v.append(common.band(val_ax, [common.eval_curve(runs[s]) for s in specs], color,
+                                  ls, label, marker="o"))
+      # Every seed's gradient norm: a spike in one seed would vanish in a mean.
+      for spec in specs:
+        gx, gy = common.series(runs[spec], "grad_norm")
+        grad_ax.plot(gx, gy, color=color, ls=ls, lw=0.8, alpha=0.7,
+                     label=label if spec is specs[0] else None)
+  common.zoom_to_tail(train_ax, curves_t, skip_fraction=0.3, pad=0.25)
+  common.zoom_to_tail(val_ax, curves_v, skip_fraction=0.3, pad=0.25)
   train_ax.set_title("training log-perplexity (running mean)")
   val_ax.set_title("validation log-perplexity")
-  grad_ax.set_title("gradient global norm (before clipping at 1.0)")
+  grad_ax.set_title("gradient global norm, every seed (before clipping)")
   grad_ax.set_yscale("log")
   for ax in axes:
     ax.set_xlabel("step")
   train_ax.legend(loc="upper right")
-  fig.suptitle("MoE attention vs the MoE baseline on the demo model (paper Figure 4); "
-               "log-perplexity y-axes zoomed to the last 70% of training", fontsize=10)
+  fig.suptitle("MoE attention vs the MoE baseline on the demo model (paper Figure 4): mean over "
+               "seeds, band ±1 sd; log-perplexity y-axes zoomed to the last 70% of training",
+               fontsize=10)
   fig.tight_layout()
   return fig
 
@@ -88,55 +95,72 @@ def plot(runs: dict, pairs, args):
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   args, sweep, machine = parse_args(argv)
-  pairs = [(r, common.RunSpec(f"{r}, MoE FFN", (r,)),
-            common.RunSpec(f"{r}, MoE FFN + MoE attention", (r, "moe_attention")))
-           for r in args.routings]
-  specs = [s for _, b, a in pairs for s in (b, a)]
-  runs = {spec: sweep.ensure(spec) for spec in specs}
-  timing = (common.time_step_ratios(sweep, specs, pairs[0][1], rounds=args.time_rounds)
+  specs = specs_for(args)
+  runs = sweep.ensure_all(specs)
+  arms = common.group_arms(specs)
+  pairs = [(r, arms[(r,)], arms[(r, "moe_attention")]) for r in args.routings]
+  firsts = [group[0] for group in arms.values()]
+  timing = (common.time_step_ratios(sweep, firsts, pairs[0][1][0], rounds=args.time_rounds)
             if args.time_rounds else {})
   machine["loadavg_end"] = list(os.getloadavg())
 
-  header = ["routing", "attention", "val PPL", "val log-PPL", "Δ log-PPL vs MoE FFN",
-            "train loss (last 10%)", "max grad norm (after warm-up)", "dropped, attention MoEs",
+  header = ["routing", "attention", "seeds", "val log-PPL (mean ± sd)",
+            "Δ vs MoE FFN [95% CI]", "", "train loss (last 10%)",
+            "max grad norm after warm-up (mean ± sd)", "dropped, attention MoEs",
             f"step time vs {pairs[0][0]} baseline"]
-  rows, records = [], []
+  warm = max(1, args.steps // 10)
+
+  def grad_max(run):
+    gx, gy = common.series(run, "grad_norm")
+    return max((y for x, y in zip(gx, gy) if x > warm), default=None)
+
+  attn_layer = lambda layer: "/attention/" in layer
+  rows, records, summary = [], [], {}
   for routing, base, attn in pairs:
-    base_log = common.final_eval(runs[base])["log_perplexity"]
-    for spec, what in ((base, "dense"), (attn, "MoE (Q, K, V, O)")):
-      run = runs[spec]
-      ev = common.final_eval(run)
-      warm = max(1, args.steps // 10)
-      gx, gy = common.series(run, "grad_norm")
-      grad_max = max((y for x, y in zip(gx, gy) if x > warm), default=None)
-      attn_layers = [l for l in common.moe_layer_names(run) if "/attention/" in l]
-      drops = [common.late_mean(run, f"moe/{l}/dropped_fraction") for l in attn_layers]
-      drop = sum(drops) / len(drops) if drops and None not in drops else None
-      t = timing.get(spec.label)
-      rows.append([routing, what, common.fmt(ev["perplexity"]),
-                   common.fmt(ev["log_perplexity"], 3),
-                   common.fmt(ev["log_perplexity"] - base_log, 3),
-                   common.fmt(common.final_train_loss(run), 3), common.fmt(grad_max),
-                   common.fmt(drop, 1, pct=True) if attn_layers else "—",
+    base_seed = common.by_seed(runs, base, common.final_log_ppl)
+    for specs_, what in ((base, "dense"), (attn, "MoE (Q, K, V, O)")):
+      by = common.by_seed(runs, specs_, common.final_log_ppl)
+      delta = common.paired(by, base_seed) if specs_ is attn else None
+      arm = {"log_ppl": common.stats(by.values()),
+             "log_ppl_by_seed": {str(k): v for k, v in by.items()}, "delta_vs_base": delta,
+             "train_loss": common.stats(common.final_train_loss(runs[s]) for s in specs_),
+             "max_grad_norm": common.stats(grad_max(runs[s]) for s in specs_),
+             "dropped_attention": common.stats(
+                 common.layer_mean(runs[s], "dropped_fraction", attn_layer) for s in specs_)}
+      summary["+".join(specs_[0].gins)] = arm
+      t = timing.get(specs_[0].label)
+      rows.append([routing, what, arm["log_ppl"]["n"], common.fmt_sd(arm["log_ppl"]),
+                   common.fmt_ci(delta) if delta else "0", delta["verdict"] if delta else "",
+                   common.fmt_sd(arm["train_loss"]), common.fmt_sd(arm["max_grad_norm"], 2),
+                   common.fmt_sd(arm["dropped_attention"], 1, pct=True)
+                   if specs_ is attn else "—",
                    common.fmt(t["ratio"]) if t else "—"])
-      records.append({"label": spec.label, "gins": list(spec.gins),
-                      "derived": run["experiment"].get("derived"),
-                      "max_grad_norm_after_warmup": grad_max,
-                      "late_dropped_fraction_attention": dict(zip(attn_layers, drops)),
-                      "step_time_ratio": t["ratio"] if t else None, **common.run_record(run)})
-  table = common.markdown_table(header, rows, align="llrrrrrrr")
-  notes = ("\nColumns: val PPL is the teacher-forced perplexity on the validation split at "
-           "the last step; max grad norm is over the logged steps after warm-up; dropped is "
-           "the mean dropped fraction of the Q, K, V, O MoEs over the second half of training. "
-           "Step time: median over interleaved rounds of (model's `Trainer.train_step` / the "
-           "first baseline's in the same round), one process.\n")
+      for spec in specs_:
+        run = runs[spec]
+        attn_layers = [l for l in common.moe_layer_names(run) if attn_layer(l)]
+        records.append({"label": spec.label, "gins": list(spec.gins), "seed": spec.seed,
+                        "derived": run["experiment"].get("derived"),
+                        "max_grad_norm_after_warmup": grad_max(run),
+                        "late_dropped_fraction_attention": {
+                            l: common.late_mean(run, f"moe/{l}/dropped_fraction")
+                            for l in attn_layers},
+                        "step_time_ratio": t["ratio"] if t else None, **common.run_record(run)})
+  table = common.markdown_table(header, rows, align="llrrrlrrrr")
+  notes = ("\nColumns: val log-PPL is the teacher-forced log-perplexity on the validation split "
+           "at the last step (mean ± sample sd over seeds); Δ is MoE attention − its MoE FFN "
+           "baseline, paired by seed, with its 95% t-interval (\"lower\"/\"higher\" only when "
+           "it excludes 0); max grad norm is over the logged steps after warm-up; dropped is the "
+           "mean dropped fraction of the Q, K, V, O MoEs over the second half of training. Step "
+           "time: median over interleaved rounds of (model's `Trainer.train_step` / the first "
+           "baseline's in the same round), one process.\n")
   md = (common.header_block(f"MoE attention vs the MoE baseline on the demo model, "
-                            f"{args.steps} steps (paper Figure 4)", args, sweep, specs,
-                            machine, argv, "tools/experiments/moe_attention.py")
+                            f"{args.steps} steps, seeds {', '.join(map(str, args.seeds))} "
+                            f"(paper Figure 4)", args, sweep, specs, machine, argv,
+                            "tools/experiments/moe_attention.py")
         + f"![MoE attention curves]({NAME}.png)\n\n" + table + "\n" + notes)
   fig = plot(runs, pairs, args)
-  payload = {"experiment": NAME, "argv": argv, "steps": args.steps, "machine": machine,
-             "runs": records, "timing": timing}
+  payload = {"experiment": NAME, "argv": argv, "steps": args.steps, "seeds": args.seeds,
+             "machine": machine, "runs": records, "timing": timing, "arms": summary}
   common.finish(args, NAME, md, table, payload, fig)
   return 0
 
