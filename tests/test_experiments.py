@@ -104,10 +104,10 @@ class ScriptsSmokeTest(unittest.TestCase):
     payload = self._json("routing")
     runs = payload["runs"]
     self.assertEqual([(r["routing"], r["capacity"], r["seed"]) for r in runs],
-                     [("top-1", "k× = 1×", 0), ("4 top-1", "k×", 0),
-                      ("top-1", "k× = 1×", 1), ("4 top-1", "k×", 1)])
+                     [("top-1", "k× = 1×", 0), ("top-1", "k× = 1×", 1),
+                      ("4 top-1", "k×", 0), ("4 top-1", "k×", 1)])
     # tiny.gin: T = 2 × (16 + 11) = 54 positions, E = 8, γ = 1.25 → C = ceil(k · 54 / 8 · 1.25).
-    self.assertEqual([r["derived"]["capacity"] for r in runs], [9, 34, 9, 34])
+    self.assertEqual([r["derived"]["capacity"] for r in runs], [9, 9, 34, 34])
     arm = payload["arms"]["4top1_cap_k"]
     self.assertEqual(arm["log_ppl"]["n"], 2)
     by_seed = {int(k): v for k, v in arm["log_ppl_by_seed"].items()}
@@ -222,6 +222,12 @@ class HelpersTest(unittest.TestCase):
     self.assertEqual(sweep.files(spec), ["tools/experiments/gin/top1.gin"])
     self.assertTrue(sweep.run_dir(spec).endswith(os.path.join("r", "top1-steps400-seed3")))
     self.assertIn("--gin_file=tools/experiments/gin/top1.gin", sweep.command(spec))
+
+  def test_group_arms_keeps_one_run_per_seed(self):
+    base0, base1 = common.RunSpec("b", ("top1",), 0), common.RunSpec("b", ("top1",), 1)
+    arm0 = common.RunSpec("a", ("top1", "dropless"), 0)
+    groups = common.group_arms([arm0, base0, base0, base1, base1])
+    self.assertEqual(groups, {("top1", "dropless"): [arm0], ("top1",): [base0, base1]})
 
   def test_stats_mean_sd_and_t_interval(self):
     st = common.stats([1.0, 2.0, 3.0])

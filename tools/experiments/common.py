@@ -534,8 +534,10 @@ def layer_mean(run: dict, stat: str, where=lambda layer: True) -> Optional[float
 def group_arms(specs: list) -> dict:
   """{gins: [specs, by seed]} in first-seen order: the seeds of each arm."""
   out: dict = {}
-  for spec in specs:
-    out.setdefault(spec.gins, []).append(spec)
+  for spec in specs:   # a baseline shared by two comparisons is listed twice: keep one per seed
+    group = out.setdefault(spec.gins, [])
+    if all(s.seed != spec.seed for s in group):
+      group.append(spec)
   return out
 
 
