@@ -100,9 +100,9 @@ def main(argv=None) -> int:
   args, sweep, machine = parse_args(argv)
   specs = specs_for(args)
   runs = sweep.ensure_all(specs)
-  (off_gins, off), (on_gins, on) = common.group_arms(specs).items()
-  timing = (common.time_step_ratios(sweep, [on[0]], off[0], rounds=args.time_rounds)
-            if args.time_rounds else {})
+  arms = common.group_arms(specs)
+  (off_gins, off), (on_gins, on) = arms.items()
+  timing = common.time_arms(sweep, arms, args.time_rounds)
   machine["loadavg_end"] = list(os.getloadavg())
 
   layers = common.moe_layer_names(runs[off[0]])

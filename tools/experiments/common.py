@@ -267,11 +267,12 @@ def caption_metrics(runs: dict, jobs: int, log) -> dict:
   tasks, paths = [], {}
   for spec, run in runs.items():
     path = os.path.join(run["dir"], "caption_metrics.json")
+    if path in paths.values():     # a run shared by two arms is captioned once
+      paths[spec] = path
+      continue
     paths[spec] = path
     summary = os.path.join(run["dir"], "train_summary.json")
     if os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(summary):
-      continue
-    if any(t[2] == run["dir"] + ".captions.log" for t in tasks):
       continue
     tasks.append((f"captioning {rel(run['dir'])}",
                   [sys.executable, "-m", "m6t_tf.generate", f"--model_dir={run['dir']}",
@@ -711,6 +712,17 @@ def cli_parser(doc: str, name: str) -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
   add_common_flags(p, name)
   return p
+
+
+def time_arms(sweep: Sweep, arms: dict, rounds: int, base_gins: Optional[tuple] = None,
+              dense_twin: bool = False) -> dict:
+  """`time_step_ratios` of one model per arm (`group_arms`' first spec) against the arm
+  `base_gins` (default: the first arm); {} when `rounds` is 0."""
+  if not rounds:
+    return {}
+  firsts = [group[0] for group in arms.values()]
+  base = arms[base_gins][0] if base_gins else firsts[0]
+  return time_step_ratios(sweep, firsts, base, rounds=rounds, dense_twin=dense_twin)
 
 
 def make_parser(doc: str, name: str) -> argparse.ArgumentParser:

@@ -99,9 +99,7 @@ def main(argv=None) -> int:
   runs = sweep.ensure_all(specs)
   arms = common.group_arms(specs)
   pairs = [(r, arms[(r,)], arms[(r, "moe_attention")]) for r in args.routings]
-  firsts = [group[0] for group in arms.values()]
-  timing = (common.time_step_ratios(sweep, firsts, pairs[0][1][0], rounds=args.time_rounds)
-            if args.time_rounds else {})
+  timing = common.time_arms(sweep, arms, args.time_rounds, (args.routings[0],))
   machine["loadavg_end"] = list(os.getloadavg())
 
   header = ["routing", "attention", "seeds", "val log-PPL (mean ± sd)",

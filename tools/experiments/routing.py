@@ -154,12 +154,8 @@ def main(argv=None) -> int:
   specs = specs_for(args)
   runs = sweep.ensure_all(specs)
   arms = common.group_arms(specs)
-  timing = {}
-  if args.time_rounds:
-    firsts = [group[0] for group in arms.values()]
-    base = next((s for s in firsts if s.gins == ("top1",)), firsts[0])
-    timing = common.time_step_ratios(sweep, firsts, base, rounds=args.time_rounds,
-                                     dense_twin=True)
+  timing = common.time_arms(sweep, arms, args.time_rounds,
+                            ("top1",) if ("top1",) in arms else None, dense_twin=True)
   machine["loadavg_end"] = list(os.getloadavg())
 
   summary = {}

@@ -119,10 +119,7 @@ def main(argv=None) -> int:
   arms = common.group_arms(specs)
   captions = (common.caption_metrics({s: runs[s] for s in specs}, args.jobs, sweep.log)
               if args.captions else {})
-  timing = {}
-  if args.time_rounds:
-    firsts = [group[0] for group in arms.values()]
-    timing = common.time_step_ratios(sweep, firsts, firsts[0], rounds=args.time_rounds)
+  timing = common.time_arms(sweep, arms, args.time_rounds)
   machine["loadavg_end"] = list(os.getloadavg())
 
   def arm_summary(gins):

@@ -131,10 +131,7 @@ def main(argv=None) -> int:
   specs = specs_for(args)
   runs = sweep.ensure_all(specs)
   arms = common.group_arms(specs)
-  timing = {}
-  if args.time_rounds:
-    firsts = [group[0] for group in arms.values()]
-    timing = common.time_step_ratios(sweep, firsts, firsts[0], rounds=args.time_rounds)
+  timing = common.time_arms(sweep, arms, args.time_rounds)
   machine["loadavg_end"] = list(os.getloadavg())
 
   sizes, xs, ys, rows = [], [], [], []
