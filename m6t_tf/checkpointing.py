@@ -34,17 +34,25 @@ every path through `tf.io.gfile`, so `directory` may be on any TensorFlow filesy
 flushes are no-ops: a closed object is stored) and rename is not atomic (a copy then a delete),
 so step 2 writes `latest` whole, in one write, which an object store publishes atomically. The
 checkpoint is complete before that write, so the order above still holds.
+
+Hangs: a save and a restore are phases of the stall watchdog (`m6t_tf.parallel.watchdog`),
+named "checkpoint save at step N" and "checkpoint restore of <prefix>": file operations are
+`STORAGE` waits (limited in every run, with the time to move the checkpoint's bytes at the
+watchdog's storage floor granted on top), barriers are `COLLECTIVES` waits. A worker stuck on a
+hung filesystem therefore ends the run naming itself, instead of hanging every worker.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional
 
 import tensorflow as tf
 
 from m6t_tf import storage
+from m6t_tf.parallel import watchdog as watchdog_lib
 
 LATEST = "latest"
 
@@ -117,6 +125,11 @@ def file_ops_for(directory: str):
   return LocalFileOps() if storage.is_local(directory) else GFileOps()
 
 
+def step_of(prefix: str) -> int:
+  """The step of checkpoint `prefix` (`.../ckpt-<step>`)."""
+  return int(prefix.rsplit("-", 1)[-1])
+
+
 def _is_expert_key(key: str, expert_fragments: tuple[str, ...]) -> bool:
   return any(fragment in key for fragment in expert_fragments)
 
@@ -131,21 +144,25 @@ class Checkpointer:
     num_experts: E (global); expert variables have leading dimension E / expert_group_size.
     max_to_keep: older checkpoints are deleted after a successful save.
     file_ops: the file operations (flush, rename, remove); by default `file_ops_for(directory)`.
+    watchdog: the `StallWatchdog` told about each wait of a save or restore (default: off).
   """
 
   def __init__(self, directory: str, entries: dict, *, ctx, num_experts: int = 0,
                max_to_keep: int = 3, fragments: tuple[str, ...] = ("/experts/", "_experts_"),
-               file_ops=None):
+               file_ops=None, watchdog=None):
     self.directory = directory
     self.entries = entries
     self.ctx = ctx
     self.num_experts = num_experts
     self.max_to_keep = max_to_keep
     self.fs = file_ops or file_ops_for(directory)
+    self.watchdog = watchdog or watchdog_lib.OFF
     #: Test hook called after this worker wrote its shard, before the merge publishes it.
     self.before_merge = lambda step: None
     #: Test hook called on rank 0 after `latest` was published and flushed, before pruning.
     self.before_prune = lambda step: None
+    #: Test hook called by `restore` before it reads the checkpoint.
+    self.before_read = lambda prefix: None
     if ctx.rank == 0 and storage.isdir(directory):
       # Shards of a save that a crash interrupted were never published: drop them.
       for name in storage.listdir(directory):
@@ -177,16 +194,44 @@ class Checkpointer:
       return getattr(self.ctx, "data_index", 0) == 0
     return self.ctx.rank == 0
 
+  def share_bytes(self) -> int:
+    """Bytes of this worker's entries (its expert slices, every replicated variable): what it
+    reads at a restore, and at most what it writes at a save."""
+    return sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size
+               for v in self.entries.values())
+
+  def total_bytes(self) -> int:
+    """Bytes of the whole checkpoint (every expert of every worker)."""
+    d = getattr(self.ctx, "expert_group_size", 1)
+    return sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size
+               * (d if k in self.expert_keys else 1) for k, v in self.entries.items())
+
+  def _allowance_s(self, reading: bool) -> float:
+    """The watchdog's extra time for a save (`reading=False`) or a restore: this worker's bytes;
+    for a save without atomic rename, all of them (the merge copies every shard)."""
+    nbytes = self.share_bytes() if reading or self.fs.atomic_rename else self.total_bytes()
+    return watchdog_lib.allowance_for_bytes(nbytes)
+
   # -- save ---------------------------------------------------------------------------------
 
   def save(self, step: int) -> str:
     """Writes `ckpt-<step>` (collective: every worker must call it); returns its prefix."""
+    with self.watchdog.phase(f"checkpoint save at step {step}", watchdog_lib.STORAGE,
+                             allowance_s=self._allowance_s(reading=False)):
+      return self._save(step)
+
+  def _waiting_on(self, kind: str) -> None:
+    self.watchdog.enter(kind)
+
+  def _save(self, step: int) -> str:
     tmp = os.path.join(self.directory, f"tmp-{step}")
     final = os.path.join(self.directory, f"ckpt-{step}")
     if self.ctx.rank == 0:
       storage.rmtree(tmp)
       storage.makedirs(tmp)
+    self._waiting_on(watchdog_lib.COLLECTIVES)
     self.ctx.barrier()
+    self._waiting_on(watchdog_lib.STORAGE)
     keys = sorted(k for k in self.entries if self._writes(k))
     shard_prefix = os.path.join(tmp, f"shard-{self.ctx.rank:05d}")
     if keys:
@@ -197,7 +242,9 @@ class Checkpointer:
       # data can force it out of its cache.
       self._flush_files(tmp, os.path.basename(shard_prefix) + ".")
     self.before_merge(step)
+    self._waiting_on(watchdog_lib.COLLECTIVES)
     self.ctx.barrier()
+    self._waiting_on(watchdog_lib.STORAGE)
     if self.ctx.rank == 0:
       shards = sorted({os.path.join(tmp, f[: f.index(".")]) for f in storage.listdir(tmp)
                        if f.endswith(".index")})
@@ -211,6 +258,7 @@ class Checkpointer:
       self.before_prune(step)
       storage.rmtree(tmp)
       self._prune()
+    self._waiting_on(watchdog_lib.COLLECTIVES)
     self.ctx.barrier()
     return final
 
@@ -262,6 +310,12 @@ class Checkpointer:
 
   def restore(self, prefix: str) -> None:
     """Assigns every entry from `prefix`, reading this worker's expert slices."""
+    with self.watchdog.phase(f"checkpoint restore of {prefix}", watchdog_lib.STORAGE,
+                             allowance_s=self._allowance_s(reading=True)):
+      self.before_read(prefix)
+      self._restore(prefix)
+
+  def _restore(self, prefix: str) -> None:
     # Not tf.train.load_checkpoint: it asks isdir(prefix) first, which the in-memory ram://
     # filesystem answers True for any prefix of a file name.
     reader = tf.compat.v1.train.NewCheckpointReader(prefix)

@@ -303,16 +303,28 @@ class FaultInjection:
   that would publish it), `kill_before_prune` (SIGKILL after `latest` names the new checkpoint,
   before older ones are pruned), `kill_after_step` (SIGKILL after the step), `nan_weight` (set the
   first expert weight to NaN before the step, to exercise the non-finite path), `stall` (sleep
-  `M6T_FAULT_STALL_SECONDS`, default 3600, before the step's collectives: a rank that stalls).
+  `M6T_FAULT_STALL_SECONDS`, default 3600, before the step's collectives: a rank that stalls),
+  and `stall_in:<phase>:step[:rank]`, the same sleep where a phase of that step waits on
+  storage: `input` (reading the step's batch), `save` (after writing this worker's checkpoint
+  shard), `restore` (before reading the checkpoint of that step), `eval` (the evaluation at that
+  step), `captions` (writing the caption samples decoded at that step).
   """
+
+  KINDS = ("kill_in_save", "kill_before_prune", "kill_after_step", "nan_weight", "stall")
+  STALL_PHASES = ("input", "save", "restore", "eval", "captions")
 
   def __init__(self, spec: str):
     self.faults = []
     for item in filter(None, (x.strip() for x in spec.split(","))):
       parts = item.split(":")
-      if len(parts) not in (2, 3) or parts[0] not in ("kill_in_save", "kill_before_prune",
-                                                      "kill_after_step", "nan_weight", "stall"):
-        raise ValueError(f"M6T_FAULT_INJECT item {item!r}: expected kind:step[:rank]")
+      if parts[0] == "stall_in" and len(parts) > 1 and parts[1] in self.STALL_PHASES:
+        parts = [f"stall_in:{parts[1]}"] + parts[2:]
+      elif parts[0] not in self.KINDS:
+        parts = []
+      if len(parts) not in (2, 3):
+        raise ValueError(f"M6T_FAULT_INJECT item {item!r}: expected kind:step[:rank] (kinds "
+                         f"{self.KINDS}) or stall_in:<phase>:step[:rank] (phases "
+                         f"{self.STALL_PHASES})")
       self.faults.append((parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None))
     self.rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
 
@@ -330,7 +342,14 @@ class FaultInjection:
 
   def maybe_stall(self, step: int) -> None:
     if self._due("stall", step):
-      time.sleep(float(os.environ.get("M6T_FAULT_STALL_SECONDS", "3600")))
+      self._sleep(float(os.environ.get("M6T_FAULT_STALL_SECONDS", "3600")))
+
+  def maybe_stall_in(self, phase: str, step: int) -> None:
+    if self._due(f"stall_in:{phase}", step):
+      self._sleep(float(os.environ.get("M6T_FAULT_STALL_SECONDS", "3600")))
+
+  #: How a stall waits (tests may end it once the watchdog reported it).
+  _sleep = staticmethod(time.sleep)
 
   def maybe_corrupt(self, step: int, model) -> None:
     if self._due("nan_weight", step):
@@ -353,10 +372,22 @@ def first_nonfinite_layer(model, batch) -> str:
   return "none (every layer output was finite: the gradients overflowed)"
 
 
-def evaluate_perplexity(trainer: Trainer, dataset, max_batches: Optional[int] = None) -> dict:
-  """Teacher-forced perplexity over `dataset`: exp(Σ NLL / Σ target tokens), padding excluded."""
+def evaluate_perplexity(trainer: Trainer, dataset, max_batches: Optional[int] = None, *,
+                        watchdog=None) -> dict:
+  """Teacher-forced perplexity over `dataset`: exp(Σ NLL / Σ target tokens), padding excluded.
+
+  `watchdog`: a `StallWatchdog` in the caller's phase, told when this worker reads a batch
+  (storage) and when it runs the batch's step (collectives); each batch is progress.
+  """
+  watchdog = watchdog or watchdog_lib.OFF
   nll_sum, count, batches = 0.0, 0.0, 0
-  for batch in dataset:
+  iterator = iter(dataset)
+  while True:
+    watchdog.enter(watchdog_lib.STORAGE)
+    batch = next(iterator, None)
+    if batch is None:
+      break
+    watchdog.enter(watchdog_lib.COLLECTIVES)
     out = trainer.eval_step(batch)
     m = {k: trainer.ctx.sum_over_world(out[k]) for k in ("nll_sum", "num_tokens")}
     nll_sum += float(m["nll_sum"])
@@ -540,8 +571,9 @@ class CaptionSamples:
                    f"{cell(' / '.join(r['references']))} |")
     return "\n".join(lines)
 
-  def write(self, writer, step: int) -> list[dict]:
-    rows = self.rows()
+  def write(self, writer, step: int, rows: Optional[list[dict]] = None) -> list[dict]:
+    """Decodes (unless given the `rows`) and writes the summary on the chief; returns the rows."""
+    rows = self.rows() if rows is None else rows
     if writer is not None and rows:
       with writer.as_default():
         tf.summary.text("eval/captions", self.markdown(rows), step=step)
@@ -594,9 +626,12 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     network_fn: builds the network (gin's `M6Transformer` by default).
     stop_after: stop (with a checkpoint) after this many steps of *this* invocation — used to
       test that N steps then M steps equal N+M straight.
-    stall_timeout_s: under Horovod, a rank that makes no progress for this long outside the
-      collectives ends the job, naming itself, the last completed step and the checkpoint to
-      resume from (`m6t_tf.parallel.watchdog`); 0 = off.
+    stall_timeout_s: a phase that makes no progress for this long ends the run (under
+      Horovod, the job), naming the rank, the phase (the start-up, a step, a checkpoint save or
+      restore, an evaluation, caption decoding), the last completed step and the checkpoint to
+      resume from (`m6t_tf.parallel.watchdog`). Phases that wait on storage are watched in
+      every run (checkpoints get the time to move their bytes on top); phases that wait on the
+      other ranks, under Horovod only. 0 = off.
     remat: recomputation in the backward pass, trading compute for activation memory: "none",
       "block" (each Transformer block whole; its MoE all-to-alls run again), "attention",
       "experts" (the expert FFNs between the all-to-alls, dense FFNs whole), or a list of
@@ -658,7 +693,12 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   if not (isinstance(stall_timeout_s, (int, float)) and stall_timeout_s >= 0):
     raise ValueError(f"train.stall_timeout_s={stall_timeout_s!r} must be a number of seconds "
                      f">= 0 (0 = off)")
-  check_model_dir(model_dir)
+  # From here on every phase that can wait on storage or on the other ranks is watched.
+  watchdog = watchdog_lib.StallWatchdog(ctx.rank, stall_timeout_s, multi_rank=ctx.size > 1)
+  watchdog.start()
+  faults = FaultInjection.from_env()
+  with watchdog.phase("start-up", watchdog_lib.STORAGE):
+    check_model_dir(model_dir)
   # Initial weights differ per worker (seed + rank: each draws its own experts) and are made
   # identical where replicated by the broadcast below, or come from the checkpoint. Data order
   # does not depend on the rank (`set_seeds`).
@@ -689,7 +729,9 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
                         skip_batches=skip, on_bad_record=on_bad_record, counter=counter,
                         include_keys=log_data_keys)
 
-  first = dict(next(iter(stream(0).take(1))))
+  first = stream(0).take(1)  # building the pipeline traces its functions: local work
+  with watchdog.phase("start-up (reading the first batch)", watchdog_lib.STORAGE):
+    first = dict(next(iter(first)))
   first.pop("key", None)
   model = build_model(batch=first, mixed_precision=mixed_precision, network=network)
   opt = optimizers.make_optimizer(optimizer, schedule, weight_decay=weight_decay, beta_1=beta_1,
@@ -706,44 +748,58 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
                           name="bad_records")
   entries["train/bad_records"] = bad_total
   num_experts = model.moe_layers[0].num_experts if model.moe_layers else 0
-  checkpointer = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"), entries,
-                                            ctx=ctx, num_experts=num_experts,
-                                            max_to_keep=keep_checkpoints)
-  if model.moe_layers:
-    # A capacity that differs between workers would deadlock the first all-to-all: compare
-    # before any step.
-    ctx.check_consistent(context_lib.capacity_fingerprint(model.moe_layers,
-                                              batch_size_per_worker * (max_len - 1 + 16)))
-  check_free_space(model_dir, entries, keep_checkpoints)
-  latest = checkpointer.latest()
+  with watchdog.phase("start-up", watchdog_lib.STORAGE):
+    checkpointer = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"), entries,
+                                              ctx=ctx, num_experts=num_experts,
+                                              max_to_keep=keep_checkpoints, watchdog=watchdog)
+    if model.moe_layers:
+      # A capacity that differs between workers would deadlock the first all-to-all: compare
+      # before any step.
+      watchdog.enter(watchdog_lib.COLLECTIVES)
+      ctx.check_consistent(context_lib.capacity_fingerprint(model.moe_layers,
+                                                batch_size_per_worker * (max_len - 1 + 16)))
+      watchdog.enter(watchdog_lib.STORAGE)
+    check_free_space(model_dir, entries, keep_checkpoints)
+    latest = checkpointer.latest()
+  checkpointer.before_merge = lambda s: (faults.maybe_kill("kill_in_save", s),
+                                         faults.maybe_stall_in("save", s))
+  checkpointer.before_prune = lambda s: faults.maybe_kill("kill_before_prune", s)
+  checkpointer.before_read = lambda p: faults.maybe_stall_in("restore", checkpointing.step_of(p))
   if latest:
+    watchdog.step_done(checkpointing.step_of(latest))
+    watchdog.set_last_checkpoint(latest)
     checkpointer.restore(latest)
     logging.info("resumed from %s at step %d", latest, int(step_var))
     if ctx.is_chief:
       print(f"Resumed from {latest} at step {int(step_var)}", flush=True)
   else:
-    ctx.broadcast_state([v for v in model.variables if not context_lib.is_rng_state(v)])
+    with watchdog.phase("start-up", watchdog_lib.COLLECTIVES):
+      ctx.broadcast_state([v for v in model.variables if not context_lib.is_rng_state(v)])
   # The input stream is a pure function of (seed, shard, step): resuming skips the records of
   # the steps already taken (before parsing), so it continues exactly, on any worker count
   # that keeps the same sharding.
   counter = pipeline.BadRecordCounter()
   bad_at_start = bad_total.numpy().copy()
-  iterator = iter(stream(int(step_var), counter))
+  iterator = stream(int(step_var), counter)
+  with watchdog.phase("start-up", watchdog_lib.STORAGE):
+    iterator = iter(iterator)
 
   def bad_records() -> np.ndarray:
     """Per-reason bad records of the whole run so far (collective: every worker calls it)."""
     return bad_at_start + np.asarray(ctx.sum_over_world(counter.as_tensor()))
 
   def save(step):
-    bad_total.assign(bad_records())
-    checkpointer.save(step)
+    with watchdog.phase(f"checkpoint save at step {step}", watchdog_lib.COLLECTIVES):
+      bad_total.assign(bad_records())
+    watchdog.set_last_checkpoint(checkpointer.save(step))
   start = int(step_var)
   positions_per_step = batch_size_per_worker * (max_len - 1 + 16)  # per worker
   writer = tf.summary.create_file_writer(os.path.join(model_dir, "train")) if ctx.is_chief else None
   if ctx.is_chief:
     try:
       import gin
-      storage.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
+      with watchdog.phase("start-up (writing config.gin)", watchdog_lib.STORAGE):
+        storage.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
     except ImportError:
       pass
     n_params = model.count_params()
@@ -762,9 +818,10 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
               f"slots per expert{' per group' if layer.num_groups > 1 else ''}, "
               f"γ = {layer.capacity_factor} over {share}", flush=True)
   progress = Progress(num_steps, start, log_every, ctx.is_chief)
-  samples = (CaptionSamples(eval_data, num_images=eval_captions, network=model.network,
-                            image_mode=image_mode, max_len=max_len, ctx=ctx)
-             if eval_data and eval_captions else None)
+  with watchdog.phase("start-up (reading the caption images)", watchdog_lib.STORAGE):
+    samples = (CaptionSamples(eval_data, num_images=eval_captions, network=model.network,
+                              image_mode=image_mode, max_len=max_len, ctx=ctx)
+               if eval_data and eval_captions else None)
   # Real (routed) positions since the last log: patches of real examples plus non-padding
   # caption inputs; the rest of a padded batch is computed by attention but never routed.
   real_positions = 0
@@ -776,25 +833,47 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   step = start
   loss_log = LossLog(os.path.join(model_dir, "losses.jsonl")) if ctx.is_chief else None
   key_log = DataKeyLog(model_dir, ctx.rank) if log_data_keys else None
-  faults = FaultInjection.from_env()
-  checkpointer.before_merge = lambda s: faults.maybe_kill("kill_in_save", s)
-  checkpointer.before_prune = lambda s: faults.maybe_kill("kill_before_prune", s)
-  # Under Horovod a rank that stops making progress ends the job instead of hanging it.
-  watchdog = watchdog_lib.StallWatchdog(ctx.rank, stall_timeout_s if ctx.size > 1 else 0,
-                                        last_checkpoint=checkpointer.latest).start()
+
+  def evaluate(step):
+    """Validation perplexity at `step` (collective), written to TensorBoard on the chief."""
+    with watchdog.phase(f"evaluation at step {step}", watchdog_lib.STORAGE):
+      faults.maybe_stall_in("eval", step)
+      result = evaluate_perplexity(trainer, _batches_for_eval(
+          eval_data, batch_size=batch_size_per_worker, max_len=max_len, image_mode=image_mode,
+          ctx=ctx), eval_batches or None, watchdog=watchdog)
+      watchdog.enter(watchdog_lib.STORAGE)
+      summary_scalars(writer, step, {"eval/log_perplexity": result["log_perplexity"],
+                                     "eval/perplexity": result["perplexity"]})
+    return result
+
+  def caption_samples(step):
+    """Greedy captions of the sample images (every worker decodes, in lockstep)."""
+    with watchdog.phase(f"caption decoding at step {step}", watchdog_lib.COLLECTIVES):
+      rows = samples.rows()
+      watchdog.enter(watchdog_lib.STORAGE)
+      faults.maybe_stall_in("captions", step)
+      return samples.write(writer, step, rows)
+
   for step in range(start + 1, end + 1):
     t_step = time.time()
-    watchdog.begin_step()
     faults.maybe_corrupt(step, model)
     trainer.reseed(seed, step)
-    batch = next(iterator)
+    with watchdog.phase(f"step {step} (reading its batch)", watchdog_lib.STORAGE):
+      faults.maybe_stall_in("input", step)
+      batch = next(iterator)
+    watchdog.enter(watchdog_lib.LOCAL, f"step {step}")
     inputs = batch["tokens"].numpy()[:, :-1]
     real_positions += 16 * int(np.count_nonzero(inputs[:, 0])) + int(np.count_nonzero(inputs))
     if key_log is not None:
       batch = dict(batch)
       keys = batch.pop("key").numpy()
     faults.maybe_stall(step)
-    watchdog.enter(watchdog_lib.COLLECTIVES)
+    if step == start + 1:
+      # Tracing the step is local work that grows with the model, and waits on nothing: it
+      # is not watched (the first call then finds it traced).
+      watchdog.idle()
+      trainer.train_step.get_concrete_function(batch)
+    watchdog.enter(watchdog_lib.COLLECTIVES, f"step {step}")
     metrics = trainer.train_step(batch)
     loss = float(metrics["loss"])
     if not float(metrics["finite"]) and not trainer.skip_nonfinite:
@@ -807,10 +886,11 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
           f"{checkpointer.latest()}. Re-run with --check_numerics for the failing op.")
     step_var.assign(step)
     losses.append(loss)
-    if loss_log is not None:
-      loss_log.write(step, loss)
-    if key_log is not None:
-      key_log.write(step, keys)
+    with watchdog.phase(f"step {step} (writing logs)", watchdog_lib.STORAGE):
+      if loss_log is not None:
+        loss_log.write(step, loss)
+      if key_log is not None:
+        key_log.write(step, keys)
     faults.maybe_kill("kill_after_step", step)
     if step % log_every == 0 or step == end:
       elapsed = time.time() - last_log_time
@@ -846,46 +926,42 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
         k_eff = layer.k if layer.capacity_mode == "k" else 1
         scalars["moe/effective_capacity_factor"] = (
             layer.last_capacity * layer.num_groups * layer.num_experts / (k_eff * real_per_worker))
-      summary_scalars(writer, step, scalars)
+      with watchdog.phase(f"step {step} (writing logs)", watchdog_lib.STORAGE):
+        summary_scalars(writer, step, scalars)
       last_log_time, last_log_step, real_positions = time.time(), step, 0
     watchdog.step_done(step)
     if step % checkpoint_every == 0 and step != end:
       save(step)
     if eval_data and eval_every and step % eval_every == 0 and step != end:
-      r = evaluate_perplexity(trainer, _batches_for_eval(
-          eval_data, batch_size=batch_size_per_worker, max_len=max_len, image_mode=image_mode,
-          ctx=ctx), eval_batches or None)
-      summary_scalars(writer, step, {"eval/log_perplexity": r["log_perplexity"],
-                                     "eval/perplexity": r["perplexity"]})
+      r = evaluate(step)
       if samples is not None:
-        samples.write(writer, step)
+        caption_samples(step)
       if ctx.is_chief:
         print(f"  eval @ {step}: perplexity {r['perplexity']:.2f}", flush=True)
   if end > start or stop_after == 0:
     save(end)
   if eval_data and end == num_steps:
-    eval_result = evaluate_perplexity(trainer, _batches_for_eval(
-        eval_data, batch_size=batch_size_per_worker, max_len=max_len, image_mode=image_mode,
-        ctx=ctx), eval_batches or None)
-    summary_scalars(writer, end, {"eval/log_perplexity": eval_result["log_perplexity"],
-                                  "eval/perplexity": eval_result["perplexity"]})
+    eval_result = evaluate(end)
     if samples is not None:
-      rows = samples.write(writer, end)
+      rows = caption_samples(end)
       if ctx.is_chief:
         eval_result["captions"] = [{k: r[k] for k in ("key", "caption", "references")}
                                    for r in rows]
-  bad = bad_records()
-  summary = {"step": end, "losses": losses, "eval": eval_result,
-             "skipped_steps": int(trainer.loss_scale.skipped.numpy()),
-             "bad_records": {r: int(n) for r, n in zip(records.REASON_NAMES, bad) if n}}
-  if ctx.is_chief and bad.sum():
-    print(f"Skipped {int(bad.sum())} bad records: {summary['bad_records']}", flush=True)
-  if ctx.is_chief:
-    write_json(os.path.join(model_dir, "train_summary.json"),
-               {k: v for k, v in summary.items() if k != "losses"})
-  summary["model"] = model  # for callers that inspect the trained weights (tests, tools)
-  if writer is not None:
-    writer.flush()
+  with watchdog.phase("the end of the run", watchdog_lib.COLLECTIVES):
+    bad = bad_records()
+    summary = {"step": end, "losses": losses, "eval": eval_result,
+               "skipped_steps": int(trainer.loss_scale.skipped.numpy()),
+               "bad_records": {r: int(n) for r, n in zip(records.REASON_NAMES, bad) if n}}
+    if ctx.is_chief and bad.sum():
+      print(f"Skipped {int(bad.sum())} bad records: {summary['bad_records']}", flush=True)
+    watchdog.enter(watchdog_lib.STORAGE)
+    if ctx.is_chief:
+      write_json(os.path.join(model_dir, "train_summary.json"),
+                 {k: v for k, v in summary.items() if k != "losses"})
+    if writer is not None:
+      writer.flush()
+    watchdog.enter(watchdog_lib.COLLECTIVES)
+    ctx.barrier()
   watchdog.stop()
-  ctx.barrier()
+  summary["model"] = model  # for callers that inspect the trained weights (tests, tools)
   return summary
