@@ -58,6 +58,8 @@ def main(argv):
     raise app.UsageError("--model_dir is required")
   if (FLAGS.images is None) == (FLAGS.split is None):
     raise app.UsageError("give exactly one of --images='photos/*.jpg' and --split=validation")
+  from m6t_tf.parallel import horovod as horovod_lib
+  horovod_lib.place_process()  # each rank's GPU, before anything starts TensorFlow's runtime
   from m6t_tf import decoding
   from m6t_tf import generation
   from m6t_tf.data import tokenizer

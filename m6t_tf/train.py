@@ -37,11 +37,15 @@ def main(argv):
   from m6t_tf import configurables
   from m6t_tf import storage
   from m6t_tf import training
+  from m6t_tf.parallel import horovod as horovod_lib
 
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # the progress lines are the console output
   if not FLAGS.gin_file:
     raise app.UsageError("--gin_file is required, e.g. --gin_file=gin/demo.gin")
+  # Each rank's GPU, chosen before anything starts TensorFlow's runtime: parsing the config
+  # may read records (MAX_LEN = None), after which the visible devices cannot change.
+  horovod_lib.place_process()
   configurables.parse(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
   if not FLAGS.model_dir and not configurables.query("train.model_dir"):
     raise app.UsageError("--model_dir is required (checkpoints, summaries and config.gin go "

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from m6t_tf.cli import ConfigError
 from m6t_tf.layers.moe import MoE
 from m6t_tf.parallel import horovod as hvd_lib
 from m6t_tf.parallel.mesh import Mesh
@@ -181,27 +182,39 @@ def test_one_rank_helpers_are_identities():
 
 
 class _FakeConfig:
-  """`tf.config` stand-in: a node with `n` GPUs (no GPU runs TensorFlow here)."""
+  """`tf.config` stand-in: a node with `n` GPUs (no GPU runs TensorFlow here) that, like
+  `tf.config`, refuses a change of device configuration once the runtime started (`start()`)."""
 
   def __init__(self, n):
     self.gpus = [type("Device", (), {"name": f"/physical_device:GPU:{i}"})() for i in range(n)]
-    self.visible, self.growth = None, []
+    self.visible, self.growth, self.started = None, [], False
     self.experimental = self
+
+  def start(self):
+    self.started = True
 
   def list_physical_devices(self, kind):
     return list(self.gpus) if kind == "GPU" else []
 
   def set_visible_devices(self, device, kind):
+    if self.visible == (device.name, kind):
+      return
+    if self.started:
+      raise RuntimeError("Visible devices cannot be modified after being initialized")
     self.visible = (device.name, kind)
 
   def set_memory_growth(self, device, on):
+    if (device.name, on) in self.growth:
+      return
+    if self.started:
+      raise RuntimeError("Physical devices cannot be modified after being initialized")
     self.growth.append((device.name, on))
 
 
-@pytest.mark.parametrize("local_rank,gpus,want", [(0, 4, 0), (3, 4, 3), (5, 4, 1), (1, 1, 0)])
+@pytest.mark.parametrize("local_rank,gpus,want", [(0, 4, 0), (3, 4, 3), (1, 2, 1), (0, 1, 0)])
 def test_each_rank_computes_on_its_own_gpu(local_rank, gpus, want):
   config = _FakeConfig(gpus)
-  name = hvd_lib.pin_gpu(local_rank, config)
+  name = hvd_lib.pin_gpu(local_rank, config, local_size=gpus, environ={})
   assert name == f"/physical_device:GPU:{want}"
   assert config.visible == (name, "GPU")
   assert config.growth == [(name, True)]
@@ -209,5 +222,155 @@ def test_each_rank_computes_on_its_own_gpu(local_rank, gpus, want):
 
 def test_no_gpu_pins_nothing():
   config = _FakeConfig(0)
-  assert hvd_lib.pin_gpu(2, config) is None
+  assert hvd_lib.pin_gpu(2, config, local_size=4, environ={}) is None
   assert config.visible is None
+
+
+@pytest.mark.parametrize("local_rank,local_size,needle", [
+    (0, 4, "this node runs 4 ranks but has 2 GPU(s)"),
+    (3, None, "local rank 3 means at least 4 ranks on this node but has 2 GPU(s)")])
+def test_more_ranks_than_gpus_is_an_error_unless_shared(local_rank, local_size, needle):
+  config = _FakeConfig(2)
+  with pytest.raises(ConfigError) as e:
+    hvd_lib.pin_gpu(local_rank, config, local_size=local_size, environ={})
+  assert needle in str(e.value)
+  assert "start at most 2 ranks per node" in str(e.value)
+  assert "or set M6T_SHARE_GPUS=1 to share them on purpose" in str(e.value)
+  assert config.visible is None
+  # The fix the message names works.
+  name = hvd_lib.pin_gpu(local_rank, config, local_size=local_size,
+                         environ={"M6T_SHARE_GPUS": "1"})
+  assert name == f"/physical_device:GPU:{local_rank % 2}"
+  with pytest.raises(ConfigError, match="M6T_SHARE_GPUS='yes': use M6T_SHARE_GPUS=1"):
+    hvd_lib.pin_gpu(0, _FakeConfig(2), local_size=4, environ={"M6T_SHARE_GPUS": "yes"})
+
+
+def test_one_gpu_assigned_by_the_launcher_is_not_shared():
+  """Slurm's --gpus-per-task=1 shows each rank its own GPU only (CUDA_VISIBLE_DEVICES)."""
+  config = _FakeConfig(1)
+  name = hvd_lib.pin_gpu(3, config, local_size=4, environ={"CUDA_VISIBLE_DEVICES": "3"})
+  assert name == "/physical_device:GPU:0"
+  with pytest.raises(ConfigError, match="this node runs 4 ranks but has 1 GPU"):
+    hvd_lib.pin_gpu(3, _FakeConfig(1), local_size=4, environ={})
+
+
+def test_pinning_after_the_runtime_started_says_why():
+  config = _FakeConfig(2)
+  config.start()
+  with pytest.raises(RuntimeError, match="cannot be modified after being initialized.*call "
+                     r"m6t_tf.parallel.horovod.place_process\(\)"):
+    hvd_lib.pin_gpu(1, config, local_size=2, environ={})
+  config = _FakeConfig(2)
+  hvd_lib.pin_gpu(1, config, local_size=2, environ={})
+  config.start()
+  assert hvd_lib.pin_gpu(1, config, local_size=2, environ={}) == "/physical_device:GPU:1"
+
+
+def test_place_process_reads_the_launcher():
+  launched = {"HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1", "HOROVOD_LOCAL_SIZE": "2"}
+  config = _FakeConfig(2)
+  assert hvd_lib.place_process(config, {}) is None                  # one process: every GPU
+  assert config.visible is None
+  assert hvd_lib.place_process(config, launched) == "/physical_device:GPU:1"
+  mpi = {"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+         "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
+  with pytest.raises(ConfigError, match="this node runs 4 ranks but has 2 GPU"):
+    hvd_lib.place_process(_FakeConfig(2), mpi)
+  with pytest.raises(ConfigError, match="did not export its rank on the node"):
+    hvd_lib.place_process(_FakeConfig(2), {"PMI_SIZE": "2"})
+  assert hvd_lib.place_process(_FakeConfig(0), {"PMI_SIZE": "2"}) is None
+
+
+# Runs an entry point's start-up in a process of its own, under a stand-in launcher (rank 1 of
+# 2 on a node of 2 GPUs), until it asks for its Horovod context. The stand-in `tf.config`
+# refuses a device change as TensorFlow does, after probing the *real* runtime: configuring
+# the CPU's virtual devices raises once the runtime started.
+_ENTRY_PROBE = """
+import json, runpy, sys
+import tensorflow as tf
+events = []
+
+def runtime_started():
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  try:
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()])
+    return False
+  except RuntimeError as e:
+    return str(e)
+
+class Device:
+  def __init__(self, name):
+    self.name, self.device_type = name, "GPU"
+
+GPUS = [Device(f"/physical_device:GPU:{i}") for i in range(2)]
+list_devices = tf.config.list_physical_devices
+state = {"visible": None, "growth": set()}
+
+def set_visible_devices(device, kind):
+  if state["visible"] == device.name:
+    return
+  started = runtime_started()
+  if started:
+    events.append("too late: " + started)
+    raise RuntimeError(started)
+  state["visible"] = device.name
+  events.append("pinned " + device.name)
+
+def set_memory_growth(device, on):
+  if (device.name, on) not in state["growth"]:
+    if runtime_started():
+      raise RuntimeError("Physical devices cannot be modified after being initialized")
+    state["growth"].add((device.name, on))
+
+tf.config.list_physical_devices = lambda kind=None: GPUS if kind == "GPU" else list_devices(kind)
+tf.config.set_visible_devices = set_visible_devices
+tf.config.experimental.set_memory_growth = set_memory_growth
+
+from m6t_tf import configurables
+from m6t_tf.parallel import horovod as hvd_lib
+
+def context(*a, **k):
+  events.append("config parsed" + (" (the runtime started)" if runtime_started() else ""))
+  try:  # what init_horovod does after hvd.init
+    events.append(hvd_lib.pin_gpu(1))
+  except RuntimeError as e:
+    events.append("init_horovod failed")
+  print("EVENTS " + json.dumps(events), flush=True)
+  sys.exit(0)
+
+configurables.make_context_configured = context
+configurables.make_eval_context = context
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def test_train_entry_point_pins_before_the_config_reads_data(tmp_path):
+  """`configurables.parse` reads records when the data has no metadata.json (MAX_LEN = None),
+  which starts TensorFlow's runtime: the GPU must be chosen before."""
+  import glob
+  import json
+  import os
+  import shutil
+  import subprocess
+  import sys
+  from tests import jobs
+  for f in glob.glob(os.path.join(jobs.REPO, ".data", "demo", "*.tfrecord"))[:1] + glob.glob(
+      os.path.join(jobs.REPO, ".data", "demo", "validation-*.tfrecord")):
+    shutil.copy(f, tmp_path)
+  assert not (tmp_path / "metadata.json").exists()
+  env = jobs.worker_env(HOROVOD_SIZE="2", HOROVOD_RANK="1", HOROVOD_LOCAL_RANK="1",
+                        HOROVOD_LOCAL_SIZE="2")
+  env.pop("CUDA_VISIBLE_DEVICES")
+  args = [sys.executable, "-c", _ENTRY_PROBE, "m6t_tf.train", "--gin_file=gin/demo.gin",
+          f"--model_dir={tmp_path / 'run'}",
+          f"--gin_bindings=train.train_data='{tmp_path}/train-*.tfrecord'",
+          f"--gin_bindings=train.eval_data='{tmp_path}/validation-*.tfrecord'"]
+  proc = subprocess.run(args, cwd=jobs.REPO, env=env, capture_output=True, text=True,
+                        timeout=240)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("EVENTS ")]
+  assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+  assert json.loads(lines[0][len("EVENTS "):]) == [
+      "pinned /physical_device:GPU:1", "config parsed (the runtime started)",
+      "/physical_device:GPU:1"]

@@ -186,8 +186,9 @@ class StallTest(tf.test.TestCase):
     self.assertIsNotNone(step_4_at, out[-3000:])
     # Ended after the limit, well within 60 s of the stall (limit, grace, launcher teardown).
     self.assertBetween(ended_at - step_4_at, limit, 60)
-    self.assertTrue(re.search(r"rank 1 stalled: no progress for \d+ s \(limit 10 s\) outside "
-                              r"the collectives .* after completing step 4", out), out[-3000:])
+    self.assertTrue(re.search(r"rank 1 stalled in step 5: no progress for [\d.]+ s \(limit 10 "
+                              r"s\) outside the collectives .* after completing step 4", out),
+                    out[-3000:])
     self.assertTrue(re.search(r"Last checkpoint: \S*ckpt-3 \(a restart resumes from it\)", out),
                     out[-3000:])
     code, out = _run(model_dir, 2, timeout=300)

@@ -149,24 +149,8 @@ if [[ ! -f $ROOT/.data/demo/metadata.json ]]; then
   "$PY" tools/build_demo_data.py > "$WORK/data.txt" 2>&1 || {
     verdict FAIL data "tools/build_demo_data.py failed:"; show_log "$WORK/data.txt"; finish; }
 fi
-# One GPU per rank: the local rank's GPU is the only one TensorFlow sees in that process (the
-# trainer itself does not choose one, and every rank would otherwise start on GPU 0).
-cat > "$WORK/pin_gpu.py" <<'EOF'
-"""pin_gpu.py MODULE ARGS...: runs `python -m MODULE ARGS...` on the local rank's GPU only."""
-import os
-import runpy
-import sys
-
-import tensorflow as tf
-
-gpus = tf.config.list_physical_devices("GPU")
-if gpus:
-  local = int(os.environ.get("HOROVOD_LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
-  tf.config.set_visible_devices(gpus[local], "GPU")
-  tf.config.experimental.set_memory_growth(gpus[local], True)
-sys.argv = sys.argv[1:]
-runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-EOF
+# One GPU per rank: the trainer pins the local rank's GPU itself before TensorFlow's runtime
+# starts (m6t_tf.parallel.horovod.place_process), and refuses more ranks than GPUs per node.
 # base.gin at tiny.gin's sizes, with base.gin's mixed precision back on.
 TRAIN_ARGS=(--gin_file=gin/base.gin --gin_file=gin/tiny.gin
             --gin_bindings=train.mixed_precision=True "--gin_bindings=train.num_steps=$STEPS")
@@ -177,11 +161,11 @@ train_check() {  # train_check NAME NP
   experts=$(( (8 + np - 1) / np * np ))
   local args=("${TRAIN_ARGS[@]}" "--gin_bindings=NUM_EXPERTS=$experts" "--model_dir=$dir")
   if ((np == 1)); then
-    cmd=("$PY" "$WORK/pin_gpu.py" m6t_tf.train "${args[@]}")
+    cmd=("$PY" -m m6t_tf.train "${args[@]}")
   else
     args+=("--gin_bindings=make_context.alltoall_dtype='float16'"
            "--gin_bindings=make_context.allreduce_compression='fp16'")
-    cmd=("$HOROVODRUN" -np "$np" -H "localhost:$np" --gloo "$PY" "$WORK/pin_gpu.py" m6t_tf.train
+    cmd=("$HOROVODRUN" -np "$np" -H "localhost:$np" --gloo "$PY" -m m6t_tf.train
          "${args[@]}")
   fi
   local t0=$SECONDS

@@ -38,7 +38,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import keras
 import tensorflow as tf
 
+from m6t_tf.cli import ConfigError
 from m6t_tf.parallel import communicator as comm_lib
+from m6t_tf.parallel import launch_env
 from m6t_tf.parallel import context as context_lib
 # Read before `hvd.init`, so that a wrong mesh fails on every rank before any rendezvous.
 from m6t_tf.parallel.launch_env import WORLD_SIZE_ENV as _WORLD_SIZE_ENV
@@ -491,19 +493,100 @@ def resolve_mesh(mesh: Optional[Mesh], expert: Optional[int],
   return Mesh.for_world(world_size, expert=expert)
 
 
-def pin_gpu(local_rank: int, config=None) -> Optional[str]:
-  """Makes GPU `local_rank` (mod the node's GPUs) the only one this process sees, with memory
-  growth, as Horovod's TensorFlow guide does: without it every rank of a node computes on
-  GPU 0. Must run before TensorFlow touches a GPU. Returns the device name, or None without
-  GPUs. `config`: `tf.config` (a stand-in in tests)."""
+#: Set to 1 to let more ranks than GPUs share a node's GPUs (round robin by local rank).
+SHARE_GPUS_ENV = "M6T_SHARE_GPUS"
+
+
+def gpus_shared(environ=None) -> bool:
+  """Whether the user asked ranks to share GPUs (`M6T_SHARE_GPUS=1`)."""
+  value = (os.environ if environ is None else environ).get(SHARE_GPUS_ENV, "").strip()
+  if value not in ("", "0", "1"):
+    raise ConfigError(f"{SHARE_GPUS_ENV}={value!r}: use {SHARE_GPUS_ENV}=1 to let ranks share "
+                      f"GPUs, or leave it unset")
+  return value == "1"
+
+
+def pin_gpu(local_rank: int, config=None, *, local_size: Optional[int] = None,
+            share: Optional[bool] = None, environ=None) -> Optional[str]:
+  """Makes GPU `local_rank` the only one this process sees, with memory growth, as Horovod's
+  TensorFlow guide does: without it every rank of a node computes on GPU 0.
+
+  Must run before anything starts TensorFlow's runtime (`place_process` runs it first thing in
+  the entry points); pinning the same GPU again later is a no-op.
+
+  Args:
+    local_rank: this process's rank on its node.
+    config: `tf.config` (a stand-in in tests).
+    local_size: the number of ranks on this node, when the launcher said.
+    share: let more ranks than GPUs share them, round robin (default: `M6T_SHARE_GPUS=1`).
+    environ: the environment (default `os.environ`).
+
+  Returns:
+    The device name, or None without GPUs.
+
+  Raises:
+    ConfigError: the node has more ranks than GPUs and sharing was not asked for. One visible
+      GPU under `CUDA_VISIBLE_DEVICES` is taken as the launcher's own per-rank assignment (Slurm
+      `--gpus-per-task=1`) and is not checked.
+    RuntimeError: TensorFlow's runtime started before this call (a different GPU cannot be
+      chosen any more).
+  """
   config = config or tf.config
+  environ = os.environ if environ is None else environ
   gpus = config.list_physical_devices("GPU")
   if not gpus:
     return None
+  share = gpus_shared(environ) if share is None else share
+  ranks = max(local_size or 0, local_rank + 1)
+  assigned = len(gpus) == 1 and environ.get("CUDA_VISIBLE_DEVICES", "").strip() != ""
+  if ranks > len(gpus) and not (share or assigned):
+    who = (f"this node runs {local_size} ranks" if local_size
+           else f"local rank {local_rank} means at least {ranks} ranks on this node")
+    raise ConfigError(
+        f"{who} but has {len(gpus)} GPU(s): ranks would share a GPU (slower, and out of "
+        f"memory sooner); start at most {len(gpus)} ranks per node (e.g. horovodrun -H "
+        f"host:{len(gpus)}), or set {SHARE_GPUS_ENV}=1 to share them on purpose")
   gpu = gpus[local_rank % len(gpus)]
-  config.set_visible_devices(gpu, "GPU")
-  config.experimental.set_memory_growth(gpu, True)
+  try:
+    config.set_visible_devices(gpu, "GPU")
+    config.experimental.set_memory_growth(gpu, True)
+  except RuntimeError as e:
+    raise RuntimeError(
+        f"cannot make {gpu.name} local rank {local_rank}'s GPU: {e}. TensorFlow's runtime "
+        f"started before the GPU was chosen; call m6t_tf.parallel.horovod.place_process() "
+        f"before reading any data or creating any tensor (the entry points do)") from e
   return gpu.name
+
+
+def place_process(config=None, environ=None) -> Optional[str]:
+  """Pins this rank's GPU (`pin_gpu`) from what the launcher exported, before Horovod starts.
+
+  The entry points call it right after their flags are parsed, before the gin config is read:
+  resolving `MAX_LEN = None` reads records, and anything that runs a TensorFlow op starts the
+  runtime, after which the visible devices cannot change. A process started without a
+  launcher (one process) keeps every device.
+
+  Returns:
+    The pinned device's name, or None.
+
+  Raises:
+    ConfigError: more ranks than GPUs on this node (see `pin_gpu`), or GPUs but no local rank
+      from the launcher.
+  """
+  config = config or tf.config
+  environ = os.environ if environ is None else environ
+  if launch_env.world_size(environ) <= 1:
+    return None
+  local_rank = launch_env.local_rank_from_env(environ)
+  if local_rank is None:
+    if not config.list_physical_devices("GPU"):
+      return None
+    raise ConfigError(
+        f"this process has GPUs but the launcher did not export its rank on the node (one of "
+        f"{', '.join(launch_env.LOCAL_RANK_ENV)}), so it cannot choose its own GPU; start it "
+        f"with horovodrun or mpirun")
+  return pin_gpu(local_rank, config, local_size=launch_env.local_size_from_env(environ),
+                 environ=environ)
 
 
 def init_horovod(mesh: Optional[Mesh] = None, *, expert: Optional[int] = None,
@@ -549,7 +632,9 @@ def init_horovod(mesh: Optional[Mesh] = None, *, expert: Optional[int] = None,
                      f"({[list(g) for g in process_sets]}): {e}. Does the mesh match the "
                      "number of processes started?") from e
   size, rank = hvd.size(), hvd.rank()
-  pin_gpu(hvd.local_rank())
+  # A no-op when the entry point's `place_process` pinned it already (library callers rely on
+  # this one, before any tensor exists).
+  pin_gpu(hvd.local_rank(), local_size=hvd.local_size())
   if mesh is None:
     mesh = Mesh.for_world(size)
   mesh.validate(size, num_experts)
