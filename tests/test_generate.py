@@ -4,6 +4,9 @@
 * the in-graph detokeniser equals `Tokenizer.decode`;
 * --split rows follow the captions contract, references are every caption of the image;
 * --images on PNG files of the validation pixels gives the captions of --split;
+* the exported SavedModel, in a process without m6t_tf, serves the same captions, and answers
+  bad requests (empty, random bytes, a truncated JPEG, an 8000×8000 PNG) with an error each,
+  grey and RGBA images with a caption, without changing the captions of the good ones;
 * 2 ranks under horovodrun (experts sharded, 4 of 8 per rank; an odd number of images so one
   rank decodes a filler row in lockstep) give the rows of 1 process.
 """
@@ -12,6 +15,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,6 +99,52 @@ class ImagesAndDetokenizerTest(tf.test.TestCase):
       generation.read_image_files([bad], 64)
     with self.assertRaisesRegex(ConfigError, "nothing-here"):
       generation.list_image_files(os.path.join(tmp, "nothing-here/*.jpg"))
+
+  def test_decode_requests_answers_each_request(self):
+    """Every served format decodes as `decode_image`; a header is read before any pixel, so an
+    oversized image is refused undecoded; a bad request never fails the batch."""
+    import base64
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, [30, 20, 3], dtype=np.uint8)
+    png = tf.io.encode_png(pixels).numpy()
+    jpeg = tf.io.encode_jpeg(pixels).numpy()
+    gif = base64.b64decode("R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==")
+    webp_lossless = base64.b64decode("UklGRhoAAABXRUJQVlA4TA0AAAAvAAAAEAcQERGIiP4HAA==")
+    webp_lossy = base64.b64decode(
+        "UklGRiIAAABXRUJQVlA4IBYAAAAwAQCdASoBAAEADsD+JaQAA3AAAAAA")
+    # Headers only, declaring 10000 × 5000 (BMP top-down, WebP extended) or 65535 × 65535 (GIF).
+    bmp_header = (b"BM" + b"\0" * 16 + (10000).to_bytes(4, "little")
+                  + (2**32 - 5000).to_bytes(4, "little") + b"\0" * 30)
+    webp_header = (b"RIFF\0\0\0\0WEBPVP8X" + b"\0" * 8 + (9999).to_bytes(3, "little")
+                   + (4999).to_bytes(3, "little"))
+    gif_header = b"GIF89a\xff\xff\xff\xff" + b"\0" * 20
+    requests = {
+        "png": (png, ""), "jpeg": (jpeg, ""), "bmp": (_bmp(pixels), ""), "gif": (gif, ""),
+        "webp_lossless": (webp_lossless, ""), "webp_lossy": (webp_lossy, ""),
+        "empty": (b"", "empty request: no image bytes"),
+        "text": (b"not an image", "not a PNG, JPEG, GIF, BMP or WebP file (12 bytes)"),
+        "jpeg_xl": (b"\xff\x0a" + b"\0" * 40, "not a PNG, JPEG, GIF, BMP or WebP file (42 bytes)"),
+        "truncated_png": (png[:60], "corrupt or truncated PNG file (60 bytes): it does not decode"),
+        "bmp_header": (bmp_header, "BMP of 10000x5000 = 50000000 pixels: above this server's "
+                                   "limit of 40000000 pixels; send it smaller"),
+        "webp_header": (webp_header, "WebP of 10000x5000 = 50000000 pixels: above this "
+                                     "server's limit of 40000000 pixels; send it smaller"),
+        "gif_header": (gif_header, "GIF of 65535x65535 = 4294836225 pixels: above this "
+                                   "server's limit of 40000000 pixels; send it smaller"),
+    }
+    decode = tf.function(lambda d: images_lib.decode_requests(d, 16, 40_000_000),
+                         input_signature=[tf.TensorSpec([None], tf.string)])  # as served
+    got, errors = decode(tf.constant([r for r, _ in requests.values()]))
+    for i, (name, (data, error)) in enumerate(requests.items()):
+      with self.subTest(name):
+        self.assertEqual(errors[i].numpy().decode(), error)
+        want = (images_lib.decode_image(tf.constant(data), 16).numpy() if not error
+                else np.zeros([16, 16, 3], np.uint8))
+        self.assertAllEqual(got[i], want)
+    got, errors = decode(tf.constant([b""]))                 # nothing decodes in the batch
+    self.assertEqual(errors.numpy().tolist(), [b"empty request: no image bytes"])
+    got, errors = decode(tf.constant([], tf.string))
+    self.assertEqual(got.shape, [0, 16, 16, 3])
 
   def test_detokenizer_matches_tokenizer_decode(self):
     tok = tokenizer_lib.Tokenizer()
@@ -208,6 +258,56 @@ class GenerateTest(tf.test.TestCase):
 
   def test_exported_saved_model_needs_only_tensorflow(self):
     """A process that never imports m6t_tf (nor tensorflow_text) serves the captions of generate."""
+    served = self._served()
+    self.assertEqual(served["modules"], [])
+    good = served["good"]
+    self.assertEqual(good["captions"], [r["caption"] for r in self.rows])
+    self.assertEqual(good["errors"], [""] * 5)
+    self.assertAllClose(good["log_probs"], [r["log_prob"] for r in self.rows], atol=1e-4)
+    self.assertAllClose(good["scores"], good["log_probs"])
+
+  def test_served_model_survives_bad_requests(self):
+    """Each bad request gets its own error (or, grey and RGBA, a caption), alone or among good
+    ones, and the good requests before, among and after them get the same captions."""
+    served = self._served()
+    captions = served["good"]["captions"]
+    want = {"empty": re.escape("empty request: no image bytes"),
+            "random": re.escape("not a PNG, JPEG, GIF, BMP or WebP file (1000 bytes)"),
+            "truncated_jpeg": r"corrupt or truncated JPEG file \(\d+ bytes\): it does not decode",
+            "huge_png": re.escape("PNG of 8000x8000 = 64000000 pixels: above this server's "
+                                  "limit of 25000000 pixels; send it smaller"),
+            "grey": "", "rgba": ""}
+    self.assertEqual(list(served["alone"]), list(want))
+    for name, pattern in want.items():
+      with self.subTest(name):
+        alone, after = served["alone"][name], served["after"][name]
+        if pattern:
+          self.assertRegex(alone["errors"][0], "^" + pattern + "$")
+          self.assertEqual(alone["captions"], [""])
+          self.assertEqual(alone["num_tokens"], [0])
+          self.assertTrue(np.isnan(alone["log_probs"][0]) and np.isnan(alone["scores"][0]))
+        else:
+          self.assertEqual(alone["errors"], [""])
+          self.assertTrue(alone["captions"][0])
+          self.assertTrue(np.isfinite(alone["log_probs"][0]))
+        self.assertEqual(after["captions"], captions[:1])    # the next good request
+    mixed = served["mixed"]                                  # bad and good in one batch
+    names = list(want) + ["good0", "good1"]
+    for i, name in enumerate(names):
+      if name.startswith("good"):
+        self.assertEqual(mixed["captions"][i], captions[int(name[-1])])
+        self.assertEqual(mixed["errors"][i], "")
+      else:
+        self.assertEqual(mixed["errors"][i], served["alone"][name]["errors"][0])
+        self.assertEqual(mixed["captions"][i], served["alone"][name]["captions"][0])
+    self.assertEqual(served["good_again"]["captions"], captions)
+
+  _SERVED = None
+
+  def _served(self):
+    """Exports the model once and runs every request in one process without m6t_tf."""
+    if GenerateTest._SERVED is not None:
+      return GenerateTest._SERVED
     from m6t_tf import serving as export_lib
     export_dir = os.path.join(self.tmp, "export")
     export_lib.export_model(self.model_dir, export_dir, options=decoding.DecodeOptions(),
@@ -216,29 +316,52 @@ class GenerateTest(tf.test.TestCase):
       export_lib.export_model(self.model_dir, export_dir, options=decoding.DecodeOptions())
     items = generation.read_split_items(VALIDATION, image_mode="pixels", max_len=12)[:5]
     files = []
-    for i, item in enumerate(items):  # PNG for some, JPEG-free: lossless, so pixels are exact
+    for i, item in enumerate(items):  # PNG: lossless, so pixels are exact
       files.append(os.path.join(self.tmp, f"serve{i}.png"))
       tf.io.write_file(files[-1], tf.io.encode_png(item.features))
+    pixels = items[0].features
+    jpeg = tf.io.encode_jpeg(pixels).numpy()
+    alpha = np.full(pixels.shape[:2] + (1,), 200, np.uint8)
+    bad = {"empty": b"", "random": np.random.default_rng(0).bytes(1000),
+           "truncated_jpeg": jpeg[:len(jpeg) // 2],
+           "huge_png": tf.io.encode_png(tf.zeros([8000, 8000, 3], tf.uint8)).numpy(),
+           "grey": tf.io.encode_png(pixels[..., :1]).numpy(),
+           "rgba": tf.io.encode_png(np.concatenate([pixels, alpha], -1)).numpy()}
+    bad_files = {}
+    for name, data in bad.items():
+      bad_files[name] = os.path.join(self.tmp, f"bad_{name}")
+      with open(bad_files[name], "wb") as f:
+        f.write(data)
     client = (
         "import json, sys\n"
+        "import numpy as np\n"
         "import tensorflow as tf\n"
         f"serve = tf.saved_model.load({export_dir!r}).signatures['serving_default']\n"
-        f"data = [open(f, 'rb').read() for f in {files!r}]\n"
-        "out = serve(images=tf.constant(data))\n"
-        "bad = [m for m in sys.modules if m.startswith(('m6t_tf', 'tensorflow_text'))]\n"
-        "print(json.dumps({'captions': [c.decode('utf-8') for c in out['captions'].numpy()],\n"
-        "                  'log_probs': out['log_probs'].numpy().tolist(),\n"
-        "                  'scores': out['scores'].numpy().tolist(), 'modules': bad}))\n")
+        f"good = [open(f, 'rb').read() for f in {files!r}]\n"
+        f"bad = {{k: open(f, 'rb').read() for k, f in {bad_files!r}.items()}}\n"
+        "def call(data):\n"
+        "  out = serve(images=tf.constant(data, tf.string))\n"
+        "  return {'captions': [c.decode('utf-8') for c in out['captions'].numpy()],\n"
+        "          'errors': [e.decode('utf-8') for e in out['errors'].numpy()],\n"
+        "          'num_tokens': out['num_tokens'].numpy().tolist(),\n"
+        "          'log_probs': out['log_probs'].numpy().tolist(),\n"
+        "          'scores': out['scores'].numpy().tolist()}\n"
+        "result = {'good': call(good), 'alone': {}, 'after': {}}\n"
+        "for name, data in bad.items():\n"
+        "  result['alone'][name] = call([data])\n"
+        "  result['after'][name] = call(good[:1])\n"
+        "result['mixed'] = call(list(bad.values()) + good[:2])\n"
+        "result['good_again'] = call(good)\n"
+        "result['modules'] = [m for m in sys.modules\n"
+        "                     if m.startswith(('m6t_tf', 'tensorflow_text'))]\n"
+        "print(json.dumps(result))\n")
     env = jobs.worker_env()
     env.pop("PYTHONPATH")
     proc = subprocess.run([sys.executable, "-c", client], cwd=self.tmp, env=env,
                           capture_output=True, text=True, timeout=300)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    served = json.loads(proc.stdout.strip().splitlines()[-1])
-    self.assertEqual(served["modules"], [])
-    self.assertEqual(served["captions"], [r["caption"] for r in self.rows])
-    self.assertAllClose(served["log_probs"], [r["log_prob"] for r in self.rows], atol=1e-4)
-    self.assertAllClose(served["scores"], served["log_probs"])
+    GenerateTest._SERVED = json.loads(proc.stdout.strip().splitlines()[-1])
+    return GenerateTest._SERVED
 
   def test_two_ranks_equal_one_process(self):
     if not os.path.exists(HOROVODRUN):
