@@ -186,14 +186,17 @@ class OuterGroupsTest(tf.test.TestCase, parameterized.TestCase):
     for got, want in zip(g, g_ref):
       self.assertAllClose(got, want, rtol=1e-5, atol=1e-6)
 
-  @parameterized.parameters((31, 4, "index", "top_k"), (17, 2, "einsum", "prototype"),
-                            (4, 3, "index", "prototype"), (1, 2, "index", "top_k"))
-  def test_groups_at_a_token_count_they_do_not_divide(self, t, num_groups, dispatch, routing):
+  @parameterized.parameters((31, 4, "index", "top_k", False), (17, 2, "einsum", "prototype", True),
+                            (4, 3, "index", "prototype", True), (1, 2, "index", "top_k", True))
+  def test_groups_at_a_token_count_they_do_not_divide(self, t, num_groups, dispatch, routing,
+                                                      masked):
     """T = 31, O = 4: groups of G = 8, 8, 8 and 7 tokens, each routed with the C of G tokens
     (the last one padded with masked positions that take no capacity); T = 4, O = 3: groups
     of 2, 2 and none (left out of the loss mean). Equal to separate calls on the slices with
     that C, eagerly and traced with T unknown."""
     x, mask = _inputs(b=1, l=t, seed=t)
+    if not masked:   # padding positions must be masked by the layer itself
+      mask = tf.ones_like(mask)
     common = dict(routing=routing, k=2, dispatch=dispatch, capacity_factor=1.0,
                   capacity_mode="1", aux_loss_weight=0.01, z_loss_weight=0.001)
     single, grouped = _pair(common, dict(common, num_groups=num_groups), x)
@@ -203,8 +206,8 @@ class OuterGroupsTest(tf.test.TestCase, parameterized.TestCase):
       tape.watch(x)
       outs, losses, dropped, tokens = [], [], [], 0
       for start in range(0, t, g):
-        outs.append(single(x[:, start:start + g], training=True,
-                           token_mask=mask[:, start:start + g], capacity=c))
+        outs.append(single(x[:, start:start + g], training=True, capacity=c,
+                           token_mask=mask[:, start:start + g] if masked else None))
         losses.append(tf.add_n(single.losses))
         dropped.append(float(single.stats["dropped_fraction"]))
         tokens += single.stats["tokens_per_expert"].numpy()
@@ -215,7 +218,7 @@ class OuterGroupsTest(tf.test.TestCase, parameterized.TestCase):
     def step(x, mask):
       with tf.GradientTape() as tape:
         tape.watch(x)
-        y = grouped(x, training=True, token_mask=mask)
+        y = grouped(x, training=True, token_mask=mask if masked else None)
         loss = tf.reduce_sum(y ** 2) + tf.add_n(grouped.losses)
       return y, loss, tape.gradient(loss, [x] + grouped.trainable_variables)
 

@@ -485,9 +485,8 @@ class MoE(keras.layers.Layer):
     if padded and o > 1:
       pad = o * group_tokens - t
       x = tf.concat([x, tf.zeros([pad, m], x.dtype)], axis=0)              # [O·G, M]
-      real = tf.range(o * group_tokens) < t                                # [O·G]
-      mask = real if mask is None else tf.logical_and(
-          tf.concat([tf.cast(mask, tf.bool), tf.zeros([pad], tf.bool)], axis=0), real)
+      mask = (tf.range(o * group_tokens) < t if mask is None else
+              tf.concat([tf.cast(mask, tf.bool), tf.zeros([pad], tf.bool)], axis=0))  # [O·G]
       if uniform is not None:
         uniform = tf.concat([uniform, tf.zeros([self.k - 1, pad], uniform.dtype)], axis=1)
     logits = self.router(tf.cast(x, tf.float32))                          # [T, E] float32
