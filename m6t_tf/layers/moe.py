@@ -204,7 +204,9 @@ class MoE(keras.layers.Layer):
       trainer binds it from the data (`REAL_TOKEN_FRACTION`, gin/demo.gin).
     num_groups: O outer-batch groups (the second paper, axlearn's `outer_batch`): the T tokens
       split into O contiguous groups, each routed and capacity-limited on its own (C computed
-      from T/O tokens); one all-to-all carries all groups ([D, e, O·C, M]). 1 = one group.
+      from G = ceil(T/O) tokens, `group_size`); one all-to-all carries all groups
+      ([D, e, O·C, M]). Any T works: when O does not divide it, the last group is filled up
+      with masked positions (never routed, no capacity). 1 = one group.
     normalization: gate normalisation, see `routing.top_k_routing`; "auto" by default.
     dispatch: "index" (fast gather) or "einsum" (GShard reference).
     activation: "relu" | "gelu" | "swiglu" for FFN experts.

@@ -280,7 +280,9 @@ def _used_choices(chosen_probs: tf.Tensor, valid: tf.Tensor, second_expert_polic
   # The top probability is ≥ 1/E, so the sum is never 0.
   share = tf.stop_gradient(chosen_probs[1:] / tf.reduce_sum(chosen_probs, axis=0))  # [K-1, T]
   sampled = uniform < share * float(k)                                    # [K-1, T]
-  return tf.logical_and(used, tf.concat([tf.ones_like(sampled[:1]), sampled], axis=0))
+  first = (tf.ones([1, num_tokens], tf.bool) if num_tokens is not None
+           else tf.ones_like(sampled[:1]))                                # [1, T]
+  return tf.logical_and(used, tf.concat([first, sampled], axis=0))
 
 
 def _slots_by_position(expert_index: tf.Tensor, used: tf.Tensor, capacity_: int,
