@@ -4,7 +4,8 @@ Dropless (capacity_mode="dropless") must be the function of top-k with a capacit
 that nothing drops — outputs and every gradient — for every routing, FFN and linear experts;
 nothing drops under adversarial routing; the optional memory ceiling drops exactly what a
 capacity of that size would, and counts it. Outer groups (num_groups=O): one call equals O
-separate calls on the O slices (outputs, losses, gradients), with heavy dropping. The
+separate calls on the O slices (outputs, losses, gradients), with heavy dropping, also when O
+does not divide T (the last slice shorter, its padding masked). The
 expert-parallel cases (variable-size all-to-alls, 2 and 4 ranks) are in test_parallel_moe.
 """
 

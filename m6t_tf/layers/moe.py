@@ -25,9 +25,9 @@ Token counts known only at run time (a Keras model with `keras.Input((L, M))`, w
 is unknown when traced; `tf.function` with an unknown length): C is then computed by the same
 formula as an <int32>[] tensor (`routing.capacity_tensor`, equal to the static value for every
 T), and with `num_groups` the tokens are padded to O equal groups with masked positions. With
-a static T that O divides, nothing of this runs: the layer is the same graph as before. Under
-expert parallelism (D > 1) a run-time C is the maximum over the expert group, as the
-all-to-all exchanges equal [D, e, C, M] buffers (`MoE.call`).
+a static T that O divides, nothing of this runs: a traced call is the same graph as before.
+Under expert parallelism (D > 1) a run-time C, and an eager call's, is the maximum over the
+expert group, as the all-to-all exchanges equal [D, e, C, M] buffers (`MoE._agreed_capacity`).
 """
 
 from __future__ import annotations
