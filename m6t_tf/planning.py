@@ -252,7 +252,7 @@ class PlanConfig:
 
   @property
   def capacity(self) -> int:
-    """Slots per expert in the buffers: O · C, with C = `MoE.capacity_for(T / O, training=True)`
+    """Slots per expert in the buffers: O · C, with C = `MoE.capacity_for(ceil(T / O), True)`
     for O outer groups (`num_groups`; 1 by default). Dropless has no C: the planner sizes it at
     balanced routing, k·T/E rows per expert, or at its `max_tokens_per_expert_factor`
     ceiling when one is set (the worst case it allows)."""
@@ -264,7 +264,7 @@ class PlanConfig:
       factor = self.moe.get("max_tokens_per_expert_factor")
       return routing_lib.capacity(self.tokens_per_worker, self.num_experts, k=self.k,
                                   capacity_factor=float(factor or 1.0), mode="k")
-    tokens = self.tokens_per_worker // groups
+    tokens = -(-self.tokens_per_worker // groups)   # `MoE.group_size`: the last group padded
     fraction = self.moe.get("capacity_token_fraction")
     if fraction is not None:   # `MoE.capacity_for`: C from the real tokens' share
       tokens = max(1, math.ceil(float(fraction) * tokens - 1e-9))

@@ -814,7 +814,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
         share = (f"{fraction:.1%} of the {positions_per_step:,} positions, the real tokens' "
                  f"share" if fraction is not None and fraction < 1 else
                  f"all {positions_per_step:,} positions (padding included)")
-        print(f"Experts: C = {layer.capacity_for(positions_per_step // layer.num_groups, True)} "
+        print(f"Experts: C = {layer.capacity_for(layer.group_size(positions_per_step), True)} "
               f"slots per expert{' per group' if layer.num_groups > 1 else ''}, "
               f"γ = {layer.capacity_factor} over {share}", flush=True)
   progress = Progress(num_steps, start, log_every, ctx.is_chief)

@@ -228,5 +228,36 @@ class BatchInvarianceTest(tf.test.TestCase):
       self.assertEqual(float(layer.stats["dropped_fraction"].numpy()), 0.0)
 
 
+
+class OuterGroupsDecodingTest(tf.test.TestCase):
+
+  def test_groups_decode_any_number_of_images(self):
+    """num_groups=2 and 3: one image (a prefix of T = 17 positions, then T = 1 per step) and
+    three (T = 51, then 3). Decoding drops nothing (C = T), so the groups change no caption:
+    equal to the same weights with one group. (The trainer's evaluation decodes in the
+    `tf.function` generate runs: test_eval_captions.)"""
+    options = decoding.DecodeOptions(max_len=MAX_LEN)
+    image = images(3, seed=4)
+    moe = lambda groups: m6_transformer.MoEConfig(num_experts=4, routing="top_k", k=2,
+                                                  capacity_factor=0.5, num_groups=groups)
+    base = CONFIGS["post_ln_learned_gelu_prototype"]
+    single = make_network(dict(base, moe=moe(1)), seed=3)
+    want = run(single, image, options)
+    self.assertGreater(len({tuple(t) for t in want["tokens"][:, 0]}), 1)
+    for groups in (2, 3):
+      with self.subTest(groups=groups):
+        grouped = make_network(dict(base, moe=moe(groups)), seed=3)
+        grouped.set_weights(single.get_weights())
+        three = run(grouped, image, options)
+        self.assertAllEqual(three["tokens"], want["tokens"])
+        self.assertAllClose(three["log_prob"], want["log_prob"], atol=1e-5)
+        one = run(grouped, image[1:2], options)
+        self.assertAllEqual(one["tokens"], want["tokens"][1:2])
+        self.assertAllClose(one["log_prob"], want["log_prob"][1:2], atol=1e-5)
+        for layer in grouped.moe_sublayers:
+          self.assertEqual(layer.num_groups, groups)
+          self.assertEqual(float(layer.stats["dropped_fraction"].numpy()), 0.0)
+
+
 if __name__ == "__main__":
   tf.test.main()

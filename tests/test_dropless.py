@@ -4,7 +4,8 @@ Dropless (capacity_mode="dropless") must be the function of top-k with a capacit
 that nothing drops — outputs and every gradient — for every routing, FFN and linear experts;
 nothing drops under adversarial routing; the optional memory ceiling drops exactly what a
 capacity of that size would, and counts it. Outer groups (num_groups=O): one call equals O
-separate calls on the O slices (outputs, losses, gradients), with heavy dropping. The
+separate calls on the O slices (outputs, losses, gradients), with heavy dropping, also when O
+does not divide T (the last slice shorter, its padding masked). The
 expert-parallel cases (variable-size all-to-alls, 2 and 4 ranks) are in test_parallel_moe.
 """
 
@@ -149,9 +150,6 @@ class DroplessTest(tf.test.TestCase, parameterized.TestCase):
       moe_lib.MoE(E, I, capacity_mode="dropless", num_groups=2)
     with self.assertRaisesRegex(ValueError, "num_groups=0 must be an integer >= 1"):
       moe_lib.MoE(E, I, num_groups=0)
-    layer = moe_lib.MoE(E, I, num_groups=4)
-    with self.assertRaisesRegex(ValueError, "num_groups=4 must divide the T=30 tokens"):
-      layer(tf.zeros([3, 10, M]))
 
 
 class OuterGroupsTest(tf.test.TestCase, parameterized.TestCase):
@@ -188,6 +186,57 @@ class OuterGroupsTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(loss, loss_ref, rtol=1e-5)
     for got, want in zip(g, g_ref):
       self.assertAllClose(got, want, rtol=1e-5, atol=1e-6)
+
+  @parameterized.parameters((31, 4, "index", "top_k", False), (17, 2, "einsum", "prototype", True),
+                            (4, 3, "index", "prototype", True), (1, 2, "index", "top_k", True))
+  def test_groups_at_a_token_count_they_do_not_divide(self, t, num_groups, dispatch, routing,
+                                                      masked):
+    """T = 31, O = 4: groups of G = 8, 8, 8 and 7 tokens, each routed with the C of G tokens
+    (the last one padded with masked positions that take no capacity); T = 4, O = 3: groups
+    of 2, 2 and none (left out of the loss mean). Equal to separate calls on the slices with
+    that C, eagerly and traced with T unknown."""
+    x, mask = _inputs(b=1, l=t, seed=t)
+    if not masked:   # padding positions must be masked by the layer itself
+      mask = tf.ones_like(mask)
+    common = dict(routing=routing, k=2, dispatch=dispatch, capacity_factor=1.0,
+                  capacity_mode="1", aux_loss_weight=0.01, z_loss_weight=0.001)
+    single, grouped = _pair(common, dict(common, num_groups=num_groups), x)
+    g = -(-t // num_groups)
+    c = single.capacity_for(g, True)
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      outs, losses, dropped, tokens = [], [], [], 0
+      for start in range(0, t, g):
+        outs.append(single(x[:, start:start + g], training=True, capacity=c,
+                           token_mask=mask[:, start:start + g] if masked else None))
+        losses.append(tf.add_n(single.losses))
+        dropped.append(float(single.stats["dropped_fraction"]))
+        tokens += single.stats["tokens_per_expert"].numpy()
+      y_ref = tf.concat(outs, axis=1)
+      loss_ref = tf.reduce_sum(y_ref ** 2) + tf.add_n(losses) / len(losses)
+    g_ref = tape.gradient(loss_ref, [x] + single.trainable_variables)
+
+    def step(x, mask):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = grouped(x, training=True, token_mask=mask if masked else None)
+        loss = tf.reduce_sum(y ** 2) + tf.add_n(grouped.losses)
+      return y, loss, tape.gradient(loss, [x] + grouped.trainable_variables)
+
+    traced = tf.function(step, input_signature=[tf.TensorSpec([None, None, M]),
+                                                tf.TensorSpec([None, None], tf.bool)])
+    for name, fn in (("eager", step), ("unknown_t", traced)):
+      y, loss, grads = fn(x, mask)
+      self.assertAllClose(y, y_ref, rtol=1e-5, atol=1e-6, msg=name)
+      self.assertAllClose(loss, loss_ref, rtol=1e-5, msg=name)
+      for got, want in zip(grads, g_ref):
+        self.assertAllClose(got, want, rtol=1e-5, atol=1e-6, msg=name)
+      # Padding positions took no slot: the experts computed the real tokens only.
+      self.assertAllEqual(grouped.stats["tokens_per_expert"], tokens, msg=name)
+      if name == "eager":
+        self.assertEqual(grouped.last_capacity, c)
+    if t > 4:
+      self.assertGreater(max(dropped), 0.0)
 
   def test_one_group_is_the_layer_of_before(self):
     x, mask = _inputs()

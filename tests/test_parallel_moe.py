@@ -160,6 +160,27 @@ def test_outer_groups_and_drop_policy_match_one_process(runs, data, expert, tag)
 
 
 @pytest.mark.parametrize("data,expert", MESHES)
+@pytest.mark.parametrize("tag", ["top_k2_index", "prototype2_einsum", "top_k2_groups2",
+                                 "dropless_top_k2"])
+def test_unequal_batches_agree_on_the_largest_capacity(runs, data, expert, tag):
+  """Rank r routes T_r = 5, 9, 15, 19 tokens, eagerly and traced with T unknown (a Keras
+  model's unknown batch): the expert group uses the largest C (an allreduce-max), and every
+  rank's output and gradients equal one process routing each slice with that C."""
+  run = runs.equivalence(data, expert)
+  _assert_ok(run, "unequal/max_over_group")
+  for mode in ("eager", "unknown_t"):
+    for part in ("out", "loss", "grad_x", "grad_router", "grad_wi", "grad_wo"):
+      _assert_ok(run, f"unequal/{tag}/{mode}/{part}")
+  if tag.startswith("dropless"):
+    return
+  _assert_ok(run, f"unequal/{tag}/eager/capacity")
+  # Some rank's C was raised by a peer's (so agreement, not luck, is compared), and tokens
+  # were dropped (so C matters).
+  assert max(c["value"] for _, c in _checks(run, f"unequal/{tag}/capacity_raised")) > 0
+  assert max(c["value"] for _, c in _checks(run, f"unequal/{tag}/dropped_fraction")) > 0
+
+
+@pytest.mark.parametrize("data,expert", MESHES)
 def test_some_tokens_were_dropped(runs, data, expert):
   """The comparison covers capacity overflow, not only the happy path."""
   run = runs.equivalence(data, expert)

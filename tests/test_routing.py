@@ -82,6 +82,77 @@ class CapacityTest(parameterized.TestCase):
       routing_lib.capacity(**kwargs)
 
 
+class RuntimeCapacityTest(tf.test.TestCase):
+  """`capacity_tensor`: the capacity of a token count known only at run time."""
+
+  def test_equals_static_capacity_for_every_token_count(self):
+    # Every T up to 2000 and a few large ones, for factors whose products round in floats
+    # (1.1, 1.25), so a difference in rounding order shows. The ops are element-wise: one
+    # call takes every T at once.
+    t = np.concatenate([np.arange(1, 2001), [4096, 8192, 8193, 65536]]).astype(np.int32)
+    traced = tf.function(routing_lib.capacity_tensor)
+    for e, k, gamma, mode, floor in itertools.product(
+        (1, 3, 7, 32, 960), (1, 2, 4), (0.5, 1.1, 1.25, 2.0), ("k", "1"), (1, 4)):
+      got = routing_lib.capacity_tensor(tf.constant(t), e, k=k, capacity_factor=gamma,
+                                        mode=mode, min_capacity=floor).numpy()
+      want = [routing_lib.capacity(int(v), e, k=k, capacity_factor=gamma, mode=mode,
+                                   min_capacity=floor) for v in t]
+      np.testing.assert_array_equal(got, want, err_msg=str((e, k, gamma, mode, floor)))
+    # Traced (grappler may rewrite the graph) on the cases where floats round up spuriously.
+    for t_, e, k, gamma in ((70, 7, 1, 1.1), (8, 2, 2, 1.25), (32, 8, 1, 1.25)):
+      self.assertEqual(int(traced(tf.constant(t_), e, k=k, capacity_factor=gamma)),
+                       routing_lib.capacity(t_, e, k=k, capacity_factor=gamma))
+
+  def test_bad_arguments(self):
+    for kwargs, needle in ((dict(num_experts=0), "num_experts=0"),
+                           (dict(capacity_factor=0.0), "capacity_factor=0.0"),
+                           (dict(mode="2"), "mode='2'")):
+      with self.subTest(needle), self.assertRaisesRegex(ValueError, needle):
+        routing_lib.capacity_tensor(tf.constant(8), **{"num_experts": 4, **kwargs})
+
+
+class RuntimeTokenCountTest(parameterized.TestCase, tf.test.TestCase):
+  """Routing traced with T unknown (and C a tensor) equals the static routing."""
+
+  @parameterized.named_parameters(
+      ("top1", "top_k", 1, "position"), ("top2", "top_k", 2, "position"),
+      ("top2_probability", "top_k", 2, "probability"), ("proto2", "prototype", 2, "position"),
+      ("proto2_probability", "prototype", 2, "probability"))
+  def test_equals_static(self, routing, k, drop_policy):
+    e = 6
+    fields = ("expert_index", "slot", "gate", "kept", "used", "tokens_per_expert", "aux_loss",
+              "z_loss", "combine_weights", "dispatch_mask")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, e], tf.float32),
+                                  tf.TensorSpec([None], tf.bool), tf.TensorSpec([], tf.int32)])
+    def dynamic(logits, mask, c):
+      r = routing_lib.route(logits, routing=routing, k=k, capacity=c, token_mask=mask,
+                            drop_policy=drop_policy)
+      return {f: getattr(r, f) for f in fields}
+
+    for t in (1, 7, 12):
+      logits, mask = _random_logits(t, t, e), _random_mask(t, t)
+      c = routing_lib.capacity(t, e, k=k, capacity_factor=0.75)
+      static = routing_lib.route(logits, routing=routing, k=k, capacity=c, token_mask=mask,
+                                 drop_policy=drop_policy)
+      got = dynamic(logits, mask, tf.constant(c))
+      for f in fields:
+        self.assertAllEqual(got[f], getattr(static, f), msg=f"{f} T={t}")
+
+  def test_random_second_expert_at_run_time(self):
+    @tf.function(input_signature=[tf.TensorSpec([None, 5], tf.float32),
+                                  tf.TensorSpec([1, None], tf.float32)])
+    def dynamic(logits, uniform):
+      return routing_lib.top_k_routing(logits, k=2, capacity=tf.constant(3),
+                                       second_expert_policy="random", uniform=uniform).used
+
+    logits = _random_logits(3, 9, 5)
+    uniform = np.random.default_rng(4).random((1, 9)).astype(np.float32)
+    static = routing_lib.top_k_routing(logits, k=2, capacity=3, second_expert_policy="random",
+                                       uniform=uniform).used
+    self.assertAllEqual(dynamic(logits, uniform), static)
+
+
 class _RoutingAsserts(tf.test.TestCase):
 
   def assertRoutingMatches(self, got, want, valid):
@@ -281,12 +352,12 @@ class TopKRoutingTest(_RoutingAsserts, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, r"\[T, E\]"):
       routing_lib.top_k_routing(tf.zeros([2, 5, 3]), k=1, capacity=2)
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
-    def dynamic(x):
+    @tf.function(input_signature=[tf.TensorSpec([4, None], tf.float32)])
+    def unknown_experts(x):
       return routing_lib.top_k_routing(x, k=1, capacity=2).gate
 
-    with self.assertRaisesRegex(ValueError, "static shape"):
-      dynamic.get_concrete_function()
+    with self.assertRaisesRegex(ValueError, "static number of experts E"):
+      unknown_experts.get_concrete_function()
 
 
 class PrototypeRoutingTest(_RoutingAsserts, parameterized.TestCase):

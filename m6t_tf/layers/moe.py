@@ -20,6 +20,14 @@ the router and its e = E/D experts. For the 1T config: 24 layers × 960 experts 
 Two dispatch implementations compute the same function:
   * "einsum": the GShard reference, one-hot `TEC,TM->ECM` and `TEC,ECM->TM`, cost O(T·E·C·M);
   * "index": gather the token rows into their slots and gather them back, cost O(K·T·M + E·C·M).
+
+Token counts known only at run time (a Keras model with `keras.Input((L, M))`, whose batch size
+is unknown when traced; `tf.function` with an unknown length): C is then computed by the same
+formula as an <int32>[] tensor (`routing.capacity_tensor`, equal to the static value for every
+T), and with `num_groups` the tokens are padded to O equal groups with masked positions. With
+a static T that O divides, nothing of this runs: a traced call is the same graph as before.
+Under expert parallelism (D > 1) a run-time C, and an eager call's, is the maximum over the
+expert group, as the all-to-all exchanges equal [D, e, C, M] buffers (`MoE._agreed_capacity`).
 """
 
 from __future__ import annotations
@@ -81,6 +89,12 @@ def _flat_slots(routing: routing_lib.Routing, num_experts: int):
   return tf.where(routing.kept, routing.expert_index * c + routing.slot, num_experts * c)
 
 
+def _num_tokens(routing: routing_lib.Routing):
+  """T of a routing: an int, or an <int32>[] tensor when known only at run time."""
+  t = routing.expert_index.shape[1]
+  return t if t is not None else tf.shape(routing.expert_index)[1]
+
+
 def _index_maps(routing: routing_lib.Routing, num_experts: int):
   """The maps between choices and slots that both index passes gather with.
 
@@ -89,7 +103,7 @@ def _index_maps(routing: routing_lib.Routing, num_experts: int):
     slot_choice: <int32>[E·C] flat choice (k·T + t) filling each slot; K·T for padding slots.
     slot_token: <int32>[E·C] token t filling each slot; T, a zero row, for padding slots.
   """
-  k, t = routing.expert_index.shape
+  k, t = routing.expert_index.shape[0], _num_tokens(routing)
   rows = _flat_slots(routing, num_experts)                                 # [K, T]
   # Kept slots are unique, so the update has no collisions except on the extra dump row E·C
   # that collects dropped choices (sliced off).
@@ -124,7 +138,8 @@ def dispatch_index(x, routing: routing_lib.Routing, num_experts: int):
       return _sum_rows(_pad_row(d_out), rows)
     return tf.gather(_pad_row(x), slot_token), grad                      # [E·C, M]
 
-  return tf.reshape(gather_rows(x), [num_experts, routing.capacity, -1])
+  # M spelled out: with a run-time C, -1 would leave it unknown to the layers after.
+  return tf.reshape(gather_rows(x), [num_experts, routing.capacity, x.shape[-1] or -1])
 
 
 def gate_weighted_sum(y_rows, gate, rows, row_choice, row_token):
@@ -161,7 +176,7 @@ def combine_index(y, routing: routing_lib.Routing, num_experts: int):
   """<E, C, M> -> <T, M>: Σ over the K choices of gate · y[expert, slot]."""
   rows, slot_choice, slot_token = _index_maps(routing, num_experts)
 
-  y_flat = tf.reshape(y, [num_experts * routing.capacity, -1])             # [E·C, N]
+  y_flat = tf.reshape(y, [num_experts * routing.capacity, y.shape[-1] or -1])  # [E·C, N]
   return gate_weighted_sum(y_flat, tf.cast(routing.gate, y.dtype), rows, slot_choice,
                            slot_token)
 
@@ -189,7 +204,9 @@ class MoE(keras.layers.Layer):
       trainer binds it from the data (`REAL_TOKEN_FRACTION`, gin/demo.gin).
     num_groups: O outer-batch groups (the second paper, axlearn's `outer_batch`): the T tokens
       split into O contiguous groups, each routed and capacity-limited on its own (C computed
-      from T/O tokens); one all-to-all carries all groups ([D, e, O·C, M]). 1 = one group.
+      from G = ceil(T/O) tokens, `group_size`); one all-to-all carries all groups
+      ([D, e, O·C, M]). Any T works: when O does not divide it, the last group is filled up
+      with masked positions (never routed, no capacity). 1 = one group.
     normalization: gate normalisation, see `routing.top_k_routing`; "auto" by default.
     dispatch: "index" (fast gather) or "einsum" (GShard reference).
     activation: "relu" | "gelu" | "swiglu" for FFN experts.
@@ -365,21 +382,45 @@ class MoE(keras.layers.Layer):
     n = self.output_size if self.expert_type == "linear" and self.output_size else input_shape[-1]
     return tuple(input_shape[:-1]) + (n,)
 
-  def capacity_for(self, num_tokens: int, training: bool) -> int:
+  def group_size(self, num_tokens: int) -> int:
+    """Tokens per routing group in a call of `num_tokens` tokens: ceil(T / O).
+
+    When O does not divide T, the last group is filled up with masked positions (never
+    routed, no capacity taken), so every group has this size.
+    """
+    return -(-num_tokens // self.num_groups)
+
+  def capacity_for(self, num_tokens, training: bool):
     """C for a call of `num_tokens` tokens (per group with `num_groups`). Dropless: the most
-    choices an expert may take, K·T, or the `max_tokens_per_expert_factor` ceiling."""
+    choices an expert may take, K·T, or the `max_tokens_per_expert_factor` ceiling.
+
+    `num_tokens` is an int, or an <int32>[] tensor when T is known only at run time: then C is
+    the same value as an <int32>[] tensor (the float64 operations of the Python formula, in
+    its order).
+    """
+    runtime = tf.is_tensor(num_tokens)
     if self.capacity_mode == "dropless":
       if self.max_tokens_per_expert_factor is None:
         return self.k * num_tokens
+      if runtime:
+        bound = tf.math.ceil(self.max_tokens_per_expert_factor * self.k
+                             * tf.cast(num_tokens, tf.float64) / self.num_experts - 1e-9)
+        return tf.maximum(tf.cast(bound, tf.int32), 1)
       return max(1, math.ceil(self.max_tokens_per_expert_factor * self.k * num_tokens
                               / self.num_experts - 1e-9))
     factor = self.capacity_factor
     if not training and self.eval_capacity_factor is not None:
       factor = self.eval_capacity_factor
     if self.capacity_token_fraction is not None:
-      num_tokens = max(1, math.ceil(self.capacity_token_fraction * num_tokens - 1e-9))
-    return routing_lib.capacity(num_tokens, self.num_experts, k=self.k, capacity_factor=factor,
-                                mode=self.capacity_mode, min_capacity=self.min_capacity)
+      if runtime:
+        real = tf.math.ceil(self.capacity_token_fraction * tf.cast(num_tokens, tf.float64)
+                            - 1e-9)
+        num_tokens = tf.maximum(tf.cast(real, tf.int32), 1)
+      else:
+        num_tokens = max(1, math.ceil(self.capacity_token_fraction * num_tokens - 1e-9))
+    fn = routing_lib.capacity_tensor if runtime else routing_lib.capacity
+    return fn(num_tokens, self.num_experts, k=self.k, capacity_factor=factor,
+              mode=self.capacity_mode, min_capacity=self.min_capacity)
 
   def alltoall_bytes_per_forward(self, capacity: Optional[int] = None) -> int:
     """Bytes this worker sends by all-to-all in one forward pass: 2·E·C·M·bytes (same backward).
@@ -392,7 +433,9 @@ class MoE(keras.layers.Layer):
                        "vary per step (stats['tokens_per_expert']); pass capacity= for a bound")
     c = capacity if capacity is not None else self.last_capacity
     if c is None:
-      raise ValueError("alltoall_bytes_per_forward: call the layer once or pass capacity=")
+      raise ValueError("alltoall_bytes_per_forward: call the layer once with a static token "
+                       "count (a traced call with an unknown T has no static C), or pass "
+                       "capacity=")
     c *= self.num_groups
     wire = self.communicator.wire_dtype or self.compute_dtype
     n_out = (self.output_size or self.hidden_size) if self.expert_type == "linear" else self.hidden_size
@@ -420,26 +463,35 @@ class MoE(keras.layers.Layer):
     shape = tf.shape(inputs)
     m = inputs.shape[-1]
     x = tf.reshape(inputs, [-1, m])                                        # [T, M]
-    num_tokens = x.shape[0]
-    if num_tokens is None:
-      raise ValueError(f"MoE needs a static token count (capacity depends on it); got input "
-                       f"shape {inputs.shape}. Use fixed batch and sequence sizes.")
+    num_tokens = x.shape[0]                    # None: batch or length known only at run time
     mask = None if token_mask is None else tf.reshape(token_mask, [-1])
-    if num_tokens % self.num_groups:
-      raise ValueError(f"num_groups={self.num_groups} must divide the T={num_tokens} tokens of "
-                       f"the call (batch × sequence length)")
-    if capacity is None:
-      c = self.capacity_for(num_tokens // self.num_groups, bool(training))
-    elif isinstance(capacity, int) and capacity >= 1:
-      c = capacity
-    else:
+    if capacity is not None and not (isinstance(capacity, int) and capacity >= 1):
       raise ValueError(f"capacity={capacity!r} must be an integer >= 1 (or None for the "
                        f"capacity factor)")
-    # C of the slot buffers (per group); a dropless layer has none (its rows vary per step).
-    self.last_capacity = None if self.capacity_mode == "dropless" else c
+    o = self.num_groups
+    # O equal groups of G tokens. A static T that O divides (the trainer's case) is split as
+    # it is; otherwise G = ceil(T/O) and the tokens are padded to O·G with masked positions,
+    # which are never routed and take no capacity (a decode call of 17 positions, O = 2).
+    padded = num_tokens is None or num_tokens % o != 0
+    t = tf.shape(x)[0] if num_tokens is None else num_tokens              # int or <int32>[]
+    group_tokens = t // o if not padded else (t + o - 1) // o
+    if capacity is None:
+      c = self._agreed_capacity(self.capacity_for(group_tokens, bool(training)))
+    else:
+      c = capacity
+    # C of the slot buffers (per group); a dropless layer has none (its rows vary per step),
+    # nor has a traced call whose C is known only at run time.
+    self.last_capacity = c if self.capacity_mode != "dropless" and not tf.is_tensor(c) else None
 
+    uniform = self._second_expert_draws(t, training, seed)                 # [K-1, T] or None
+    if padded and o > 1:
+      pad = o * group_tokens - t
+      x = tf.concat([x, tf.zeros([pad, m], x.dtype)], axis=0)              # [O·G, M]
+      mask = (tf.range(o * group_tokens) < t if mask is None else
+              tf.concat([tf.cast(mask, tf.bool), tf.zeros([pad], tf.bool)], axis=0))  # [O·G]
+      if uniform is not None:
+        uniform = tf.concat([uniform, tf.zeros([self.k - 1, pad], uniform.dtype)], axis=1)
     logits = self.router(tf.cast(x, tf.float32))                          # [T, E] float32
-    uniform = self._second_expert_draws(num_tokens, training, seed)        # [K-1, T] or None
     policy = "all" if uniform is None else "random"
     route = lambda lg, cap, m, u: routing_lib.route(
         lg, routing=self.routing, k=self.k, capacity=cap, normalization=self.normalization,
@@ -450,18 +502,29 @@ class MoE(keras.layers.Layer):
       out = self._dropless(x, r, training)                                 # [T, N]
       routings = [r]
     else:
-      o = self.num_groups
       split = lambda t, axis=0: [None] * o if t is None else tf.split(t, o, axis=axis)
       routings = [route(lg, c, m, u) for lg, m, u in zip(
           split(logits), split(mask), split(uniform, axis=1))]
-      out = self._dispatch_and_combine(split(x), routings, training)       # [T, N]
+      out = self._dispatch_and_combine(split(x), routings, training)       # [O·G, N]
+      if padded and o > 1:
+        out = out[:t]                                                      # [T, N]
 
     n = out.shape[-1]
     sink = getattr(_LOSS_SINK, "losses", None)
     add_loss = self.add_loss if sink is None else sink.append
-    # Per-group losses are averaged (equal-size groups), as GShard does over its groups.
-    aux_loss = tf.add_n([r.aux_loss for r in routings]) / len(routings)
-    z_loss = tf.add_n([r.z_loss for r in routings]) / len(routings)
+    if padded and o > 1:
+      # Groups holding at least one position are averaged; a group of padding only (T = 4,
+      # O = 3: G = 2) routes nothing and is left out.
+      holds = [tf.cast(g * group_tokens < t, tf.float32) for g in range(o)]
+      count = tf.add_n(holds)
+      aux_loss = tf.math.divide_no_nan(
+          tf.add_n([h * r.aux_loss for h, r in zip(holds, routings)]), count)
+      z_loss = tf.math.divide_no_nan(
+          tf.add_n([h * r.z_loss for h, r in zip(holds, routings)]), count)
+    else:
+      # Per-group losses are averaged (equal-size groups), as GShard does over its groups.
+      aux_loss = tf.add_n([r.aux_loss for r in routings]) / len(routings)
+      z_loss = tf.add_n([r.z_loss for r in routings]) / len(routings)
     if self.aux_loss_weight > 0:
       add_loss(self.aux_loss_weight * aux_loss)
     if self.z_loss_weight > 0:
@@ -476,8 +539,28 @@ class MoE(keras.layers.Layer):
     self._stats["z_loss"].assign(z_loss)
     return tf.reshape(out, tf.concat([shape[:-1], [n]], axis=0))
 
-  def _second_expert_draws(self, num_tokens: int, training, seed):
-    """<float32>[K-1, T] uniform draws of second_expert_policy="random" (training), or None."""
+  def _agreed_capacity(self, c):
+    """C the whole expert group uses: the maximum over its workers where it may differ.
+
+    The all-to-all exchanges [D, e, C, M] buffers, so C must be equal on the D workers. A C
+    known only at run time (unknown batch or length when traced) is agreed on every call
+    (one scalar max-allreduce per layer call, `Communicator.max_over_group`). So is an eager
+    call's, where each worker's T may differ (say, unequal last batches). A traced call with
+    a static T adds nothing: the trainer checks once that every worker has the same T and C
+    (`check_consistent`). Every worker must therefore trace alike: all with a static, equal
+    T, or all with an unknown one. Dropless layers exchange variable-size rows: no C to agree.
+    """
+    if self.capacity_mode == "dropless" or self.communicator.expert_group_size == 1:
+      return c
+    if tf.is_tensor(c):
+      return self.communicator.max_over_group(c)
+    if tf.executing_eagerly():
+      return int(self.communicator.max_over_group(tf.constant(c, tf.int32)))
+    return c
+
+  def _second_expert_draws(self, num_tokens, training, seed):
+    """<float32>[K-1, T] uniform draws of second_expert_policy="random" (training), or None.
+    T: an int, or an <int32>[] tensor (run-time token count)."""
     if not (self.second_expert_policy == "random" and training and self.k > 1):
       return None
     if seed is None:
@@ -530,7 +613,7 @@ class MoE(keras.layers.Layer):
     which local expert. A loop over the e local experts runs `tf.matmul` on each expert's
     dynamic row range (`experts.grouped_apply`); the reverse all-to-all brings the rows back.
     """
-    k, t = r.expert_index.shape
+    k, t = r.expert_index.shape[0], _num_tokens(r)
     n_rows = k * t
     d, e = self.communicator.expert_group_size, self.num_local_experts
     counts = r.tokens_per_expert                                          # [E] kept choices

@@ -82,6 +82,30 @@ def capacity(num_tokens: int, num_experts: int, *, k: int = 1, capacity_factor: 
   return max(min_capacity, int(math.ceil(k_eff * num_tokens / num_experts * capacity_factor - 1e-9)))
 
 
+def capacity_tensor(num_tokens: tf.Tensor, num_experts: int, *, k: int = 1,
+                    capacity_factor: float = 1.25, mode: str = "k",
+                    min_capacity: int = 1) -> tf.Tensor:
+  """`capacity` for a token count known only at run time: <int32>[] C, the same integer.
+
+  The float64 operations are those of `capacity` in the same order (k'·T exact, then / E, · γ,
+  - ε, each rounded once as IEEE doubles), so the tensor equals the Python value for every T.
+
+  Args:
+    num_tokens: <int>[] T (> 0; an empty call routes nothing and gets C = min_capacity).
+    num_experts, k, capacity_factor, mode, min_capacity: as for `capacity`.
+  """
+  if num_experts < 1:
+    raise ValueError(f"capacity: num_experts={num_experts} must be >= 1")
+  if not capacity_factor > 0:
+    raise ValueError(f"capacity_factor={capacity_factor!r} must be > 0 (M6-T uses 1.25)")
+  if mode not in CAPACITY_MODES:
+    raise ValueError(f"capacity mode={mode!r}; allowed: 'k' (Capacity k×) or '1' (Capacity 1×)")
+  k_eff = k if mode == "k" else 1
+  kt = tf.cast(k_eff * tf.cast(num_tokens, tf.int64), tf.float64)
+  c = tf.math.ceil(kt / float(num_experts) * float(capacity_factor) - 1e-9)
+  return tf.maximum(tf.cast(c, tf.int32), min_capacity)
+
+
 @dataclasses.dataclass
 class Routing:
   """The placement of T tokens into E experts of C slots.
@@ -100,7 +124,7 @@ class Routing:
     tokens_per_expert: <int32>[E] real tokens each expert computes (after capacity).
     aux_loss: <float32>[] Switch load-balance loss; 1.0 at perfect balance.
     z_loss: <float32>[] router z-loss, mean of logsumexp(logits)² over tokens (and prototypes).
-    capacity: C.
+    capacity: C, an int, or an <int32>[] tensor when T is known only at run time.
     num_experts: E.
   """
   expert_index: tf.Tensor
@@ -113,7 +137,7 @@ class Routing:
   tokens_per_expert: tf.Tensor
   aux_loss: tf.Tensor
   z_loss: tf.Tensor
-  capacity: int
+  capacity: int | tf.Tensor
   num_experts: int
 
   # The GShard [T, E, C] form is built only when asked for (by the einsum dispatch or a test):
@@ -149,8 +173,12 @@ class Routing:
         choices - tf.reduce_sum(tf.cast(self.kept, tf.float32)), choices)
 
 
-def _check_logits(logits) -> tuple[tf.Tensor, int, int]:
-  """<float32>[T, E] logits from a tensor, NumPy array or nested list (as TF ops accept), T, E."""
+def _check_logits(logits) -> tuple[tf.Tensor, int | tf.Tensor, int]:
+  """<float32>[T, E] logits from a tensor, NumPy array or nested list (as TF ops accept), T, E.
+
+  T is an int when static, else an <int32>[] tensor (a Keras model with an unknown batch size);
+  E must be static (it sizes the router and the expert buffers).
+  """
   try:
     logits = tf.convert_to_tensor(logits)
   except (TypeError, ValueError) as err:
@@ -161,8 +189,10 @@ def _check_logits(logits) -> tuple[tf.Tensor, int, int]:
   if logits.shape.rank != 2:
     raise ValueError(f"router logits must be [T, E], got shape {logits.shape}")
   t, e = logits.shape
-  if t is None or e is None:
-    raise ValueError(f"router logits need a static shape [T, E] (capacity depends on it), got {logits.shape}")
+  if e is None:
+    raise ValueError(f"router logits need a static number of experts E, got shape {logits.shape}")
+  if t is None:
+    t = tf.shape(logits)[0]
   return tf.cast(logits, tf.float32), t, e
 
 
@@ -183,11 +213,18 @@ def _normalize(gates: tf.Tensor, top_logits: tf.Tensor, normalization: str, k: i
   return tf.nn.softmax(top_logits, axis=0)
 
 
+def _check_capacity(capacity_) -> None:
+  # A run-time C (a tensor) comes from `capacity_tensor`, which is >= min_capacity >= 1.
+  if not tf.is_tensor(capacity_) and capacity_ < 1:
+    raise ValueError(f"capacity={capacity_} must be >= 1")
+
+
 def _valid_mask(token_mask, num_tokens):
   if token_mask is None:
     return tf.ones([num_tokens], tf.bool)
   token_mask = tf.convert_to_tensor(token_mask)
-  if token_mask.shape.rank != 1 or token_mask.shape[0] not in (None, num_tokens):
+  static_t = num_tokens if isinstance(num_tokens, int) else None
+  if token_mask.shape.rank != 1 or token_mask.shape[0] not in (None, static_t):
     raise ValueError(f"token_mask must be [T={num_tokens}], got shape {token_mask.shape}")
   return tf.cast(token_mask, tf.bool)
 
@@ -220,28 +257,32 @@ def _used_choices(chosen_probs: tf.Tensor, valid: tf.Tensor, second_expert_polic
   """
   k, num_tokens = chosen_probs.shape
   used = tf.tile(valid[None, :], [k, 1])                                  # [K, T]
+  static_t = num_tokens                                                   # None: run-time T
   if second_expert_policy == "all":
     if uniform is not None:
       raise ValueError("uniform draws are only used by second_expert_policy='random'; pass "
                        "uniform=None with second_expert_policy='all'")
     return used
   if k == 1:
-    if uniform is not None and tuple(tf.convert_to_tensor(uniform).shape) != (0, num_tokens):
-      raise ValueError(f"uniform must be None or [0, T={num_tokens}] for k=1 (no second "
+    if uniform is not None and not tf.convert_to_tensor(uniform).shape.is_compatible_with(
+        [0, static_t]):
+      raise ValueError(f"uniform must be None or [0, T={static_t}] for k=1 (no second "
                        f"choice), got shape {tf.convert_to_tensor(uniform).shape}")
     return used
   if uniform is None:
     raise ValueError(f"second_expert_policy='random' needs uniform=<float32>[k-1={k - 1}, "
                      f"T={num_tokens}] draws in [0, 1) (the routing stays a pure function)")
   uniform = tf.cast(tf.convert_to_tensor(uniform), tf.float32)
-  if tuple(uniform.shape) != (k - 1, num_tokens):
-    raise ValueError(f"uniform must have shape [k-1={k - 1}, T={num_tokens}], got "
+  if not uniform.shape.is_compatible_with([k - 1, static_t]) or uniform.shape[0] is None:
+    raise ValueError(f"uniform must have shape [k-1={k - 1}, T={static_t}], got "
                      f"{uniform.shape}")
   # Probabilities, not the normalised gates: the rule is GShard's whatever `normalization` is.
   # The top probability is ≥ 1/E, so the sum is never 0.
   share = tf.stop_gradient(chosen_probs[1:] / tf.reduce_sum(chosen_probs, axis=0))  # [K-1, T]
   sampled = uniform < share * float(k)                                    # [K-1, T]
-  return tf.logical_and(used, tf.concat([tf.ones([1, num_tokens], tf.bool), sampled], axis=0))
+  first = (tf.ones([1, num_tokens], tf.bool) if num_tokens is not None
+           else tf.ones_like(sampled[:1]))                                # [1, T]
+  return tf.logical_and(used, tf.concat([first, sampled], axis=0))
 
 
 def _slots_by_position(expert_index: tf.Tensor, used: tf.Tensor, capacity_: int,
@@ -272,7 +313,7 @@ def _slots_by_probability(expert_index: tf.Tensor, used: tf.Tensor, gate: tf.Ten
   O(K·T log(K·T)); no [K·T, K·T] comparison is formed.
   """
   k, num_tokens = expert_index.shape
-  n = k * num_tokens
+  n = k * num_tokens if num_tokens is not None else tf.size(expert_index)  # K·T
   # Unused choices go to an extra bucket E, after every real expert, so they take no rank there.
   bucket = tf.reshape(tf.where(used, expert_index, num_experts), [-1])  # [K·T]
   by_gate = tf.argsort(tf.reshape(tf.stop_gradient(gate), [-1]), direction="DESCENDING",
@@ -282,7 +323,7 @@ def _slots_by_probability(expert_index: tf.Tensor, used: tf.Tensor, gate: tf.Ten
   start = tf.cumsum(counts, exclusive=True)                               # [E+1]
   rank_sorted = tf.range(n, dtype=tf.int32) - tf.gather(start, tf.gather(bucket, order))
   rank = tf.gather(rank_sorted, tf.math.invert_permutation(order))        # [K·T]
-  return tf.reshape(rank, [k, num_tokens])
+  return tf.reshape(rank, [k, -1 if num_tokens is None else num_tokens])
 
 
 def _finish(expert_index, slot, gates, probs, logits_z, first_choice, capacity_, num_experts,
@@ -351,8 +392,7 @@ def top_k_routing(logits: tf.Tensor, *, k: int, capacity: int, normalization: st
   logits, num_tokens, num_experts = _check_logits(logits)
   if not 1 <= k <= num_experts:
     raise ValueError(f"k={k} must satisfy 1 <= k <= num_experts={num_experts}")
-  if capacity < 1:
-    raise ValueError(f"capacity={capacity} must be >= 1")
+  _check_capacity(capacity)
   _check_policies(second_expert_policy, drop_policy)
   valid = _valid_mask(token_mask, num_tokens)
   probs = tf.nn.softmax(logits, axis=-1)                                  # [T, E]
@@ -412,11 +452,10 @@ def prototype_routing(logits: tf.Tensor, *, num_prototypes: int, capacity: int,
   z = num_prototypes
   if not 1 <= z <= num_experts or num_experts % z:
     raise ValueError(f"num_prototypes={z} must divide num_experts={num_experts} (E = Z·F)")
-  if capacity < 1:
-    raise ValueError(f"capacity={capacity} must be >= 1")
+  _check_capacity(capacity)
   f = num_experts // z
   valid = _valid_mask(token_mask, num_tokens)
-  logits_z = tf.reshape(logits, [num_tokens, z, f])                       # [T, Z, F]
+  logits_z = tf.reshape(logits, [-1, z, f])                               # [T, Z, F]
   probs_z = tf.nn.softmax(logits_z, axis=-1)                              # [T, Z, F]
   local = tf.argmax(logits_z, axis=-1, output_type=tf.int32)             # [T, Z] on logits
   index = local + tf.range(z, dtype=tf.int32)[None, :] * f                # [T, Z] global expert
@@ -433,7 +472,7 @@ def prototype_routing(logits: tf.Tensor, *, num_prototypes: int, capacity: int,
     slot = tf.transpose(tf.gather(position, index, batch_dims=1))         # [Z, T]
   else:
     slot = _slots_by_probability(tf.transpose(index), used, gate, num_experts)  # [Z, T]
-  probs = tf.reshape(probs_z, [num_tokens, num_experts])
+  probs = tf.reshape(probs_z, [-1, num_experts])
   return _finish(tf.transpose(index), slot, gate, probs, logits_z, tf.cast(mask, tf.float32),
                  capacity, num_experts, balance_groups=z, valid=valid, used=used)
 

@@ -49,6 +49,17 @@ class Communicator:
     the gradient is the reverse exchange."""
     raise NotImplementedError
 
+  def max_over_group(self, x: tf.Tensor) -> tf.Tensor:
+    """Element-wise maximum of `x` over the expert group (identity for a group of one).
+
+    MoE layers agree on a capacity C computed at run time with it: the all-to-all exchanges
+    [D, e, C, M] buffers, so C must be the same on every worker of the group.
+    """
+    if self.expert_group_size == 1:
+      return x
+    raise NotImplementedError(f"{type(self).__name__} has an expert group of "
+                              f"D={self.expert_group_size} but no max_over_group")
+
   def expert_ids(self, num_experts: int) -> list[int]:
     """Global ids of the e = E / D experts this worker holds (contiguous block)."""
     d = self.expert_group_size
@@ -71,6 +82,9 @@ class LocalCommunicator(Communicator):
 
   def all_to_all_v(self, x: tf.Tensor, splits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return x, tf.cast(tf.reshape(splits, [1]), tf.int32)
+
+  def max_over_group(self, x: tf.Tensor) -> tf.Tensor:
+    return x
 
 
 _DEFAULT: list[Communicator] = [LocalCommunicator()]

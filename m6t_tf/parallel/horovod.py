@@ -168,6 +168,18 @@ class HorovodCommunicator(comm_lib.Communicator):
     received = tf.ensure_shape(received, [None, *payload.shape[1:]])
     return (tf.cast(received, x.dtype) if wire != x.dtype else received), received_splits
 
+  def max_over_group(self, x: tf.Tensor) -> tf.Tensor:
+    """Element-wise maximum of `x` over the expert group (`hvd.allreduce` with `hvd.Max`).
+
+    Every rank of the group must call it at the same point (it is one collective), as it must
+    call the all-to-all that follows.
+    """
+    x = tf.convert_to_tensor(x)
+    if self.expert_group_size == 1:
+      return x
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    return hvd.allreduce(x, op=hvd.Max, process_set=self.process_set)
+
 
 @dataclasses.dataclass
 class HorovodContext:

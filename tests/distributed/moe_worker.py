@@ -118,6 +118,76 @@ def reference(routing, k, dispatch, weights, x_all, target_all, **kwargs):
               wo=grads[3].numpy(), capacity=layer.last_capacity)
 
 
+# Unequal batches: rank r routes T_r tokens (odd and even, all different), so on its own it
+# would compute another C than its peers; the expert group must use the largest.
+UNEQUAL = (("top_k2_index", dict(routing="top_k", k=2, dispatch="index")),
+           ("prototype2_einsum", dict(routing="prototype", k=2, dispatch="einsum")),
+           ("top_k2_groups2", dict(routing="top_k", k=2, dispatch="index", num_groups=2)),
+           ("dropless_top_k2", dict(routing="top_k", k=2, dispatch="index",
+                                    capacity_mode="dropless")))
+
+
+def unequal_tokens(rank: int) -> int:
+  return L * (1 + rank) - rank % 2                          # 5, 9, 15, 19, ...
+
+
+def reference_unequal(kwargs, weights, xs, targets, capacities):
+  """One process, all E experts; slice s routed on its own with the C its expert group
+  agreed on (`capacities[s]`; None for dropless)."""
+  kwargs = dict(kwargs)
+  layer = make_layer(comm_lib.LocalCommunicator(), kwargs.pop("routing"), kwargs.pop("k"),
+                     kwargs.pop("dispatch"), weights, **kwargs)
+  xs = [tf.constant(x) for x in xs]
+  with tf.GradientTape() as tape:
+    tape.watch(xs)
+    outs, losses = [], []
+    for x, target, c in zip(xs, targets, capacities):
+      y = layer(x, training=True, capacity=c)
+      outs.append(y.numpy())
+      losses.append(tf.reduce_mean(tf.reduce_sum(y * target, axis=-1)) + tf.add_n(layer.losses))
+    total = tf.add_n(losses) / len(xs)
+  grads = tape.gradient(total, xs + variables_of(layer))
+  return dict(out=outs, loss=np.array([l.numpy() for l in losses]),
+              x=[g.numpy() for g in grads[:len(xs)]], router=grads[-3].numpy(),
+              wi=grads[-2].numpy(), wo=grads[-1].numpy())
+
+
+def check_unequal_batches(checks, ctx, weights):
+  """Every rank routes a different T, eagerly (static shapes) and traced with T unknown (a
+  Keras model's unknown batch): the expert group agrees on the largest C, and the result
+  equals one process routing each slice with that C."""
+  rank, world, comm = ctx.rank, ctx.size, ctx.communicator
+  group = ctx.mesh.expert_group(rank)
+  checks.equal("unequal/max_over_group", int(comm.max_over_group(tf.constant(rank * rank))),
+               max(g * g for g in group))
+  sizes = [unequal_tokens(r) for r in range(world)]
+  rng = np.random.default_rng(7)
+  x_all = [rng.standard_normal((t, M)).astype(np.float32) for t in sizes]
+  target_all = [rng.standard_normal((t, M)).astype(np.float32) for t in sizes]
+  x, target = tf.constant(x_all[rank]), tf.constant(target_all[rank])
+  signature = [tf.TensorSpec([None, M], tf.float32)] * 2
+  for tag, kwargs in UNEQUAL:
+    kw = dict(kwargs)
+    layer = make_layer(comm, kw.pop("routing"), kw.pop("k"), kw.pop("dispatch"), weights, **kw)
+    own = lambda r: layer.capacity_for(layer.group_size(sizes[r]), True)
+    dropless = kwargs.get("capacity_mode") == "dropless"
+    agreed = [None if dropless else max(own(g) for g in ctx.mesh.expert_group(r))
+              for r in range(world)]
+    ref = reference_unequal(kwargs, weights, x_all, target_all, agreed)
+    y, loss, gx, grads = distributed_step(ctx, layer, x, target)
+    compare(checks, f"unequal/{tag}/eager", ref, layer.expert_ids, rank, world, y, loss, gx,
+            grads, TOL)
+    if not dropless:
+      checks.equal(f"unequal/{tag}/eager/capacity", layer.last_capacity, agreed[rank])
+      checks.info(f"unequal/{tag}/capacity_raised", agreed[rank] - own(rank))
+    checks.info(f"unequal/{tag}/dropped_fraction", float(layer.stats["dropped_fraction"]))
+    traced = tf.function(lambda x, t: distributed_step(ctx, layer, x, t),
+                         input_signature=signature)
+    y, loss, gx, grads = traced(x, target)
+    compare(checks, f"unequal/{tag}/unknown_t", ref, layer.expert_ids, rank, world, y, loss,
+            gx, grads, TOL)
+
+
 def variables_of(layer):
   return [layer.router.kernel, layer.experts.wi, layer.experts.wo]
 
@@ -291,6 +361,8 @@ def run_equivalence(args, checks):
       y, loss, gx, grads = distributed_step(ctx, layer, x, target)
       compare(checks, name, ref, layer.expert_ids, rank, world, y, loss, gx, grads, TOL)
       checks.info(f"{name}/dropped", float(layer.stats["dropped_fraction"].numpy()))
+
+  check_unequal_batches(checks, ctx, weights)
 
   # Graph mode: the trainer runs the step under tf.function (named collectives in a graph).
   routing, k, dispatch = "prototype", 2, "index"
