@@ -32,8 +32,14 @@ caption: setup
 	    --html=$(MODEL_DIR)/captions.html
 
 # matplotlib (requirements-plots.txt) so that the experiment scripts' smoke tests run too.
+# Markers and options: pytest.ini; shared fixtures: tests/conftest.py.
 test: experiments-setup
-	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The unit tests: no worker process, nothing slow (pytest.ini's markers); a few minutes.
+test-fast: data
+	@echo "make test-fast: tests marked neither multiprocess nor slow (make test runs them all)"
+	$(PY) -m pytest -q -m "not multiprocess and not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

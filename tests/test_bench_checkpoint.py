@@ -10,8 +10,8 @@ import sys
 import tempfile
 import unittest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from tests.support import REPO
+sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import bench_checkpoint  # noqa: E402
 
@@ -38,13 +38,13 @@ class JsonRunTest(unittest.TestCase):
 
   @classmethod
   def setUpClass(cls):
-    cls.parent = tempfile.mkdtemp(prefix="bench_ckpt_test_", dir=os.path.join(ROOT, "runs")
-                                  if os.path.isdir(os.path.join(ROOT, "runs")) else None)
+    cls.parent = tempfile.mkdtemp(prefix="bench_ckpt_test_", dir=os.path.join(REPO, "runs")
+                                  if os.path.isdir(os.path.join(REPO, "runs")) else None)
     cmd = [sys.executable, "tools/bench_checkpoint.py", "--gin_file=gin/demo.gin",
            "--gin_file=gin/tiny.gin", f"--repeats={REPEATS}", "--format=json",
            f"--dir={cls.parent}"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     if proc.returncode:
       raise AssertionError(proc.stderr[-3000:])
     cls.result = json.loads(proc.stdout)

@@ -12,8 +12,8 @@ import sys
 import unittest
 from unittest import mock
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from tests.support import REPO
+sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import bench_moe  # noqa: E402
 from m6t_tf import cli  # noqa: E402
@@ -31,8 +31,8 @@ class SmokeReportTest(unittest.TestCase):
   def setUpClass(cls):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "bench_moe.py"), "--smoke",
-         "--format=json"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        [sys.executable, os.path.join(REPO, "tools", "bench_moe.py"), "--smoke",
+         "--format=json"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     if proc.returncode != 0:
       raise AssertionError(f"bench_moe.py --smoke failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     cls.report = json.loads(proc.stdout)
@@ -125,9 +125,9 @@ class DroplessSmokeReportTest(unittest.TestCase):
   def setUpClass(cls):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "bench_moe.py"), "--suite=dropless",
+        [sys.executable, os.path.join(REPO, "tools", "bench_moe.py"), "--suite=dropless",
          "--smoke", "--repeats=1", "--format=json"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     if proc.returncode != 0:
       raise AssertionError(f"bench_moe.py --suite=dropless --smoke failed ({proc.returncode}):\n"
                            f"{proc.stderr[-3000:]}")

@@ -19,10 +19,9 @@ import tensorflow as tf
 
 from m6t_tf import configurables
 from m6t_tf import planning
-from m6t_tf import training
+from tests import support
+from tests.support import DEMO, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(REPO, ".data", "demo")
 
 
 def _scalars(model_dir, tag):
@@ -50,8 +49,7 @@ class RealTokenFractionTest(tf.test.TestCase):
     self.assertAlmostEqual(configurables.real_token_fraction(2.0, 12), round(18 / 27, 4))
 
   def test_demo_config_follows_the_data(self):
-    if not os.path.exists(os.path.join(DEMO, "metadata.json")):
-      self.skipTest("demo dataset missing: `make data` builds it (make test does this first)")
+    support.require_demo()
     with open(os.path.join(DEMO, "metadata.json")) as f:
       mean = json.load(f)["mean_caption_tokens"]
     gin.clear_config()
@@ -69,8 +67,7 @@ class RealTokenFractionTest(tf.test.TestCase):
     self.assertEqual(pinned["capacity"], int(np.ceil(2 * t / 8 * 1.25)))
 
   def test_trainer_measures_the_configured_gamma(self):
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      self.skipTest("demo dataset missing: `make data` builds it (make test does this first)")
+    support.require_demo()
     measured = {}
     for name, binding in (("real", []), ("all", ["REAL_TOKEN_FRACTION = 1.0"])):
       gin.clear_config()

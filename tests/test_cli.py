@@ -6,7 +6,6 @@ start-up notices; and a user's own pictures and captions go through make_dataset
 evaluate with only the data paths and a step count given.
 """
 
-import glob
 import json
 import os
 import subprocess
@@ -15,11 +14,10 @@ import tempfile
 
 import numpy as np
 import tensorflow as tf
+from tests import support
+from tests.support import HOROVODRUN, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(REPO, ".data", "demo")
 PY = sys.executable
-HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 # What TensorFlow prints at start-up unless m6t_tf.cli keeps it off the console.
 NOISE = ("absl::InitializeLog", "oneDNN", "cuda", "cuInit", "cpu_feature_guard",
          "This TensorFlow binary")
@@ -74,8 +72,7 @@ class CliTestCase(tf.test.TestCase):
 class TrainerConfigErrorsTest(CliTestCase):
 
   def setUp(self):
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      self.skipTest("demo dataset missing: `make data` builds it (make test does this first)")
+    support.require_demo()
 
   def test_max_len_beyond_the_network_names_max_len_before_the_model(self):
     model_dir = _tmpdir()
@@ -106,8 +103,7 @@ class TrainerConfigErrorsTest(CliTestCase):
                                 f"--model_dir={_tmpdir()}"), "nope")
 
   def test_every_rank_reports_once_and_the_job_fails(self):
-    if not os.path.exists(HOROVODRUN):
-      self.skipTest("horovodrun missing: `make setup` builds Horovod")
+    support.require_horovodrun()
     proc = _run([HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", PY, "-m",
                  "m6t_tf.train", "--gin_file=gin/demo.gin", "--gin_file=gin/layouts/1x2.gin",
                  "--gin_bindings=train.max_len=64", f"--model_dir={_tmpdir()}"],

@@ -14,13 +14,12 @@ import unittest
 
 import tensorflow as tf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from tests.support import DEMO, REPO
+sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import compare_dense  # noqa: E402
 from m6t_tf import cli  # noqa: E402
 
-DEMO = os.path.join(ROOT, ".data", "demo")
 TINY_DENSE = "gin/demo.gin,gin/tiny.gin"
 TINY_MOES = ("gin/demo.gin,gin/tiny.gin", "tools/experiments/gin/top2_cap_k.gin,gin/tiny.gin")
 ROUNDS = 3
@@ -98,11 +97,11 @@ class TinyJsonRunTest(unittest.TestCase):
   def setUpClass(cls):
     if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
       raise unittest.SkipTest("demo dataset missing: `make data` builds it")
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "compare_dense.py"),
+    cmd = [sys.executable, os.path.join(REPO, "tools", "compare_dense.py"),
            f"--dense_gin={TINY_DENSE}", *[f"--moe_gin={m}" for m in TINY_MOES],
            f"--steps_to_time={ROUNDS}", "--warmup_steps=1", "--format=json"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     if proc.returncode != 0:
       raise AssertionError(f"compare_dense.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     cls.report = json.loads(proc.stdout)
@@ -143,11 +142,11 @@ class TinyJsonRunTest(unittest.TestCase):
     self.addCleanup(gin.clear_config)
     d = self.report["dense"]
     files = TINY_DENSE.split(",")
-    p = planning.plan_from_gin(files, [compare_dense.DENSE_BINDING], search_paths=[ROOT])
+    p = planning.plan_from_gin(files, [compare_dense.DENSE_BINDING], search_paths=[REPO])
     self.assertEqual(d["params_total"], p["params_total"])
     self.assertEqual(d["params_embedding"], p["params_by_component"]["embeddings"])
     for row, spec in zip(self.report["moe"], TINY_MOES):
-      p = planning.plan_from_gin(spec.split(","), [], search_paths=[ROOT])
+      p = planning.plan_from_gin(spec.split(","), [], search_paths=[REPO])
       self.assertEqual(row["params_total"], p["params_total"])
       self.assertEqual(row["params_activated"], p["params_activated"])
 
@@ -200,16 +199,16 @@ class TinyUpcycleRunTest(tf.test.TestCase):
     super().setUpClass()
     if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
       raise unittest.SkipTest("demo dataset missing: `make data` builds it")
-    cls.tmp = os.path.join(ROOT, "runs", "test_compare_dense_upcycle")
+    cls.tmp = os.path.join(REPO, "runs", "test_compare_dense_upcycle")
     shutil.rmtree(cls.tmp, ignore_errors=True)
     os.makedirs(cls.tmp)
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "compare_dense.py"),
+    cmd = [sys.executable, os.path.join(REPO, "tools", "compare_dense.py"),
            f"--dense_gin={UPCYCLE_SPEC}", f"--upcycle_moe_gin={UPCYCLE_SPEC}",
            f"--upcycle_at={UPCYCLE_AT}", f"--upcycle_budget_steps={UPCYCLE_BUDGET}",
            f"--upcycle_dir={os.path.join(cls.tmp, 'arms')}", "--steps_to_time=2",
            "--warmup_steps=1", "--format=json", *[f"--gin_bindings={b}" for b in EXACT]]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     if proc.returncode != 0:
       raise AssertionError(f"compare_dense.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     cls.report = json.loads(proc.stdout)
@@ -290,7 +289,7 @@ class TinyUpcycleRunTest(tf.test.TestCase):
     from m6t_tf.parallel import context as context_lib
     self.addCleanup(gin.clear_config)
     gin.clear_config()
-    configurables.parse([os.path.join(self.tmp, "arms", "dense", "config.gin")], [], [ROOT])
+    configurables.parse([os.path.join(self.tmp, "arms", "dense", "config.gin")], [], [REPO])
     q = lambda name: configurables.query(f"train.{name}")
     ctx = context_lib.LocalContext()
     batch = dict(next(iter(training.train_stream(

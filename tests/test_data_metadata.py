@@ -12,8 +12,8 @@ from m6t_tf import configurables
 from m6t_tf.cli import ConfigError
 from m6t_tf.data import metadata
 from m6t_tf.data import records
+from tests.support import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write(folder, lengths, *, size=(8, 12), features=None, meta=None):

@@ -9,8 +9,8 @@ import glob
 import os
 
 import tensorflow as tf
+from tests.support import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_PACKAGES = ("m6t_tf.layers", "m6t_tf.networks", "m6t_tf.models")
 
 

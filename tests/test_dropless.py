@@ -10,7 +10,6 @@ expert-parallel cases (variable-size all-to-alls, 2 and 4 ranks) are in test_par
 """
 
 import contextlib
-import glob
 import io
 import math
 import os
@@ -25,9 +24,9 @@ import tensorflow as tf
 from m6t_tf import configurables
 from m6t_tf import planning
 from m6t_tf.layers import moe as moe_lib
+from tests import support
+from tests.support import DEMO, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(REPO, ".data", "demo")
 
 M, I, E = 8, 12, 8
 
@@ -267,8 +266,7 @@ class DroplessConfigTest(tf.test.TestCase):
     self.assertEqual(groups["capacity"], 4 * math.ceil(t / 4 / e * 1.25))
 
   def test_dropless_trains_and_its_ceiling_warns(self):
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      self.skipTest("demo dataset missing: `make data` builds it (make test does this first)")
+    support.require_demo()
     gin.clear_config()
     configurables.parse([os.path.join(REPO, "gin", f) for f in ("demo.gin", "tiny.gin")], [
         f"train.train_data='{DEMO}/train-*.tfrecord'", "train.eval_data=None",

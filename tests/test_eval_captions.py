@@ -18,9 +18,9 @@ import tensorflow as tf
 from m6t_tf import configurables
 from m6t_tf import decoding
 from m6t_tf import generation
+from tests import support
+from tests.support import DEMO, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(REPO, ".data", "demo")
 
 
 def _text_summaries(model_dir):
@@ -39,8 +39,7 @@ class EvalCaptionsTest(tf.test.TestCase):
 
   def setUp(self):
     super().setUp()
-    if not glob.glob(os.path.join(DEMO, "validation-*.tfrecord")):
-      self.skipTest("demo dataset missing: `make data` builds it (make test does this first)")
+    support.require_demo()
 
   def tearDown(self):
     gin.clear_config()

@@ -17,9 +17,12 @@ import sys
 import tempfile
 import unittest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = os.path.join(ROOT, "tools", "experiments")
-DEMO = os.path.join(ROOT, ".data", "demo")
+import numpy as np
+import pytest
+
+from tests.support import DEMO, REPO
+
+EXPERIMENTS = os.path.join(REPO, "tools", "experiments")
 sys.path.insert(0, EXPERIMENTS)
 
 import common  # noqa: E402
@@ -114,7 +117,13 @@ class ScriptsSmokeTest(unittest.TestCase):
     base = {int(k): v for k, v in payload["arms"]["top1"]["log_ppl_by_seed"].items()}
     self.assertAlmostEqual(arm["delta_vs_top1"]["mean"],
                            (by_seed[0] - base[0] + by_seed[1] - base[1]) / 2)
-    self.assertIn(arm["delta_vs_top1"]["verdict"], ("lower", "higher", "tie"))
+    # The verdict these two seeds must give, from the 95% t-interval of the paired
+    # differences (t = 12.706 at 1 degree of freedom), computed here, not by `common`.
+    diffs = np.array([by_seed[s] - base[s] for s in (0, 1)])
+    half = 12.706 * diffs.std(ddof=1) / np.sqrt(2)
+    want = ("lower" if diffs.mean() + half < 0 else
+            "higher" if diffs.mean() - half > 0 else "tie")
+    self.assertEqual(arm["delta_vs_top1"]["verdict"], want)
     self.assertIsNotNone(payload["timing"]["4 top-1, capacity k×"]["ratio"])
     aux = self._json("aux_loss")["runs"]
     self.assertEqual([r["derived"]["aux_loss_weight"] for r in aux], [0.0, 0.01])
@@ -149,7 +158,15 @@ class ScriptsSmokeTest(unittest.TestCase):
     self.assertEqual(sizes[1]["params"]["params_expert"], 2 * sizes[0]["params"]["params_expert"])
     self.assertEqual(sizes[0]["benefit"]["n"], 2)
     self.assertEqual(payload["trend"]["n"], 4)
-    self.assertIn(payload["trend"]["verdict"], ("grows", "shrinks", "cannot be told apart"))
+    # The verdict these per-seed benefits must give: least-squares slope on log2(parameters)
+    # with its 95% t-interval (t = 4.303 at n − 2 = 2 degrees of freedom), computed here.
+    xs = np.repeat([np.log2(s["params"]["params_total"]) for s in sizes], 2)
+    ys = np.concatenate([s["benefit"]["values"] for s in sizes])
+    b, a = np.polyfit(xs, ys, 1)
+    half = 4.303 * np.sqrt(((ys - a - b * xs) ** 2).sum() / 2 / ((xs - xs.mean()) ** 2).sum())
+    want = "grows" if b - half > 0 else "shrinks" if b + half < 0 else "cannot be told apart"
+    self.assertAlmostEqual(payload["trend"]["slope"], b)
+    self.assertEqual(payload["trend"]["verdict"], want)
 
   def test_runs_train_in_worker_processes(self):
     # --jobs=2 trained the routing runs in processes of their own, each with its log.
@@ -271,7 +288,8 @@ class HelpersTest(unittest.TestCase):
   def test_band_is_the_mean_over_common_steps(self):
     plt = common.pyplot() if importlib.util.find_spec("matplotlib") else None
     if plt is None:
-      self.skipTest("matplotlib missing: `pip install -r requirements-plots.txt`")
+      pytest.fail("matplotlib is missing: `make experiments-setup` installs "
+                  "requirements-plots.txt (make test does it first)", pytrace=False)
     fig, ax = plt.subplots()
     xs, mean = common.band(ax, [([0, 10, 20], [1.0, 2.0, 3.0]), ([10, 20, 30], [4.0, 6.0, 8.0])],
                            "black")

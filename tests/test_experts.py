@@ -7,10 +7,7 @@ import tensorflow as tf
 
 from m6t_tf.layers import experts as experts_lib
 
-try:
-  from tests import numpy_reference as ref
-except ImportError:  # pytest run with tests/ (not the repository root) on sys.path
-  import numpy_reference as ref
+from tests import numpy_reference as ref
 
 # Distinct small dimensions so that a transposed axis cannot go unnoticed.
 D, E_LOCAL, C, M, I = 2, 3, 5, 7, 4

@@ -27,9 +27,9 @@ import sys
 import tempfile
 import unittest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = os.path.join(ROOT, "tools", "experiments")
-DEMO = os.path.join(ROOT, ".data", "demo")
+from tests.support import DEMO, REPO
+
+EXPERIMENTS = os.path.join(REPO, "tools", "experiments")
 sys.path.insert(0, EXPERIMENTS)
 VARIANTS = ["top1", "top2_cap_k", "top2_cap_1", "top4_cap_k", "4top1_cap_k", "4top1_cap_1"]
 

@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tools"))
+from tests.support import REPO
+
+sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import fp16_grad_error  # noqa: E402
 from m6t_tf.cli import ConfigError  # noqa: E402

@@ -11,7 +11,6 @@
   rank decodes a filler row in lockstep) give the rows of 1 process.
 """
 
-import glob
 import importlib.util
 import json
 import os
@@ -32,10 +31,9 @@ from m6t_tf.data import images as images_lib
 from m6t_tf.data import records
 from m6t_tf.data import tokenizer as tokenizer_lib
 from tests import jobs
+from tests import support
+from tests.support import DEMO, HOROVODRUN, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-DEMO = os.path.join(REPO, ".data", "demo")
 VALIDATION = os.path.join(DEMO, "validation-*.tfrecord")
 ROW_KEYS = {"key", "image", "caption", "log_prob", "score", "num_tokens", "candidates",
             "references"}
@@ -185,8 +183,7 @@ class GenerateTest(tf.test.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    if not glob.glob(VALIDATION):
-      raise RuntimeError("demo dataset missing: `make data` builds it")
+    support.require_demo()
     cls.tmp = os.path.join(REPO, "runs", "test_generate")
     shutil.rmtree(cls.tmp, ignore_errors=True)
     os.makedirs(cls.tmp)
@@ -364,8 +361,7 @@ class GenerateTest(tf.test.TestCase):
     return GenerateTest._SERVED
 
   def test_two_ranks_equal_one_process(self):
-    if not os.path.exists(HOROVODRUN):
-      raise RuntimeError("horovodrun missing: `make setup` builds Horovod")
+    support.require_horovodrun()
     out = os.path.join(self.tmp, "two.jsonl")
     args = [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
             "m6t_tf.generate", f"--model_dir={self.model_dir}", "--split=validation",

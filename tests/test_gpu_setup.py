@@ -9,8 +9,8 @@ import subprocess
 import tempfile
 
 import tensorflow as tf
+from tests.support import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETUP = os.path.join(REPO, "tools", "setup_env.sh")
 GPU_CHECK = os.path.join(REPO, "tools", "gpu_check.sh")
 

@@ -9,8 +9,8 @@ import tensorflow as tf
 
 from launch import run
 from m6t_tf.parallel import watchdog
+from tests.support import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class LaunchTest(tf.test.TestCase):

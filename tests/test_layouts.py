@@ -15,8 +15,8 @@ import gin
 import tensorflow as tf
 
 from m6t_tf import configurables
+from tests.support import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Table 5: workers (one GPU each), mixed precision, FP16 communication.
 TABLE_5 = {"base": (8, True, True), "10B": (16, True, True), "100B": (128, True, True),

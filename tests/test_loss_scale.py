@@ -2,7 +2,6 @@
 steps, ÷2 on an overflow (never below 1), the good-step count reset by an overflow, skipped
 steps counted; once on its own and once through real mixed-precision training steps."""
 
-import glob
 import os
 
 import gin
@@ -14,9 +13,9 @@ from m6t_tf import configurables
 from m6t_tf import optimizers
 from m6t_tf import training
 from m6t_tf.parallel import context
+from tests import support
+from tests.support import DEMO, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(REPO, ".data", "demo")
 
 
 def _replay(flags, *, initial, period):
@@ -85,8 +84,7 @@ class MixedPrecisionTrainingTest(tf.test.TestCase):
 
   def setUp(self):
     super().setUp()
-    if not glob.glob(os.path.join(DEMO, "validation-*.tfrecord")):
-      self.skipTest("demo dataset missing: `make data` builds it (make test does this first)")
+    support.require_demo()
 
   def tearDown(self):
     keras.mixed_precision.set_global_policy("float32")

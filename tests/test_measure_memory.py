@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import tensorflow as tf
+from tests.support import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "measure_memory.py")
 KEYS = ("weights", "optimizer_state", "gradients", "activations")
 

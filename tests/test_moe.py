@@ -16,10 +16,7 @@ from m6t_tf.layers import moe as moe_lib
 from m6t_tf.layers import routing as routing_lib
 from m6t_tf.parallel import communicator as comm_lib
 
-try:
-  from tests import numpy_reference as ref
-except ImportError:  # pytest run with tests/ (not the repository root) on sys.path
-  import numpy_reference as ref
+from tests import numpy_reference as ref
 
 # Distinct small dimensions: inputs [B, L, M] = [2, 5, 7] (T = 10), intermediate I = 3.
 B, L, M, I = 2, 5, 7, 3

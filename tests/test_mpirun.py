@@ -1,14 +1,13 @@
 """Real `mpirun` jobs (Open MPI, Horovod's MPI controller), started as `launch.run` builds them.
 
-  * tiny.gin on 2 ranks (layout 1x2) stopped after 2 steps and resumed to 4 logs the losses and
-    ends with the weights of a straight 4-step run under mpirun;
+  * the shared reference config (tests/support.py: tiny.gin, layout 1x2) stopped after half its
+    steps and resumed logs the losses and ends with the weights of the straight 2-rank run;
   * `python -m launch.run --backend=mpi` starts the job it prints; a rank SIGKILLed after step 3
     ends the whole job within 60 s, non-zero, with mpirun's own report of the dead rank, and the
     launcher passes the failure on as its exit status.
 Each run's log names the controller (`HorovodContext.describe`): these are MPI jobs, not Gloo.
 """
 
-import glob
 import os
 import re
 import shutil
@@ -16,22 +15,25 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import tensorflow as tf
 
 from launch import run
 from m6t_tf import training
 from tests import jobs
+from tests import support
+from tests.support import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(REPO, ".data", "demo")
 WORKER = os.path.join(REPO, "tests", "distributed", "train_worker.py")
 GIN = ["gin/demo.gin", "gin/tiny.gin", "gin/layouts/1x2.gin"]
 # A Gloo controller left in the environment would make mpirun's ranks wait for a rendezvous.
 MPI_DROP = ("M6T_FAULT_INJECT", "HOROVOD_CONTROLLER", "HOROVOD_CPU_OPERATIONS")
-BINDINGS = [f"train.train_data='{DEMO}/train-*.tfrecord'", "train.eval_data=None",
-            "train.deterministic=True", "train.checkpoint_every=1000", "train.log_every=1"]
+# The shared reference run's config (tests/support.py), so that its 2-rank Gloo run is the
+# straight run the resumed MPI run must equal.
+BINDINGS = list(support.REFERENCE_BINDINGS)
 
 
+@pytest.mark.multiprocess
 class MpirunTest(tf.test.TestCase):
 
   @classmethod
@@ -39,8 +41,7 @@ class MpirunTest(tf.test.TestCase):
     super().setUpClass()
     if not shutil.which("mpirun"):
       raise RuntimeError("mpirun missing: `make setup` installs Open MPI (tools/setup_env.sh)")
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      raise RuntimeError("demo dataset missing: `make data` builds it")
+    support.require_demo()
     cls.tmp = os.path.join(REPO, "runs", "test_mpirun")
     shutil.rmtree(cls.tmp, ignore_errors=True)
     os.makedirs(cls.tmp)
@@ -50,33 +51,35 @@ class MpirunTest(tf.test.TestCase):
     shutil.rmtree(cls.tmp, ignore_errors=True)
     super().tearDownClass()
 
-  def _mpirun_worker(self, name, *, num_steps, stop_after=None):
+  def _mpirun_worker(self, name, *, stop_after=None):
     """tests/distributed/train_worker.py on 2 ranks, behind the launcher's own mpirun flags."""
     model_dir = os.path.join(self.tmp, name)
-    bindings = [*BINDINGS, f"train.num_steps={num_steps}"]
-    cmd = run.build_command(gin_files=GIN, gin_bindings=bindings, num_workers=2, backend="mpi",
+    cmd = run.build_command(gin_files=GIN, gin_bindings=BINDINGS, num_workers=2, backend="mpi",
                             model_dir=model_dir, python=sys.executable)
     self.assertEqual(cmd[0], "mpirun")
     mpirun = cmd[:cmd.index(sys.executable)]
     worker = [sys.executable, WORKER, f"--out={model_dir}-out", f"--model_dir={model_dir}",
-              *[f"--gin_file={f}" for f in GIN], *[f"--gin_bindings={b}" for b in bindings]]
+              *[f"--gin_file={f}" for f in GIN], *[f"--gin_bindings={b}" for b in BINDINGS]]
     if stop_after is not None:
       worker.append(f"--stop_after={stop_after}")
-    proc = subprocess.run([*mpirun, *worker], cwd=REPO, env=jobs.worker_env(drop=MPI_DROP), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([*mpirun, *worker], cwd=REPO, env=jobs.worker_env(drop=MPI_DROP),
+                          capture_output=True, text=True, timeout=300)
     self.assertEqual(proc.returncode, 0, f"{name}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     self.assertIn("2 Horovod ranks (MPI controller)", proc.stdout)
     return model_dir
 
   def test_stop_and_resume_under_mpirun_equals_straight_run(self):
-    straight = self._mpirun_worker("straight", num_steps=4)
-    self._mpirun_worker("resumed", num_steps=4, stop_after=2)
-    resumed = self._mpirun_worker("resumed", num_steps=4)
+    # The straight run is the shared 2-rank reference under Gloo: with 2 ranks every reduction
+    # is a + b, so MPI and Gloo give the same bits.
+    straight = support.reference_run(2)
+    steps = support.REFERENCE_STEPS
+    self._mpirun_worker("resumed", stop_after=steps // 2)
+    resumed = self._mpirun_worker("resumed")
     want = training.read_loss_log(os.path.join(straight, "losses.jsonl"))
-    self.assertLen(want, 4)
+    self.assertLen(want, steps)
     self.assertEqual(training.read_loss_log(os.path.join(resumed, "losses.jsonl")), want)
-    a = tf.train.load_checkpoint(os.path.join(straight, "checkpoints", "ckpt-4"))
-    b = tf.train.load_checkpoint(os.path.join(resumed, "checkpoints", "ckpt-4"))
+    a = tf.train.load_checkpoint(os.path.join(straight, "checkpoints", f"ckpt-{steps}"))
+    b = tf.train.load_checkpoint(os.path.join(resumed, "checkpoints", f"ckpt-{steps}"))
     for k in a.get_variable_to_shape_map():
       if k.startswith(("model/", "optimizer/")):
         self.assertAllEqual(a.get_tensor(k), b.get_tensor(k), msg=k)
@@ -84,7 +87,8 @@ class MpirunTest(tf.test.TestCase):
   def test_launcher_starts_mpi_job_and_a_killed_rank_ends_it(self):
     model_dir = os.path.join(self.tmp, "killed")
     cmd = [sys.executable, "-m", "launch.run", *[f"--gin_file={f}" for f in GIN],
-           *[f"--gin_bindings={b}" for b in [*BINDINGS, "train.num_steps=100000"]],
+           *[f"--gin_bindings={b}" for b in [*BINDINGS, "train.num_steps=100000",
+                                              "train.checkpoint_every=1000"]],
            "--num_workers=2", "--backend=mpi", f"--model_dir={model_dir}"]
     proc = jobs.start_job(cmd, drop=MPI_DROP, M6T_FAULT_INJECT="kill_after_step:3:1")
     # Rank 0 logs step 2; it never logs step 3, whose logged metrics need rank 1.

@@ -18,8 +18,8 @@ import tensorflow as tf
 from m6t_tf import configurables
 from m6t_tf import optimizers
 from tests import numpy_reference as ref
+from tests.support import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = {
     "experts_wi": (2, 5, 7),    # [e, M, I]: factored over (M, I), one matrix per expert

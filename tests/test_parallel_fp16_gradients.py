@@ -19,9 +19,9 @@ import sys
 
 import numpy as np
 import tensorflow as tf
+from tests import support
+from tests.support import HOROVODRUN, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 WORKER = os.path.join(REPO, "tests", "distributed", "fp16_reduce_worker.py")
 RANKS = 2
 FP16_NORMAL = 2.0 ** -14     # smallest normal float16
@@ -47,8 +47,7 @@ class Fp16GradientReductionTest(tf.test.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    if not os.path.exists(HOROVODRUN):
-      raise RuntimeError("horovodrun missing: `make setup` builds Horovod")
+    support.require_horovodrun()
     cls.tmp = os.path.join(REPO, "runs", "test_parallel_fp16_gradients")
     shutil.rmtree(cls.tmp, ignore_errors=True)
     os.makedirs(cls.tmp)

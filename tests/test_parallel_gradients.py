@@ -15,7 +15,6 @@ or z-loss, capacity large enough that no token is dropped, the same initial weig
 process writes them; every rank loads its slice).
 """
 
-import glob
 import json
 import os
 import shutil
@@ -27,11 +26,10 @@ import tensorflow as tf
 
 from m6t_tf.data import records
 from tests import jobs
+from tests import support
+from tests.support import DEMO, HOROVODRUN, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 WORKER = os.path.join(REPO, "tests", "distributed", "grad_worker.py")
-DEMO = os.path.join(REPO, ".data", "demo")
 GLOBAL_BATCH = 4
 STEPS = 3
 LEARNING_RATE = 0.5
@@ -56,10 +54,8 @@ class ParallelGradientsTest(tf.test.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    if not os.path.exists(HOROVODRUN):
-      raise RuntimeError("horovodrun missing: `make setup` builds Horovod")
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      raise RuntimeError("demo dataset missing: `make data` builds it")
+    support.require_horovodrun()
+    support.require_demo()
     cls.tmp = os.path.join(REPO, "runs", "test_parallel_gradients")
     shutil.rmtree(cls.tmp, ignore_errors=True)
     os.makedirs(cls.tmp)
@@ -71,7 +67,8 @@ class ParallelGradientsTest(tf.test.TestCase):
     cls.data = os.path.join(cls.tmp, "lengths.tfrecord")
     records.write_records(cls.data, chosen)
     cls.init = os.path.join(cls.tmp, "init.npz")
-    cls.reference = cls.launch("one", 1, 1)[0]
+    cls.reference = cls.launch("one", 1, 1)["none"][0]
+    cls.meshes = {}
 
   @classmethod
   def tearDownClass(cls):
@@ -80,6 +77,8 @@ class ParallelGradientsTest(tf.test.TestCase):
 
   @classmethod
   def launch(cls, name, data, expert, remat="none"):
+    """Runs the worker on a (data, expert) mesh for each option of `remat` (comma-separated)
+    in one launch; returns {option: [result of each rank]}."""
     ranks = data * expert
     out = os.path.join(cls.tmp, name)
     args = [sys.executable, WORKER, f"--out={out}", f"--data={cls.data}", f"--init={cls.init}",
@@ -95,14 +94,29 @@ class ParallelGradientsTest(tf.test.TestCase):
                           timeout=300)
     if proc.returncode:
       raise AssertionError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    results = []
-    for r in range(ranks):
-      with open(f"{out}.rank{r}.json") as f:
-        result = json.load(f)
-      result["grads"] = dict(np.load(f"{out}.rank{r}.grads.npz"))
-      result["weights"] = dict(np.load(f"{out}.rank{r}.weights.npz"))
-      results.append(result)
-    return results
+    by_option = {}
+    for option in remat.split(","):
+      results = []
+      for r in range(ranks):
+        prefix = f"{out}-{option}.rank{r}"
+        with open(f"{prefix}.json") as f:
+          result = json.load(f)
+        result["grads"] = dict(np.load(f"{prefix}.grads.npz"))
+        result["weights"] = dict(np.load(f"{prefix}.weights.npz"))
+        results.append(result)
+      by_option[option] = results
+    return by_option
+
+  @classmethod
+  def mesh(cls, data, expert):
+    """The ranks of a (data, expert) mesh, launched once for every option it is checked with:
+    (1, 2) also recomputes ("block": both all-to-alls of every MoE layer again in the
+    backward pass, in the same order on each rank, or the job would hang until the timeout;
+    "experts": the expert FFNs between them)."""
+    if (data, expert) not in cls.meshes:
+      remat = "none,block,experts" if (data, expert) == (1, 2) else "none"
+      cls.meshes[(data, expert)] = cls.launch(f"mesh{data}x{expert}", data, expert, remat)
+    return cls.meshes[(data, expert)]
 
   def reference_slice(self, tensors, path, rank):
     """The 1-process value of `path` that `rank` holds: all of it, or its experts' rows."""
@@ -122,7 +136,7 @@ class ParallelGradientsTest(tf.test.TestCase):
         self.assertLess(np.linalg.norm(g), 1e-9 * total, path)
       else:
         self.assertGreater(np.linalg.norm(g), 1e-6 * total, f"{path}: ~no gradient to compare")
-    ranks = self.launch(f"mesh{data}x{expert}{remat}", data, expert, remat)
+    ranks = self.mesh(data, expert)[remat]
     # The condition that makes the test sensitive to the normalisation: every rank holds a
     # different number of target tokens.
     tokens = [r["num_tokens"] for r in ranks]
@@ -161,9 +175,7 @@ class ParallelGradientsTest(tf.test.TestCase):
   def test_mesh_2x2(self):
     self.check_mesh(2, 2)
 
-  # Recomputation with experts sharded: "block" repeats both all-to-alls of every MoE layer in
-  # the backward pass (in the same order on each rank, or the job would hang until the timeout);
-  # "experts" recomputes the expert FFNs between them. Gradients equal 1 process without it.
+  # Recomputation with experts sharded (`mesh`): gradients equal 1 process without it.
   def test_mesh_1x2_remat_block(self):
     self.check_mesh(1, 2, remat="block")
 

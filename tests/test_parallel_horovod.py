@@ -4,6 +4,8 @@ The multi-process behaviour (all-to-all, reductions, broadcasts, failures on eve
 tests/test_parallel_moe.py, which launches tests/distributed/moe_worker.py under horovodrun.
 """
 
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,16 +18,15 @@ from m6t_tf.parallel.mesh import Mesh
 _STAND_IN_SET = object()  # where a Horovod process set is required but never used
 
 
-def _has_horovod_tf():
-  try:
-    import horovod.tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    return True
-  except ImportError:
-    return False
-
-
-needs_horovod = pytest.mark.skipif(not _has_horovod_tf(),
-                                   reason="horovod.tensorflow is not installed")
+def needs_horovod(test):
+  """Fails `test`, naming `make setup`, when horovod.tensorflow cannot be imported."""
+  def run(*args, **kwargs):
+    try:
+      import horovod.tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      pytest.fail(f"horovod.tensorflow does not import ({e}): run `make setup`", pytrace=False)
+    return test(*args, **kwargs)
+  return functools.wraps(test)(run)
 
 
 def test_communicator_coordinates_follow_the_mesh():

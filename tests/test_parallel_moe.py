@@ -14,30 +14,19 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from tests import support
+from tests.support import HOROVODRUN, REPO
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "distributed" / "moe_worker.py"
-
-
-def _find_horovodrun():
-  beside = pathlib.Path(sys.executable).parent / "horovodrun"
-  if beside.exists():
-    return str(beside)
-  return shutil.which("horovodrun")
+WORKER = pathlib.Path(REPO) / "tests" / "distributed" / "moe_worker.py"
 
 
-HOROVODRUN = _find_horovodrun()
-pytestmark = pytest.mark.skipif(
-    HOROVODRUN is None,
-    reason="horovodrun not found next to the Python interpreter or on PATH: build Horovod with "
-           "TensorFlow and Gloo (tools/setup_env.sh) to run the expert-parallel tests")
+pytestmark = pytest.mark.multiprocess
 
 MESHES = [(1, 2), (1, 4), (2, 2)]
 ROUTING_TAGS = [f"{r}/{d}" for r in ("top_k1", "top_k2", "prototype2") for d in ("einsum", "index")]
@@ -47,6 +36,7 @@ FAILURE_DEADLINE = 60.0  # every rank must have failed and exited by then
 
 def launch(num_procs: int, args: list[str], out: pathlib.Path, timeout: float):
   """Runs the worker on `num_procs` ranks; returns (returncode or None on timeout, output, s)."""
+  support.require_horovodrun()
   cmd = [HOROVODRUN, "-np", str(num_procs), "-H", f"localhost:{num_procs}", "--gloo",
          sys.executable, str(WORKER), *args, "--out", str(out)]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OMP_NUM_THREADS="1",

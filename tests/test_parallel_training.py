@@ -14,36 +14,33 @@ that a distributed run resumes exactly. Finally a checkpoint written by 4 ranks 
 1 process, whose checkpoint is evaluated by 1 and by 2 processes (4 → 1 → 2).
 """
 
-import glob
 import json
 import os
 import shutil
 import subprocess
 import sys
 
-import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf.data import records
 from tests import jobs
+from tests import support
+from tests.support import DEMO, HOROVODRUN, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 WORKER = os.path.join(REPO, "tests", "distributed", "train_worker.py")
-DEMO = os.path.join(REPO, ".data", "demo")
 GLOBAL_BATCH = 4
 STEPS = 3
 
 
+@pytest.mark.multiprocess
 class ParallelTrainingTest(tf.test.TestCase):
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    if not os.path.exists(HOROVODRUN):
-      raise RuntimeError("horovodrun missing: `make setup` builds Horovod")
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      raise RuntimeError("demo dataset missing: `make data` builds it")
+    support.require_horovodrun()
+    support.require_demo()
     cls.tmp = os.path.join(REPO, "runs", "test_parallel_training")
     shutil.rmtree(cls.tmp, ignore_errors=True)
     os.makedirs(cls.tmp)
@@ -131,14 +128,14 @@ class ParallelTrainingTest(tf.test.TestCase):
     self.assertLen(cont[0]["losses"], 1)
     # 4 → 1 and 4 → 2: the 4-rank checkpoint evaluated by 1 and by 2 processes; 1 → 2: the
     # checkpoint the single process wrote, likewise.
-    four_dir = os.path.join(self.tmp, "four")
-    for name, model_dir in (("four", four_dir), ("resharded", resharded)):
-      one_eval = self.launch(f"{name}-eval1", ranks=1, mode="eval", model_dir=model_dir,
-                             init=False)[0]["eval"]
-      two_eval = self.launch(f"{name}-eval2", ranks=2, mode="eval", model_dir=model_dir,
-                             init=False)[0]["eval"]
-      self.assertAllClose(one_eval["log_perplexity"], two_eval["log_perplexity"], rtol=1e-6)
-      self.assertEqual(one_eval["tokens"], two_eval["tokens"])
+    both = f"{os.path.join(self.tmp, 'four')},{resharded}"
+    one_eval = self.launch("eval1", ranks=1, mode="eval", model_dir=both, init=False)[0]["evals"]
+    two_eval = self.launch("eval2", ranks=2, mode="eval", model_dir=both, init=False)[0]["evals"]
+    self.assertEqual(sorted(one_eval), sorted(both.split(",")))
+    for model_dir in both.split(","):
+      self.assertAllClose(one_eval[model_dir]["log_perplexity"],
+                          two_eval[model_dir]["log_perplexity"], rtol=1e-6)
+      self.assertEqual(one_eval[model_dir]["tokens"], two_eval[model_dir]["tokens"])
 
 if __name__ == "__main__":
   tf.test.main()

@@ -27,10 +27,10 @@ from m6t_tf import planning
 from m6t_tf.models import m6_captioner
 from m6t_tf.networks import m6_transformer
 from m6t_tf.parallel import communicator as comm_lib
+from tests.support import REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = ["base", "10B", "100B", "1T", "demo"] + (
-    ["revisit_moe"] if os.path.exists(os.path.join(ROOT, "gin", "revisit_moe.gin")) else [])
+    ["revisit_moe"] if os.path.exists(os.path.join(REPO, "gin", "revisit_moe.gin")) else [])
 # Variants of base.gin + tiny.gin: (name, gin bindings, patch_dim).
 VARIANTS = (
     ("swiglu_pre_rms_rope", ["M6Transformer.activation='swiglu'", "M6Transformer.norm='pre_rms'",
@@ -54,7 +54,7 @@ MATMUL_OPS = ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum
 
 
 def _gin_files(size, *more):
-  return [os.path.join(ROOT, "gin", f"{size}.gin"), os.path.join(ROOT, "gin", "tiny.gin"),
+  return [os.path.join(REPO, "gin", f"{size}.gin"), os.path.join(REPO, "gin", "tiny.gin"),
           *more]
 
 
@@ -69,7 +69,7 @@ def _dummy_batch(config: dict):
 
 def _build(files, bindings=(), patch_dim=768):
   """(plan, built M6Captioner, batch) for a gin config; the model from gin's own bindings."""
-  result = planning.plan_from_gin(files, bindings, patch_dim=patch_dim, search_paths=[ROOT])
+  result = planning.plan_from_gin(files, bindings, patch_dim=patch_dim, search_paths=[REPO])
   network = m6_transformer.M6Transformer(name="m6", **gin.get_bindings("M6Transformer"))
   model = m6_captioner.M6Captioner(network=network)
   batch = _dummy_batch(result["config"])
@@ -204,7 +204,7 @@ class PlanningTest(parameterized.TestCase, tf.test.TestCase):
     self.assertEqual(result["alltoall_bytes_per_step"], 2 * result["alltoall_bytes_per_forward"])
 
   def test_activated_params_hand_count(self):
-    result = planning.plan_from_gin(_gin_files("base"), ["MoEConfig.k=2"], search_paths=[ROOT])
+    result = planning.plan_from_gin(_gin_files("base"), ["MoEConfig.k=2"], search_paths=[REPO])
     c = result["config"]
     one_expert = 2 * c["hidden_size"] * c["intermediate_size"]
     experts = result["params_by_component"]["experts"]
@@ -231,8 +231,8 @@ class PlanningTest(parameterized.TestCase, tf.test.TestCase):
       expert_group_size = 2
       expert_rank = 1
 
-    files = _gin_files("base", os.path.join(ROOT, "gin", "layouts", "2x2.gin"))
-    result = planning.plan_from_gin(files, search_paths=[ROOT])
+    files = _gin_files("base", os.path.join(REPO, "gin", "layouts", "2x2.gin"))
+    result = planning.plan_from_gin(files, search_paths=[REPO])
     comm_lib.set_default(TwoRanks())
     network = m6_transformer.M6Transformer(name="m6", **gin.get_bindings("M6Transformer"))
     c = result["config"]
@@ -252,13 +252,13 @@ class PlanningTest(parameterized.TestCase, tf.test.TestCase):
     """The expert counts of the gin headers; base..100B fit in 32 GB; 1T with Adafactor fits
     with recomputation (its unfused tanh-GeLU keeps 4 [E·C, I] tensors per layer, measured by
     tools/measure_memory.py), with AdamW not even then."""
-    layouts = os.path.join(ROOT, "gin", "layouts")
+    layouts = os.path.join(REPO, "gin", "layouts")
     want = {"base": (8, 1_342_177_280), "10B": (16, 10_737_418_240),
             "100B": (128, 103_079_215_104), "1T": (480, 1_002_606_428_160)}
     plans = {}
     for size, (workers, experts) in want.items():
-      files = [os.path.join(ROOT, "gin", f"{size}.gin"), os.path.join(layouts, f"1x{workers}.gin")]
-      plans[size] = planning.plan_from_gin(files, search_paths=[ROOT])
+      files = [os.path.join(REPO, "gin", f"{size}.gin"), os.path.join(layouts, f"1x{workers}.gin")]
+      plans[size] = planning.plan_from_gin(files, search_paths=[REPO])
       self.assertEqual(plans[size]["params_by_component"]["experts"], experts)
       self.assertEqual(plans[size]["config"]["tokens_per_worker"], 8 * 143)
       if size != "1T":
@@ -274,8 +274,8 @@ class PlanningTest(parameterized.TestCase, tf.test.TestCase):
     self.assertBetween(one_t["moe_expert_flops_share"], 0.98, 0.99)
     self.assertBetween(one_t["params_total"], 1.0e12, 1.01e12)
     adamw = planning.plan_from_gin(
-        [os.path.join(ROOT, "gin", "1T.gin"), os.path.join(layouts, "1x480.gin")],
-        ["train.optimizer='adamw'"], search_paths=[ROOT])
+        [os.path.join(REPO, "gin", "1T.gin"), os.path.join(layouts, "1x480.gin")],
+        ["train.optimizer='adamw'"], search_paths=[REPO])
     self.assertFalse(adamw["fits"])
     self.assertFalse(adamw["fits_with_recompute"])
     self.assertLess(adamw["headroom_bytes"], 0)
@@ -285,11 +285,11 @@ class PlanningTest(parameterized.TestCase, tf.test.TestCase):
     self.assertIn("|", planning.markdown_table(plans))
 
   def test_layout_mismatch_and_uneven_experts_raise(self):
-    files = [os.path.join(ROOT, "gin", "base.gin"), os.path.join(ROOT, "gin", "layouts", "1x8.gin")]
+    files = [os.path.join(REPO, "gin", "base.gin"), os.path.join(REPO, "gin", "layouts", "1x8.gin")]
     with self.assertRaisesRegex(ValueError, "num_workers=16"):
-      planning.plan_from_gin(files, num_workers=16, search_paths=[ROOT])
+      planning.plan_from_gin(files, num_workers=16, search_paths=[REPO])
     with self.assertRaisesRegex(ValueError, "do not split"):
-      planning.plan_from_gin([files[0]], num_workers=12, search_paths=[ROOT])
+      planning.plan_from_gin([files[0]], num_workers=12, search_paths=[REPO])
 
 
 class PlanToolTest(tf.test.TestCase):
@@ -300,8 +300,8 @@ class PlanToolTest(tf.test.TestCase):
             ["--gin_file=gin/base.gin", "--num_workers=8", "--format=table", "--gpu_memory_gb=2"],
             ["--gin_file=gin/base.gin", "--num_workers=12"])
     # Started together: most of each run is importing TensorFlow.
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "plan.py"), *args],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "plan.py"), *args],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for args in runs]
     (json_out, json_err), (table_out, table_err), (_, bad_err) = [
         p.communicate(timeout=180) for p in procs]

@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -20,22 +19,14 @@ import tensorflow as tf
 
 from m6t_tf import training
 from tests import jobs
+from tests import support
+from tests.support import DEMO, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-DEMO = os.path.join(REPO, ".data", "demo")
-STEPS = 10
-BINDINGS = [f"train.num_steps={STEPS}", "train.checkpoint_every=3", "train.deterministic=True",
-            "train.eval_data=None", "train.log_every=1", "train.keep_checkpoints=2"]
+STEPS = support.REFERENCE_STEPS
 
 
 def _command(model_dir, ranks, extra_bindings=()):
-  cmd = [sys.executable, "-m", "m6t_tf.train", "--gin_file=gin/demo.gin", "--gin_file=gin/tiny.gin",
-         f"--model_dir={model_dir}"]
-  if ranks > 1:
-    cmd.append(f"--gin_file=gin/layouts/1x{ranks}.gin")
-    cmd = [HOROVODRUN, "-np", str(ranks), "-H", f"localhost:{ranks}", "--gloo", *cmd]
-  return cmd + [f"--gin_bindings={b}" for b in (*BINDINGS, *extra_bindings)]
+  return support.train_command(model_dir, ranks, extra_bindings)
 
 
 def _start(model_dir, ranks, **env):
@@ -72,14 +63,11 @@ class KillAndResumeTest(tf.test.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      raise RuntimeError("demo dataset missing: `make data` builds it")
+    support.require_demo()
     os.makedirs(os.path.join(REPO, "runs"), exist_ok=True)
 
   def _kill_and_resume(self, ranks):
-    reference = _tmpdir()
-    code, out = _run(reference, ranks)
-    self.assertEqual(code, 0, out[-3000:])
+    reference = support.reference_run(ranks)
     killed = _tmpdir()
     last_rank = ranks - 1
     # 1. Killed while writing the checkpoint of step 6: shards written, nothing published.
@@ -107,6 +95,11 @@ class KillAndResumeTest(tf.test.TestCase):
 
     self.assertEqual(training.read_loss_log(os.path.join(killed, "losses.jsonl")),
                      training.read_loss_log(os.path.join(reference, "losses.jsonl")))
+    # Every step of the resumed run read the records the straight run read at that step.
+    for rank in range(ranks):
+      keys = support.data_keys(killed, rank)
+      self.assertEqual(sorted(keys), list(range(1, STEPS + 1)))
+      self.assertEqual(keys, support.data_keys(reference, rank), f"rank {rank}")
     want, got = _model_tensors(reference, STEPS), _model_tensors(killed, STEPS)
     self.assertEqual(sorted(want), sorted(got))
     for k in want:
@@ -117,9 +110,7 @@ class KillAndResumeTest(tf.test.TestCase):
     # SIGKILL after `latest` names ckpt-9 (flushed), before ckpt-3 (beyond keep_checkpoints=2)
     # is pruned: the old checkpoint is a mere leftover; the restart resumes from step 9, prunes
     # it, and ends exactly as a run that was never killed.
-    reference = _tmpdir()
-    code, out = _run(reference, 1)
-    self.assertEqual(code, 0, out[-3000:])
+    reference = support.reference_run(1)
     killed = _tmpdir()
     checkpoints = os.path.join(killed, "checkpoints")
     code, out = _run(killed, 1, M6T_FAULT_INJECT="kill_before_prune:9")

@@ -9,7 +9,6 @@ are counted against the planner; a run resumed under recomputation reproduces th
 the same run without it. The 2-rank cases (experts sharded) are in test_parallel_gradients.
 """
 
-import glob
 import os
 import tempfile
 
@@ -26,9 +25,9 @@ from m6t_tf.cli import ConfigError
 from m6t_tf.models import m6_captioner
 from m6t_tf.networks import m6_transformer as transformer_lib
 from m6t_tf.parallel import communicator as comm_lib
+from tests import support
+from tests.support import DEMO, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(REPO, ".data", "demo")
 MODES = ("block", "attention", "experts", ("block_1",))
 RTOL = 1e-6
 # Softmax over the keys is invariant to q·b_k (the same for every key), so without RoPE the key
@@ -221,8 +220,7 @@ class RematTrainingTest(tf.test.TestCase):
 
   def setUp(self):
     super().setUp()
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      self.skipTest("demo dataset missing: `make data` builds it (make test does this first)")
+    support.require_demo()
 
   def tearDown(self):
     gin.clear_config()

@@ -10,10 +10,7 @@ import tensorflow as tf
 
 from m6t_tf.layers import routing as routing_lib
 
-try:
-  from tests import numpy_reference as ref
-except ImportError:  # pytest run with tests/ (not the repository root) on sys.path
-  import numpy_reference as ref
+from tests import numpy_reference as ref
 
 NORMALIZATIONS = ("auto", "none", "renormalize", "softmax_topk")
 

@@ -14,7 +14,6 @@ Killing real processes and resharding across real Horovod ranks are in tests/tes
 and tests/test_parallel_training.py (local disk); the file operations are the same calls.
 """
 
-import glob
 import json
 import os
 import threading
@@ -32,9 +31,9 @@ from m6t_tf import generation
 from m6t_tf import storage
 from m6t_tf import training
 from m6t_tf.data import records
+from tests import support
+from tests.support import DEMO, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(REPO, ".data", "demo")
 STEPS = 6
 
 
@@ -56,8 +55,7 @@ class RamModelDirTest(tf.test.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      raise RuntimeError("demo dataset missing: `make data` builds it")
+    support.require_demo()
     # A small validation file (local: data stays where it is; only model_dir moves).
     cls.local = os.path.join(REPO, "runs", f"test_storage_{uuid.uuid4().hex[:8]}")
     os.makedirs(cls.local)

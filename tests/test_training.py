@@ -18,9 +18,9 @@ from m6t_tf import configurables
 from m6t_tf import evaluation as evaluate_lib
 from m6t_tf import training
 from m6t_tf.data import pipeline
+from tests import support
+from tests.support import DEMO, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(REPO, ".data", "demo")
 SIZE_FILES = ["base.gin", "10B.gin", "100B.gin", "1T.gin", "demo.gin", "revisit_moe.gin"]
 
 
@@ -39,8 +39,7 @@ class GinFilesTest(tf.test.TestCase, parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      self.skipTest("demo dataset missing: `make data` builds it (make test does this first)")
+    support.require_demo()
     os.chdir(REPO)
 
   def tearDown(self):
@@ -240,8 +239,7 @@ class UnigramBaselineTest(tf.test.TestCase):
 
   def test_demo_unigram_perplexity_is_recorded(self):
     meta_path = os.path.join(DEMO, "metadata.json")
-    if not os.path.exists(meta_path):
-      self.skipTest("demo dataset missing: `make data` builds it")
+    support.require_demo()
     with open(meta_path) as f:
       meta = json.load(f)
     got = pipeline.unigram_perplexity(f"{DEMO}/train-*.tfrecord",

@@ -10,7 +10,6 @@ whatever the router picks) and a capacity that drops nothing. Then:
     config) fail with one ConfigError before anything is written.
 """
 
-import glob
 import json
 import os
 import shutil
@@ -28,13 +27,12 @@ from m6t_tf.data import records
 from m6t_tf.parallel import context as context_lib
 from tests import jobs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import support
+from tests.support import DEMO, HOROVODRUN, REPO
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import upcycle  # noqa: E402  pylint: disable=wrong-import-position
 
-HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
 WORKER = os.path.join(REPO, "tests", "distributed", "train_worker.py")
-DEMO = os.path.join(REPO, ".data", "demo")
 FILES = ["gin/demo.gin", "gin/tiny.gin"]
 BATCH = 4
 
@@ -44,8 +42,7 @@ class UpcycleTest(tf.test.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      raise RuntimeError("demo dataset missing: `make data` builds it")
+    support.require_demo()
     cls.tmp = os.path.join(REPO, "runs", "test_upcycle")
     shutil.rmtree(cls.tmp, ignore_errors=True)
     os.makedirs(cls.tmp)
@@ -136,8 +133,7 @@ class UpcycleTest(tf.test.TestCase):
     one = self.launch("one", one_dir, ranks=1)
     self.assertEqual(one["step"], 2)
     self.assertNear(one["losses"][0], dense_loss, 1e-5)
-    if not os.path.exists(HOROVODRUN):
-      self.skipTest("horovodrun missing: `make setup` builds Horovod")
+    support.require_horovodrun()
     two = self.launch("two", two_dir, ranks=2)
     self.assertEqual(two["step"], 2)
     self.assertAllClose(two["losses"], one["losses"], rtol=2e-5, atol=2e-5)

@@ -1,7 +1,7 @@
 """One gradient-probe process for tests/test_parallel_gradients.py (alone or under horovodrun).
 
   python tests/distributed/grad_worker.py --out=P --data=F --init=I.npz --global_batch=G \
-      --steps=K --learning_rate=LR --gin_file=... [--gin_bindings=...] [--remat=block]
+      --steps=K --learning_rate=LR --gin_file=... [--gin_bindings=...] [--remat=none,block]
 
 Reads the first K global batches of G examples from the TFRecord file F (no shuffling) and
 deals each one to the W ranks in contiguous blocks: rank r trains on rows [r·G/W, (r+1)·G/W).
@@ -9,10 +9,12 @@ It builds the gin-configured model and starts from the weights in I.npz (one pro
 them, keyed by variable path; expert stacks [E, ...] are sliced to this rank's experts), then
 
   * `Trainer.compute_gradients` on its block of batch 0: the reduced gradients the optimiser
-    would receive, written to `P.rank<R>.grads.npz`;
+    would receive, written to `P-<remat>.rank<R>.grads.npz`;
   * K steps of `Trainer.train_step` with plain SGD (no momentum, no clipping, no weight decay)
-    on batches 0..K-1, then the weights, written to `P.rank<R>.weights.npz`;
-  * `P.rank<R>.json`: rank, size, expert_index, data_index, e, and this rank's target tokens.
+    on batches 0..K-1, then the weights, written to `P-<remat>.rank<R>.weights.npz`;
+  * `P-<remat>.rank<R>.json`: rank, size, expert_index, data_index, e, this rank's target
+    tokens;
+for each recomputation option of --remat, each from the same initial weights.
 """
 
 import json
@@ -33,7 +35,8 @@ flags.DEFINE_integer("steps", 3, "SGD steps.")
 flags.DEFINE_float("learning_rate", 0.5, "SGD learning rate.")
 flags.DEFINE_multi_string("gin_file", [], "Gin files.")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
-flags.DEFINE_string("remat", "none", "Trainer recomputation (train.remat).")
+flags.DEFINE_string("remat", "none", "Trainer recomputation options (train.remat), "
+                    "comma-separated: each is computed from the same initial weights.")
 
 
 def main(argv):
@@ -62,41 +65,44 @@ def main(argv):
     raise ValueError(f"{FLAGS.data} holds fewer than {FLAGS.steps} batches of "
                      f"{FLAGS.global_batch}")
 
-  keras.utils.set_random_seed(0)
-  network = configurables.network_fn()(name="m6")
-  model = training.build_model(batch=batches[0], network=network)
-  variables = [v for v in model.variables if not context_lib.is_rng_state(v)]
   group = ctx.expert_group_size
-  if not os.path.exists(FLAGS.init):
-    if ctx.size != 1:
-      raise ValueError(f"--init={FLAGS.init} is missing: one process writes it first")
-    np.savez(FLAGS.init, **{v.path: v.numpy() for v in variables})
-  init = np.load(FLAGS.init)
   e = None
-  for v in variables:
-    value = init[v.path]
-    if context_lib.is_expert_variable(v):
-      e = value.shape[0] // group
-      value = value[ctx.expert_index * e:(ctx.expert_index + 1) * e]
-    v.assign(value)
+  # One model per recomputation option, each from the same initial weights: one launch of the
+  # mesh checks them all.
+  for remat in FLAGS.remat.split(","):
+    keras.utils.set_random_seed(0)
+    network = configurables.network_fn()(name="m6")
+    model = training.build_model(batch=batches[0], network=network)
+    variables = [v for v in model.variables if not context_lib.is_rng_state(v)]
+    if not os.path.exists(FLAGS.init):
+      if ctx.size != 1:
+        raise ValueError(f"--init={FLAGS.init} is missing: one process writes it first")
+      np.savez(FLAGS.init, **{v.path: v.numpy() for v in variables})
+    init = np.load(FLAGS.init)
+    for v in variables:
+      value = init[v.path]
+      if context_lib.is_expert_variable(v):
+        e = value.shape[0] // group
+        value = value[ctx.expert_index * e:(ctx.expert_index + 1) * e]
+      v.assign(value)
 
-  trainer = training.Trainer(model, keras.optimizers.SGD(FLAGS.learning_rate), ctx=ctx,
-                             clip_norm=0.0, remat=FLAGS.remat)
-  compute = tf.function(tf.autograph.experimental.do_not_convert(trainer.compute_gradients))
-  grads, metrics = compute(batches[0])
-  np.savez(f"{FLAGS.out}.rank{ctx.rank}.grads.npz",
-           **{v.path: g.numpy() for v, g in zip(trainer.variables, grads) if g is not None})
-  result = {"rank": ctx.rank, "size": ctx.size, "expert_index": ctx.expert_index,
-            "data_index": ctx.data_index, "experts_per_rank": e,
-            "num_tokens": float(metrics["num_tokens"]), "loss": float(metrics["loss"]),
-            "finite": bool(metrics["finite"]),
-            "no_gradient": [v.path for v, g in zip(trainer.variables, grads) if g is None]}
-  for batch in batches:
-    trainer.train_step(batch)
-  np.savez(f"{FLAGS.out}.rank{ctx.rank}.weights.npz",
-           **{v.path: v.numpy() for v in trainer.variables})
-  with open(f"{FLAGS.out}.rank{ctx.rank}.json", "w") as f:
-    json.dump(result, f)
+    trainer = training.Trainer(model, keras.optimizers.SGD(FLAGS.learning_rate), ctx=ctx,
+                               clip_norm=0.0, remat=remat)
+    compute = tf.function(tf.autograph.experimental.do_not_convert(trainer.compute_gradients))
+    grads, metrics = compute(batches[0])
+    out = f"{FLAGS.out}-{remat}.rank{ctx.rank}"
+    np.savez(f"{out}.grads.npz",
+             **{v.path: g.numpy() for v, g in zip(trainer.variables, grads) if g is not None})
+    result = {"rank": ctx.rank, "size": ctx.size, "expert_index": ctx.expert_index,
+              "data_index": ctx.data_index, "experts_per_rank": e,
+              "num_tokens": float(metrics["num_tokens"]), "loss": float(metrics["loss"]),
+              "finite": bool(metrics["finite"]),
+              "no_gradient": [v.path for v, g in zip(trainer.variables, grads) if g is None]}
+    for batch in batches:
+      trainer.train_step(batch)
+    np.savez(f"{out}.weights.npz", **{v.path: v.numpy() for v in trainer.variables})
+    with open(f"{out}.json", "w") as f:
+      json.dump(result, f)
   ctx.barrier()
   if not isinstance(ctx, context_lib.LocalContext):
     ctx.shutdown()

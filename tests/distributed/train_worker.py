@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Result prefix.")
-flags.DEFINE_string("model_dir", None, "Model dir.")
+flags.DEFINE_string("model_dir", None, "Model dir (eval: a comma-separated list of them).")
 flags.DEFINE_multi_string("gin_file", [], "Gin files.")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
 flags.DEFINE_integer("stop_after", None, "Steps of this invocation.")
@@ -58,8 +58,9 @@ def main(argv):
     result["dense_fingerprint"] = fingerprint(dense)
     result["expert_fingerprint"] = fingerprint(expert)
   else:
+    # Every model dir of the comma-separated list, in one process (one launch, many checks).
     ctx = configurables.make_eval_context()
-    result["eval"] = evaluate_lib.evaluate(FLAGS.model_dir, ctx=ctx)
+    result["evals"] = {d: evaluate_lib.evaluate(d, ctx=ctx) for d in FLAGS.model_dir.split(",")}
   result["rank"] = ctx.rank
   result["size"] = ctx.size
   result["data_index"] = getattr(ctx, "data_index", 0)
