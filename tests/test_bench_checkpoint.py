@@ -10,6 +10,7 @@ import sys
 import tempfile
 import unittest
 
+import pytest
 from tests.support import REPO
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
@@ -34,6 +35,7 @@ class FileOpsTest(unittest.TestCase):
       bench_checkpoint.file_ops("fast")
 
 
+@pytest.mark.multiprocess
 class JsonRunTest(unittest.TestCase):
 
   @classmethod

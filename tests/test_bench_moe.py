@@ -16,6 +16,7 @@ from tests.support import REPO
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import bench_moe  # noqa: E402
+import pytest
 from m6t_tf import cli  # noqa: E402
 
 ROUTING_VARIANTS = {"top1", "top2", "top4", "2xtop1", "4xtop1"}
@@ -25,6 +26,7 @@ RESULT_KEYS = {"name": str, "variant": str, "shape": str, "tokens": int, "median
                "repeats": int, "times_s": list}
 
 
+@pytest.mark.multiprocess
 class SmokeReportTest(unittest.TestCase):
 
   @classmethod
@@ -114,6 +116,7 @@ class SmokeReportTest(unittest.TestCase):
         self.assertFalse(ran, name)
 
 
+@pytest.mark.multiprocess
 class DroplessSmokeReportTest(unittest.TestCase):
   """`--suite=dropless --smoke`: one process for the layer sections, one 2-rank Gloo run."""
 

@@ -15,6 +15,7 @@ import tempfile
 
 import gin
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf import configurables
@@ -66,6 +67,7 @@ class RealTokenFractionTest(tf.test.TestCase):
                                     search_paths=[REPO])["config"]
     self.assertEqual(pinned["capacity"], int(np.ceil(2 * t / 8 * 1.25)))
 
+  @pytest.mark.slow
   def test_trainer_measures_the_configured_gamma(self):
     support.require_demo()
     measured = {}

@@ -13,6 +13,7 @@ import sys
 import tempfile
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from tests import support
 from tests.support import HOROVODRUN, REPO
@@ -69,6 +70,7 @@ class CliTestCase(tf.test.TestCase):
       self.assertNotIn(word, text)
 
 
+@pytest.mark.multiprocess
 class TrainerConfigErrorsTest(CliTestCase):
 
   def setUp(self):
@@ -118,6 +120,7 @@ class TrainerConfigErrorsTest(CliTestCase):
     self.assertFalse([line for line in rank_lines if "Traceback" in line], rank_lines)
 
 
+@pytest.mark.multiprocess
 class ToolErrorsTest(CliTestCase):
 
   def test_evaluate_without_a_trained_model_dir(self):
@@ -221,6 +224,7 @@ def make_photos(folder):
   return path
 
 
+@pytest.mark.multiprocess
 class UserDatasetWalkTest(CliTestCase):
   """The README's "Your own dataset" walk, as a user types it (demo.gin, a few steps)."""
 

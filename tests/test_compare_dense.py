@@ -2,7 +2,6 @@
 tiny configs checked for its schema, its parameter counts (against `m6t_tf.planning`) and the
 consistency of its numbers (not their values: timings are machine-dependent)."""
 
-import glob
 import json
 import math
 import os
@@ -12,9 +11,11 @@ import subprocess
 import sys
 import unittest
 
+import pytest
 import tensorflow as tf
 
-from tests.support import DEMO, REPO
+from tests import support
+from tests.support import REPO
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import compare_dense  # noqa: E402
@@ -91,12 +92,12 @@ class BudgetArithmeticTest(unittest.TestCase):
       compare_dense.split_files(" , ")
 
 
+@pytest.mark.multiprocess
 class TinyJsonRunTest(unittest.TestCase):
 
   @classmethod
   def setUpClass(cls):
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      raise unittest.SkipTest("demo dataset missing: `make data` builds it")
+    support.require_demo()
     cmd = [sys.executable, os.path.join(REPO, "tools", "compare_dense.py"),
            f"--dense_gin={TINY_DENSE}", *[f"--moe_gin={m}" for m in TINY_MOES],
            f"--steps_to_time={ROUNDS}", "--warmup_steps=1", "--format=json"]
@@ -191,14 +192,14 @@ EXACT = ("DROPOUT = 0.0", "ROUTING = 'top_k'", "K = 2", "CAPACITY_FACTOR = 8.0",
          "train.batch_size_per_worker = 4")
 
 
+@pytest.mark.multiprocess
 class TinyUpcycleRunTest(tf.test.TestCase):
   """`--upcycle_moe_gin` on tiny configs: the three arms, their step budgets, the start point."""
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      raise unittest.SkipTest("demo dataset missing: `make data` builds it")
+    support.require_demo()
     cls.tmp = os.path.join(REPO, "runs", "test_compare_dense_upcycle")
     shutil.rmtree(cls.tmp, ignore_errors=True)
     os.makedirs(cls.tmp)

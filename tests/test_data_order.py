@@ -65,6 +65,7 @@ def one_epoch_keys(pattern: str, num_workers: int, epoch: int = 0) -> list[list[
   return out
 
 
+@pytest.mark.slow
 class DataOrderTest(tf.test.TestCase):
 
   def test_one_epoch_reads_every_record_exactly_once(self):

@@ -9,6 +9,7 @@ captions with their batch (the batch-invariance test catches that).
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf import decoding
@@ -208,6 +209,7 @@ class CachedDecodingTest(tf.test.TestCase):
         decoding.DecodeOptions(**{"max_len": MAX_LEN, **kwargs}).check(MAX_LEN - 1, VOCAB)
 
 
+@pytest.mark.slow
 class BatchInvarianceTest(tf.test.TestCase):
 
   def test_caption_independent_of_batch(self):

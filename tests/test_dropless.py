@@ -19,6 +19,7 @@ from absl.testing import parameterized
 import gin
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf import configurables
@@ -265,6 +266,7 @@ class DroplessConfigTest(tf.test.TestCase):
                                     search_paths=[REPO])["config"]
     self.assertEqual(groups["capacity"], 4 * math.ceil(t / 4 / e * 1.25))
 
+  @pytest.mark.slow
   def test_dropless_trains_and_its_ceiling_warns(self):
     support.require_demo()
     gin.clear_config()

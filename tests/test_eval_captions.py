@@ -13,6 +13,7 @@ import os
 import tempfile
 
 import gin
+import pytest
 import tensorflow as tf
 
 from m6t_tf import configurables
@@ -35,6 +36,7 @@ def _text_summaries(model_dir):
   return out
 
 
+@pytest.mark.slow
 class EvalCaptionsTest(tf.test.TestCase):
 
   def setUp(self):

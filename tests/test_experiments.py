@@ -8,7 +8,6 @@ The scripts plot with matplotlib (`requirements-plots.txt`, installed by `make e
 without it the smoke runs are skipped, saying so.
 """
 
-import glob
 import importlib.util
 import json
 import os
@@ -20,7 +19,8 @@ import unittest
 import numpy as np
 import pytest
 
-from tests.support import DEMO, REPO
+from tests import support
+from tests.support import REPO
 
 EXPERIMENTS = os.path.join(REPO, "tools", "experiments")
 sys.path.insert(0, EXPERIMENTS)
@@ -40,15 +40,15 @@ SMOKE = ["--tiny", "--steps=2", "--eval_points=1", "--log_every=1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.multiprocess
 class ScriptsSmokeTest(unittest.TestCase):
 
   @classmethod
   def setUpClass(cls):
     if importlib.util.find_spec("matplotlib") is None:
-      raise unittest.SkipTest("matplotlib missing: `pip install -r requirements-plots.txt` "
-                              "(`make experiments` does)")
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      raise unittest.SkipTest("demo dataset missing: `make data` builds it")
+      pytest.fail("matplotlib is missing: `make experiments-setup` installs "
+                  "requirements-plots.txt (make test does it first)", pytrace=False)
+    support.require_demo()
     cls.tmp = tempfile.mkdtemp(prefix="m6t_experiments_")
     cls.root = os.path.join(cls.tmp, "runs")
     cls.out = os.path.join(cls.tmp, "out")

@@ -17,7 +17,6 @@ for both capacities at k = 1, 2, 4 and both routings), then checks on its JSON:
 * the planner's C equals the trainer's.
 """
 
-import glob
 import importlib.util
 import json
 import math
@@ -27,7 +26,10 @@ import sys
 import tempfile
 import unittest
 
-from tests.support import DEMO, REPO
+import pytest
+
+from tests import support
+from tests.support import REPO
 
 EXPERIMENTS = os.path.join(REPO, "tools", "experiments")
 sys.path.insert(0, EXPERIMENTS)
@@ -42,12 +44,12 @@ def _load_flops():
   return module
 
 
+@pytest.mark.slow
 class FlopsTableTest(unittest.TestCase):
 
   @classmethod
   def setUpClass(cls):
-    if not glob.glob(os.path.join(DEMO, "train-*.tfrecord")):
-      raise unittest.SkipTest("demo dataset missing: `make data` builds it")
+    support.require_demo()
     cls.tmp = tempfile.mkdtemp(prefix="m6t_flops_")
     cwd = os.getcwd()
     try:

@@ -21,6 +21,7 @@ import sys
 import tempfile
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf import decoding
@@ -178,6 +179,7 @@ def _bmp(pixels):
   return header + body
 
 
+@pytest.mark.multiprocess
 class GenerateTest(tf.test.TestCase):
 
   @classmethod

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import gin
+import pytest
 import tensorflow as tf
 
 from launch import run
@@ -23,6 +24,7 @@ class LaunchTest(tf.test.TestCase):
     gin.clear_config()
     super().tearDown()
 
+  @pytest.mark.multiprocess
   def test_dry_run_480_worker_1t_config(self):
     proc = subprocess.run(
         [sys.executable, "-m", "launch.run", "--gin_file=gin/1T.gin",

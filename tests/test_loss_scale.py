@@ -7,6 +7,7 @@ import os
 import gin
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf import configurables
@@ -80,6 +81,7 @@ class LossScaleTest(tf.test.TestCase):
     self.assertGreater(_state(ls)[2], 0)
 
 
+@pytest.mark.slow
 class MixedPrecisionTrainingTest(tf.test.TestCase):
 
   def setUp(self):

@@ -10,8 +10,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import tensorflow as tf
 from tests.support import REPO
+
+pytestmark = pytest.mark.multiprocess
 
 TOOL = os.path.join(REPO, "tools", "measure_memory.py")
 KEYS = ("weights", "optimizer_state", "gradients", "activations")

@@ -18,9 +18,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from tests import support
 from tests.support import HOROVODRUN, REPO
+
+pytestmark = pytest.mark.multiprocess
 
 WORKER = os.path.join(REPO, "tests", "distributed", "fp16_reduce_worker.py")
 RANKS = 2

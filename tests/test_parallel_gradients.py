@@ -22,12 +22,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf.data import records
 from tests import jobs
 from tests import support
 from tests.support import DEMO, HOROVODRUN, REPO
+
+pytestmark = pytest.mark.multiprocess
 
 WORKER = os.path.join(REPO, "tests", "distributed", "grad_worker.py")
 GLOBAL_BATCH = 4

@@ -20,6 +20,7 @@ from absl.testing import parameterized
 import gin
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf import optimizers
@@ -292,6 +293,7 @@ class PlanningTest(parameterized.TestCase, tf.test.TestCase):
       planning.plan_from_gin([files[0]], num_workers=12, search_paths=[REPO])
 
 
+@pytest.mark.multiprocess
 class PlanToolTest(tf.test.TestCase):
 
   def test_json_table_and_errors(self):

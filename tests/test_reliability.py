@@ -15,6 +15,7 @@ import time
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf import training
@@ -58,6 +59,7 @@ def tearDownModule():
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.mark.multiprocess
 class KillAndResumeTest(tf.test.TestCase):
 
   @classmethod
@@ -136,6 +138,7 @@ class KillAndResumeTest(tf.test.TestCase):
     self._kill_and_resume(2)
 
 
+@pytest.mark.multiprocess
 class WorkerFailureTest(tf.test.TestCase):
 
   def test_lost_rank_ends_job_within_60s_and_run_resumes(self):
@@ -163,6 +166,7 @@ class WorkerFailureTest(tf.test.TestCase):
     self.assertTrue("Resumed from" in out, out[-3000:])
 
 
+@pytest.mark.multiprocess
 class StallTest(tf.test.TestCase):
 
   def test_stalled_rank_ends_job_naming_itself_and_run_resumes(self):
@@ -220,6 +224,7 @@ def _rank_pid(root: int, rank: int) -> int:
   raise AssertionError(f"no trainer process of rank {rank} found")
 
 
+@pytest.mark.slow
 class BadDataTrainingTest(tf.test.TestCase):
   """The trainer on a training set with broken records: skip and count, or fail naming them."""
 
@@ -264,6 +269,7 @@ class NonFiniteTest(tf.test.TestCase):
     keras.mixed_precision.set_global_policy("float32")
     super().tearDown()
 
+  @pytest.mark.multiprocess
   def test_nonfinite_stops_naming_step_and_layer_checkpoint_intact(self):
     model_dir = _tmpdir()
     code, out = _run(model_dir, 1, M6T_FAULT_INJECT="nan_weight:5")

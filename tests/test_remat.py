@@ -16,6 +16,7 @@ from absl.testing import parameterized
 import gin
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf import configurables
@@ -216,6 +217,7 @@ def _tiny(bindings):
       *bindings], [REPO])
 
 
+@pytest.mark.slow
 class RematTrainingTest(tf.test.TestCase):
 
   def setUp(self):

@@ -22,6 +22,7 @@ from unittest import mock
 
 import gin
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf import checkpointing
@@ -50,6 +51,7 @@ def _raise_instead_of_kill(self, kind, step):
     raise _Killed(f"{kind}:{step}")
 
 
+@pytest.mark.slow
 class RamModelDirTest(tf.test.TestCase):
 
   @classmethod

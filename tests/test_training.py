@@ -12,6 +12,7 @@ from absl.testing import parameterized
 import gin
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf import configurables
@@ -35,6 +36,7 @@ def _tiny(size_file, bindings=()):
       f"train.eval_data='{DEMO}/validation-*.tfrecord'", *bindings])
 
 
+@pytest.mark.slow
 class GinFilesTest(tf.test.TestCase, parameterized.TestCase):
 
   def setUp(self):

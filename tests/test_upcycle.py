@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import gin
+import pytest
 import tensorflow as tf
 
 from m6t_tf import checkpointing
@@ -31,6 +32,8 @@ from tests import support
 from tests.support import DEMO, HOROVODRUN, REPO
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import upcycle  # noqa: E402  pylint: disable=wrong-import-position
+
+pytestmark = pytest.mark.multiprocess
 
 WORKER = os.path.join(REPO, "tests", "distributed", "train_worker.py")
 FILES = ["gin/demo.gin", "gin/tiny.gin"]
