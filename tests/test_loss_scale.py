@@ -18,7 +18,6 @@ from tests import support
 from tests.support import DEMO, REPO
 
 
-
 def _replay(flags, *, initial, period):
   """The rule, step by step: [(scale, good_steps, skipped)] after each finite/overflow flag."""
   scale, good, skipped, out = initial, 0, 0, []
@@ -82,6 +81,55 @@ class LossScaleTest(tf.test.TestCase):
 
 
 @pytest.mark.slow
+class _TinyMoE(keras.Model):
+  """One MoE layer and a squared-output loss: a model `Trainer` can step in milliseconds."""
+
+  def __init__(self):
+    super().__init__(name="tiny")
+    from m6t_tf.layers import moe as moe_lib  # pylint: disable=g-import-not-at-top
+    self.moe = moe_lib.MoE(4, 8, k=1, capacity_factor=4.0)
+    self.moe_layers = [self.moe]
+
+  def call(self, batch, training=None):
+    return self.moe(batch["x"], training=training)
+
+  def losses_and_metrics(self, batch, training):
+    nll = tf.reduce_sum(tf.square(tf.cast(self(batch, training=training), tf.float32)))
+    return nll, {"nll_sum": nll, "num_tokens": tf.constant(6.0), "loss": nll,
+                 "moe_loss": tf.constant(0.0)}
+
+
+class UnscaledGradientsTest(tf.test.TestCase):
+  """Under loss scaling the optimiser gets the gradients of L, not of scale·L: what it clips,
+  logs as grad_norm and applies equals a run without scaling (the scale is a power of two, so
+  float32 scaling and unscaling are exact). Adam alone could not tell: it divides a uniform
+  gradient scale out."""
+
+  def test_loss_scaled_step_equals_unscaled(self):
+    CLIP = 2e-6  # below the norm of these small initial weights  # pylint: disable=invalid-name
+    keras.utils.set_random_seed(0)
+    batch = {"x": tf.random.normal([6, 5])}
+    results = []
+    for scaled in (False, True):
+      keras.utils.set_random_seed(1)
+      model = _TinyMoE()
+      model(batch)
+      # Plain SGD and a clip norm the gradients exceed: a scale left in changes both.
+      trainer = training.Trainer(model, keras.optimizers.SGD(0.1), clip_norm=CLIP)
+      trainer.loss_scale = training.LossScale(scaled, initial=2.0 ** 12)
+      grads, metrics = trainer.compute_gradients(batch)
+      trainer.apply_gradients(grads, metrics)
+      results.append(([g.numpy() for g in grads if g is not None],
+                      float(metrics["grad_norm"]), [v.numpy() for v in model.trainable_variables]))
+    (g0, n0, w0), (g1, n1, w1) = results
+    self.assertGreater(n0, CLIP)  # clipping is active
+    self.assertAllClose(n1, n0, rtol=1e-6)
+    for a, b in zip(g1, g0):
+      self.assertAllClose(a, b, rtol=1e-6, atol=1e-9)
+    for a, b in zip(w1, w0):
+      self.assertAllClose(a, b, rtol=1e-6, atol=1e-9)
+
+
 class MixedPrecisionTrainingTest(tf.test.TestCase):
 
   def setUp(self):
