@@ -180,6 +180,8 @@ import inspect
 import math
 from typing import Any, Optional, Sequence
 
+from m6t_tf.cli import ConfigError
+
 NUM_PATCHES = 16            # 4×4 grid (m6t_tf.layers.embeddings.NUM_PATCHES)
 DEFAULT_PATCH_DIM = 16 * 16 * 3   # a 16×16 RGB patch of a 64×64 image
 GIB = 2 ** 30
@@ -359,11 +361,11 @@ def config_from_gin(*, num_workers: Optional[int] = None, patch_dim: int = DEFAU
                "dropout_rate", "moe", "moe_placement", "moe_every", "moe_attention"):
     values[name] = _query(f"M6Transformer.{name}", net.get(name, None))
     if values[name] is None and name == "max_text_length":
-      raise ValueError("M6Transformer.max_text_length is None: MAX_LEN = None follows the data, "
+      raise ConfigError("M6Transformer.max_text_length is None: MAX_LEN = None follows the data, "
                        "and train.train_data matches no file here; pass --gin_bindings=MAX_LEN=n "
                        "(caption tokens incl. [CLS]/[SEP])")
     if values[name] is None and name not in ("moe",):
-      raise ValueError(f"M6Transformer.{name} is not bound by the gin config")
+      raise ConfigError(f"M6Transformer.{name} is not bound by the gin config")
   moe = values.pop("moe")
   if isinstance(moe, m6_transformer.MoEConfig):
     moe = moe.kwargs()
@@ -378,7 +380,7 @@ def config_from_gin(*, num_workers: Optional[int] = None, patch_dim: int = DEFAU
   if mesh_expert == 0:   # "all workers / mesh_data", as make_context resolves it
     mesh_expert = max((num_workers or mesh_data) // mesh_data, 1)
   if num_workers is not None and num_workers != mesh_data * mesh_expert:
-    raise ValueError(
+    raise ConfigError(
         f"--num_workers={num_workers} but the layout is make_context.mesh_data={mesh_data} × "
         f"mesh_expert={mesh_expert} = {mesh_data * mesh_expert} workers; pass the matching "
         f"gin/layouts/*.gin or --num_workers={mesh_data * mesh_expert}")
@@ -389,19 +391,19 @@ def config_from_gin(*, num_workers: Optional[int] = None, patch_dim: int = DEFAU
 
 
 def validate(config: PlanConfig) -> None:
-  """Raises ValueError for a config the trainer would reject (before any arithmetic)."""
+  """Raises ConfigError for a config the trainer would reject (before any arithmetic)."""
   if config.max_len - 1 > config.max_text_length:
-    raise ValueError(f"train.max_len={config.max_len} feeds {config.max_len - 1} caption "
+    raise ConfigError(f"train.max_len={config.max_len} feeds {config.max_len - 1} caption "
                      f"positions, more than M6Transformer.max_text_length="
                      f"{config.max_text_length}")
   if config.moe_placement != "none" and not config.moe:
-    raise ValueError(f"M6Transformer.moe_placement={config.moe_placement!r} needs an MoE config "
+    raise ConfigError(f"M6Transformer.moe_placement={config.moe_placement!r} needs an MoE config "
                      f"(M6Transformer.moe = @MoEConfig())")
   if config.moe and config.num_experts % config.mesh_expert:
-    raise ValueError(f"E={config.num_experts} experts do not split over the expert axis "
+    raise ConfigError(f"E={config.num_experts} experts do not split over the expert axis "
                      f"D={config.mesh_expert}; choose a layout whose mesh_expert divides E")
   if config.patch_dim < 1:
-    raise ValueError(f"patch_dim={config.patch_dim} must be >= 1")
+    raise ConfigError(f"patch_dim={config.patch_dim} must be >= 1")
 
 
 def plan_from_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (), *,

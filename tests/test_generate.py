@@ -247,9 +247,9 @@ class GenerateTest(tf.test.TestCase):
     for kwargs, needle in ((dict(), "exactly one of"),
                            (dict(split="test"), "split='test'"),
                            (dict(split="validation", batch_size=0), "batch_size=0")):
-      with self.subTest(needle), self.assertRaisesRegex(ValueError, needle):
+      with self.subTest(needle), self.assertRaisesRegex(ConfigError, needle):
         generation.generate(self.model_dir, options=decoding.DecodeOptions(), **kwargs)
-    with self.assertRaisesRegex(ValueError, "max_len=40"):
+    with self.assertRaisesRegex(ConfigError, "max_len=40"):
       generation.generate(self.model_dir, split="validation",
                           options=decoding.DecodeOptions(max_len=40), log=lambda *a: None)
     with self.assertRaisesRegex(ConfigError, "config.gin not found"):

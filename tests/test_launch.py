@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from launch import run
+from m6t_tf.cli import ConfigError
 from m6t_tf.parallel import watchdog
 from tests.support import REPO
 
@@ -54,11 +55,11 @@ class LaunchTest(tf.test.TestCase):
     self.assertEqual(cmd[6:9], ["python", "-m", "m6t_tf.train"])
 
   def test_layout_must_match_worker_count(self):
-    with self.assertRaisesRegex(ValueError, r"= 128 workers, but --num_workers=480"):
+    with self.assertRaisesRegex(ConfigError, r"= 128 workers, but --num_workers=480"):
       run.check_layout(["gin/1T.gin", "gin/layouts/1x128.gin"], [], 480)
 
   def test_experts_must_divide_over_expert_axis(self):
-    with self.assertRaisesRegex(ValueError, "num_experts=32 is not divisible"):
+    with self.assertRaisesRegex(ConfigError, "num_experts=32 is not divisible"):
       run.check_layout(["gin/base.gin"], [], 3)
 
   def test_paper_layouts_are_valid(self):
@@ -67,7 +68,7 @@ class LaunchTest(tf.test.TestCase):
                                         workers), (1, workers))
 
   def test_hosts_and_hostfile_are_exclusive(self):
-    with self.assertRaisesRegex(ValueError, "not both"):
+    with self.assertRaisesRegex(ConfigError, "not both"):
       run.build_command(gin_files=["gin/demo.gin"], gin_bindings=[], num_workers=2,
                         hosts="a:2", hostfile="h")
 

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from m6t_tf import optimizers
 from m6t_tf import planning
+from m6t_tf.cli import ConfigError
 from m6t_tf.models import m6_captioner
 from m6t_tf.networks import m6_transformer
 from m6t_tf.parallel import communicator as comm_lib
@@ -287,9 +288,9 @@ class PlanningTest(parameterized.TestCase, tf.test.TestCase):
 
   def test_layout_mismatch_and_uneven_experts_raise(self):
     files = [os.path.join(REPO, "gin", "base.gin"), os.path.join(REPO, "gin", "layouts", "1x8.gin")]
-    with self.assertRaisesRegex(ValueError, "num_workers=16"):
+    with self.assertRaisesRegex(ConfigError, "num_workers=16"):
       planning.plan_from_gin(files, num_workers=16, search_paths=[REPO])
-    with self.assertRaisesRegex(ValueError, "do not split"):
+    with self.assertRaisesRegex(ConfigError, "do not split"):
       planning.plan_from_gin([files[0]], num_workers=12, search_paths=[REPO])
 
 

@@ -28,6 +28,7 @@ import tensorflow as tf
 from m6t_tf import checkpointing
 from m6t_tf import configurables
 from m6t_tf import evaluation
+from m6t_tf.cli import ConfigError
 from m6t_tf import generation
 from m6t_tf import storage
 from m6t_tf import training
@@ -157,7 +158,7 @@ class RamCheckpointTest(tf.test.TestCase):
     self.assertIsInstance(checkpointing.file_ops_for("ram://run"), checkpointing.GFileOps)
 
   def test_filesystem_without_support_is_named_at_start(self):
-    with self.assertRaisesRegex(ValueError, r"model_dir='s3://bucket/run' is not writable "
+    with self.assertRaisesRegex(ConfigError, r"model_dir='s3://bucket/run' is not writable "
                                             r"\(File system scheme 's3' not implemented.*"
                                             r"tensorflow-io"):
       training.check_model_dir("s3://bucket/run")

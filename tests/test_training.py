@@ -18,6 +18,7 @@ import tensorflow as tf
 from m6t_tf import configurables
 from m6t_tf import evaluation as evaluate_lib
 from m6t_tf import training
+from m6t_tf.cli import ConfigError
 from m6t_tf.data import pipeline
 from tests import support
 from tests.support import DEMO, REPO
@@ -193,12 +194,12 @@ class BadConfigTest(tf.test.TestCase):
     super().tearDown()
 
   def test_unknown_binding_is_rejected(self):
-    with self.assertRaisesRegex(ValueError, "nonexistent_option"):
+    with self.assertRaisesRegex(ConfigError, "nonexistent_option"):
       _tiny("demo.gin", ["train.nonexistent_option = 3"])
 
   def test_k_larger_than_experts_fails_before_training(self):
     _tiny("demo.gin", ["K = 16"])
-    with self.assertRaisesRegex(ValueError, "k=16"):
+    with self.assertRaisesRegex(ConfigError, "k=16"):
       configurables.run_train(model_dir=_tmpdir())
 
   def test_out_of_range_and_wrong_type_values(self):
@@ -211,19 +212,19 @@ class BadConfigTest(tf.test.TestCase):
       _tiny("demo.gin", [binding])
       if message is None:
         continue
-      with self.assertRaisesRegex(ValueError, message, msg=binding):
+      with self.assertRaisesRegex(ConfigError, message, msg=binding):
         configurables.run_train(model_dir=_tmpdir())
 
   def test_global_batch_must_divide_over_workers(self):
     class TwoWorkers(_local().__class__):
       size = 2
     _tiny("demo.gin", ["train.global_batch_size = 3"])
-    with self.assertRaisesRegex(ValueError, "global_batch_size=3 is not divisible by the 2"):
+    with self.assertRaisesRegex(ConfigError, "global_batch_size=3 is not divisible by the 2"):
       configurables.run_train(model_dir=_tmpdir(), ctx=TwoWorkers())
 
   def test_cosine_horizon_shorter_than_warmup(self):
     _tiny("demo.gin", ["train.warmup_steps = 10", "train.lr_decay = 'cosine'"])
-    with self.assertRaisesRegex(ValueError, r"train.num_steps=2 is not more than the 10 "
+    with self.assertRaisesRegex(ConfigError, r"train.num_steps=2 is not more than the 10 "
                                             r"warmup steps .*train.warmup_steps=1"):
       configurables.run_train(model_dir=_tmpdir())
 
@@ -233,7 +234,7 @@ class BadConfigTest(tf.test.TestCase):
     else:
       path = _tmpdir()
       os.chmod(path, stat.S_IRUSR | stat.S_IXUSR)
-    with self.assertRaisesRegex(ValueError, "not writable"):
+    with self.assertRaisesRegex(ConfigError, "not writable"):
       training.check_model_dir(path)
 
 
