@@ -366,9 +366,12 @@ class GradientAndDroppingTest(parameterized.TestCase, tf.test.TestCase):
     layer = _make(4, routing=routing, k=k, normalization=normalization, activation="swiglu",
                   capacity_factor=2.0)
     if routing == "top_k" and k == 1 and normalization == "softmax_topk":
-      # Softmax over a single logit is 1: no gradient can reach the router. Documented here.
+      # Softmax over a single logit is 1: no gradient can reach the router (round-off of
+      # ~1e-8 at most, depending on the CPU's kernels; the experts' gradients are ~1e-2).
+      # Documented here.
       _, grads = _loss_and_grads(layer, _inputs(0))
-      self.assertAllEqual(grads[1], np.zeros([M, 4]))
+      self.assertLess(float(tf.reduce_max(tf.abs(grads[1]))),
+                      1e-5 * float(tf.reduce_max(tf.abs(grads[2]))))
       return
     _, grads = _loss_and_grads(layer, _inputs(0))
     for v, g in zip(layer.trainable_variables, grads[1:]):
