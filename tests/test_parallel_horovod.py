@@ -347,6 +347,7 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
+@pytest.mark.multiprocess
 def test_train_entry_point_pins_before_the_config_reads_data(tmp_path):
   """`configurables.parse` reads records when the data has no metadata.json (MAX_LEN = None),
   which starts TensorFlow's runtime: the GPU must be chosen before."""

@@ -19,6 +19,7 @@ import time
 from unittest import mock
 
 import gin
+import pytest
 import tensorflow as tf
 
 from m6t_tf import checkpointing
@@ -210,6 +211,7 @@ class CheckpointerWaitsTest(tf.test.TestCase):
     self.assertEqual(seen, [(f"checkpoint restore of {directory}/ckpt-3", STORAGE, allowance)])
 
 
+@pytest.mark.slow
 class TrainerPhasesTest(tf.test.TestCase):
   """One single-process run, stalled (storage) in the first step, a checkpoint save, an
   evaluation and caption decoding; then a restart stalled in the restore."""
@@ -282,6 +284,7 @@ class TrainerPhasesTest(tf.test.TestCase):
   def test_caption_decoding(self):
     self._message("caption decoding at step 1")
 
+  @pytest.mark.multiprocess
   def test_checkpoint_restore_ends_a_real_run(self):
     """The restart stalls reading ckpt-2: the process ends itself (status 3) naming it."""
     env = jobs.worker_env(M6T_FAULT_INJECT="stall_in:restore:2")
