@@ -18,6 +18,7 @@ from unittest import mock
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf.layers import moe as moe_lib
@@ -70,6 +71,7 @@ def routed_shapes(spy):
   return [tuple(call.args[0].shape) for call in spy.call_args_list]
 
 
+@pytest.mark.slow  # fit, predict, .keras, export: ~1 min of tracing
 class FunctionalModelTest(tf.test.TestCase):
 
   @classmethod
