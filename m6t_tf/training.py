@@ -549,6 +549,48 @@ class CaptionSamples:
     return rows
 
 
+ON_BAD_RECORD = ("skip", "fail")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def shorter_warmup(num_steps: int, warmup_fraction: float) -> str:
+  """Bindings that give a decaying schedule of `num_steps` a warmup it can hold (fewer steps).
+
+  A tenth of the run, at least 1 and at most num_steps - 1; a one-step run has no room for a
+  warmup at all, so its warmup_fraction must not bring one back either.
+  """
+  steps = min(max(num_steps // 10, 1), num_steps - 1)
+  out = f"--gin_bindings=train.warmup_steps={steps}"
+  if steps == 0 and round(warmup_fraction * num_steps) >= num_steps:
+    out += " --gin_bindings=train.warmup_fraction=0.0"
+  return out
+
+
+def next_batch(iterator, *, train_data: str, step: int):
+  """The next training batch. The input pipeline's own verdicts on the data (a bad record
+  under on_bad_record='fail', bad records only, an epoch without a good record) are
+  ConfigErrors naming the record and the fix; any other failure keeps its type and
+  traceback, with a note naming the data and the step."""
+  from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.training` light for tools
+  try:
+    return next(iterator)
+  except tf.errors.OpError as e:
+    is_data, text = pipeline.explain_error(e)
+    where = f"train.train_data={train_data!r} (the batch of step {step})"
+    if not is_data:
+      e.add_note(f"Raised by the input pipeline of {where}: {text}")
+      raise
+    if text.startswith("on_bad_record=fail"):
+      fix = ("repair or remove that record, or set --gin_bindings=\"train.on_bad_record="
+             "'skip'\" to skip and count bad records")
+    else:
+      fix = "check the files against the config (image size, MAX_LEN) and the worker count"
+    raise ConfigError(f"{where}: {text}; {fix}") from None
+
+
 def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
           num_steps: int, batch_size_per_worker: int = 8, max_len: int = 64,
           truncate_captions: bool = False, image_mode: str = "pixels", optimizer: str = "adamw",
@@ -627,7 +669,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     raise ConfigError(
         f"train.lr_decay={lr_decay!r} decays after the warmup, but train.num_steps={num_steps} "
         f"is not more than the {warmup} warmup steps (train.warmup_steps): pass "
-        f"--gin_bindings=train.warmup_steps={max(num_steps // 10, 1)} or more steps")
+        f"{shorter_warmup(num_steps, warmup_fraction)} or more steps")
   try:
     schedule = optimizers.WarmupSchedule(learning_rate, warmup, decay=lr_decay,
                                          total_steps=num_steps, final_fraction=final_lr_fraction)
@@ -635,6 +677,17 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     raise ConfigError(f"train's learning-rate schedule: {e}") from None
   if optimizer not in optimizers.OPTIMIZERS:
     raise ConfigError(f"train.optimizer={optimizer!r}; allowed: {optimizers.OPTIMIZERS}")
+  if on_bad_record not in ON_BAD_RECORD:
+    raise ConfigError(f"train.on_bad_record={on_bad_record!r}; allowed: 'skip' (drop and count "
+                      f"bad records) or 'fail' (stop at the first, naming it)")
+  if not _is_int(shuffle_buffer) or shuffle_buffer < 1:
+    raise ConfigError(f"train.shuffle_buffer={shuffle_buffer!r} must be an integer >= 1 (the "
+                      f"records shuffled together; 1 = none, only the file order changes "
+                      f"between epochs), e.g. --gin_bindings=train.shuffle_buffer=2048")
+  if not _is_int(keep_checkpoints) or keep_checkpoints < 1:
+    raise ConfigError(f"train.keep_checkpoints={keep_checkpoints!r} must be an integer >= 1 "
+                      f"(a run keeps at least the checkpoint it would resume from), e.g. "
+                      f"--gin_bindings=train.keep_checkpoints=3")
   ctx = ctx or context_lib.LocalContext()
   batch_size_per_worker = per_worker_batch(batch_size_per_worker, global_batch_size, ctx.size)
   if jit_compile and ctx.size > 1:
@@ -655,9 +708,10 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   if not (isinstance(eval_captions, int) and not isinstance(eval_captions, bool)
           and eval_captions >= 0):
     raise ConfigError(f"train.eval_captions={eval_captions!r} must be an integer >= 0 (0 = off)")
-  if not (isinstance(stall_timeout_s, (int, float)) and stall_timeout_s >= 0):
-    raise ValueError(f"train.stall_timeout_s={stall_timeout_s!r} must be a number of seconds "
-                     f">= 0 (0 = off)")
+  if not (isinstance(stall_timeout_s, (int, float)) and not isinstance(stall_timeout_s, bool)
+          and stall_timeout_s >= 0):
+    raise ConfigError(f"train.stall_timeout_s={stall_timeout_s!r} must be a number of seconds "
+                      f">= 0 (0 = off), e.g. --gin_bindings=train.stall_timeout_s=300")
   check_model_dir(model_dir)
   # Initial weights differ per worker (seed + rank: each draws its own experts) and are made
   # identical where replicated by the broadcast below, or come from the checkpoint. Data order
@@ -689,7 +743,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
                         skip_batches=skip, on_bad_record=on_bad_record, counter=counter,
                         include_keys=log_data_keys)
 
-  first = dict(next(iter(stream(0).take(1))))
+  first = dict(next_batch(iter(stream(0).take(1)), train_data=train_data, step=1))
   first.pop("key", None)
   model = build_model(batch=first, mixed_precision=mixed_precision, network=network)
   opt = optimizers.make_optimizer(optimizer, schedule, weight_decay=weight_decay, beta_1=beta_1,
@@ -787,7 +841,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     watchdog.begin_step()
     faults.maybe_corrupt(step, model)
     trainer.reseed(seed, step)
-    batch = next(iterator)
+    batch = next_batch(iterator, train_data=train_data, step=step)
     inputs = batch["tokens"].numpy()[:, :-1]
     real_positions += 16 * int(np.count_nonzero(inputs[:, 0])) + int(np.count_nonzero(inputs))
     if key_log is not None:
