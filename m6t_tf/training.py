@@ -266,18 +266,44 @@ def check_free_space(model_dir: str, entries: dict, keep: int) -> None:
                       f"train.keep_checkpoints")
 
 
-class LossLog:
+class _StepLog:
+  """Lines appended to `path` once per step, buffered on remote storage.
+
+  An append to an object store rewrites the whole object (quadratic bytes over a run, and a
+  blocking write every step), so on a remote path (`storage.is_local` false) lines wait for
+  `flush()`, which the trainer calls at logging cadence, before every checkpoint save and at
+  the end. A run killed between two flushes loses only lines of steps after its last
+  checkpoint, which the resumed run trains and logs again. A local append is cheap and
+  survives a kill, so a local path gets each line at once.
+  """
+
+  def __init__(self, path: str, *, buffered: Optional[bool] = None):
+    self.path = path
+    self.buffered = not storage.is_local(path) if buffered is None else buffered
+    self._lines = []
+
+  def _append(self, line: str) -> None:
+    if self.buffered:
+      self._lines.append(line)
+    else:
+      storage.append_text(self.path, line)
+
+  def flush(self) -> None:
+    """Writes the buffered lines, in one append."""
+    if self._lines:
+      storage.append_text(self.path, "".join(self._lines))
+      self._lines = []
+
+
+class LossLog(_StepLog):
   """Appends `{"step", "loss"}` lines to `losses.jsonl`; a restarted run appends again.
 
   The last line of a step wins, so the log of a run killed and resumed reads like the log of a
-  run that was never interrupted (`read_loss_log`).
+  run that was never interrupted (`read_loss_log`). Buffered on remote storage (`_StepLog`).
   """
 
-  def __init__(self, path: str):
-    self.path = path
-
   def write(self, step: int, loss: float) -> None:
-    storage.append_text(self.path, json.dumps({"step": step, "loss": loss}) + "\n")
+    self._append(json.dumps({"step": step, "loss": loss}) + "\n")
 
 
 def read_loss_log(path: str) -> dict:
@@ -461,18 +487,18 @@ def train_stream(train_data, *, ctx, seed: int, batch_size: int, max_len: int, i
   return ds
 
 
-class DataKeyLog:
+class DataKeyLog(_StepLog):
   """Appends `{"step", "keys"}` lines to `data_keys/rank<R>.jsonl`: the records each step of
-  this worker trained on (`train.log_data_keys`), to audit sharding and resumption."""
+  this worker trained on (`train.log_data_keys`), to audit sharding and resumption. Buffered
+  on remote storage (`_StepLog`)."""
 
-  def __init__(self, model_dir: str, rank: int):
+  def __init__(self, model_dir: str, rank: int, *, buffered: Optional[bool] = None):
     folder = os.path.join(model_dir, "data_keys")
     storage.makedirs(folder)
-    self.path = os.path.join(folder, f"rank{rank}.jsonl")
+    super().__init__(os.path.join(folder, f"rank{rank}.jsonl"), buffered=buffered)
 
   def write(self, step: int, keys) -> None:
-    storage.append_text(self.path, json.dumps(
-        {"step": step, "keys": [k.decode("utf-8") for k in keys]}) + "\n")
+    self._append(json.dumps({"step": step, "keys": [k.decode("utf-8") for k in keys]}) + "\n")
 
 
 def _batches_for_eval(eval_data, *, batch_size, max_len, image_mode, ctx):
@@ -788,8 +814,14 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     """Per-reason bad records of the whole run so far (collective: every worker calls it)."""
     return bad_at_start + np.asarray(ctx.sum_over_world(counter.as_tensor()))
 
+  def flush_logs():
+    for log in (loss_log, key_log):
+      if log is not None:
+        log.flush()
+
   def save(step):
     bad_total.assign(bad_records())
+    flush_logs()  # a checkpoint never runs ahead of the logs of the steps it holds
     checkpointer.save(step)
   start = int(step_var)
   positions_per_step = batch_size_per_worker * (max_len - 1 + 16)  # per worker
@@ -867,6 +899,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
       key_log.write(step, keys)
     faults.maybe_kill("kill_after_step", step)
     if step % log_every == 0 or step == end:
+      flush_logs()
       elapsed = time.time() - last_log_time
       # Real tokens per second over all workers (each worker counts its own batch).
       steps_logged = step - last_log_step
@@ -917,6 +950,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
         print(f"  eval @ {step}: perplexity {r['perplexity']:.2f}", flush=True)
   if end > start or stop_after == 0:
     save(end)
+  flush_logs()
   if eval_data and end == num_steps:
     eval_result = evaluate_perplexity(trainer, _batches_for_eval(
         eval_data, batch_size=batch_size_per_worker, max_len=max_len, image_mode=image_mode,
