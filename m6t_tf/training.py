@@ -653,11 +653,12 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
       weight_decay, beta_1, beta_2, epsilon: AdamW.
     clip_norm: global gradient-norm clipping over the whole (sharded) model; 0 = off.
     mixed_precision: mixed_float16 compute with dynamic loss scaling (router stays float32).
-    checkpoint_every, keep_checkpoints: checkpoint period (steps) and how many to keep.
+    checkpoint_every, keep_checkpoints: checkpoint period (steps) and how many to keep (>= 1).
     log_every: console and TensorBoard period.  eval_every, eval_batches: periodic validation
       (0 = only at the end; eval_batches 0 = the whole split).
     seed: weights, dropout and data order.  deterministic: TF deterministic ops (exact resume).
-    jit_compile: XLA-compile the step.  shuffle_buffer: records in the shuffle buffer.
+    jit_compile: XLA-compile the step.  shuffle_buffer: records in the shuffle buffer (>= 1;
+      1 = no record shuffle, only the file order changes between epochs).
     ctx: the worker context (`LocalContext` by default; Horovod's under horovodrun).
     network_fn: builds the network (gin's `M6Transformer` by default).
     stop_after: stop (with a checkpoint) after this many steps of *this* invocation — used to

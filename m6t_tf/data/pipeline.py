@@ -243,23 +243,23 @@ class _Judge:
   Each record is parsed under its own `ignore_errors` (`_parse_block`), which drops a record
   the parser rejects ("not_an_example"); the gap it leaves in the sequence numbers finds it,
   and the next element carries its file and index (`prev_file`, `prev_index`; for a run of
-  such records, those of the last). A repeated stream must never spin without a batch: an
-  epoch that holds no good record fails (`shard`, a description of this worker's files, is
-  named), and with on_bad_record="skip" so do `max_consecutive_bad_records` bad records in a
-  row. The judge does not count inside the first `skip_records` good records (a resumed run
+  such records, those of the last). A repeated stream (`epochs`) must never spin without a
+  batch: an epoch that holds no good record fails (`shard`, a description of this worker's
+  files, is named), and with on_bad_record="skip" so do `max_consecutive_bad_records` bad
+  records in a row. The judge does not count inside the first `skip_records` good records (a resumed run
   must not count again what the first run counted), and passes the counts on to the next good
   record (`carry`, see `BadRecordCounter`) or adds them at once.
   """
 
   def __init__(self, files, *, keep: Sequence[str], fail: bool,
                counter: BadRecordCounter | None, carry: bool, skip_records: int,
-               max_consecutive_bad_records: int, shard: str = ""):
+               max_consecutive_bad_records: int, epochs: bool = False, shard: str = ""):
     self.names = tf.constant(list(files))
     self.keep = tuple(keep)
     self.fail, self.counter, self.carry = fail, counter, carry
     self.skip_records = skip_records
     self.max_run = max_consecutive_bad_records
-    self.shard = shard
+    self.epochs, self.shard = epochs, shard
 
   def initial_state(self):
     """(last seq, good records seen, bad run, pending counts, good and bad in this epoch)."""
@@ -298,17 +298,21 @@ class _Judge:
     bad = (tf.one_hot(reason, _NUM_REASONS, dtype=tf.int64) +  # one_hot(GOOD) is all 0
            gap[:, None] * tf.one_hot(records.NOT_AN_EXAMPLE, _NUM_REASONS, dtype=tf.int64))
     num_bad = tf.reduce_sum(bad, axis=1)
-    # Good and bad records of the epoch up to each element; at an epoch's end marker, the
-    # epoch's totals.
-    end = tf.equal(kind, _END_OF_EPOCH)
-    goods = _since_last_good(tf.cast(good, tf.int64), end, epoch_good)
-    bads = _since_last_good(num_bad, end, epoch_bad)
-    at_empty = _first(end & tf.equal(goods, 0))
-    checks = [(at_empty, lambda: tf.strings.join([
-        "no good record in epoch ", tf.strings.as_string(b["index"][at_empty]), " of ",
-        self.shard, " (", tf.strings.as_string(bads[at_empty]), " bad records",
-        " skipped" if not self.fail else "", "): the files hold no record for this worker, "
-        "or only bad ones, and the stream would never yield a batch"]))]
+    checks = []
+    if self.epochs:
+      # Good and bad records of the epoch up to each element; at an epoch's end marker, the
+      # epoch's totals.
+      end = tf.equal(kind, _END_OF_EPOCH)
+      goods = _since_last_good(tf.cast(good, tf.int64), end, epoch_good)
+      bads = _since_last_good(num_bad, end, epoch_bad)
+      at_empty = _first(end & tf.equal(goods, 0))
+      checks.append((at_empty, lambda: tf.strings.join([
+          "no good record in epoch ", tf.strings.as_string(b["index"][at_empty]), " of ",
+          self.shard, " (", tf.strings.as_string(bads[at_empty]), " bad records",
+          " skipped" if not self.fail else "", "): the files hold no record for this worker, "
+          "or only bad ones, and the stream would never yield a batch"])))
+      epoch_good = tf.where(end[-1], tf.zeros_like(epoch_good), goods[-1])
+      epoch_bad = tf.where(end[-1], tf.zeros_like(epoch_bad), bads[-1])
     if self.fail:
       at_gap, at_bad = _first(gap > 0), _first(reason >= 0)
       checks.append((tf.minimum(at_gap, at_bad), lambda: tf.strings.join([
@@ -337,8 +341,6 @@ class _Judge:
         self.counter.add(tf.reduce_sum(bad, axis=0))  # runs without a dependency on it
     with tf.control_dependencies([_fail_at_first(checks, n)]):
       good_seen += tf.reduce_sum(tf.cast(good, tf.int64))
-    epoch_good = tf.where(end[-1], tf.zeros_like(epoch_good), goods[-1])
-    epoch_bad = tf.where(end[-1], tf.zeros_like(epoch_bad), bads[-1])
     return (seq[-1], good_seen, run, pending, epoch_good, epoch_bad), out
 
 
@@ -624,7 +626,8 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
       f"{len(files)} file{'s' * (len(files) != 1)}, the first {files[0]}")
   judge = _Judge(files, keep=keep, fail=on_bad_record == "fail", counter=counter, carry=carry,
                  skip_records=skip_batches * batch_size,
-                 max_consecutive_bad_records=max_consecutive_bad_records, shard=shard)
+                 max_consecutive_bad_records=max_consecutive_bad_records, epochs=repeat,
+                 shard=shard)
   # `ignore_errors` around each block's parse alone: a record the parser rejects is dropped
   # (and found by the judge), while an error anywhere upstream (reading, shuffling, a bad
   # argument) reaches the caller. One `ignore_errors` over the whole stream swallowed those
