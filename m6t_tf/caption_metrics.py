@@ -436,7 +436,7 @@ def write_html(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], *,
   """Writes one self-contained page (images embedded) of generated captions.
 
   Args:
-    path: the .html file to write (via tf.io.gfile when TensorFlow paths are used).
+    path: the .html file to write, on any TensorFlow filesystem (`storage.write_whole`).
     rows: captions JSON rows ("key", "caption", optional "log_prob", "score", "candidates",
       "references"), each with its image as "image_png" (encoded PNG/JPEG bytes) or "image"
       (a file path). Optional "scores" ({"CIDEr-D": ..., "BLEU-4": ...}) and "baselines"
@@ -467,8 +467,5 @@ def write_html(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], *,
           "pycocoevalcap, Chinese scored by character</p>" +
           (_metrics_html(metrics) if metrics else "") +
           f'<div class="grid">{"".join(cells)}</div></body></html>\n')
-  import tensorflow as tf
-  tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(page)
-  tf.io.gfile.rename(tmp, os.fspath(path), overwrite=True)
+  from m6t_tf import storage  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  storage.write_whole(os.fspath(path), page)

@@ -142,7 +142,8 @@ class Checkpointer:
     entries: every variable to save, by stable key.
     ctx: the worker context (rank, expert_index, data_index, expert_group_size, barrier).
     num_experts: E (global); expert variables have leading dimension E / expert_group_size.
-    max_to_keep: older checkpoints are deleted after a successful save.
+    max_to_keep: older checkpoints are deleted after a successful save (>= 1: the newest is
+      always kept).
     file_ops: the file operations (flush, rename, remove); by default `file_ops_for(directory)`.
     watchdog: the `StallWatchdog` told about each wait of a save or restore (default: off).
   """
@@ -154,6 +155,9 @@ class Checkpointer:
     self.entries = entries
     self.ctx = ctx
     self.num_experts = num_experts
+    if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+      # `kept[-0:]` is the whole list: 0 would keep every checkpoint, not none.
+      raise ValueError(f"max_to_keep={max_to_keep!r} must be an integer >= 1")
     self.max_to_keep = max_to_keep
     self.fs = file_ops or file_ops_for(directory)
     self.watchdog = watchdog or watchdog_lib.OFF

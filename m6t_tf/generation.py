@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from m6t_tf import decoding
+from m6t_tf import storage
 from m6t_tf.cli import ConfigError
 from m6t_tf.data import images as images_lib
 
@@ -307,8 +308,7 @@ def generate(model_dir: str, *, images: Optional[str] = None, split: Optional[st
     result["metrics"], baseline_captions = score_with_baselines(
         metrics_lib, rows, restored, pattern if split == "validation" else None, max_len, say)
     path = os.path.join(model_dir, "caption_metrics.json")
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(result["metrics"], f, ensure_ascii=False, indent=1)
+    storage.write_whole(path, json.dumps(result["metrics"], ensure_ascii=False, indent=1))
     say(f"Wrote {path}")
   elif split is not None:
     say("caption metrics skipped: m6t_tf.caption_metrics is not available")
@@ -358,10 +358,10 @@ def score_with_baselines(metrics_lib, rows, restored, eval_pattern, max_len, say
 
 
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
-  """One JSON object a line (UTF-8, Chinese unescaped), written atomically."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  """One JSON object a line (UTF-8, Chinese unescaped), published whole on any TensorFlow
+  filesystem (`storage.write_whole`)."""
+  parent = os.path.dirname(path)
+  if parent:
+    storage.makedirs(parent)
+  storage.write_whole(path, "".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                    for row in rows))

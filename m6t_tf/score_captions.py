@@ -104,12 +104,12 @@ def score_file(captions: str, *, references: str | None = None,
       table[name] = cm.score_captions(caps, refs)
   print(cm.format_table(table), flush=True)
   if out:
-    import tensorflow as tf
-    with tf.io.gfile.GFile(out, "w") as f:
-      mode = next(iter(base["most_frequent"].values())) if base else None
-      json.dump({"captions": captions, "references": references, "train_data": train_data,
-                 "metrics": table, "most_frequent_training_caption": mode}, f,
-                ensure_ascii=False, indent=1)
+    from m6t_tf import storage  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+    mode = next(iter(base["most_frequent"].values())) if base else None
+    storage.write_whole(out, json.dumps(
+        {"captions": captions, "references": references, "train_data": train_data,
+         "metrics": table, "most_frequent_training_caption": mode},
+        ensure_ascii=False, indent=1))
     print(f"Written to {out}")
   if html:
     page_rows = []

@@ -40,11 +40,10 @@ The graph uses only core TensorFlow ops (no tensorflow_text): a client loads it 
 
 from __future__ import annotations
 
-import os
-
 import tensorflow as tf
 
 from m6t_tf import decoding
+from m6t_tf import storage
 from m6t_tf.cli import ConfigError
 from m6t_tf.data import detokenizer as detokenizer_lib
 from m6t_tf.data import images as images_lib
@@ -128,7 +127,8 @@ class CaptionServer(tf.Module):
 
 
 def export(server: CaptionServer, export_dir: str) -> None:
-  """Writes the SavedModel with the `serving_default` signature."""
+  """Writes the SavedModel with the `serving_default` signature, on any TensorFlow filesystem
+  (`tf.saved_model.save` writes through `tf.io.gfile`: no local staging)."""
   tf.saved_model.save(server, export_dir,
                       signatures={SIGNATURE_KEY: server.serve.get_concrete_function()})
 
@@ -144,7 +144,7 @@ def export_model(model_dir: str, export_dir: str, *, options, serving_batch: int
   if launch_env.world_size() > 1:
     raise ConfigError("export runs in one process (it holds every expert): run it without "
                       "horovodrun")
-  if os.path.exists(export_dir) and os.listdir(export_dir):
+  if storage.isdir(export_dir) and storage.listdir(export_dir):
     raise ConfigError(f"--export_dir={export_dir!r} exists and is not empty; choose a new "
                       f"directory or remove it")
   restored = generation.restore(model_dir, checkpoint=checkpoint)

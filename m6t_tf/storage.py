@@ -1,16 +1,19 @@
 """File I/O under `model_dir` on any TensorFlow filesystem: a local disk, or cluster and object
 storage (`gs://`, `s3://`, `hdfs://`, and `ram://` in tests) through `tf.io.gfile`.
 
-Every file the trainer, the evaluator and the checkpointer read or write goes through here (or
-through `tf.io.gfile`, or TensorFlow ops, which take any filesystem's paths). What differs on a
-remote path:
+Every file a run writes (trainer, checkpointer, evaluator, caption generator, exporter) goes
+through here, or through TensorFlow ops that take any filesystem's paths (checkpoints,
+summaries, `tf.saved_model.save`), never through Python's `open`/`os`: a `scheme://` path
+handed to those names a local directory called `scheme:`. What differs on a remote path:
 
   * no fsync and no atomic rename (object stores copy then delete): a small file that must
     never be seen half written (`latest`, train_summary.json, eval.json) is written *whole*, in
     one write of its complete content, which an object store publishes atomically (one PUT);
     on a local disk it goes to a temp file renamed over the target, as before;
   * no free-space figure (`shutil.disk_usage` needs a mounted path): that check is skipped;
-    the writability probe stays.
+    the writability probe stays;
+  * no append (`append_text` rewrites the object): per-step logs are buffered and appended at
+    logging cadence (`training._StepLog`).
 """
 
 from __future__ import annotations

@@ -266,18 +266,44 @@ def check_free_space(model_dir: str, entries: dict, keep: int) -> None:
                       f"train.keep_checkpoints")
 
 
-class LossLog:
+class _StepLog:
+  """Lines appended to `path` once per step, buffered on remote storage.
+
+  An append to an object store rewrites the whole object (quadratic bytes over a run, and a
+  blocking write every step), so on a remote path (`storage.is_local` false) lines wait for
+  `flush()`, which the trainer calls at logging cadence, before every checkpoint save and at
+  the end. A run killed between two flushes loses only lines of steps after its last
+  checkpoint, which the resumed run trains and logs again. A local append is cheap and
+  survives a kill, so a local path gets each line at once.
+  """
+
+  def __init__(self, path: str, *, buffered: Optional[bool] = None):
+    self.path = path
+    self.buffered = not storage.is_local(path) if buffered is None else buffered
+    self._lines = []
+
+  def _append(self, line: str) -> None:
+    if self.buffered:
+      self._lines.append(line)
+    else:
+      storage.append_text(self.path, line)
+
+  def flush(self) -> None:
+    """Writes the buffered lines, in one append."""
+    if self._lines:
+      storage.append_text(self.path, "".join(self._lines))
+      self._lines = []
+
+
+class LossLog(_StepLog):
   """Appends `{"step", "loss"}` lines to `losses.jsonl`; a restarted run appends again.
 
   The last line of a step wins, so the log of a run killed and resumed reads like the log of a
-  run that was never interrupted (`read_loss_log`).
+  run that was never interrupted (`read_loss_log`). Buffered on remote storage (`_StepLog`).
   """
 
-  def __init__(self, path: str):
-    self.path = path
-
   def write(self, step: int, loss: float) -> None:
-    storage.append_text(self.path, json.dumps({"step": step, "loss": loss}) + "\n")
+    self._append(json.dumps({"step": step, "loss": loss}) + "\n")
 
 
 def read_loss_log(path: str) -> dict:
@@ -492,18 +518,18 @@ def train_stream(train_data, *, ctx, seed: int, batch_size: int, max_len: int, i
   return ds
 
 
-class DataKeyLog:
+class DataKeyLog(_StepLog):
   """Appends `{"step", "keys"}` lines to `data_keys/rank<R>.jsonl`: the records each step of
-  this worker trained on (`train.log_data_keys`), to audit sharding and resumption."""
+  this worker trained on (`train.log_data_keys`), to audit sharding and resumption. Buffered
+  on remote storage (`_StepLog`)."""
 
-  def __init__(self, model_dir: str, rank: int):
+  def __init__(self, model_dir: str, rank: int, *, buffered: Optional[bool] = None):
     folder = os.path.join(model_dir, "data_keys")
     storage.makedirs(folder)
-    self.path = os.path.join(folder, f"rank{rank}.jsonl")
+    super().__init__(os.path.join(folder, f"rank{rank}.jsonl"), buffered=buffered)
 
   def write(self, step: int, keys) -> None:
-    storage.append_text(self.path, json.dumps(
-        {"step": step, "keys": [k.decode("utf-8") for k in keys]}) + "\n")
+    self._append(json.dumps({"step": step, "keys": [k.decode("utf-8") for k in keys]}) + "\n")
 
 
 def _batches_for_eval(eval_data, *, batch_size, max_len, image_mode, ctx):
@@ -581,6 +607,48 @@ class CaptionSamples:
     return rows
 
 
+ON_BAD_RECORD = ("skip", "fail")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def shorter_warmup(num_steps: int, warmup_fraction: float) -> str:
+  """Bindings that give a decaying schedule of `num_steps` a warmup it can hold (fewer steps).
+
+  A tenth of the run, at least 1 and at most num_steps - 1; a one-step run has no room for a
+  warmup at all, so its warmup_fraction must not bring one back either.
+  """
+  steps = min(max(num_steps // 10, 1), num_steps - 1)
+  out = f"--gin_bindings=train.warmup_steps={steps}"
+  if steps == 0 and round(warmup_fraction * num_steps) >= num_steps:
+    out += " --gin_bindings=train.warmup_fraction=0.0"
+  return out
+
+
+def next_batch(iterator, *, train_data: str, step: int):
+  """The next training batch. The input pipeline's own verdicts on the data (a bad record
+  under on_bad_record='fail', bad records only, an epoch without a good record) are
+  ConfigErrors naming the record and the fix; any other failure keeps its type and
+  traceback, with a note naming the data and the step."""
+  from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.training` light for tools
+  try:
+    return next(iterator)
+  except tf.errors.OpError as e:
+    is_data, text = pipeline.explain_error(e)
+    where = f"train.train_data={train_data!r} (the batch of step {step})"
+    if not is_data:
+      e.add_note(f"Raised by the input pipeline of {where}: {text}")
+      raise
+    if text.startswith("on_bad_record=fail"):
+      fix = ("repair or remove that record, or set --gin_bindings=\"train.on_bad_record="
+             "'skip'\" to skip and count bad records")
+    else:
+      fix = "check the files against the config (image size, MAX_LEN) and the worker count"
+    raise ConfigError(f"{where}: {text}; {fix}") from None
+
+
 def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
           num_steps: int, batch_size_per_worker: int = 8, max_len: int = 64,
           truncate_captions: bool = False, image_mode: str = "pixels", optimizer: str = "adamw",
@@ -617,11 +685,12 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
       weight_decay, beta_1, beta_2, epsilon: AdamW.
     clip_norm: global gradient-norm clipping over the whole (sharded) model; 0 = off.
     mixed_precision: mixed_float16 compute with dynamic loss scaling (router stays float32).
-    checkpoint_every, keep_checkpoints: checkpoint period (steps) and how many to keep.
+    checkpoint_every, keep_checkpoints: checkpoint period (steps) and how many to keep (>= 1).
     log_every: console and TensorBoard period.  eval_every, eval_batches: periodic validation
       (0 = only at the end; eval_batches 0 = the whole split).
     seed: weights, dropout and data order.  deterministic: TF deterministic ops (exact resume).
-    jit_compile: XLA-compile the step.  shuffle_buffer: records in the shuffle buffer.
+    jit_compile: XLA-compile the step.  shuffle_buffer: records in the shuffle buffer (>= 1;
+      1 = no record shuffle, only the file order changes between epochs).
     ctx: the worker context (`LocalContext` by default; Horovod's under horovodrun).
     network_fn: builds the network (gin's `M6Transformer` by default).
     stop_after: stop (with a checkpoint) after this many steps of *this* invocation — used to
@@ -662,7 +731,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     raise ConfigError(
         f"train.lr_decay={lr_decay!r} decays after the warmup, but train.num_steps={num_steps} "
         f"is not more than the {warmup} warmup steps (train.warmup_steps): pass "
-        f"--gin_bindings=train.warmup_steps={max(num_steps // 10, 1)} or more steps")
+        f"{shorter_warmup(num_steps, warmup_fraction)} or more steps")
   try:
     schedule = optimizers.WarmupSchedule(learning_rate, warmup, decay=lr_decay,
                                          total_steps=num_steps, final_fraction=final_lr_fraction)
@@ -670,6 +739,17 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     raise ConfigError(f"train's learning-rate schedule: {e}") from None
   if optimizer not in optimizers.OPTIMIZERS:
     raise ConfigError(f"train.optimizer={optimizer!r}; allowed: {optimizers.OPTIMIZERS}")
+  if on_bad_record not in ON_BAD_RECORD:
+    raise ConfigError(f"train.on_bad_record={on_bad_record!r}; allowed: 'skip' (drop and count "
+                      f"bad records) or 'fail' (stop at the first, naming it)")
+  if not _is_int(shuffle_buffer) or shuffle_buffer < 1:
+    raise ConfigError(f"train.shuffle_buffer={shuffle_buffer!r} must be an integer >= 1 (the "
+                      f"records shuffled together; 1 = none, only the file order changes "
+                      f"between epochs), e.g. --gin_bindings=train.shuffle_buffer=2048")
+  if not _is_int(keep_checkpoints) or keep_checkpoints < 1:
+    raise ConfigError(f"train.keep_checkpoints={keep_checkpoints!r} must be an integer >= 1 "
+                      f"(a run keeps at least the checkpoint it would resume from), e.g. "
+                      f"--gin_bindings=train.keep_checkpoints=3")
   ctx = ctx or context_lib.LocalContext()
   batch_size_per_worker = per_worker_batch(batch_size_per_worker, global_batch_size, ctx.size)
   if jit_compile and ctx.size > 1:
@@ -690,9 +770,10 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   if not (isinstance(eval_captions, int) and not isinstance(eval_captions, bool)
           and eval_captions >= 0):
     raise ConfigError(f"train.eval_captions={eval_captions!r} must be an integer >= 0 (0 = off)")
-  if not (isinstance(stall_timeout_s, (int, float)) and stall_timeout_s >= 0):
-    raise ValueError(f"train.stall_timeout_s={stall_timeout_s!r} must be a number of seconds "
-                     f">= 0 (0 = off)")
+  if not (isinstance(stall_timeout_s, (int, float)) and not isinstance(stall_timeout_s, bool)
+          and stall_timeout_s >= 0):
+    raise ConfigError(f"train.stall_timeout_s={stall_timeout_s!r} must be a number of seconds "
+                      f">= 0 (0 = off), e.g. --gin_bindings=train.stall_timeout_s=300")
   # From here on every phase that can wait on storage or on the other ranks is watched.
   watchdog = watchdog_lib.StallWatchdog(ctx.rank, stall_timeout_s, multi_rank=ctx.size > 1)
   watchdog.start()
@@ -731,7 +812,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
 
   first = stream(0).take(1)  # building the pipeline traces its functions: local work
   with watchdog.phase("start-up (reading the first batch)", watchdog_lib.STORAGE):
-    first = dict(next(iter(first)))
+    first = dict(next_batch(iter(first), train_data=train_data, step=1))
   first.pop("key", None)
   model = build_model(batch=first, mixed_precision=mixed_precision, network=network)
   opt = optimizers.make_optimizer(optimizer, schedule, weight_decay=weight_decay, beta_1=beta_1,
@@ -788,9 +869,16 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     """Per-reason bad records of the whole run so far (collective: every worker calls it)."""
     return bad_at_start + np.asarray(ctx.sum_over_world(counter.as_tensor()))
 
+  def flush_logs():
+    for log in (loss_log, key_log):
+      if log is not None:
+        log.flush()
+
   def save(step):
     with watchdog.phase(f"checkpoint save at step {step}", watchdog_lib.COLLECTIVES):
       bad_total.assign(bad_records())
+    with watchdog.phase(f"checkpoint save at step {step} (writing logs)", watchdog_lib.STORAGE):
+      flush_logs()  # a checkpoint never runs ahead of the logs of the steps it holds
     watchdog.set_last_checkpoint(checkpointer.save(step))
   start = int(step_var)
   positions_per_step = batch_size_per_worker * (max_len - 1 + 16)  # per worker
@@ -860,7 +948,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     trainer.reseed(seed, step)
     with watchdog.phase(f"step {step} (reading its batch)", watchdog_lib.STORAGE):
       faults.maybe_stall_in("input", step)
-      batch = next(iterator)
+      batch = next_batch(iterator, train_data=train_data, step=step)
     watchdog.enter(watchdog_lib.LOCAL, f"step {step}")
     inputs = batch["tokens"].numpy()[:, :-1]
     real_positions += 16 * int(np.count_nonzero(inputs[:, 0])) + int(np.count_nonzero(inputs))
@@ -893,6 +981,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
         key_log.write(step, keys)
     faults.maybe_kill("kill_after_step", step)
     if step % log_every == 0 or step == end:
+      flush_logs()
       elapsed = time.time() - last_log_time
       # Real tokens per second over all workers (each worker counts its own batch).
       steps_logged = step - last_log_step
@@ -940,6 +1029,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
         print(f"  eval @ {step}: perplexity {r['perplexity']:.2f}", flush=True)
   if end > start or stop_after == 0:
     save(end)
+  flush_logs()
   if eval_data and end == num_steps:
     eval_result = evaluate(end)
     if samples is not None:

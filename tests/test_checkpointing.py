@@ -109,6 +109,17 @@ class CheckpointerTest(tf.test.TestCase):
     self.assertEqual(sorted(os.listdir(self.dir)),
                      ["ckpt-2.data-00000-of-00001", "ckpt-2.index", "latest"])
 
+  def test_max_to_keep_below_one_is_refused(self):
+    # `kept[-0:]` is the whole list: max_to_keep=0 kept every checkpoint instead of none.
+    for bad in (0, -1, 1.5, True):
+      with self.subTest(max_to_keep=bad), self.assertRaisesRegex(
+          ValueError, rf"max_to_keep={bad!r} must be an integer >= 1"):
+        self._checkpointer(max_to_keep=bad)
+    ckpt = self._checkpointer(max_to_keep=2)
+    for step in (1, 2, 3):
+      ckpt.save(step)
+    self.assertEqual(self._latest(), {"latest": 3, "all": [2, 3]})
+
   def test_flushes_reach_the_disk(self):
     # The flushes are real fsync calls on the files and the directory named above.
     synced = []

@@ -97,6 +97,20 @@ class TrainerConfigErrorsTest(CliTestCase):
     self.assertUserError(proc, "train.num_steps=30", "100 warmup steps",
                          "--gin_bindings=train.warmup_steps=3")
 
+  def test_settings_that_hung_or_crashed_are_one_line(self):
+    # shuffle_buffer=0 once spun through empty epochs in silence, never reaching step 1;
+    # on_bad_record='bogus' ended in a ValueError traceback (exit 1).
+    for binding, needles in (
+        ("train.shuffle_buffer=0", ["train.shuffle_buffer=0 must be an integer >= 1",
+                                    "--gin_bindings=train.shuffle_buffer=2048"]),
+        ("train.on_bad_record='bogus'", ["train.on_bad_record='bogus'; allowed: 'skip'"])):
+      with self.subTest(binding):
+        model_dir = _tmpdir()
+        proc = _train("--gin_file=gin/demo.gin", f"--gin_bindings={binding}",
+                      f"--model_dir={model_dir}", timeout=120)
+        self.assertUserError(proc, *needles)
+        self.assertEqual(os.listdir(model_dir), [])
+
   def test_missing_or_bad_gin_file(self):
     self.assertUserError(_train(f"--model_dir={_tmpdir()}"), "--gin_file is required")
     self.assertUserError(_train("--gin_file=gin/no_such.gin", f"--model_dir={_tmpdir()}"),

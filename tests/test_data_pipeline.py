@@ -2,6 +2,8 @@
 
 import math
 import os
+import threading
+from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -184,9 +186,109 @@ class PipelineTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, "num_batches"):
       pipeline.make_dataset(self.pattern, batch_size=2, max_len=8, training=True,
                             num_batches=3)
+    for buffer in (0, -1, 2.5, True):
+      with self.assertRaisesRegex(ValueError, rf"shuffle_buffer must be an integer >= 1 .*"
+                                              rf"got {buffer!r}"):
+        pipeline.make_dataset(self.pattern, batch_size=2, max_len=8, training=True,
+                              shuffle_buffer=buffer)
 
   def test_count_records(self):
     self.assertEqual(pipeline.count_records(self.pattern), list(FILE_SIZES))
+
+
+def _next_within(ds, seconds: float = 60):
+  """The first element of `ds`, or the error it raised; fails if neither came in `seconds`.
+
+  A stream that swallows its errors never returns: the thread is left behind (a daemon).
+  """
+  out = {}
+
+  def run():
+    try:
+      out["value"] = next(iter(ds))
+    except Exception as e:  # pylint: disable=broad-except
+      out["error"] = e
+
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  if thread.is_alive():
+    raise AssertionError(f"no element and no error after {seconds} s: the stream spins")
+  if "error" in out:
+    raise out["error"]
+  return out["value"]
+
+
+class StreamNeverSpinsTest(tf.test.TestCase):
+  """A repeated stream yields a batch or raises: it never loops over empty epochs."""
+
+  def setUp(self):
+    super().setUp()
+    self.dir = self.get_temp_dir()
+
+  def _records(self, name, n):
+    path = os.path.join(self.dir, name)
+    records.write_records(path, [records.make_example(
+        key=f"r{i}", caption="c", caption_ids=_caption_ids(i),
+        image=np.zeros([H, W, 3], np.uint8)) for i in range(n)])
+    return path
+
+  def test_an_error_upstream_of_the_parser_reaches_the_caller(self):
+    # The issue's hang: a window of 0 made every epoch fail inside the stream, the one
+    # `ignore_errors` over the whole stream swallowed it, and next() never returned.
+    path = self._records("a.tfrecord", 4)
+    shuffle = pipeline._window_shuffle  # pylint: disable=protected-access
+    with mock.patch.object(pipeline, "_window_shuffle",
+                           lambda ds, window, seed, epoch: shuffle(ds, 0, seed, epoch)):
+      ds = pipeline.make_dataset(path, batch_size=2, max_len=8, training=True,
+                                 shuffle_buffer=4)
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                "Batch size must be greater than zero"):
+      _next_within(ds)
+
+  def test_an_epoch_without_a_good_record_fails_naming_the_files(self):
+    empty = self._records("empty.tfrecord", 0)
+    for mode, counted in (("skip", " skipped"), ("fail", "")):
+      ds = pipeline.make_dataset(empty, batch_size=2, max_len=8, training=True,
+                                 image_size=(H, W), on_bad_record=mode)
+      with self.assertRaisesRegex(
+          tf.errors.InvalidArgumentError,
+          rf"no good record in epoch 0 of 1 file, the first \S*empty\.tfrecord "
+          rf"\(0 bad records{counted}\): the files hold no record for this worker"):
+        _next_within(ds)
+    # Bad records only, far fewer than max_consecutive_bad_records: the first epoch says so.
+    bad = os.path.join(self.dir, "bad.tfrecord")
+    records.write_records(bad, [b"\x0a\x05garbage", b"\x0a\x05garbage again"])
+    ds = pipeline.make_dataset(bad, batch_size=2, max_len=8, training=True,
+                               image_size=(H, W))
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                r"no good record in epoch 0 of 1 file, the first "
+                                r"\S*bad\.tfrecord \(2 bad records skipped\)"):
+      _next_within(ds)
+    # One record, two workers: worker 1's shard of the records is empty.
+    one = self._records("one.tfrecord", 1)
+    self.assertLen(list(pipeline.make_dataset(one, batch_size=1, max_len=8, training=True,
+                                              num_shards=2, shard_index=0).take(3)), 3)
+    ds = pipeline.make_dataset(one, batch_size=1, max_len=8, training=True, num_shards=2,
+                               shard_index=1, image_size=(H, W))
+    with self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                r"no good record in epoch 0 of shard 1 of 2: 1 file"):
+      _next_within(ds)
+
+  def test_the_stream_explains_its_errors_in_one_line(self):
+    ds = pipeline.make_dataset(self._records("empty.tfrecord", 0), batch_size=2, max_len=8,
+                               training=True, image_size=(H, W))
+    with self.assertRaises(tf.errors.InvalidArgumentError) as cm:
+      _next_within(ds)
+    is_data, text = pipeline.explain_error(cm.exception)
+    self.assertTrue(is_data)
+    self.assertStartsWith(text, "no good record in epoch 0 of 1 file, the first ")
+    self.assertEndsWith(text, "would never yield a batch")
+    other = tf.errors.InvalidArgumentError(
+        None, None, "{{function_node __wrapped__X}} Batch size must be greater than zero.\n\t "
+        "[[{{node BatchDatasetV2}}]]")
+    self.assertEqual(pipeline.explain_error(other),
+                     (False, "Batch size must be greater than zero."))
 
 
 class UnigramPerplexityTest(tf.test.TestCase):

@@ -1,21 +1,29 @@
 """model_dir on a non-local TensorFlow filesystem: TensorFlow's in-memory `ram://`.
 
 `ram://` lives inside one process, so everything here runs in this process:
+  * one run trains, evaluates, captions the validation images (JSON lines, metrics, a page)
+    and exports a SavedModel with every path on `ram://`, in an empty working directory: the
+    local disk gets nothing (once, the captions and their metrics landed in a local folder
+    named `ram:`), and the SavedModel loads from `ram://` and serves the generated caption;
+  * per-step logs (losses, data keys) reach `ram://` at logging cadence, not every step (an
+    append rewrites the whole object there);
   * a run interrupted where a SIGKILL would stop it (inside a checkpoint save, after shards were
-    written and before `latest` names them; right after a step) and resumed by a fresh `train()`
-    call ends with the losses and weights of a run that was never interrupted. The fault hooks
-    raise instead of killing the process, which would take the filesystem with it;
+    written and before `latest` names them; right after a step, its log line still buffered)
+    and resumed by a fresh `train()` call ends with the losses, weights and logs of a run that
+    was never interrupted. The fault hooks raise instead of killing the process, which would
+    take the filesystem with it;
   * two workers (threads sharing one barrier, each its own `Checkpointer` and expert slice, as
     two ranks on shared storage) write one checkpoint to `ram://`, restored by one worker
-    holding every expert (2 → 1);
-  * the evaluator reads config.gin and the checkpoint from `ram://` and writes eval.json there;
-    the caption generator restores the model from there.
+    holding every expert (2 → 1).
 Killing real processes and resharding across real Horovod ranks are in tests/test_reliability.py
 and tests/test_parallel_training.py (local disk); the file operations are the same calls.
 """
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import threading
 import uuid
 from unittest import mock
@@ -27,9 +35,11 @@ import tensorflow as tf
 
 from m6t_tf import checkpointing
 from m6t_tf import configurables
+from m6t_tf import decoding
 from m6t_tf import evaluation
 from m6t_tf.cli import ConfigError
 from m6t_tf import generation
+from m6t_tf import serving
 from m6t_tf import storage
 from m6t_tf import training
 from m6t_tf.data import records
@@ -37,6 +47,7 @@ from tests import support
 from tests.support import DEMO, REPO
 
 STEPS = 6
+LOG_EVERY = 3  # tiny.gin logs every step: the logs' cadence shows only with a longer period
 
 
 def _ram_dir(name):
@@ -52,8 +63,81 @@ def _raise_instead_of_kill(self, kind, step):
     raise _Killed(f"{kind}:{step}")
 
 
+def _tree(root):
+  """Relative paths of every file and folder under `root` (bytecode caches left out)."""
+  out = set()
+  for folder, dirs, files in os.walk(root):
+    dirs[:] = [d for d in dirs if d not in (".git", "__pycache__")]
+    rel = os.path.relpath(folder, root)
+    out.update(os.path.normpath(os.path.join(rel, n)) for n in dirs + files)
+  return out
+
+
+# AutoGraph writes the Python source of each function it converts to the temporary directory
+# (TensorFlow's cache of generated code, not an output of the run).
+_AUTOGRAPH = "__autograph_generated_file"
+
+
+@contextlib.contextmanager
+def _local_disk_watch():
+  """Runs the block in a fresh, empty working directory, with the temporary directory
+  (Python's and TMPDIR) moved to another fresh one; yields a list that, on exit, holds every
+  local path the block created: in either directory (AutoGraph's sources aside), or new in
+  the repository."""
+  before = _tree(REPO)
+  cwd, tmp = tempfile.mkdtemp(prefix="m6t_cwd_"), tempfile.mkdtemp(prefix="m6t_tmp_")
+  saved = os.getcwd(), tempfile.tempdir, os.environ.get("TMPDIR")
+  created = []
+  os.chdir(cwd)
+  tempfile.tempdir = os.environ["TMPDIR"] = tmp
+  try:
+    yield created
+  finally:
+    os.chdir(saved[0])
+    tempfile.tempdir = saved[1]
+    if saved[2] is None:
+      os.environ.pop("TMPDIR")
+    else:
+      os.environ["TMPDIR"] = saved[2]
+    created += sorted(os.path.join(REPO, p) for p in _tree(REPO) - before)
+    for folder in (cwd, tmp):
+      created += sorted(os.path.join(folder, p) for p in _tree(folder)
+                        if not (folder == tmp and p.startswith(_AUTOGRAPH)))
+      shutil.rmtree(folder, ignore_errors=True)
+
+
+def _appends(mock_append, name):
+  """How many `storage.append_text` calls wrote to a path ending in `name`."""
+  return sum(1 for c in mock_append.call_args_list if c.args[0].endswith(name))
+
+
+def _jsonl_steps(path):
+  """The "step" of every line of a JSON-lines log on any filesystem, in file order."""
+  return [json.loads(line)["step"] for line in storage.read_text(path).splitlines()]
+
+
+def _key_log(path):
+  """{step: keys} of a data-key log, later lines overriding earlier ones."""
+  out = {}
+  for line in storage.read_text(path).splitlines():
+    row = json.loads(line)
+    out[row["step"]] = row["keys"]
+  return out
+
+
+def _parse(eval_data, *bindings):
+  gin.clear_config()
+  configurables.parse(
+      [os.path.join(REPO, "gin", "demo.gin"), os.path.join(REPO, "gin", "tiny.gin")],
+      [f"train.train_data='{DEMO}/train-*.tfrecord'", f"train.eval_data='{eval_data}'",
+       f"train.num_steps={STEPS}", "train.checkpoint_every=2", "train.deterministic=True",
+       "train.keep_checkpoints=2", "train.eval_batches=0", f"train.log_every={LOG_EVERY}",
+       "train.log_data_keys=True", *bindings], [REPO])
+
+
 @pytest.mark.slow
 class RamModelDirTest(tf.test.TestCase):
+  """One run on ram:// (setUpClass) shared by the checks; an interrupted run compared to it."""
 
   @classmethod
   def setUpClass(cls):
@@ -67,6 +151,32 @@ class RamModelDirTest(tf.test.TestCase):
         os.path.join(DEMO, "validation-*.tfrecord"))[:8])
     storage.write_text(os.path.join(cls.local, "metadata.json"),
                        storage.read_text(os.path.join(DEMO, "metadata.json")))
+    try:
+      cls._run_everything_on_ram()
+    finally:
+      gin.clear_config()
+
+  @classmethod
+  def _run_everything_on_ram(cls):
+    """train → evaluate → generate → export, every output on ram://, the disk watched."""
+    cls.model_dir = _ram_dir("straight")
+    cls.export_dir = os.path.join(cls.model_dir, "export")
+    with _local_disk_watch() as cls.created, \
+         mock.patch.object(storage, "append_text", wraps=storage.append_text) as append:
+      # Checkpoints only at the end: the per-step logs are written at logging cadence alone.
+      _parse(cls.eval_data, "train.checkpoint_every=1000")
+      cls.summary = configurables.run_train(model_dir=cls.model_dir)
+      cls.appends = {name: _appends(append, name)
+                     for name in ("losses.jsonl", os.path.join("data_keys", "rank0.jsonl"))}
+      cls.eval = evaluation.evaluate(cls.model_dir)
+      cls.generated = generation.generate(
+          cls.model_dir, split="validation", num_images=3, options=decoding.DecodeOptions(),
+          html=os.path.join(cls.model_dir, "captions.html"), log=lambda *a: None)
+      serving.export_model(cls.model_dir, cls.export_dir, options=decoding.DecodeOptions(),
+                           serving_batch=2)
+      serve = tf.saved_model.load(cls.export_dir).signatures[serving.SIGNATURE_KEY]
+      item = generation.read_split_items(cls.eval_data, image_mode="pixels", max_len=12)[0]
+      cls.served = serve(images=tf.constant([tf.io.encode_png(item.features).numpy()]))
 
   @classmethod
   def tearDownClass(cls):
@@ -77,41 +187,86 @@ class RamModelDirTest(tf.test.TestCase):
     gin.clear_config()
     super().tearDown()
 
-  def _parse(self):
-    gin.clear_config()
-    configurables.parse(
-        [os.path.join(REPO, "gin", "demo.gin"), os.path.join(REPO, "gin", "tiny.gin")],
-        [f"train.train_data='{DEMO}/train-*.tfrecord'", f"train.eval_data='{self.eval_data}'",
-         f"train.num_steps={STEPS}", "train.checkpoint_every=2", "train.deterministic=True",
-         "train.keep_checkpoints=2", "train.eval_batches=0"], [REPO])
-
-  def _train(self, model_dir, fault=None, **kwargs):
-    self._parse()
+  def _train(self, model_dir, fault=None):
+    _parse(self.eval_data)
     with mock.patch.dict(os.environ, {"M6T_FAULT_INJECT": fault or ""}), \
          mock.patch.object(training.FaultInjection, "maybe_kill", _raise_instead_of_kill):
-      return configurables.run_train(model_dir=model_dir, **kwargs)
+      return configurables.run_train(model_dir=model_dir)
+
+  def test_a_run_on_ram_writes_nothing_to_the_local_disk(self):
+    self.assertEqual(self.created, [])
+    self.assertEqual([p for p in _tree(REPO) if "ram:" in p.split(os.sep)], [])
+    # Everything landed on ram:// instead.
+    for name in ("config.gin", "losses.jsonl", "data_keys/rank0.jsonl", "train_summary.json",
+                 "eval.json", "captions.jsonl", "caption_metrics.json", "captions.html",
+                 "checkpoints/latest", "export/saved_model.pb", "export/variables"):
+      self.assertTrue(storage.exists(os.path.join(self.model_dir, name)), name)
+    rows = self.generated["rows"]
+    self.assertEqual(self.generated["out"], os.path.join(self.model_dir, "captions.jsonl"))
+    self.assertEqual([json.loads(line) for line in storage.read_text(
+        self.generated["out"]).splitlines()], json.loads(json.dumps(rows)))
+    metrics = json.loads(storage.read_text(os.path.join(self.model_dir,
+                                                        "caption_metrics.json")))
+    self.assertEqual(metrics, json.loads(json.dumps(self.generated["metrics"])))
+    self.assertIn(rows[0]["caption"], storage.read_text(os.path.join(self.model_dir,
+                                                                     "captions.html")))
+    # The SavedModel loaded from ram:// gives generate's caption for the same image.
+    self.assertEqual(self.served["captions"].numpy()[0].decode("utf-8"), rows[0]["caption"])
+    self.assertAllClose(self.served["log_probs"].numpy()[0], rows[0]["log_prob"], atol=1e-4)
+    self.assertEqual(json.loads(storage.read_text(os.path.join(self.model_dir, "eval.json")))
+                     ["tokens"], self.summary["eval"]["tokens"])
+
+  def test_step_logs_reach_ram_at_logging_cadence(self):
+    # 6 steps, a log every 3, one checkpoint at the end: two appends per log, not six.
+    self.assertEqual(self.appends, {"losses.jsonl": 2, "data_keys/rank0.jsonl": 2})
+    losses = training.read_loss_log(os.path.join(self.model_dir, "losses.jsonl"))
+    self.assertEqual(losses, dict(enumerate(self.summary["losses"], start=1)))
+    keys = _key_log(os.path.join(self.model_dir, "data_keys", "rank0.jsonl"))
+    self.assertEqual(sorted(keys), list(range(1, STEPS + 1)))
+    self.assertTrue(all(len(k) == 2 for k in keys.values()))  # tiny.gin: 2 records a step
+
+  def test_local_step_logs_are_written_every_step(self):
+    # A local append is cheap and survives a kill: no buffering there.
+    path = os.path.join(self.local, "losses.jsonl")
+    log = training.LossLog(path)
+    self.assertFalse(log.buffered)
+    log.write(1, 2.5)
+    self.assertEqual(training.read_loss_log(path), {1: 2.5})
+    self.assertTrue(training.LossLog(_ram_dir("losses.jsonl")).buffered)
 
   def test_interrupted_run_on_ram_resumes_exactly_and_evaluates(self):
-    straight_dir, resumed_dir = _ram_dir("straight"), _ram_dir("resumed")
-    straight = self._train(straight_dir)
+    resumed_dir = _ram_dir("resumed")
     ckpts = os.path.join(resumed_dir, "checkpoints")
-    # Interrupted inside the save of step 4: shards in tmp-4/, `latest` still names step 2.
-    with self.assertRaises(_Killed):
-      self._train(resumed_dir, fault="kill_in_save:4")
-    self.assertEqual(json.loads(storage.read_text(os.path.join(ckpts, "latest")))["latest"], 2)
-    self.assertIn("tmp-4", storage.listdir(ckpts))
-    self.assertFalse(storage.exists(os.path.join(ckpts, "ckpt-4.index")))
-    # Interrupted right after step 3 (resumed from 2), then resumed again to the end.
-    with self.assertRaises(_Killed):
-      self._train(resumed_dir, fault="kill_after_step:3")
-    last = self._train(resumed_dir)
+    loss_path = os.path.join(resumed_dir, "losses.jsonl")
+    with _local_disk_watch() as created:
+      # Interrupted inside the save of step 4: shards in tmp-4/, `latest` still names step 2;
+      # the logs were flushed before the save.
+      with self.assertRaises(_Killed):
+        self._train(resumed_dir, fault="kill_in_save:4")
+      self.assertEqual(json.loads(storage.read_text(os.path.join(ckpts, "latest")))["latest"],
+                       2)
+      self.assertIn("tmp-4", storage.listdir(ckpts))
+      self.assertFalse(storage.exists(os.path.join(ckpts, "ckpt-4.index")))
+      self.assertEqual(_jsonl_steps(loss_path), [1, 2, 3, 4])
+      # Interrupted right after step 3 (resumed from 2): its line was still buffered, and is
+      # lost with the process; the resumed run trains step 3 again.
+      with self.assertRaises(_Killed):
+        self._train(resumed_dir, fault="kill_after_step:3")
+      self.assertEqual(_jsonl_steps(loss_path), [1, 2, 3, 4])
+      last = self._train(resumed_dir)
+    self.assertEqual(created, [])
     self.assertLen(last["losses"], STEPS - 2)
     self.assertNotIn("tmp-4", storage.listdir(ckpts))  # the unpublished shards were dropped
 
-    want = training.read_loss_log(os.path.join(straight_dir, "losses.jsonl"))
+    # Later lines win: the logs read as those of the uninterrupted run.
+    self.assertEqual(_jsonl_steps(loss_path), [1, 2, 3, 4, 3, 4, 5, 6])
+    want = training.read_loss_log(os.path.join(self.model_dir, "losses.jsonl"))
     self.assertLen(want, STEPS)
-    self.assertEqual(training.read_loss_log(os.path.join(resumed_dir, "losses.jsonl")), want)
-    a = tf.compat.v1.train.NewCheckpointReader(os.path.join(straight_dir, "checkpoints", f"ckpt-{STEPS}"))
+    self.assertEqual(training.read_loss_log(loss_path), want)
+    self.assertEqual(_key_log(os.path.join(resumed_dir, "data_keys", "rank0.jsonl")),
+                     _key_log(os.path.join(self.model_dir, "data_keys", "rank0.jsonl")))
+    a = tf.compat.v1.train.NewCheckpointReader(
+        os.path.join(self.model_dir, "checkpoints", f"ckpt-{STEPS}"))
     b = tf.compat.v1.train.NewCheckpointReader(os.path.join(ckpts, f"ckpt-{STEPS}"))
     keys = sorted(a.get_variable_to_shape_map())
     self.assertEqual(keys, sorted(b.get_variable_to_shape_map()))
@@ -124,15 +279,15 @@ class RamModelDirTest(tf.test.TestCase):
     self.assertEqual(sorted(n for n in storage.listdir(ckpts) if n.endswith(".index")),
                      [f"ckpt-{STEPS - 2}.index", f"ckpt-{STEPS}.index"])
 
-    # The evaluator: config.gin and the checkpoint from ram://, eval.json written there.
-    result = evaluation.evaluate(straight_dir)
-    self.assertEqual(result["tokens"], straight["eval"]["tokens"])
-    self.assertAllClose(result["log_perplexity"], straight["eval"]["log_perplexity"], rtol=1e-5)
-    written = json.loads(storage.read_text(os.path.join(straight_dir, "eval.json")))
-    self.assertAllClose(written["perplexity"], result["perplexity"])
+    # The evaluator read config.gin and the checkpoint from ram:// (setUpClass).
+    self.assertEqual(self.eval["tokens"], self.summary["eval"]["tokens"])
+    self.assertAllClose(self.eval["log_perplexity"], self.summary["eval"]["log_perplexity"],
+                        rtol=1e-5)
+    written = json.loads(storage.read_text(os.path.join(self.model_dir, "eval.json")))
+    self.assertAllClose(written["perplexity"], self.eval["perplexity"])
     # The caption generator's restore reads model_dir from ram:// as well.
-    restored = generation.restore(straight_dir)
-    self.assertEqual(restored.checkpoint, os.path.join(straight_dir, "checkpoints",
+    restored = generation.restore(self.model_dir)
+    self.assertEqual(restored.checkpoint, os.path.join(self.model_dir, "checkpoints",
                                                        f"ckpt-{STEPS}"))
     for k, v in training.variables_by_path(restored.model).items():
       self.assertAllEqual(v.numpy(), a.get_tensor(k), msg=k)

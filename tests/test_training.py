@@ -5,8 +5,11 @@ import glob
 import json
 import math
 import os
+import re
 import stat
 import tempfile
+import threading
+from unittest import mock
 
 from absl.testing import parameterized
 import gin
@@ -20,6 +23,7 @@ from m6t_tf import evaluation as evaluate_lib
 from m6t_tf import training
 from m6t_tf.cli import ConfigError
 from m6t_tf.data import pipeline
+from m6t_tf.data import records
 from tests import support
 from tests.support import DEMO, REPO
 
@@ -183,6 +187,27 @@ def _local():
   return context.LocalContext()
 
 
+def _within(seconds, fn):
+  """fn() in a thread; fails if it neither returned nor raised after `seconds` (a run that
+  spins without a step). The thread is left behind (a daemon)."""
+  out = {}
+
+  def run():
+    try:
+      out["value"] = fn()
+    except Exception as e:  # pylint: disable=broad-except
+      out["error"] = e
+
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  if thread.is_alive():
+    raise AssertionError(f"no step and no error after {seconds} s: the run spins")
+  if "error" in out:
+    raise out["error"]
+  return out["value"]
+
+
 class BadConfigTest(tf.test.TestCase):
 
   def setUp(self):
@@ -227,6 +252,76 @@ class BadConfigTest(tf.test.TestCase):
     with self.assertRaisesRegex(ConfigError, r"train.num_steps=2 is not more than the 10 "
                                             r"warmup steps .*train.warmup_steps=1"):
       configurables.run_train(model_dir=_tmpdir())
+
+  def test_settings_that_crashed_hung_or_were_ignored_are_config_errors(self):
+    # Each was a plain ValueError (a traceback, exit 1), a silent hang (shuffle_buffer=0: the
+    # stream spun through empty epochs) or accepted (keep_checkpoints=0 kept every
+    # checkpoint). ConfigError is asserted, not ValueError, which it subclasses.
+    cases = [
+        ("train.on_bad_record = 'bogus'", r"train.on_bad_record='bogus'; allowed: 'skip'"),
+        ("train.stall_timeout_s = -1", r"train.stall_timeout_s=-1 must be a number of "
+                                       r"seconds >= 0 .*stall_timeout_s=300"),
+        ("train.keep_checkpoints = 0", r"train.keep_checkpoints=0 must be an integer >= 1 "
+                                       r"\(a run keeps at least the checkpoint"),
+        ("train.keep_checkpoints = -2", r"train.keep_checkpoints=-2 must be an integer >= 1"),
+        ("train.shuffle_buffer = 0", r"train.shuffle_buffer=0 must be an integer >= 1 .*"
+                                     r"--gin_bindings=train.shuffle_buffer=2048"),
+        ("train.shuffle_buffer = -3", r"train.shuffle_buffer=-3 must be an integer >= 1"),
+        ("train.shuffle_buffer = 2.5", r"train.shuffle_buffer=2.5 must be an integer >= 1"),
+    ]
+    for binding, message in cases:
+      with self.subTest(binding):
+        _tiny("demo.gin", [binding, "train.eval_data = None"])
+        model_dir = _tmpdir()
+        with self.assertRaisesRegex(ConfigError, message):
+          _within(120, lambda: configurables.run_train(model_dir=model_dir))
+        self.assertEqual(os.listdir(model_dir), [])  # before anything was written
+
+  def test_cosine_warmup_fix_it_suggests_is_valid(self):
+    # num_steps=1 once suggested warmup_steps=1, the value that had just failed.
+    for bindings in (["train.warmup_steps = 1"],
+                     ["train.warmup_steps = 0", "train.warmup_fraction = 0.9"]):
+      bindings = ["train.num_steps = 1", "train.lr_decay = 'cosine'",
+                  "train.eval_data = None", *bindings]
+      with self.subTest(bindings):
+        _tiny("demo.gin", bindings)
+        with self.assertRaisesRegex(ConfigError, "train.num_steps=1 is not more than") as cm:
+          configurables.run_train(model_dir=_tmpdir())
+        fix = re.findall(r"--gin_bindings=(\S+)", str(cm.exception).splitlines()[0])
+        self.assertTrue(fix, str(cm.exception))
+        _tiny("demo.gin", bindings + fix)  # the suggested fix, applied: one good step
+        summary = configurables.run_train(model_dir=_tmpdir())
+        self.assertLen(summary["losses"], 1)
+        self.assertTrue(math.isfinite(summary["losses"][0]))
+
+  def test_input_pipeline_errors_end_the_run_naming_the_data(self):
+    # A bad record under on_bad_record='fail': a ConfigError naming the file, record and fix.
+    folder = _tmpdir()
+    data = os.path.join(folder, "bad.tfrecord")
+    good = records.read_serialized(f"{DEMO}/validation-*.tfrecord")[:3]
+    records.write_records(data, good[:2] + [b"\x0a\x05garbage"] + good[2:])
+    _tiny("demo.gin", [f"train.train_data = '{data}'", "train.eval_data = None",
+                       "train.on_bad_record = 'fail'"])
+    with self.assertRaisesRegex(
+        ConfigError, rf"train.train_data='{re.escape(data)}' \(the batch of step 1\): "
+                     rf"on_bad_record=fail: bad record in {re.escape(data)} record 2: "
+                     rf"not_an_example: .*; repair or remove that record, or set "
+                     rf"--gin_bindings=\"train.on_bad_record='skip'\""):
+      _within(120, lambda: configurables.run_train(model_dir=_tmpdir()))
+    # Any other failure inside the stream keeps its type and says where it came from (it was
+    # swallowed, and the run spun without a step).
+    _tiny("demo.gin", ["train.eval_data = None"])
+    shuffle = pipeline._window_shuffle  # pylint: disable=protected-access
+    with mock.patch.object(pipeline, "_window_shuffle",
+                           lambda ds, window, seed, epoch: shuffle(ds, 0, seed, epoch)), \
+         self.assertRaisesRegex(tf.errors.InvalidArgumentError,
+                                "Batch size must be greater than zero") as cm:
+      _within(120, lambda: configurables.run_train(model_dir=_tmpdir()))
+    notes = getattr(cm.exception, "__notes__", [])
+    self.assertTrue(any(n.startswith("Raised by the input pipeline of train.train_data=") and
+                        "(the batch of step 1): " in n and
+                        n.endswith("Batch size must be greater than zero.") for n in notes),
+                    notes)
 
   def test_unwritable_model_dir_reported_at_start(self):
     if os.geteuid() == 0:

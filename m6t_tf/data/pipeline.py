@@ -49,6 +49,11 @@ the record's index in it. Dropping keeps every property above: shapes (records a
 before batching), determinism (a bad record is dropped wherever it falls), exact resuming (the
 skip counts good records), sharding (a record is bad on whichever worker reads it).
 
+Errors. Only the parser's rejection of a single record is dropped ("skip") or reported as a
+bad record ("fail"); any other runtime error of the pipeline (a file that cannot be read
+through, a failing op) reaches the caller's `next()`, and a repeated stream whose epoch holds
+no good record fails naming this worker's files: it never spins through empty epochs.
+
 A corrupt file loses more than one record: TFRecordDataset (TF 2.21) cannot resynchronise after
 a bad CRC or a truncated record and gives up on the rest of the file; a file cut inside a
 record header even ends without any error. The reader compares the bytes it consumed with the
@@ -73,8 +78,10 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 
 # What an element of the stream is before parsing. A file's reader adds a _CORRUPT_FILE element
-# after its last readable record if it could not read the file to its end.
-_RECORD, _CORRUPT_FILE, _END_OF_STREAM = 0, 1, 2
+# after its last readable record if it could not read the file to its end; a repeated stream
+# closes every epoch with an _END_OF_EPOCH element (its index: the epoch), a finite one ends
+# with _END_OF_STREAM.
+_RECORD, _CORRUPT_FILE, _END_OF_STREAM, _END_OF_EPOCH = 0, 1, 2, 3
 _FRAMING_BYTES = 16  # a TFRecord is: uint64 length, uint32 CRC of it, data, uint32 CRC of data
 _NUM_REASONS = len(records.REASON_NAMES)
 # The sequential stages (reader, numbering, judge) work on blocks of this many records: a
@@ -233,28 +240,32 @@ class _Judge:
   """The scan after parsing, a block at a time: finds dropped records, then fails on or counts
   every bad one, and keeps the good ones.
 
-  The parse map runs under `ignore_errors`, which drops a record the parser rejects
-  ("not_an_example"); the gap it leaves in the sequence numbers finds it, and the next element
-  carries its file and index (`prev_file`, `prev_index`; for a run of such records, those of
-  the last). With on_bad_record="skip" the judge also guards against a stream of nothing but
-  bad records (a repeated stream would otherwise spin forever without a batch), does not count
-  inside the first `skip_records` good records (a resumed run must not count again what the
-  first run counted), and passes the counts on to the next good record (`carry`, see
-  `BadRecordCounter`) or adds them at once.
+  Each record is parsed under its own `ignore_errors` (`_parse_block`), which drops a record
+  the parser rejects ("not_an_example"); the gap it leaves in the sequence numbers finds it,
+  and the next element carries its file and index (`prev_file`, `prev_index`; for a run of
+  such records, those of the last). A repeated stream (`epochs`) must never spin without a
+  batch: an epoch that holds no good record fails (`shard`, a description of this worker's
+  files, is named), and with on_bad_record="skip" so do `max_consecutive_bad_records` bad
+  records in a row. The judge does not count inside the first `skip_records` good records (a resumed run
+  must not count again what the first run counted), and passes the counts on to the next good
+  record (`carry`, see `BadRecordCounter`) or adds them at once.
   """
 
   def __init__(self, files, *, keep: Sequence[str], fail: bool,
                counter: BadRecordCounter | None, carry: bool, skip_records: int,
-               max_consecutive_bad_records: int):
+               max_consecutive_bad_records: int, epochs: bool = False, shard: str = ""):
     self.names = tf.constant(list(files))
     self.keep = tuple(keep)
     self.fail, self.counter, self.carry = fail, counter, carry
     self.skip_records = skip_records
     self.max_run = max_consecutive_bad_records
+    self.epochs, self.shard = epochs, shard
 
   def initial_state(self):
+    """(last seq, good records seen, bad run, pending counts, good and bad in this epoch)."""
     zero = tf.constant(0, tf.int64)
-    return tf.constant(-1, tf.int64), zero, zero, tf.zeros([_NUM_REASONS], tf.int64)
+    return (tf.constant(-1, tf.int64), zero, zero, tf.zeros([_NUM_REASONS], tf.int64), zero,
+            zero)
 
   def _where(self, file_id, index) -> tf.Tensor:
     name = tf.gather(self.names, tf.maximum(file_id, 0))
@@ -278,30 +289,44 @@ class _Judge:
         records.bad_record_message(tf.constant(records.NOT_AN_EXAMPLE))])
 
   def __call__(self, state, b):
-    last_seq, good_seen, run, pending = state
-    seq, reason = b["seq"], b["reason"]
+    last_seq, good_seen, run, pending, epoch_good, epoch_bad = state
+    seq, reason, kind = b["seq"], b["reason"], b["kind"]
+    n = tf.size(seq)
     gap = seq - tf.concat([[last_seq], seq[:-1]], axis=0) - 1  # records dropped before i
-    good = tf.equal(reason, records.GOOD) & tf.not_equal(b["kind"], _END_OF_STREAM)
+    good = tf.equal(reason, records.GOOD) & tf.equal(kind, _RECORD)
     out = {k: tf.boolean_mask(b[k], good) for k in self.keep}
-    deps = []
+    bad = (tf.one_hot(reason, _NUM_REASONS, dtype=tf.int64) +  # one_hot(GOOD) is all 0
+           gap[:, None] * tf.one_hot(records.NOT_AN_EXAMPLE, _NUM_REASONS, dtype=tf.int64))
+    num_bad = tf.reduce_sum(bad, axis=1)
+    checks = []
+    if self.epochs:
+      # Good and bad records of the epoch up to each element; at an epoch's end marker, the
+      # epoch's totals.
+      end = tf.equal(kind, _END_OF_EPOCH)
+      goods = _since_last_good(tf.cast(good, tf.int64), end, epoch_good)
+      bads = _since_last_good(num_bad, end, epoch_bad)
+      at_empty = _first(end & tf.equal(goods, 0))
+      checks.append((at_empty, lambda: tf.strings.join([
+          "no good record in epoch ", tf.strings.as_string(b["index"][at_empty]), " of ",
+          self.shard, " (", tf.strings.as_string(bads[at_empty]), " bad records",
+          " skipped" if not self.fail else "", "): the files hold no record for this worker, "
+          "or only bad ones, and the stream would never yield a batch"])))
+      epoch_good = tf.where(end[-1], tf.zeros_like(epoch_good), goods[-1])
+      epoch_bad = tf.where(end[-1], tf.zeros_like(epoch_bad), bads[-1])
     if self.fail:
       at_gap, at_bad = _first(gap > 0), _first(reason >= 0)
-      deps.append(_fail_unless(
-          tf.equal(tf.minimum(at_gap, at_bad), tf.size(good)),
+      checks.append((tf.minimum(at_gap, at_bad), lambda: tf.strings.join([
           "on_bad_record=fail: bad record in ",
-          lambda: tf.cond(at_gap <= at_bad, lambda: self._describe_dropped(b, at_gap),
-                          lambda: self._describe(b, at_bad))))
+          tf.cond(at_gap <= at_bad, lambda: self._describe_dropped(b, at_gap),
+                  lambda: self._describe(b, at_bad))])))
     else:
-      bad = (tf.one_hot(reason, _NUM_REASONS, dtype=tf.int64) +  # one_hot(GOOD) is all 0
-             gap[:, None] * tf.one_hot(records.NOT_AN_EXAMPLE, _NUM_REASONS, dtype=tf.int64))
-      runs = _since_last_good(tf.reduce_sum(bad, axis=1), good, run)
+      runs = _since_last_good(num_bad, good, run)
       at = _first(runs >= self.max_run)
-      deps.append(_fail_unless(
-          tf.equal(at, tf.size(good)),
+      checks.append((at, lambda: tf.strings.join([
           f"on_bad_record=skip: {self.max_run} bad records in a row (is the data, or "
           "image_size / feature_dim / vocab_size / max_caption_ids, wrong?); the last: ",
-          lambda: tf.cond(reason[at] >= 0, lambda: self._describe(b, at),
-                          lambda: self._describe_dropped(b, at))))
+          tf.cond(reason[at] >= 0, lambda: self._describe(b, at),
+                  lambda: self._describe_dropped(b, at))])))
       run = tf.where(good[-1], tf.zeros_like(run), runs[-1])
       # A resumed run counts only bad records after the skip_records-th good record: the first
       # run counted those before it. (Carried counts would leave with the skipped records
@@ -314,9 +339,53 @@ class _Judge:
         pending = tf.where(good[-1], tf.zeros_like(pending), before[-1])
       elif self.counter is not None:
         self.counter.add(tf.reduce_sum(bad, axis=0))  # runs without a dependency on it
-    with tf.control_dependencies(deps):
+    with tf.control_dependencies([_fail_at_first(checks, n)]):
       good_seen += tf.reduce_sum(tf.cast(good, tf.int64))
-    return (seq[-1], good_seen, run, pending), out
+    return (seq[-1], good_seen, run, pending, epoch_good, epoch_bad), out
+
+
+# How the judge's messages start (the trainer tells the data's errors from other failures).
+DATA_ERRORS = ("on_bad_record=fail: ", "on_bad_record=skip: ", "no good record in epoch ")
+
+
+def explain_error(error: tf.errors.OpError) -> tuple[bool, str]:
+  """What an error raised by a `make_dataset` stream says, as one line.
+
+  Returns:
+    (True, the judge's message) for the data's own errors (a bad record with
+    on_bad_record="fail", too many bad records in a row, an epoch without a good record);
+    (False, TensorFlow's message without its graph decorations) for any other failure.
+  """
+  text = error.message
+  start = text.find("assertion failed: [")
+  if start >= 0:
+    inner = text[start + len("assertion failed: ["):].split("\n", 1)[0].rstrip()
+    inner = inner[:-1] if inner.endswith("]") else inner
+    if inner.startswith(DATA_ERRORS):
+      return True, inner
+  first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+  if first.startswith("{{function_node") and "}} " in first:
+    first = first.split("}} ", 1)[1]
+  return False, first
+
+
+def _fail_at_first(checks, n) -> tf.Tensor:
+  """Raises InvalidArgumentError for the check that fails first in the block, if any.
+
+  Args:
+    checks: (position, message) pairs: the element where a problem shows (`n`: nowhere) and a
+      function building the message (called only on failure).
+    n: the block's size.
+  """
+  first = tf.reduce_min(tf.stack([at for at, _ in checks]))
+
+  def message(i):
+    at, build = checks[i]
+    if i == len(checks) - 1:
+      return build()
+    return tf.cond(tf.equal(at, first), build, lambda: message(i + 1))
+
+  return _fail_unless(tf.equal(first, n), "", lambda: message(0))
 
 
 def _fail_unless(condition: tf.Tensor, prefix: str, describe) -> tf.Tensor:
@@ -392,6 +461,18 @@ def _window_shuffle(ds: tf.data.Dataset, window: int, seed: int, epoch) -> tf.da
 _EPOCHS_FOREVER = 2**62
 
 
+def _marker(kind: int, index) -> tf.data.Dataset:
+  """One element of `kind` (_END_OF_EPOCH, _END_OF_STREAM) in the reader's structure."""
+  return tf.data.Dataset.from_tensors(
+      (tf.constant(b""), tf.constant(-1, tf.int64), tf.cast(index, tf.int64),
+       tf.constant(kind)))
+
+
+def _parse_block(block: dict, parse) -> tf.data.Dataset:
+  """The elements of one numbered block, parsed; those the parser rejects are dropped."""
+  return tf.data.Dataset.from_tensor_slices(block).map(parse).ignore_errors()
+
+
 def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len: int,
                  training: bool, seed: int = 0, shard_index: int = 0, num_shards: int = 1,
                  shuffle_buffer: int = 2048, image_mode: str = "pixels",
@@ -415,7 +496,8 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
       worker seeing the same interleaved order, a function of (seed, epoch) only).
     shard_index: this worker's rank in [0, num_shards).
     num_shards: D, the number of workers reading disjoint shards.
-    shuffle_buffer: records in the shuffle buffer (training only).
+    shuffle_buffer: records in the shuffle buffer (training only, >= 1; 1 keeps the records
+      of the interleaved files in order, and only the file order changes between epochs).
     image_mode: "pixels" (yield "image") or "features" (yield "patch_features").
     image_size: H (square) or (H, W) every image must have; None reads it from the first good
       record.
@@ -441,7 +523,8 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
     vocab_size: caption ids must be in [0, vocab_size).
     max_consecutive_bad_records: with "skip", this many bad records in a row raise an
       InvalidArgumentError: the data or a size argument is wrong, and a repeated stream of
-      only bad records would otherwise never yield a batch.
+      only bad records would otherwise never yield a batch. (So does an epoch of a repeated
+      stream without a good record, however short.)
 
   Returns:
     A `tf.data.Dataset` of dicts as described in the module docstring, with static shapes.
@@ -456,6 +539,10 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
     raise ValueError(f"image_mode must be one of {records.IMAGE_MODES}, got {image_mode!r}")
   if skip_batches < 0:
     raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+  if training and (isinstance(shuffle_buffer, bool) or
+                   not isinstance(shuffle_buffer, (int, np.integer)) or shuffle_buffer < 1):
+    raise ValueError(f"shuffle_buffer must be an integer >= 1 (1: no record shuffle), got "
+                     f"{shuffle_buffer!r}")
   if on_bad_record not in ("skip", "fail"):
     raise ValueError(f"on_bad_record must be 'skip' or 'fail', got {on_bad_record!r}")
   if on_bad_record == "fail" and bad_record_counter is not None:
@@ -504,17 +591,16 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
       ds = ds.shard(num_shards, shard_index)
     if training:
       ds = _window_shuffle(ds, shuffle_buffer, seed, epoch)
+    if repeat:  # lets the judge see an epoch without a good record (it would spin forever)
+      ds = ds.concatenate(_marker(_END_OF_EPOCH, epoch))
     return ds
 
   # Epochs one after another, each complete before the next starts.
   ds = tf.data.Dataset.range(_EPOCHS_FOREVER if repeat else 1).flat_map(one_epoch)
   if not repeat:  # lets the judge see records the parser rejected at the very end
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(
-        (tf.constant(b""), tf.constant(-1, tf.int64), tf.constant(-1, tf.int64),
-         tf.constant(_END_OF_STREAM))))
+    ds = ds.concatenate(_marker(_END_OF_STREAM, -1))
   minus_one = tf.constant(-1, tf.int64)
   ds = ds.batch(_BLOCK).scan((tf.constant(0, tf.int64), minus_one, minus_one), _number)
-  ds = ds.unbatch()
 
   image_key = "image" if image_mode == "pixels" else "patch_features"
 
@@ -536,10 +622,19 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
   # finite stream may drop its last partial batch, so there they are counted when read.
   carry = counter is not None and repeat
   keep = [image_key, "tokens"] + (["key", "caption"] if include_text else [])
+  shard = (f"shard {shard_index} of {num_shards}: " if num_shards > 1 else "") + (
+      f"{len(files)} file{'s' * (len(files) != 1)}, the first {files[0]}")
   judge = _Judge(files, keep=keep, fail=on_bad_record == "fail", counter=counter, carry=carry,
                  skip_records=skip_batches * batch_size,
-                 max_consecutive_bad_records=max_consecutive_bad_records)
-  ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
+                 max_consecutive_bad_records=max_consecutive_bad_records, epochs=repeat,
+                 shard=shard)
+  # `ignore_errors` around each block's parse alone: a record the parser rejects is dropped
+  # (and found by the judge), while an error anywhere upstream (reading, shuffling, a bad
+  # argument) reaches the caller. One `ignore_errors` over the whole stream swallowed those
+  # too, and a repeated stream whose every epoch failed spun forever without a batch. An
+  # interleave whose block_length is at least a block's size keeps the blocks in order.
+  ds = ds.interleave(lambda block: _parse_block(block, parse), cycle_length=AUTOTUNE,
+                     block_length=_BLOCK, num_parallel_calls=AUTOTUNE, deterministic=True)
   ds = ds.batch(_BLOCK).scan(judge.initial_state(), judge).unbatch()
   if skip_batches:
     # After the judge: the stream of good records is what a resumed run must continue, and
