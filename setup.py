@@ -6,7 +6,7 @@ setuptools.setup(
     version="0.1.0",
     description="M6-T sparse MoE Transformer (expert prototyping) in TensorFlow/Keras 3 + Horovod",
     python_requires=">=3.11,<3.12",
-    packages=setuptools.find_packages(include=["m6t_tf", "m6t_tf.*", "launch", "launch.*"]),
+    packages=setuptools.find_packages(include=["m6t_tf", "m6t_tf.*"]),
     install_requires=[
         "tensorflow==2.21.0",
         "tensorflow-text==2.21.1",

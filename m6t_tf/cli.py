@@ -4,7 +4,7 @@
 to stderr (what is wrong, where, the fix) and exits with status 2, without a traceback. These
 count as user errors, deliberately and nothing else:
 
-* `ConfigError`, raised by our own checks of flags, gin bindings, data and paths, before any
+* `ConfigError` (`m6t_tf.errors`), raised by our own checks of flags, gin bindings, data and paths, before any
   compute. It subclasses ValueError, so library callers that catch ValueError keep working;
 * absl's `app.UsageError` and flag-parsing errors; argparse errors (`ArgumentParser` below).
 
@@ -54,15 +54,11 @@ import sys
 import tempfile
 from typing import Callable, Iterator
 
+from m6t_tf.errors import ConfigError
+from m6t_tf.errors import one_line
+
 VERBOSE_ENV = "M6T_TF_LOGS"
 EXIT_USER_ERROR = 2
-
-
-class ConfigError(ValueError):
-  """A configuration or input error the user fixes; its message says what, where and the fix.
-
-  The CLIs print it as one line and exit 2 (module docstring); keep the message one line.
-  """
 
 
 # TensorFlow's start-up notices (module docstring). A cuInit failure is a notice only on a
@@ -145,12 +141,6 @@ def _rank_prefix() -> str:
     if os.environ.get(name, "").isdigit():
       return f"rank {os.environ[name]}: "
   return ""
-
-
-def one_line(error: BaseException) -> str:
-  """The error's message as one line (gin appends "In call to configurable ..." lines)."""
-  text = str(error).strip()
-  return text.splitlines()[0].strip() if text else type(error).__name__
 
 
 def report(prog: str, error: BaseException) -> int:

@@ -33,7 +33,7 @@ def main(argv):
     raise app.UsageError("--model_dir is required")
   from m6t_tf.parallel import horovod as horovod_lib
   horovod_lib.place_process()  # each rank's GPU, before anything starts TensorFlow's runtime
-  from m6t_tf import evaluation
+  from m6t_tf.run import evaluation
   r = evaluation.evaluate(FLAGS.model_dir, eval_data=FLAGS.eval_data,
                           checkpoint=FLAGS.checkpoint, gin_bindings=FLAGS.gin_bindings,
                           batch_size=FLAGS.batch_size)

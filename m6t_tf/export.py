@@ -45,10 +45,10 @@ def main(argv):
   del argv
   if not FLAGS.model_dir or not FLAGS.export_dir:
     raise app.UsageError("--model_dir and --export_dir are required")
-  from m6t_tf import decoding
+  from m6t_tf.models import decoding
   options = decoding.DecodeOptions(method=FLAGS.decode, max_len=FLAGS.max_len,
                                    beam_size=FLAGS.beam_size, length_penalty=FLAGS.length_penalty)
-  from m6t_tf import serving
+  from m6t_tf.run import serving
   info = serving.export_model(FLAGS.model_dir, FLAGS.export_dir, options=options,
                       serving_batch=FLAGS.serving_batch, checkpoint=FLAGS.checkpoint,
                       max_pixels=FLAGS.max_pixels)

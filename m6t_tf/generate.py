@@ -11,7 +11,7 @@ r"""Captions for images: greedy, beam search or sampling with a KV cache.
 Writes one JSON object per image to --out (default model_dir/captions.jsonl): key, image path,
 caption, log_prob, score, num_tokens, candidates (all beams / samples, best first) and
 references (all captions of the image in the split). With --split=validation the captions are
-scored with BLEU-1..4 and CIDEr-D next to two baselines (m6t_tf.caption_metrics), printed and
+scored with BLEU-1..4 and CIDEr-D next to two baselines (m6t_tf.run.caption_metrics), printed and
 written to model_dir/caption_metrics.json. Image files are decoded and resized exactly as
 tools/make_dataset.py built the training records. See m6t_tf/decoding.py for the scores and the
 length penalty.
@@ -60,8 +60,8 @@ def main(argv):
     raise app.UsageError("give exactly one of --images='photos/*.jpg' and --split=validation")
   from m6t_tf.parallel import horovod as horovod_lib
   horovod_lib.place_process()  # each rank's GPU, before anything starts TensorFlow's runtime
-  from m6t_tf import decoding
-  from m6t_tf import generation
+  from m6t_tf.models import decoding
+  from m6t_tf.run import generation
   from m6t_tf.data import tokenizer
   options = decoding.DecodeOptions(
       method=FLAGS.decode, max_len=FLAGS.max_len, beam_size=FLAGS.beam_size,

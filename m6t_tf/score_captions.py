@@ -8,7 +8,7 @@ The captions file has one JSON object per line, as `python -m m6t_tf.generate` w
 ({"key", "caption", "log_prob", "score", "candidates", "references", ...}). References are
 every caption of the image's key in the `--references` records, or, without that flag, the
 rows' own "references". With `--train_data` (and `--references`, which holds the evaluation
-images) the two baselines of `m6t_tf.caption_metrics` are scored on the same images: the most
+images) the two baselines of `m6t_tf.run.caption_metrics` are scored on the same images: the most
 frequent training caption, and the caption of the nearest training image in pixel space.
 Prints the table; `--out` writes it as JSON; `--html` writes the page (images from the
 records, or from the rows' "image" paths).
@@ -69,7 +69,7 @@ def score_file(captions: str, *, references: str | None = None,
   The systems are "model" and, with `train_data`, the baselines "most_frequent" and
   "nearest_image" (the keys `python -m m6t_tf.generate` writes to caption_metrics.json).
   """
-  from m6t_tf import caption_metrics as cm
+  from m6t_tf.run import caption_metrics as cm
   if train_data and not references:
     raise ValueError("--train_data needs --references: the baselines look up the evaluation "
                      "images in those records")

@@ -34,9 +34,9 @@ def main(argv):
   import gin
   import tensorflow as tf
 
-  from m6t_tf import configurables
+  from m6t_tf.run import configurables
   from m6t_tf import storage
-  from m6t_tf import training
+  from m6t_tf.run import training
   from m6t_tf.parallel import horovod as horovod_lib
 
   if not FLAGS["verbosity"].present:

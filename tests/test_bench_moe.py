@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import bench_moe  # noqa: E402
 import pytest
-from m6t_tf import cli  # noqa: E402
+from m6t_tf import errors
 
 ROUTING_VARIANTS = {"top1", "top2", "top4", "2xtop1", "4xtop1"}
 RESULT_KEYS = {"name": str, "variant": str, "shape": str, "tokens": int, "median_s": float,
@@ -212,7 +212,7 @@ class PinnedRoutingTest(unittest.TestCase):
   def test_dropless_suite_arguments(self):
     args = bench_moe.parse_args(["--suite=dropless"])
     self.assertEqual(args.sections, bench_moe.DROPLESS_SECTIONS)
-    with self.assertRaisesRegex(cli.ConfigError, "routing"):
+    with self.assertRaisesRegex(errors.ConfigError, "routing"):
       bench_moe.parse_args(["--suite=dropless", "--sections=routing"])
 
 
@@ -235,7 +235,7 @@ class PeerImportTest(unittest.TestCase):
                                  "--sections=routing,scaling"])
     self.assertEqual(args.tokens, [32, 64])
     self.assertEqual(args.sections, ("routing", "scaling"))
-    with self.assertRaisesRegex(cli.ConfigError, "nope"):  # one line and exit 2 (m6t_tf.cli)
+    with self.assertRaisesRegex(errors.ConfigError, "nope"):  # one line and exit 2 (m6t_tf.cli)
       bench_moe.parse_args(["--sections=nope"])
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from m6t_tf import configurables
-from m6t_tf import planning
+from m6t_tf.run import configurables
+from m6t_tf.run import planning
 from tests import support
 from tests.support import DEMO, REPO
 

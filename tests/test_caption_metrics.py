@@ -1,4 +1,4 @@
-"""Tests of m6t_tf.caption_metrics and the score_captions command.
+"""Tests of m6t_tf.run.caption_metrics and the score_captions command.
 
 Scorers pinned on hand-computed cases, Chinese tokenised by character, the two baselines on
 real TFRecords, and the page parsed back: every image decodes and every caption is there.
@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from m6t_tf import caption_metrics as cm  # pylint: disable=g-import-not-at-top
+from m6t_tf.run import caption_metrics as cm  # pylint: disable=g-import-not-at-top
 from m6t_tf import score_captions  # pylint: disable=g-import-not-at-top
 from m6t_tf.data import records  # pylint: disable=g-import-not-at-top
 from m6t_tf.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top

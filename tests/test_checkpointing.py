@@ -1,4 +1,4 @@
-"""Tests of m6t_tf.checkpointing in one process: round trip, and the durable publish order
+"""Tests of m6t_tf.run.checkpointing in one process: round trip, and the durable publish order
 (flush → rename → flush → prune) recorded through the checkpointer's file operations.
 
 Killing a real training run between publish and prune is in tests/test_reliability.py
@@ -14,7 +14,7 @@ from unittest import mock
 import numpy as np
 import tensorflow as tf
 
-from m6t_tf import checkpointing
+from m6t_tf.run import checkpointing
 from m6t_tf.parallel import context as context_lib
 
 

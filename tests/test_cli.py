@@ -160,7 +160,7 @@ class ToolErrorsTest(CliTestCase):
     self.assertIn("absl::InitializeLog", proc.stderr)
 
   def test_launcher_layout_mismatch(self):
-    self.assertUserError(_run([PY, "-m", "launch.run", "--gin_file=gin/demo.gin",
+    self.assertUserError(_run([PY, "-m", "m6t_tf.launch", "--gin_file=gin/demo.gin",
                                "--gin_file=gin/layouts/1x2.gin", "--num_workers=3",
                                "--dry_run"]),
                          "--num_workers=3", "gin/layouts")

@@ -1,5 +1,5 @@
 """Tests of tools/compare_dense.py: the budget arithmetic by hand, and a `--format=json` run on
-tiny configs checked for its schema, its parameter counts (against `m6t_tf.planning`) and the
+tiny configs checked for its schema, its parameter counts (against `m6t_tf.run.planning`) and the
 consistency of its numbers (not their values: timings are machine-dependent)."""
 
 import json
@@ -19,7 +19,7 @@ from tests.support import REPO
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import compare_dense  # noqa: E402
-from m6t_tf import cli  # noqa: E402
+from m6t_tf import errors
 
 TINY_DENSE = "gin/demo.gin,gin/tiny.gin"
 TINY_MOES = ("gin/demo.gin,gin/tiny.gin", "tools/experiments/gin/top2_cap_k.gin,gin/tiny.gin")
@@ -139,7 +139,7 @@ class TinyJsonRunTest(unittest.TestCase):
 
   def test_parameter_counts_match_the_planner(self):
     import gin
-    from m6t_tf import planning
+    from m6t_tf.run import planning
     self.addCleanup(gin.clear_config)
     d = self.report["dense"]
     files = TINY_DENSE.split(",")
@@ -284,9 +284,9 @@ class TinyUpcycleRunTest(tf.test.TestCase):
 
   def dense_loss_on_first_batch(self, checkpoint):
     import gin
-    from m6t_tf import checkpointing
-    from m6t_tf import configurables
-    from m6t_tf import training
+    from m6t_tf.run import checkpointing
+    from m6t_tf.run import configurables
+    from m6t_tf.run import training
     from m6t_tf.parallel import context as context_lib
     self.addCleanup(gin.clear_config)
     gin.clear_config()
@@ -310,18 +310,18 @@ class FlagsTest(unittest.TestCase):
   def test_bad_flags_fail_before_building(self):
     # One-line errors (m6t_tf.cli): the CLI prints them and exits 2.
     for bad in (["--steps_to_time=0"], ["--warmup_steps=0"], ["--tokens_per_param=0"]):
-      with self.assertRaisesRegex(cli.ConfigError, bad[0].split("=")[0]):
+      with self.assertRaisesRegex(errors.ConfigError, bad[0].split("=")[0]):
         compare_dense.parse_args(["--dense_gin=gin/demo.gin", "--moe_gin=gin/demo.gin", *bad])
-    with self.assertRaisesRegex(cli.ConfigError, "--moe_gin"):
+    with self.assertRaisesRegex(errors.ConfigError, "--moe_gin"):
       compare_dense.parse_args(["--dense_gin=gin/demo.gin"])        # no --moe_gin
     upcycle = ["--dense_gin=gin/demo.gin", "--upcycle_moe_gin=gin/demo.gin"]
     for bad, message in (([], "needs --upcycle_at"),
                          (["--upcycle_at=0"], "--upcycle_at=0"),
                          (["--upcycle_at=5", "--upcycle_budget_steps=5"], "must exceed"),
                          (["--upcycle_at=5", "--upcycle_noise_std=-1"], "noise_std")):
-      with self.assertRaisesRegex(cli.ConfigError, message):
+      with self.assertRaisesRegex(errors.ConfigError, message):
         compare_dense.parse_args(upcycle + bad)
-    with self.assertRaisesRegex(cli.ConfigError, "need --upcycle_moe_gin"):
+    with self.assertRaisesRegex(errors.ConfigError, "need --upcycle_moe_gin"):
       compare_dense.parse_args(["--dense_gin=a.gin", "--moe_gin=b.gin", "--upcycle_at=5"])
     args = compare_dense.parse_args(upcycle + ["--upcycle_at=5", "--upcycle_dir=runs/none/x"])
     self.assertEqual((args.moe_gin, args.upcycle_budget_steps), ([], 10))    # default 2N

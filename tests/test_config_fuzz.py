@@ -17,7 +17,7 @@ import hypothesis
 from hypothesis import strategies as st
 import tensorflow as tf
 
-from m6t_tf import configurables
+from m6t_tf.run import configurables
 from m6t_tf.errors import ConfigError
 from m6t_tf.run import config as config_lib
 from tests.support import REPO

@@ -8,8 +8,8 @@ import gin
 import numpy as np
 import tensorflow as tf
 
-from m6t_tf import configurables
-from m6t_tf.cli import ConfigError
+from m6t_tf.run import configurables
+from m6t_tf.errors import ConfigError
 from m6t_tf.data import metadata
 from m6t_tf.data import records
 from tests.support import REPO

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from m6t_tf import training
+from m6t_tf.run import training
 from m6t_tf.data import pipeline
 from m6t_tf.data import records
 from tests import support

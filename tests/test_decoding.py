@@ -1,4 +1,4 @@
-"""Incremental decoding (m6t_tf.decoding): the KV cache computes the full model's function.
+"""Incremental decoding (m6t_tf.models.decoding): the KV cache computes the full model's function.
 
 Small random networks (init_std 0.2, so that logits are decisive and captions varied) in the
 configurations the gin files use: pre-RMSNorm + RoPE + SwiGLU with MoE attention and top-2
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from m6t_tf import decoding
+from m6t_tf.models import decoding
 from m6t_tf.data.tokenizer import CLS_ID, PAD_ID, SEP_ID
 from m6t_tf.networks import m6_transformer
 

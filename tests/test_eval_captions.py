@@ -16,9 +16,9 @@ import gin
 import pytest
 import tensorflow as tf
 
-from m6t_tf import configurables
-from m6t_tf import decoding
-from m6t_tf import generation
+from m6t_tf.run import configurables
+from m6t_tf.models import decoding
+from m6t_tf.run import generation
 from tests import support
 from tests.support import DEMO, REPO
 

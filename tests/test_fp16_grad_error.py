@@ -15,7 +15,7 @@ from tests.support import REPO
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import fp16_grad_error  # noqa: E402
-from m6t_tf.cli import ConfigError  # noqa: E402
+from m6t_tf.errors import ConfigError  # noqa: E402
 
 
 def test_statistics_of_hand_made_values():

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from m6t_tf import decoding
-from m6t_tf import generation
-from m6t_tf.cli import ConfigError
+from m6t_tf.models import decoding
+from m6t_tf.run import generation
+from m6t_tf.errors import ConfigError
 from m6t_tf.data import detokenizer as detokenizer_lib
 from m6t_tf.data import images as images_lib
 from m6t_tf.data import records
@@ -307,7 +307,7 @@ class GenerateTest(tf.test.TestCase):
     """Exports the model once and runs every request in one process without m6t_tf."""
     if GenerateTest._SERVED is not None:
       return GenerateTest._SERVED
-    from m6t_tf import serving as export_lib
+    from m6t_tf.run import serving as export_lib
     export_dir = os.path.join(self.tmp, "export")
     export_lib.export_model(self.model_dir, export_dir, options=decoding.DecodeOptions(),
                             serving_batch=2)

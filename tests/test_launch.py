@@ -1,4 +1,4 @@
-"""launch/run.py: the horovodrun / mpirun commands it builds, and the layout checks it makes."""
+"""m6t_tf/launch.py: the horovodrun / mpirun commands it builds, and the layout checks it makes."""
 
 import os
 import subprocess
@@ -8,8 +8,8 @@ import gin
 import pytest
 import tensorflow as tf
 
-from launch import run
-from m6t_tf.cli import ConfigError
+from m6t_tf import launch as run
+from m6t_tf.errors import ConfigError
 from m6t_tf.parallel import watchdog
 from tests.support import REPO
 
@@ -28,7 +28,7 @@ class LaunchTest(tf.test.TestCase):
   @pytest.mark.multiprocess
   def test_dry_run_480_worker_1t_config(self):
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.run", "--gin_file=gin/1T.gin",
+        [sys.executable, "-m", "m6t_tf.launch", "--gin_file=gin/1T.gin",
          "--gin_file=gin/layouts/1x480.gin", "--num_workers=480", "--hostfile=hosts",
          "--backend=mpi", "--model_dir=/ckpt/1T", "--dry_run"],
         cwd=REPO, capture_output=True, text=True, timeout=120,

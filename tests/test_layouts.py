@@ -14,7 +14,7 @@ import re
 import gin
 import tensorflow as tf
 
-from m6t_tf import configurables
+from m6t_tf.run import configurables
 from tests.support import REPO
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from m6t_tf import configurables
+from m6t_tf.run import configurables
 from m6t_tf import optimizers
-from m6t_tf import training
+from m6t_tf.run import training
 from m6t_tf.parallel import context
 from tests import support
 from tests.support import DEMO, REPO

@@ -177,7 +177,7 @@ class MakeDatasetTest(tf.test.TestCase):
   def test_no_line_converted_is_an_error_and_writes_nothing(self):
     self.input.write_text(json.dumps({"image": "red.png", "text": "红色"}) + "\n",
                           encoding="utf-8")
-    with self.assertRaisesRegex(make_dataset.cli.ConfigError,
+    with self.assertRaisesRegex(make_dataset.errors.ConfigError,
                                 r'no line of .*captions\.jsonl could be converted .*'
                                 r'missing key "caption"'):
       self._convert()

@@ -1,8 +1,8 @@
-"""Real `mpirun` jobs (Open MPI, Horovod's MPI controller), started as `launch.run` builds them.
+"""Real `mpirun` jobs (Open MPI, Horovod's MPI controller), started as `m6t_tf.launch` builds them.
 
   * the shared reference config (tests/support.py: tiny.gin, layout 1x2) stopped after half its
     steps and resumed logs the losses and ends with the weights of the straight 2-rank run;
-  * `python -m launch.run --backend=mpi` starts the job it prints; a rank SIGKILLed after step 3
+  * `python -m m6t_tf.launch --backend=mpi` starts the job it prints; a rank SIGKILLed after step 3
     ends the whole job within 60 s, non-zero, with mpirun's own report of the dead rank, and the
     launcher passes the failure on as its exit status.
 Each run's log names the controller (`HorovodContext.describe`): these are MPI jobs, not Gloo.
@@ -18,8 +18,8 @@ import sys
 import pytest
 import tensorflow as tf
 
-from launch import run
-from m6t_tf import training
+from m6t_tf import launch as run
+from m6t_tf.run import training
 from tests import jobs
 from tests import support
 from tests.support import REPO
@@ -86,7 +86,7 @@ class MpirunTest(tf.test.TestCase):
 
   def test_launcher_starts_mpi_job_and_a_killed_rank_ends_it(self):
     model_dir = os.path.join(self.tmp, "killed")
-    cmd = [sys.executable, "-m", "launch.run", *[f"--gin_file={f}" for f in GIN],
+    cmd = [sys.executable, "-m", "m6t_tf.launch", *[f"--gin_file={f}" for f in GIN],
            *[f"--gin_bindings={b}" for b in [*BINDINGS, "train.num_steps=100000",
                                               "train.checkpoint_every=1000"]],
            "--num_workers=2", "--backend=mpi", f"--model_dir={model_dir}"]

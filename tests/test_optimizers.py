@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from m6t_tf import configurables
+from m6t_tf.run import configurables
 from m6t_tf import optimizers
 from tests import numpy_reference as ref
 from tests.support import REPO

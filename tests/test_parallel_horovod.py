@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from m6t_tf.cli import ConfigError
+from m6t_tf.errors import ConfigError
 from m6t_tf.layers.moe import MoE
 from m6t_tf.parallel import horovod as hvd_lib
 from m6t_tf.parallel.mesh import Mesh
@@ -328,7 +328,7 @@ tf.config.list_physical_devices = lambda kind=None: GPUS if kind == "GPU" else l
 tf.config.set_visible_devices = set_visible_devices
 tf.config.experimental.set_memory_growth = set_memory_growth
 
-from m6t_tf import configurables
+from m6t_tf.run import configurables
 from m6t_tf.parallel import horovod as hvd_lib
 
 def context(*a, **k):

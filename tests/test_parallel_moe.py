@@ -220,7 +220,7 @@ def test_mesh_coordinates_and_metrics(runs, data, expert):
 
 @pytest.mark.parametrize("data,expert", MESHES)
 def test_trainer_context_interface(runs, data, expert):
-  """What m6t_tf.training calls: reduce_gradients, global norm, all_finite, broadcast_state..."""
+  """What m6t_tf.run.training calls: reduce_gradients, global norm, all_finite, broadcast_state..."""
   _assert_ok(runs.equivalence(data, expert), "trainer_interface")
 
 

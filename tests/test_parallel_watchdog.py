@@ -22,9 +22,9 @@ import gin
 import pytest
 import tensorflow as tf
 
-from m6t_tf import checkpointing
-from m6t_tf import configurables
-from m6t_tf import training
+from m6t_tf.run import checkpointing
+from m6t_tf.run import configurables
+from m6t_tf.run import training
 from m6t_tf.parallel import context as context_lib
 from m6t_tf.parallel import watchdog as watchdog_lib
 from tests import jobs

@@ -1,4 +1,4 @@
-"""Tests of the capacity planner (m6t_tf.planning, tools/plan.py).
+"""Tests of the capacity planner (m6t_tf.run.planning, tools/plan.py).
 
 The planner never builds weights; here every count is checked against something built:
 parameters against `count_params()` and the variable shapes of the Keras model of every gin
@@ -24,8 +24,8 @@ import pytest
 import tensorflow as tf
 
 from m6t_tf import optimizers
-from m6t_tf import planning
-from m6t_tf.cli import ConfigError
+from m6t_tf.run import planning
+from m6t_tf.errors import ConfigError
 from m6t_tf.models import m6_captioner
 from m6t_tf.networks import m6_transformer
 from m6t_tf.parallel import communicator as comm_lib

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from m6t_tf import training
+from m6t_tf.run import training
 from tests import jobs
 from tests import support
 from tests.support import DEMO, REPO
@@ -245,7 +245,7 @@ class BadDataTrainingTest(tf.test.TestCase):
 
   def _train(self, mode):
     import gin
-    from m6t_tf import configurables
+    from m6t_tf.run import configurables
     gin.clear_config()
     configurables.parse([os.path.join(REPO, "gin", "demo.gin"), os.path.join(REPO, "gin", "tiny.gin")],
                         [f"train.train_data = '{self.data_dir}/train-*.tfrecord'",

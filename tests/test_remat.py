@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from m6t_tf import configurables
-from m6t_tf import planning
-from m6t_tf import training
-from m6t_tf.cli import ConfigError
+from m6t_tf.run import configurables
+from m6t_tf.run import planning
+from m6t_tf.run import training
+from m6t_tf.errors import ConfigError
 from m6t_tf.models import m6_captioner
 from m6t_tf.networks import m6_transformer as transformer_lib
 from m6t_tf.parallel import communicator as comm_lib

@@ -33,15 +33,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from m6t_tf import checkpointing
-from m6t_tf import configurables
-from m6t_tf import decoding
-from m6t_tf import evaluation
-from m6t_tf.cli import ConfigError
-from m6t_tf import generation
-from m6t_tf import serving
+from m6t_tf.run import checkpointing
+from m6t_tf.run import configurables
+from m6t_tf.models import decoding
+from m6t_tf.run import evaluation
+from m6t_tf.errors import ConfigError
+from m6t_tf.run import generation
+from m6t_tf.run import serving
 from m6t_tf import storage
-from m6t_tf import training
+from m6t_tf.run import training
 from m6t_tf.data import records
 from tests import support
 from tests.support import DEMO, REPO

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from m6t_tf import configurables
-from m6t_tf import evaluation as evaluate_lib
-from m6t_tf import training
-from m6t_tf.cli import ConfigError
+from m6t_tf.run import configurables
+from m6t_tf.run import evaluation as evaluate_lib
+from m6t_tf.run import training
+from m6t_tf.errors import ConfigError
 from m6t_tf.data import pipeline
 from m6t_tf.data import records
 from tests import support

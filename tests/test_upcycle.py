@@ -20,10 +20,10 @@ import gin
 import pytest
 import tensorflow as tf
 
-from m6t_tf import checkpointing
-from m6t_tf import cli
-from m6t_tf import configurables
-from m6t_tf import training
+from m6t_tf.run import checkpointing
+from m6t_tf import errors
+from m6t_tf.run import configurables
+from m6t_tf.run import training
 from m6t_tf.data import records
 from m6t_tf.parallel import context as context_lib
 from tests import jobs
@@ -176,7 +176,7 @@ class UpcycleTest(tf.test.TestCase):
       args = dict(dense_model_dir=self.dense_dir, moe_gin=FILES,
                   gin_bindings=self.moe_bindings(), model_dir=target, search_paths=[REPO])
       args.update(kwargs)
-      with self.assertRaisesRegex(cli.ConfigError, message):
+      with self.assertRaisesRegex(errors.ConfigError, message):
         upcycle.upcycle(**args)
       self.assertFalse(os.path.exists(target), message)
 

@@ -38,7 +38,7 @@ def _scalars(model_dir: str) -> dict:
 
 def run(fraction: str, steps: int) -> dict:
   import gin
-  from m6t_tf import configurables
+  from m6t_tf.run import configurables
   gin.clear_config()
   configurables.parse([os.path.join(ROOT, "gin", "demo.gin")], [
       f"train.num_steps = {steps}", f"train.log_every = {steps // 2}", "train.eval_data = None",

@@ -1,4 +1,4 @@
-r"""Cost of durable checkpoints: a save that fsyncs (m6t_tf.checkpointing) against one that
+r"""Cost of durable checkpoints: a save that fsyncs (m6t_tf.run.checkpointing) against one that
 does not, on a real model's checkpoint, in one process.
 
   python tools/bench_checkpoint.py                                   # the demo model, a table
@@ -80,7 +80,7 @@ def parse_args(argv):
 
 def file_ops(variant: str):
   """The `LocalFileOps` of a variant, counting its fsyncs in `.fsyncs`."""
-  from m6t_tf import checkpointing
+  from m6t_tf.run import checkpointing
 
   class Counting(checkpointing.LocalFileOps):
     def __init__(self, only_latest: bool):
@@ -108,7 +108,7 @@ def checkpoint_entries(files, bindings, search_paths):
   import numpy as np
   import tensorflow as tf
   import compare_dense
-  from m6t_tf import training
+  from m6t_tf.run import training
   from m6t_tf.data import records
   c = compare_dense.Candidate("model", files, bindings, False, search_paths)
   c.build()
@@ -142,7 +142,7 @@ def filesystem_of(path: str) -> str:
 
 
 def run(args, log) -> dict:
-  from m6t_tf import checkpointing
+  from m6t_tf.run import checkpointing
   from m6t_tf.parallel import context as context_lib
   import tensorflow as tf
   tf.get_logger().setLevel("ERROR")

@@ -6,7 +6,7 @@ r"""Decode speed: the KV cache against recomputing the whole prefix at every ste
 Both decoders are greedy and generate exactly `--caption_length` tokens per caption (no early
 stop; the last token is [SEP], forced), in the same process, on the same images and weights:
 
-  * cached: `m6t_tf.decoding.decode` — patches and [CLS] encoded once, then one position per
+  * cached: `m6t_tf.models.decoding.decode` — patches and [CLS] encoded once, then one position per
     step through every block with the key/value cache (one `tf.function`, one while loop);
   * recompute: at step t the full network runs over the t + 1 known caption positions and the
     16 patches (one `tf.function` per length, traced before timing), keeping the last logits.
@@ -32,6 +32,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from m6t_tf import cli  # pylint: disable=wrong-import-position
+
+from m6t_tf import errors
 
 
 def parse_args(argv=None):
@@ -59,9 +61,9 @@ def parse_args(argv=None):
 def build_network(args):
   """(network, image size): restored from --model_dir, or demo.gin with random weights."""
   import tensorflow as tf
-  from m6t_tf import configurables
-  from m6t_tf import generation
-  from m6t_tf import training
+  from m6t_tf.run import configurables
+  from m6t_tf.run import generation
+  from m6t_tf.run import training
   if args.model_dir:
     restored = generation.restore(args.model_dir)
     return restored.network, restored.image_size
@@ -76,7 +78,7 @@ def build_network(args):
 def recompute_decoder(network, length: int):
   """Greedy decoding that reruns the full network on the whole prefix at every step."""
   import tensorflow as tf
-  from m6t_tf import decoding
+  from m6t_tf.models import decoding
   steps = {}
 
   def step_fn(t):
@@ -103,7 +105,7 @@ def recompute_decoder(network, length: int):
 
 def cached_decoder(network, length: int):
   import tensorflow as tf
-  from m6t_tf import decoding
+  from m6t_tf.models import decoding
   # max_len = length + 1: `length` tokens after [CLS], the last one forced to [SEP] (the
   # recomputing decoder forces it too; it costs a full step either way). lockstep: no early stop.
   options = decoding.DecodeOptions(method="greedy", max_len=length + 1)
@@ -117,7 +119,7 @@ def until_sep(tokens):
   """[PAD] after each row's first [SEP], as the cached decoder writes finished captions (both
   decoders keep computing every step, so their costs stay comparable)."""
   import numpy as np
-  from m6t_tf import decoding
+  from m6t_tf.models import decoding
   after = np.cumsum(np.cumsum(tokens == decoding.SEP_ID, axis=1), axis=1) > 1
   return np.where(after, decoding.PAD_ID, tokens)
 
@@ -186,7 +188,7 @@ def main(argv=None) -> int:
   try:
     report = run(args)
   except (ValueError, OSError) as e:
-    raise cli.ConfigError(cli.one_line(e)) from e
+    raise errors.ConfigError(errors.one_line(e)) from e
   report["machine"]["loadavg_end"] = list(os.getloadavg())
   if args.out:
     with open(args.out, "w") as f:

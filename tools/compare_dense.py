@@ -36,7 +36,7 @@ Method:
      included: that is what Chinchilla counted (Kaplan et al. 2020 counted non-embedding
      parameters; Pearce & Song 2024 trace most of the two laws' disagreement to that choice).
      `--param_count=non_embedding` uses the count without the token table, positions, patch
-     projection and output bias (`m6t_tf.planning`'s "embeddings" component). With a
+     projection and output bias (`m6t_tf.run.planning`'s "embeddings" component). With a
      21128-entry vocabulary and a small M the two differ by ~7× (the demo), so both are printed.
      A token is one position the model computes on: tokens_per_step = B × (16 patches +
      max_len − 1 caption inputs) × workers, the trainer's own `tokens_per_s` definition
@@ -116,6 +116,8 @@ import sys
 import time
 
 from m6t_tf import cli
+
+from m6t_tf import errors
 from m6t_tf.machine import machine_info
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -126,7 +128,7 @@ DENSE_BINDING = "M6Transformer.moe_placement = 'none'"
 # Du et al. 2024: the dense→MoE step-time increase of their 3D-sharded MoEs stays under ~20%.
 THEIR_MAX_INCREASE_PCT = 20.0
 NUM_PATCHES = 16
-# Variables of the input and output maps (`m6t_tf.planning`'s "embeddings" component).
+# Variables of the input and output maps (`m6t_tf.run.planning`'s "embeddings" component).
 EMBEDDING_NAMES = ("token_embedding", "position_embedding", "patch_embedding", "output_bias")
 
 
@@ -220,8 +222,8 @@ def _train_values() -> dict:
   """The `train.*` values of the parsed config (the signature's default where unbound)."""
   import inspect
   import gin
-  from m6t_tf import configurables
-  from m6t_tf import training
+  from m6t_tf.run import configurables
+  from m6t_tf.run import training
   defaults = {k: p.default for k, p in inspect.signature(training.train).parameters.items()
               if p.default is not inspect.Parameter.empty}
   out = {}
@@ -302,9 +304,9 @@ class Candidate:
   def build(self) -> None:
     import gin
     import keras
-    from m6t_tf import configurables
+    from m6t_tf.run import configurables
     from m6t_tf import optimizers
-    from m6t_tf import training
+    from m6t_tf.run import training
     gin.clear_config()
     configurables.parse(self.files, self.bindings, self.search_paths)
     values = _train_values()
@@ -490,7 +492,7 @@ def _run_arm(files, bindings, search_paths, model_dir, **overrides):
   """One `m6t_tf.train` invocation in this process; (summary, wall seconds)."""
   import contextlib
   import gin
-  from m6t_tf import configurables
+  from m6t_tf.run import configurables
   _set_float32_policy()
   gin.clear_config()
   configurables.parse(files, bindings, search_paths)
@@ -508,10 +510,10 @@ def checkpoint_log_perplexity(model_dir: str, search_paths) -> dict:
   """Validation log-perplexity of `model_dir`'s latest checkpoint, evaluated as the trainer's
   final evaluation does (its `config.gin`: eval data, batch size, `train.eval_batches`)."""
   import gin
-  from m6t_tf import checkpointing
-  from m6t_tf import configurables
-  from m6t_tf import evaluation
-  from m6t_tf import training
+  from m6t_tf.run import checkpointing
+  from m6t_tf.run import configurables
+  from m6t_tf.run import evaluation
+  from m6t_tf.run import training
   from m6t_tf.parallel import context as context_lib
   _set_float32_policy()
   gin.clear_config()
@@ -539,7 +541,7 @@ def checkpoint_log_perplexity(model_dir: str, search_paths) -> dict:
 def run_upcycle(args, dense: Candidate, target: Candidate, log) -> dict:
   """The three arms of --upcycle_moe_gin (module docstring); returns the report's "upcycle"."""
   import inspect
-  from m6t_tf import training
+  from m6t_tf.run import training
   here = os.path.dirname(os.path.abspath(__file__))
   if here not in sys.path:
     sys.path.insert(0, here)
@@ -723,7 +725,7 @@ def main(argv=None) -> int:
                          f"(M6Transformer.moe_placement is 'none'?)")
   except (ValueError, OSError) as e:
     # Building the models from their gin configs: an error here is the configs'.
-    raise cli.ConfigError(cli.one_line(e)) from e
+    raise errors.ConfigError(errors.one_line(e)) from e
   log(f"timing {1 + len(moes)} models: {args.warmup_steps} warm-up + {args.steps_to_time} rounds")
   time_interleaved([dense] + moes, args.steps_to_time, args.warmup_steps, log)
   for c in [dense] + moes:
@@ -733,7 +735,7 @@ def main(argv=None) -> int:
     try:
       upcycle_result = run_upcycle(args, dense, target, log)
     except ValueError as e:
-      raise cli.ConfigError(cli.one_line(e)) from e
+      raise errors.ConfigError(errors.one_line(e)) from e
   machine["loadavg_end"] = list(os.getloadavg())
   result = report(args, dense, moes, machine, argv)
   if upcycle_result is not None:

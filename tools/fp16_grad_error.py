@@ -111,8 +111,8 @@ def worker(args) -> None:
   import keras
   import numpy as np
   import tensorflow as tf
-  from m6t_tf import configurables
-  from m6t_tf import training
+  from m6t_tf.run import configurables
+  from m6t_tf.run import training
   from m6t_tf.parallel import context as context_lib
 
   gin_files, bindings = CONFIGS[args.config]

@@ -40,6 +40,8 @@ from typing import Callable
 
 from m6t_tf import cli
 
+from m6t_tf import errors
+
 if __name__ == "__main__":
   cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
 
@@ -53,7 +55,7 @@ _MAX_REPORTED = 20  # bad-record reasons kept in the summary
 MIN_VALIDATION_CAPTIONS = 20  # fewer: a warning, the validation perplexity is mostly noise
 
 
-class BadRecordError(cli.ConfigError):
+class BadRecordError(errors.ConfigError):
   """A line that cannot become a record; the message starts with `<file>:<line>:`."""
 
 
@@ -128,15 +130,15 @@ def convert(input_path: str | os.PathLike, *, image_dir: str | os.PathLike,
     BadRecordError: with on_bad_record="fail", at the first bad line (no files are left).
   """
   if on_bad_record not in ("skip", "fail"):
-    raise cli.ConfigError(f"--on_bad_record={on_bad_record!r}: use 'skip' or 'fail'")
+    raise errors.ConfigError(f"--on_bad_record={on_bad_record!r}: use 'skip' or 'fail'")
   if not 0.0 <= validation_fraction < 1.0:
-    raise cli.ConfigError(f"--validation_fraction={validation_fraction} must be in [0, 1)")
+    raise errors.ConfigError(f"--validation_fraction={validation_fraction} must be in [0, 1)")
   t0 = time.time()
   input_path, image_dir, output_dir = Path(input_path), Path(image_dir), Path(output_dir)
   if not input_path.is_file():
-    raise cli.ConfigError(f"--input={str(input_path)!r}: no such file")
+    raise errors.ConfigError(f"--input={str(input_path)!r}: no such file")
   if not image_dir.is_dir():
-    raise cli.ConfigError(f"--image_dir={str(image_dir)!r}: no such folder")
+    raise errors.ConfigError(f"--image_dir={str(image_dir)!r}: no such folder")
   tokenizer = Tokenizer(vocab_path)
   # Bytes, split on b"\n": str.splitlines() would also split inside a JSON string at U+2028 or
   # U+0085 (both legal there), and one invalid byte would fail the whole file's decoding.
@@ -190,7 +192,7 @@ def convert(input_path: str | os.PathLike, *, image_dir: str | os.PathLike,
       counts[split][shard] += 1
     if not sum(map(sum, counts.values())):
       # Raised inside the ExitStack: every writer aborts, no empty shard is left.
-      raise cli.ConfigError(f"no line of {input_path} could be converted ({num_skipped} bad"
+      raise errors.ConfigError(f"no line of {input_path} could be converted ({num_skipped} bad"
                             + (f"; the first: {skipped[0]}" if skipped else "") + ")")
 
   # Only now, with the new shards in place, remove shards of an earlier conversion with a
@@ -310,12 +312,12 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   for name in ("image_size", "num_train_shards"):
     if getattr(args, name) < 1:
-      raise cli.ConfigError(f"--{name}={getattr(args, name)} must be >= 1")
+      raise errors.ConfigError(f"--{name}={getattr(args, name)} must be >= 1")
   if args.image_size % 4:
-    raise cli.ConfigError(f"--image_size={args.image_size} must be a multiple of 4 (M6's 4x4 "
+    raise errors.ConfigError(f"--image_size={args.image_size} must be a multiple of 4 (M6's 4x4 "
                           f"patch grid), e.g. {max(4, args.image_size // 4 * 4)}")
   if args.max_len < 3:
-    raise cli.ConfigError(f"--max_len={args.max_len}: a caption needs [CLS], a token and [SEP]")
+    raise errors.ConfigError(f"--max_len={args.max_len}: a caption needs [CLS], a token and [SEP]")
   convert(args.input, image_dir=args.image_dir, output_dir=args.output_dir,
           validation_fraction=args.validation_fraction, image_size=args.image_size,
           max_len=args.max_len, num_train_shards=args.num_train_shards,

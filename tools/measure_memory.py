@@ -1,4 +1,4 @@
-r"""Measured memory of a training step against the planner's prediction (`m6t_tf.planning`).
+r"""Measured memory of a training step against the planner's prediction (`m6t_tf.run.planning`).
 
   python tools/measure_memory.py                       # shrunk base, 10B, 1T and the demo
   python tools/measure_memory.py --config=demo --format=json
@@ -67,6 +67,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from m6t_tf import cli  # noqa: E402
+
+from m6t_tf import errors
 from m6t_tf.machine import machine_info  # noqa: E402
 
 _SMALL = ["HIDDEN=64", "NUM_HEADS=4", "HEAD_SIZE=16", "MAX_LEN=32",
@@ -128,9 +130,9 @@ def measure(gin_files, gin_bindings, remat: str = "none") -> dict:
   import gin
   import keras
   import tensorflow as tf
-  from m6t_tf import configurables
+  from m6t_tf.run import configurables
   from m6t_tf import optimizers
-  from m6t_tf import training
+  from m6t_tf.run import training
 
   configurables.parse(gin_files, gin_bindings, [ROOT, "."])
   bindings = list(gin_bindings)
@@ -233,7 +235,7 @@ def measure(gin_files, gin_bindings, remat: str = "none") -> dict:
 
 
 def planned(gin_files, gin_bindings, remat: str) -> dict:
-  from m6t_tf import planning
+  from m6t_tf.run import planning
   p = planning.plan_from_gin(gin_files, gin_bindings, num_workers=1, search_paths=[ROOT, "."])
   mem = p["memory_bytes"]
   return {"weights": mem["weights"] + mem["weight_casts"],
@@ -294,13 +296,13 @@ def main(argv=None) -> int:
     runs = [(name, SHRUNK[name][0], SHRUNK[name][1] + args.gin_bindings)
             for name in (args.config or list(SHRUNK))]
   if args.remat not in REMATS:
-    raise cli.ConfigError(f"--remat={args.remat!r}; allowed: {REMATS}")
+    raise errors.ConfigError(f"--remat={args.remat!r}; allowed: {REMATS}")
   configs = []
   for name, files, bindings in runs:
     try:
       plan = planned(files, bindings, args.remat)
     except ValueError as e:
-      raise cli.ConfigError(cli.one_line(e)) from e
+      raise errors.ConfigError(errors.one_line(e)) from e
     measured = run_child(files, bindings, args.remat)
     ratio = {k: plan[k] / measured[k] if measured[k] else float("nan") for k in MEMORY_KEYS}
     config = {"name": name, "gin_files": files, "gin_bindings": bindings,

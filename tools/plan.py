@@ -1,6 +1,6 @@
 r"""Plans an M6-T run before booking the GPUs: parameters, memory per worker, FLOPs, traffic.
 
-Pure arithmetic on the gin config (no weights are built; `m6t_tf.planning` documents every
+Pure arithmetic on the gin config (no weights are built; `m6t_tf.run.planning` documents every
 formula, the activation model and the JSON keys):
 
   python tools/plan.py --gin_file=gin/1T.gin --gin_file=gin/layouts/1x480.gin
@@ -24,6 +24,8 @@ from absl import app
 from absl import flags
 
 from m6t_tf import cli
+
+from m6t_tf import errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config files (later ones override earlier ones).")
@@ -51,7 +53,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS.gin_file:
     raise app.UsageError("--gin_file is required, e.g. --gin_file=gin/1T.gin")
-  from m6t_tf import planning
+  from m6t_tf.run import planning
 
   try:
     result = planning.plan_from_gin(
@@ -62,7 +64,7 @@ def main(argv):
         allreduce_bytes_per_element=_BYTES.get(FLAGS.allreduce_dtype))
   except (ValueError, OSError) as e:
     # The planner is arithmetic on the config alone: every error it raises is the config's.
-    raise cli.ConfigError(cli.one_line(e)) from e
+    raise errors.ConfigError(errors.one_line(e)) from e
   if FLAGS.format == "json":
     print(json.dumps(result, indent=2))
   else:

@@ -27,7 +27,7 @@ The dense run is a config with `M6Transformer.moe_placement = 'none'` (the dense
     initial value;
   * `config.gin`: the MoE config as the trainer writes it.
 
-The checkpoint is the trainer's global format (`m6t_tf.checkpointing`: every expert under its
+The checkpoint is the trainer's global format (`m6t_tf.run.checkpointing`: every expert under its
 global id), so it restores on 1 worker or on D workers whose expert axis divides E;
 `--num_workers` only checks that. Errors (a missing or MoE checkpoint, a dense config, shapes
 that differ) print one line and exit 2 before anything is written.
@@ -45,7 +45,9 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from m6t_tf import cli  # noqa: E402
-from m6t_tf.cli import ConfigError  # noqa: E402
+
+from m6t_tf import errors
+from m6t_tf.errors import ConfigError  # noqa: E402
 
 EXPERT_FRAGMENT = "/moe/experts/"
 
@@ -94,10 +96,10 @@ def upcycle(*, dense_model_dir: str, moe_gin, gin_bindings=(), model_dir: str,
   import gin
   import numpy as np
   import tensorflow as tf
-  from m6t_tf import checkpointing
-  from m6t_tf import configurables
+  from m6t_tf.run import checkpointing
+  from m6t_tf.run import configurables
   from m6t_tf import optimizers
-  from m6t_tf import training
+  from m6t_tf.run import training
   from m6t_tf.parallel import context as context_lib
 
   files = [f for spec in moe_gin for f in spec.split(",") if f]
@@ -135,7 +137,7 @@ def upcycle(*, dense_model_dir: str, moe_gin, gin_bindings=(), model_dir: str,
   try:
     network = configurables.network_fn()(name="m6")
   except ValueError as e:
-    raise ConfigError(f"the MoE config (M6Transformer.*, MoEConfig.*): {cli.one_line(e)}") from e
+    raise ConfigError(f"the MoE config (M6Transformer.*, MoEConfig.*): {errors.one_line(e)}") from e
   num_experts = network.moe["num_experts"] if network.moe else 0
   if num_experts % num_workers:
     raise ConfigError(f"E={num_experts} experts do not split over --num_workers={num_workers}; "

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 from absl import logging
 
-from m6t_tf.cli import ConfigError
+from m6t_tf.errors import ConfigError
 
 METADATA_FILE = "metadata.json"
 GRID = 4  # the 4×4 patch grid of M6 (m6t_tf.layers.embeddings.GRID)

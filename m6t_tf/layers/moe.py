@@ -452,7 +452,7 @@ class MoE(keras.layers.Layer):
         routed, take no capacity and get a zero output.
       capacity: optional C overriding the capacity factor for this call. C = T drops nothing
         (a token's choices are distinct experts), so every token's output is independent of
-        the others in the call: decoding uses it (`m6t_tf.decoding`). Must be equal on every
+        the others in the call: decoding uses it (`m6t_tf.models.decoding`). Must be equal on every
         worker of the expert group.
       seed: optional <int32>[2] stateless RNG seed for second_expert_policy="random" at
         training; the draws are a pure function of it, so a recomputed forward pass (and a

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import keras
 import tensorflow as tf
 
-from m6t_tf.cli import ConfigError
+from m6t_tf.errors import ConfigError
 from m6t_tf.parallel import communicator as comm_lib
 from m6t_tf.parallel import launch_env
 from m6t_tf.parallel import context as context_lib

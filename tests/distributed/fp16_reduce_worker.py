@@ -76,7 +76,7 @@ def main(argv):
   # The trainer's side: FP16 communication turns the dynamic loss scale on (float32 compute
   # here), and an overflowed reduction skips the step on every rank and halves the scale.
   import keras
-  from m6t_tf import training
+  from m6t_tf.run import training
   from m6t_tf.parallel import context as context_lib
   layer = keras.layers.Dense(FLAGS.size // 8, name="probe")
   layer.build((None, 8))

@@ -46,8 +46,8 @@ def main(argv):
   import tensorflow as tf
   tf.config.threading.set_inter_op_parallelism_threads(1)
   tf.config.threading.set_intra_op_parallelism_threads(1)
-  from m6t_tf import configurables
-  from m6t_tf import training
+  from m6t_tf.run import configurables
+  from m6t_tf.run import training
   from m6t_tf.data import pipeline
   from m6t_tf.parallel import context as context_lib
 

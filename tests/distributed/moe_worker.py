@@ -243,7 +243,7 @@ def compare(checks, tag, ref, ids, rank, world, y, loss, gx, grads, tol):
 
 
 def check_trainer_interface(checks, ctx, layer, x, target, ref):
-  """The methods m6t_tf.training calls on its worker context (LocalContext's interface)."""
+  """The methods m6t_tf.run.training calls on its worker context (LocalContext's interface)."""
   rank, world = ctx.rank, ctx.size
   checks.equal("trainer_interface/data_shard", ctx.data_shard(), (rank, world))
   checks.equal("trainer_interface/sizes", (ctx.expert_group_size, ctx.data_parallel_size),

@@ -190,7 +190,7 @@ class Sweep:
     """Trains the run unless a finished one with the same settings exists; returns `load_run`."""
     import gin
     import keras
-    from m6t_tf import configurables
+    from m6t_tf.run import configurables
     from m6t_tf.parallel import context as context_lib
     run_dir = self.run_dir(spec)
     manifest = self.manifest(spec)
@@ -301,7 +301,7 @@ def _train_one(payload: str) -> int:
 def derived_config() -> dict:
   """Routing values of the parsed gin config, and the training capacity C they give (None for
   dropless routing, which has no capacity)."""
-  from m6t_tf import configurables
+  from m6t_tf.run import configurables
   from m6t_tf.layers import moe as moe_lib
   q = configurables.query
   batch, max_len = q("train.batch_size_per_worker", 8), q("train.max_len", 64)
@@ -377,7 +377,7 @@ def _events(path: str):
 
 
 def load_run(run_dir: str) -> dict:
-  from m6t_tf import training
+  from m6t_tf.run import training
   with open(os.path.join(run_dir, "train_summary.json")) as f:
     summary = json.load(f)
   with open(os.path.join(run_dir, "experiment.json")) as f:

@@ -7,7 +7,7 @@ The paper counted per-GPU GFLOPs with the TensorFlow profiler. For every routing
 `tools/experiments/gin/` (top-1, top-2, top-4, 2 top-1, 4 top-1 under Capacity k× and 1×; each
 `gin/demo.gin` plus ROUTING / K / CAPACITY_MODE) this script puts side by side:
 
-  planner   `m6t_tf.planning.plan()`: "flops_per_step" = 3 × "flops_forward" total, matmul
+  planner   `m6t_tf.run.planning.plan()`: "flops_per_step" = 3 × "flops_forward" total, matmul
             FLOPs only (2 per multiply-add), arithmetic on the gin config.
   graph     the trainer's own step: `Trainer.train_step` traced on a real batch of the demo data
             (`get_concrete_function`, every shape static), and the forward pass alone
@@ -177,7 +177,7 @@ def measure(gins: list[str]) -> dict:
   """Planner and graph counts of one config (gin files relative to the repository)."""
   import tensorflow as tf
   import compare_dense
-  from m6t_tf import planning
+  from m6t_tf.run import planning
   cand = compare_dense.Candidate("flops", gins, [], False, [common.ROOT])
   cand.build()
   model, trainer, batch = cand.trainer.model, cand.trainer, cand.batch
@@ -408,7 +408,7 @@ def main(argv=None) -> int:
   machine = common.machine_info()
   info = {v[0]: v for v in VARIANTS}
   import gin
-  from m6t_tf import planning
+  from m6t_tf.run import planning
   results = []
   cwd = os.getcwd()
   os.chdir(common.ROOT)   # gin files name their includes and data relative to the repository

@@ -174,7 +174,7 @@ def main(argv=None) -> int:
            "the MoE layers. max/mean expert load: the busiest expert's tokens over the mean "
            "(dropless arms log it; with a capacity C bounds it). BLEU-4 and CIDEr-D (x10 scale) "
            "of greedy captions of the 388 validation images by the final model, against all "
-           "their references (m6t_tf.caption_metrics). Step time: median over interleaved "
+           "their references (m6t_tf.run.caption_metrics). Step time: median over interleaved "
            "rounds of arm / baseline `Trainer.train_step`, one process (no all-to-all).\n")
   md = (common.header_block(f"Routing options on the demo model, {args.steps} steps, seeds "
                             f"{', '.join(map(str, args.seeds))}", args, sweep, specs, machine,

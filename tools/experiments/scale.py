@@ -74,7 +74,7 @@ def slope(xs: list, ys: list) -> dict:
 
 def param_counts(sweep, gins: tuple) -> dict:
   """The planner's parameter counts of a run's config (no model is built)."""
-  from m6t_tf import planning
+  from m6t_tf.run import planning
   cwd = os.getcwd()
   os.chdir(common.ROOT)
   try:

@@ -9,9 +9,9 @@ def load_run_config(model_dir: str, gin_bindings=(), ctx=None):
   """Parses `model_dir/config.gin` (written by the trainer) plus `gin_bindings`; returns the
   evaluation context (`ctx` if given). model_dir may be on any TensorFlow filesystem."""
   import gin
-  from m6t_tf import configurables
+  from m6t_tf.run import configurables
   from m6t_tf import storage
-  from m6t_tf.cli import ConfigError
+  from m6t_tf.errors import ConfigError
   config_path = os.path.join(model_dir, "config.gin")
   if not storage.exists(config_path):
     raise ConfigError(f"{config_path} not found: is --model_dir={model_dir!r} a trainer's "
@@ -24,11 +24,11 @@ def load_run_config(model_dir: str, gin_bindings=(), ctx=None):
 def evaluate(model_dir: str, *, eval_data: str | None = None, checkpoint: str | None = None,
              gin_bindings=(), batch_size: int = 0, ctx=None) -> dict:
   """Evaluates the checkpoint of `model_dir`; returns (and writes) the result dict."""
-  from m6t_tf import checkpointing
-  from m6t_tf import configurables
+  from m6t_tf.run import checkpointing
+  from m6t_tf.run import configurables
   from m6t_tf import storage
-  from m6t_tf import training
-  from m6t_tf.cli import ConfigError
+  from m6t_tf.run import training
+  from m6t_tf.errors import ConfigError
   from m6t_tf.data import metadata
   from m6t_tf.data import pipeline
 

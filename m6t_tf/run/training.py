@@ -18,11 +18,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from m6t_tf import checkpointing
-from m6t_tf import cli
+from m6t_tf.run import checkpointing
+from m6t_tf import errors
 from m6t_tf import optimizers
 from m6t_tf import storage
-from m6t_tf.cli import ConfigError
+from m6t_tf.errors import ConfigError
 from m6t_tf.models import m6_captioner
 from m6t_tf.networks import m6_transformer
 from m6t_tf.parallel import context as context_lib
@@ -37,7 +37,7 @@ def check_model_dir(model_dir: str) -> None:
   try:
     storage.check_writable(model_dir)
   except (OSError, tf.errors.OpError) as e:
-    why = e.strerror if isinstance(e, OSError) and e.strerror else cli.one_line(e)
+    why = e.strerror if isinstance(e, OSError) and e.strerror else errors.one_line(e)
     if isinstance(e, tf.errors.UnimplementedError):
       why += "; s3://, hdfs:// and az:// need the tensorflow-io package (gs:// is built in)"
     raise ConfigError(f"model_dir={model_dir!r} is not writable ({why}); choose another "
@@ -506,7 +506,7 @@ def train_stream(train_data, *, ctx, seed: int, batch_size: int, max_len: int, i
 
   With `include_keys`, batches also carry "key" (<string>[B], each record's key).
   """
-  from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.training` light for tools
+  from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.run.training` light for tools
   shard, shards = ctx.data_shard()
   ds = pipeline.make_dataset(train_data, batch_size=batch_size, max_len=max_len, training=True,
                              seed=seed, shard_index=shard, num_shards=shards,
@@ -533,7 +533,7 @@ class DataKeyLog(_StepLog):
 
 
 def _batches_for_eval(eval_data, *, batch_size, max_len, image_mode, ctx):
-  from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.training` light for tools
+  from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.run.training` light for tools
   shard, shards = ctx.data_shard()
   n = pipeline.eval_num_batches(eval_data, batch_size=batch_size, num_shards=shards)
   return pipeline.make_dataset(eval_data, batch_size=batch_size, max_len=max_len, training=False,
@@ -551,8 +551,8 @@ class CaptionSamples:
 
   def __init__(self, eval_data: str, *, num_images: int, network, image_mode: str,
                max_len: int, ctx):
-    from m6t_tf import decoding  # local: generation imports this module
-    from m6t_tf import generation
+    from m6t_tf.models import decoding  # local: generation imports this module
+    from m6t_tf.run import generation
     from m6t_tf.data import tokenizer as tokenizer_lib
     self.ctx = ctx
     self.items = self._first_items(eval_data, num_images, image_mode)
@@ -569,7 +569,7 @@ class CaptionSamples:
   def _first_items(pattern: str, num_images: int, image_mode: str) -> list:
     """The first `num_images` distinct images of the split, with the references found among
     its first records (the whole split is not read)."""
-    from m6t_tf import generation
+    from m6t_tf.run import generation
     from m6t_tf.data import records
     feature = "image" if image_mode == "pixels" else "patch_features"
     items = {}
@@ -632,7 +632,7 @@ def next_batch(iterator, *, train_data: str, step: int):
   under on_bad_record='fail', bad records only, an epoch without a good record) are
   ConfigErrors naming the record and the fix; any other failure keeps its type and
   traceback, with a note naming the data and the step."""
-  from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.training` light for tools
+  from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.run.training` light for tools
   try:
     return next(iterator)
   except tf.errors.OpError as e:
@@ -713,7 +713,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   Returns:
     A summary dict: final step, the per-step losses of this invocation, final evaluation.
   """
-  from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.training` light for tools
+  from m6t_tf.data import pipeline  # local: keeps `import m6t_tf.run.training` light for tools
   from m6t_tf.data import metadata
   from m6t_tf.data import records
   # Everything that can be checked without building data or weights is checked first, each
@@ -762,7 +762,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     metadata.check_same_images(data_facts[0], data_facts[1], image_mode)
   if max_len is None:
     raise ConfigError("train.max_len is None (MAX_LEN = None: follow the data), which "
-                      "m6t_tf.configurables.parse resolves from the data; call it, or pin "
+                      "m6t_tf.run.configurables.parse resolves from the data; call it, or pin "
                       "--gin_bindings=MAX_LEN=<caption tokens incl. [CLS]/[SEP]>")
   for facts in data_facts:
     metadata.check_config(facts, image_mode=image_mode, max_len=max_len,
@@ -791,12 +791,12 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
   try:
     network = (network_fn or m6_transformer.M6Transformer)(name="m6")
   except ValueError as e:
-    raise ConfigError(f"the network config (M6Transformer.*, MoEConfig.*): {cli.one_line(e)}"
+    raise ConfigError(f"the network config (M6Transformer.*, MoEConfig.*): {errors.one_line(e)}"
                       ) from e
   try:
     network.set_remat(remat)
   except (ValueError, TypeError) as e:
-    raise ConfigError(f"train.remat: {cli.one_line(e)}") from e
+    raise ConfigError(f"train.remat: {errors.one_line(e)}") from e
   if max_len - 1 > network.max_text_length:
     longest = max((f.max_caption_tokens or 0) for f in data_facts)
     raise ConfigError(

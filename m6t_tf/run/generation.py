@@ -1,7 +1,7 @@
 """Captions from a trainer's checkpoint (library side of `m6t_tf.generate`).
 
 `restore` rebuilds the model from `model_dir/config.gin` and its latest checkpoint, as
-`m6t_tf.evaluation` does; `Captioner` decodes batches with `m6t_tf.decoding` in one
+`m6t_tf.run.evaluation` does; `Captioner` decodes batches with `m6t_tf.models.decoding` in one
 `tf.function`; `generate` reads images (files, or the records of a split), decodes them on every
 worker, and returns (and writes) one JSON row per image:
 
@@ -9,7 +9,7 @@ worker, and returns (and writes) one JSON row per image:
 
 `num_tokens` counts the generated tokens, the final [SEP] included ([CLS] excluded); `log_prob`
 is the model's log-probability of exactly those tokens; `score` is the beam score (the
-length-penalised log-prob, see `m6t_tf.decoding`), equal to `log_prob` for greedy and sampling.
+length-penalised log-prob, see `m6t_tf.models.decoding`), equal to `log_prob` for greedy and sampling.
 
 Under horovodrun every worker is on the expert axis (`configurables.make_eval_context`): rank r
 decodes images r, r + W, r + 2W, ... in batches of the same size on every rank (the last ones
@@ -29,9 +29,9 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from m6t_tf import decoding
+from m6t_tf.models import decoding
 from m6t_tf import storage
-from m6t_tf.cli import ConfigError
+from m6t_tf.errors import ConfigError
 from m6t_tf.data import images as images_lib
 
 _PATCH_KERNEL = "patch_embedding/proj/kernel"
@@ -69,10 +69,10 @@ class Restored:
 def restore(model_dir: str, *, checkpoint: Optional[str] = None, gin_bindings=(),
             ctx=None) -> Restored:
   """Rebuilds the model of `model_dir` and restores its latest (or the given) checkpoint."""
-  from m6t_tf import checkpointing
-  from m6t_tf import configurables
-  from m6t_tf import evaluation
-  from m6t_tf import training
+  from m6t_tf.run import checkpointing
+  from m6t_tf.run import configurables
+  from m6t_tf.run import evaluation
+  from m6t_tf.run import training
 
   ctx = evaluation.load_run_config(model_dir, gin_bindings, ctx)
   q = lambda name: configurables.query(f"train.{name}")
@@ -251,7 +251,7 @@ def generate(model_dir: str, *, images: Optional[str] = None, split: Optional[st
     batch_size: images per decode batch per worker.
     num_images: caption only the first N images (0 = all).
     out: the JSON-lines file (default model_dir/captions.jsonl).
-    html: also write this page (needs `m6t_tf.caption_metrics`).
+    html: also write this page (needs `m6t_tf.run.caption_metrics`).
     checkpoint, gin_bindings, ctx: as `restore`.
     log: where progress lines go (rank 0 only).
 
@@ -311,10 +311,10 @@ def generate(model_dir: str, *, images: Optional[str] = None, split: Optional[st
     storage.write_whole(path, json.dumps(result["metrics"], ensure_ascii=False, indent=1))
     say(f"Wrote {path}")
   elif split is not None:
-    say("caption metrics skipped: m6t_tf.caption_metrics is not available")
+    say("caption metrics skipped: m6t_tf.run.caption_metrics is not available")
   if html:
     if metrics_lib is None:
-      raise ConfigError("--html needs m6t_tf.caption_metrics (write_html)")
+      raise ConfigError("--html needs m6t_tf.run.caption_metrics (write_html)")
     page_rows = [dict(r) for r in rows]
     if files is None:
       by_key = {it.key: it for it in items}
@@ -331,7 +331,7 @@ def generate(model_dir: str, *, images: Optional[str] = None, split: Optional[st
 
 def _caption_metrics():
   try:
-    from m6t_tf import caption_metrics  # pylint: disable=g-import-not-at-top
+    from m6t_tf.run import caption_metrics  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
   return caption_metrics

@@ -180,7 +180,7 @@ import inspect
 import math
 from typing import Any, Optional, Sequence
 
-from m6t_tf.cli import ConfigError
+from m6t_tf.errors import ConfigError
 
 NUM_PATCHES = 16            # 4×4 grid (m6t_tf.layers.embeddings.NUM_PATCHES)
 DEFAULT_PATCH_DIM = 16 * 16 * 3   # a 16×16 RGB patch of a 64×64 image
@@ -329,9 +329,9 @@ def _signature_defaults(fn) -> dict:
 
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
               search_paths: Sequence[str] = (".",)) -> None:
-  """Clears gin and parses a config (the configurables of `m6t_tf.configurables`)."""
+  """Clears gin and parses a config (the configurables of `m6t_tf.run.configurables`)."""
   import gin
-  from m6t_tf import configurables
+  from m6t_tf.run import configurables
   gin.clear_config()
   configurables.parse(list(gin_files), list(gin_bindings), list(search_paths))
 
@@ -350,8 +350,8 @@ def config_from_gin(*, num_workers: Optional[int] = None, patch_dim: int = DEFAU
   Raises:
     ValueError: the layout does not match num_workers, or E does not split over the expert axis.
   """
-  from m6t_tf import configurables
-  from m6t_tf import training
+  from m6t_tf.run import configurables
+  from m6t_tf.run import training
   from m6t_tf.networks import m6_transformer
   configurables.register()
   net = _signature_defaults(m6_transformer.M6Transformer.__init__)
@@ -416,7 +416,7 @@ def plan_from_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (), *,
   `make_context.alltoall_dtype` ("float16": 2 bytes; unset: the compute dtype) and
   `make_context.allreduce_compression` ("fp16": 2 bytes; else float32 gradients, 4 bytes).
   """
-  from m6t_tf import configurables
+  from m6t_tf.run import configurables
   parse_gin(gin_files, gin_bindings, search_paths)
   config = config_from_gin(num_workers=num_workers, patch_dim=patch_dim, gin_files=gin_files,
                            gin_bindings=gin_bindings)

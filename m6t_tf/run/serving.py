@@ -5,7 +5,7 @@
     <string>[N] PNG/JPEG/GIF/BMP/WebP bytes
       → decode, alpha over white, RGB, antialiased resize      (`m6t_tf.data.images`)
       → chunks of `serving_batch` images (the last one padded with filler rows)
-      → greedy or beam decoding with the KV cache               (`m6t_tf.decoding`)
+      → greedy or beam decoding with the KV cache               (`m6t_tf.models.decoding`)
       → detokenisation by vocabulary tables and string ops      (`m6t_tf.data.detokenizer`)
       → {"captions": <string>[N], "scores": <float32>[N], "log_probs": <float32>[N],
          "num_tokens": <int32>[N], "errors": <string>[N]}
@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from m6t_tf import decoding
+from m6t_tf.models import decoding
 from m6t_tf import storage
-from m6t_tf.cli import ConfigError
+from m6t_tf.errors import ConfigError
 from m6t_tf.data import detokenizer as detokenizer_lib
 from m6t_tf.data import images as images_lib
 
@@ -138,7 +138,7 @@ def export_model(model_dir: str, export_dir: str, *, options, serving_batch: int
   """Restores `model_dir` and writes the SavedModel (`python -m m6t_tf.export`); returns what
   was exported."""
   import dataclasses
-  from m6t_tf import generation
+  from m6t_tf.run import generation
   from m6t_tf.data import tokenizer as tokenizer_lib
   from m6t_tf.parallel import launch_env
   if launch_env.world_size() > 1:

@@ -41,7 +41,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from m6t_tf.cli import ConfigError
+from m6t_tf.errors import ConfigError
 from m6t_tf.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
 
 METHODS = ("greedy", "beam", "sample")

@@ -1,7 +1,7 @@
 """Everything gin may configure, registered in one place (layers never import gin; STYLE.md).
 
 Gin names: `M6Transformer.*` (the network), `MoEConfig.*` (every MoE layer), `train.*` (the
-trainer, `m6t_tf.training.train`), `Mesh.*` (the worker layout). See gin/base.gin.
+trainer, `m6t_tf.run.training.train`), `Mesh.*` (the worker layout). See gin/base.gin.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import tokenize
 import gin
 import tensorflow as tf
 
-from m6t_tf.cli import ConfigError
+from m6t_tf.errors import ConfigError
 
 from m6t_tf import storage
-from m6t_tf import training
+from m6t_tf.run import training
 from m6t_tf.networks import m6_transformer
 from m6t_tf.parallel import context as context_lib
 
@@ -194,7 +194,7 @@ def make_context(*, mesh_data: int = 1, mesh_expert: int = 0, alltoall_dtype=Non
     raise ConfigError(
         f"the layout's mesh (data={mesh_data}) × (expert={mesh_expert}) needs "
         f"{mesh_data * max(mesh_expert, 1)} workers, but this is a single process: launch with "
-        f"`horovodrun -np {mesh_data * max(mesh_expert, 1)} ...` (or python -m launch.run), or "
+        f"`horovodrun -np {mesh_data * max(mesh_expert, 1)} ...` (or python -m m6t_tf.launch), or "
         f"drop the layout file")
   from m6t_tf.parallel import horovod as horovod_lib
   from m6t_tf.parallel import mesh as mesh_lib
