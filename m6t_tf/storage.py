@@ -13,7 +13,7 @@ handed to those names a local directory called `scheme:`. What differs on a remo
   * no free-space figure (`shutil.disk_usage` needs a mounted path): that check is skipped;
     the writability probe stays;
   * no append (`append_text` rewrites the object): per-step logs are buffered and appended at
-    logging cadence (`training._StepLog`).
+    logging cadence (`logs._StepLog`).
 """
 
 from __future__ import annotations

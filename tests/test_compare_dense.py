@@ -286,20 +286,21 @@ class TinyUpcycleRunTest(tf.test.TestCase):
     import gin
     from m6t_tf.run import checkpointing
     from m6t_tf.run import configurables
-    from m6t_tf.run import training
+    from m6t_tf.run import inputs
+    from m6t_tf.run import trainer as trainer_lib
     from m6t_tf.parallel import context as context_lib
     self.addCleanup(gin.clear_config)
     gin.clear_config()
     configurables.parse([os.path.join(self.tmp, "arms", "dense", "config.gin")], [], [REPO])
     q = lambda name: configurables.query(f"train.{name}")
     ctx = context_lib.LocalContext()
-    batch = dict(next(iter(training.train_stream(
+    batch = dict(next(iter(inputs.train_stream(
         q("train_data"), ctx=ctx, seed=q("seed") or 0, batch_size=q("batch_size_per_worker"),
         max_len=q("max_len"), image_mode=q("image_mode"), shuffle_buffer=q("shuffle_buffer")))))
-    model = training.build_model(batch=batch, network=configurables.network_fn()(name="m6"))
+    model = trainer_lib.build_model(batch=batch, network=configurables.network_fn()(name="m6"))
     self.assertEmpty(model.moe_layers)
     ckpt = checkpointing.Checkpointer(os.path.dirname(checkpoint),
-                                      training.variables_by_path(model), ctx=ctx)
+                                      trainer_lib.variables_by_path(model), ctx=ctx)
     ckpt.restore(checkpoint)
     _, metrics = model.losses_and_metrics(batch, training=True)
     return float(metrics["nll_sum"] / metrics["num_tokens"])

@@ -1,7 +1,7 @@
 """Every worker reads its own records: one epoch over all workers reads each record once.
 
-Through the trainer's own code path (`training.set_seeds` as `train()` calls it for each rank,
-then `training.train_stream`), for W workers over F files, and once in a real 2-rank Horovod
+Through the trainer's own code path (`trainer_lib.set_seeds` as `train()` calls it for each rank,
+then `inputs.train_stream`), for W workers over F files, and once in a real 2-rank Horovod
 run whose ranks log the keys they trained on (`train.log_data_keys`). Records are dealt by
 file when there are at least W files and round-robin from one shared interleaved stream
 otherwise; the second case is the one a rank-dependent file order broke (workers read some
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from m6t_tf.run import training
+from m6t_tf.run import inputs
+from m6t_tf.run import trainer as trainer_lib
 from m6t_tf.data import pipeline
 from m6t_tf.data import records
 from tests import support
@@ -56,8 +57,8 @@ def one_epoch_keys(pattern: str, num_workers: int, epoch: int = 0) -> list[list[
   counts = pipeline.shard_record_counts(pattern, num_workers)
   out = []
   for rank in range(num_workers):
-    training.set_seeds(SEED, deterministic=False, rank=rank)
-    ds = training.train_stream(pattern, ctx=RankContext(rank, num_workers), seed=SEED,
+    trainer_lib.set_seeds(SEED, deterministic=False, rank=rank)
+    ds = inputs.train_stream(pattern, ctx=RankContext(rank, num_workers), seed=SEED,
                                batch_size=1, max_len=4, image_mode="pixels", shuffle_buffer=5,
                                include_keys=True)
     keys = [b["key"].numpy()[0].decode() for b in ds.take(counts[rank] * (epoch + 1))]
@@ -126,8 +127,8 @@ class DistributedDataOrderTest(tf.test.TestCase):
       read.append([k for step in sorted(logged) for k in logged[step]])
     self.assertFalse(set(read[0]) & set(read[1]), "a record was read by both ranks")
     for rank in range(2):
-      training.set_seeds(0, deterministic=False, rank=rank)
-      ds = training.train_stream(support.TRAIN, ctx=RankContext(rank, 2), seed=0, batch_size=1,
+      trainer_lib.set_seeds(0, deterministic=False, rank=rank)
+      ds = inputs.train_stream(support.TRAIN, ctx=RankContext(rank, 2), seed=0, batch_size=1,
                                  max_len=12, image_mode="pixels", shuffle_buffer=64,
                                  include_keys=True)
       want = [b["key"].numpy()[0].decode() for b in ds.take(len(read[rank]))]

@@ -25,6 +25,7 @@ import pytest
 import tensorflow as tf
 
 from m6t_tf.models import decoding
+from m6t_tf.run import captioning
 from m6t_tf.run import generation
 from m6t_tf.errors import ConfigError
 from m6t_tf.data import detokenizer as detokenizer_lib
@@ -88,16 +89,16 @@ class ImagesAndDetokenizerTest(tf.test.TestCase):
         want = make_dataset.resize(make_dataset.load_rgb(path), 64)
         got = images_lib.decode_image(tf.io.read_file(path), 64).numpy()
         self.assertAllEqual(got, want)
-    got = generation.read_image_files([os.path.join(tmp, "rgb.png")], 64)[0].features
+    got = captioning.read_image_files([os.path.join(tmp, "rgb.png")], 64)[0].features
     self.assertAllEqual(got, make_dataset.resize(make_dataset.load_rgb(
         os.path.join(tmp, "rgb.png")), 64))
     bad = os.path.join(tmp, "notes.png")
     with open(bad, "w") as f:
       f.write("not an image")
     with self.assertRaisesRegex(ConfigError, "notes.png: undecodable image"):
-      generation.read_image_files([bad], 64)
+      captioning.read_image_files([bad], 64)
     with self.assertRaisesRegex(ConfigError, "nothing-here"):
-      generation.list_image_files(os.path.join(tmp, "nothing-here/*.jpg"))
+      captioning.list_image_files(os.path.join(tmp, "nothing-here/*.jpg"))
 
   def test_decode_requests_answers_each_request(self):
     """Every served format decodes as `decode_image`; a header is read before any pixel, so an
@@ -228,7 +229,7 @@ class GenerateTest(tf.test.TestCase):
       self.assertBetween(r["num_tokens"], 2, 11)
 
   def test_images_give_the_captions_of_their_records(self):
-    items = generation.read_split_items(VALIDATION, image_mode="pixels", max_len=12)[:5]
+    items = captioning.read_split_items(VALIDATION, image_mode="pixels", max_len=12)[:5]
     folder = os.path.join(self.tmp, "photos")
     os.makedirs(folder, exist_ok=True)
     for i, item in enumerate(items):
@@ -313,7 +314,7 @@ class GenerateTest(tf.test.TestCase):
                             serving_batch=2)
     with self.assertRaisesRegex(ValueError, "not empty"):
       export_lib.export_model(self.model_dir, export_dir, options=decoding.DecodeOptions())
-    items = generation.read_split_items(VALIDATION, image_mode="pixels", max_len=12)[:5]
+    items = captioning.read_split_items(VALIDATION, image_mode="pixels", max_len=12)[:5]
     files = []
     for i, item in enumerate(items):  # PNG: lossless, so pixels are exact
       files.append(os.path.join(self.tmp, f"serve{i}.png"))

@@ -1,4 +1,4 @@
-"""Dynamic loss scaling (`training.LossScale`): ×2 after exactly `period` consecutive finite
+"""Dynamic loss scaling (`trainer_lib.LossScale`): ×2 after exactly `period` consecutive finite
 steps, ÷2 on an overflow (never below 1), the good-step count reset by an overflow, skipped
 steps counted; once on its own and once through real mixed-precision training steps."""
 
@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from m6t_tf.run import configurables
 from m6t_tf import optimizers
-from m6t_tf.run import training
+from m6t_tf.run import inputs
+from m6t_tf.run import trainer as trainer_lib
 from m6t_tf.parallel import context
 from tests import support
 from tests.support import DEMO, REPO
@@ -40,7 +41,7 @@ class LossScaleTest(tf.test.TestCase):
 
   def test_grows_after_exactly_period_finite_steps(self):
     for period in (1, 2, 3, 5):
-      ls = training.LossScale(True, initial=8.0, period=period)
+      ls = trainer_lib.LossScale(True, initial=8.0, period=period)
       for step in range(1, 3 * period + 1):
         ls.update(tf.constant(True))
         grown = step // period
@@ -48,7 +49,7 @@ class LossScaleTest(tf.test.TestCase):
                          f"period {period}, after {step} finite steps")
 
   def test_overflow_halves_resets_count_and_is_counted(self):
-    ls = training.LossScale(True, initial=64.0, period=3)
+    ls = trainer_lib.LossScale(True, initial=64.0, period=3)
     for finite, want in [(True, (64.0, 1, 0)), (True, (64.0, 2, 0)),
                          (False, (32.0, 0, 1)),            # halved; the 2 good steps forgotten
                          (True, (32.0, 1, 1)), (True, (32.0, 2, 1)),
@@ -58,20 +59,20 @@ class LossScaleTest(tf.test.TestCase):
       self.assertEqual(_state(ls), want)
 
   def test_never_below_one(self):
-    ls = training.LossScale(True, initial=2.0, period=4)
+    ls = trainer_lib.LossScale(True, initial=2.0, period=4)
     for skipped in range(1, 4):
       ls.update(tf.constant(False))
       self.assertEqual(_state(ls), (1.0, 0, skipped))
 
   def test_disabled_keeps_scale_one_and_counts_nonfinite(self):
-    ls = training.LossScale(False, period=1)
+    ls = trainer_lib.LossScale(False, period=1)
     for finite in (True, True, False, True):
       ls.update(tf.constant(finite))
     self.assertEqual(_state(ls), (1.0, 0, 1))
 
   def test_traced_update_follows_the_rule_over_a_random_sequence(self):
     flags = np.random.default_rng(0).random(60) < 0.8
-    ls = training.LossScale(True, initial=2.0 ** 10, period=4)
+    ls = trainer_lib.LossScale(True, initial=2.0 ** 10, period=4)
     update = tf.function(ls.update)
     for step, (finite, want) in enumerate(zip(flags, _replay(flags, initial=2.0 ** 10,
                                                               period=4))):
@@ -115,8 +116,8 @@ class UnscaledGradientsTest(tf.test.TestCase):
       model = _TinyMoE()
       model(batch)
       # Plain SGD and a clip norm the gradients exceed: a scale left in changes both.
-      trainer = training.Trainer(model, keras.optimizers.SGD(0.1), clip_norm=CLIP)
-      trainer.loss_scale = training.LossScale(scaled, initial=2.0 ** 12)
+      trainer = trainer_lib.Trainer(model, keras.optimizers.SGD(0.1), clip_norm=CLIP)
+      trainer.loss_scale = trainer_lib.LossScale(scaled, initial=2.0 ** 12)
       grads, metrics = trainer.compute_gradients(batch)
       trainer.apply_gradients(grads, metrics)
       results.append(([g.numpy() for g in grads if g is not None],
@@ -145,12 +146,12 @@ class MixedPrecisionTrainingTest(tf.test.TestCase):
     gin.clear_config()
     configurables.parse([os.path.join(REPO, "gin", f) for f in ("demo.gin", "tiny.gin")], [],
                         [REPO])
-    ds = training._batches_for_eval(f"{DEMO}/validation-*.tfrecord", batch_size=4, max_len=12,
+    ds = inputs.eval_stream(f"{DEMO}/validation-*.tfrecord", batch_size=4, max_len=12,
                                     image_mode="pixels", ctx=context.LocalContext())
     batches = list(ds.take(2))
-    model = training.build_model(configurables.network_fn(), batch=batches[0],
+    model = trainer_lib.build_model(configurables.network_fn(), batch=batches[0],
                                  mixed_precision=True)
-    trainer = training.Trainer(model, optimizers.make_optimizer("adamw", 1e-3),
+    trainer = trainer_lib.Trainer(model, optimizers.make_optimizer("adamw", 1e-3),
                                mixed_precision=True)
     # The trainer's own: TensorFlow's dynamic loss scale defaults (2^15, ×2 every 2000 steps).
     self.assertEqual((_state(trainer.loss_scale), trainer.loss_scale.period),
@@ -158,7 +159,7 @@ class MixedPrecisionTrainingTest(tf.test.TestCase):
     # Start far above what float16 gradients hold, with a short period: the first steps
     # overflow and halve the scale, then good steps double it until it overflows again.
     initial, period = 2.0 ** 19, 2
-    trainer.loss_scale = training.LossScale(True, initial=initial, period=period)
+    trainer.loss_scale = trainer_lib.LossScale(True, initial=initial, period=period)
     flags, states, applied = [], [], []
     for step in range(12):
       before = model.trainable_variables[0].numpy().copy()

@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from m6t_tf import launch as run
-from m6t_tf.run import training
+from m6t_tf.run import logs
 from tests import jobs
 from tests import support
 from tests.support import REPO
@@ -75,9 +75,9 @@ class MpirunTest(tf.test.TestCase):
     steps = support.REFERENCE_STEPS
     self._mpirun_worker("resumed", stop_after=steps // 2)
     resumed = self._mpirun_worker("resumed")
-    want = training.read_loss_log(os.path.join(straight, "losses.jsonl"))
+    want = logs.read_loss_log(os.path.join(straight, "losses.jsonl"))
     self.assertLen(want, steps)
-    self.assertEqual(training.read_loss_log(os.path.join(resumed, "losses.jsonl")), want)
+    self.assertEqual(logs.read_loss_log(os.path.join(resumed, "losses.jsonl")), want)
     a = tf.train.load_checkpoint(os.path.join(straight, "checkpoints", f"ckpt-{steps}"))
     b = tf.train.load_checkpoint(os.path.join(resumed, "checkpoints", f"ckpt-{steps}"))
     for k in a.get_variable_to_shape_map():

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from m6t_tf.run import checkpointing
 from m6t_tf.run import configurables
-from m6t_tf.run import training
+from m6t_tf.run import faults
 from m6t_tf.parallel import context as context_lib
 from m6t_tf.parallel import watchdog as watchdog_lib
 from tests import jobs
@@ -241,7 +241,7 @@ class TrainerPhasesTest(tf.test.TestCase):
     configurables.parse(["gin/demo.gin", "gin/tiny.gin"], cls.BINDINGS, [REPO])
     with mock.patch.dict(os.environ, {"M6T_FAULT_INJECT": cls.STALLS}), \
          mock.patch.object(watchdog_lib.StallWatchdog, "_exit", staticmethod(on_stall)), \
-         mock.patch.object(training.FaultInjection, "_sleep", staticmethod(stall)):
+         mock.patch.object(faults.FaultInjection, "_sleep", staticmethod(stall)):
       # Two steps of three: a save at each, an evaluation with caption decoding after step 1.
       cls.summary = configurables.run_train(model_dir=cls.model_dir, stop_after=2)
 

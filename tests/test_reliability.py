@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from m6t_tf.run import training
+from m6t_tf.run import logs
+from m6t_tf.run import trainer as trainer_lib
 from tests import jobs
 from tests import support
 from tests.support import DEMO, REPO
@@ -95,8 +96,8 @@ class KillAndResumeTest(tf.test.TestCase):
     code, out = _run(killed, ranks)
     self.assertEqual(code, 0, out[-3000:])
 
-    self.assertEqual(training.read_loss_log(os.path.join(killed, "losses.jsonl")),
-                     training.read_loss_log(os.path.join(reference, "losses.jsonl")))
+    self.assertEqual(logs.read_loss_log(os.path.join(killed, "losses.jsonl")),
+                     logs.read_loss_log(os.path.join(reference, "losses.jsonl")))
     # Every step of the resumed run read the records the straight run read at that step.
     for rank in range(ranks):
       keys = support.data_keys(killed, rank)
@@ -125,8 +126,8 @@ class KillAndResumeTest(tf.test.TestCase):
     self.assertTrue(re.search(r"Resumed from \S*ckpt-9 at step 9", out), out[-3000:])
     self.assertEqual(sorted(n for n in os.listdir(checkpoints) if n.endswith(".index")),
                      ["ckpt-10.index", "ckpt-9.index"])
-    self.assertEqual(training.read_loss_log(os.path.join(killed, "losses.jsonl")),
-                     training.read_loss_log(os.path.join(reference, "losses.jsonl")))
+    self.assertEqual(logs.read_loss_log(os.path.join(killed, "losses.jsonl")),
+                     logs.read_loss_log(os.path.join(reference, "losses.jsonl")))
     want, got = _model_tensors(reference, STEPS), _model_tensors(killed, STEPS)
     for k in want:
       self.assertAllEqual(want[k], got[k], msg=k)
@@ -306,7 +307,7 @@ class NonFiniteTest(tf.test.TestCase):
     batch = {"x": tf.random.normal([6, 5])}
     model(batch)
     opt = optimizers.make_optimizer("adamw", 1e-3)
-    trainer = training.Trainer(model, opt, mixed_precision=True)
+    trainer = trainer_lib.Trainer(model, opt, mixed_precision=True)
     trainer.loss_scale.scale.assign(1e38)  # the scaled float16 gradients overflow
     before = [v.numpy().copy() for v in model.trainable_variables]
     metrics = trainer.train_step(batch)

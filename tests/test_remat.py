@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from m6t_tf.run import configurables
 from m6t_tf.run import planning
-from m6t_tf.run import training
+from m6t_tf.run import trainer as trainer_lib
 from m6t_tf.errors import ConfigError
 from m6t_tf.models import m6_captioner
 from m6t_tf.networks import m6_transformer as transformer_lib
@@ -206,7 +206,7 @@ class RematConfigTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, r"\['block_7'\] are not blocks.*block_0 … block_1"):
       model.network.set_remat(["block_7"])
     with self.assertRaisesRegex(ValueError, "remat="):
-      training.Trainer(model, keras.optimizers.SGD(0.1), remat="everything")
+      trainer_lib.Trainer(model, keras.optimizers.SGD(0.1), remat="everything")
 
 
 def _tiny(bindings):

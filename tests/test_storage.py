@@ -38,10 +38,13 @@ from m6t_tf.run import configurables
 from m6t_tf.models import decoding
 from m6t_tf.run import evaluation
 from m6t_tf.errors import ConfigError
+from m6t_tf.run import captioning
+from m6t_tf.run import faults
+from m6t_tf.run import logs
+from m6t_tf.run import trainer as trainer_lib
 from m6t_tf.run import generation
 from m6t_tf.run import serving
 from m6t_tf import storage
-from m6t_tf.run import training
 from m6t_tf.data import records
 from tests import support
 from tests.support import DEMO, REPO
@@ -175,7 +178,7 @@ class RamModelDirTest(tf.test.TestCase):
       serving.export_model(cls.model_dir, cls.export_dir, options=decoding.DecodeOptions(),
                            serving_batch=2)
       serve = tf.saved_model.load(cls.export_dir).signatures[serving.SIGNATURE_KEY]
-      item = generation.read_split_items(cls.eval_data, image_mode="pixels", max_len=12)[0]
+      item = captioning.read_split_items(cls.eval_data, image_mode="pixels", max_len=12)[0]
       cls.served = serve(images=tf.constant([tf.io.encode_png(item.features).numpy()]))
 
   @classmethod
@@ -190,7 +193,7 @@ class RamModelDirTest(tf.test.TestCase):
   def _train(self, model_dir, fault=None):
     _parse(self.eval_data)
     with mock.patch.dict(os.environ, {"M6T_FAULT_INJECT": fault or ""}), \
-         mock.patch.object(training.FaultInjection, "maybe_kill", _raise_instead_of_kill):
+         mock.patch.object(faults.FaultInjection, "maybe_kill", _raise_instead_of_kill):
       return configurables.run_train(model_dir=model_dir)
 
   def test_a_run_on_ram_writes_nothing_to_the_local_disk(self):
@@ -219,7 +222,7 @@ class RamModelDirTest(tf.test.TestCase):
   def test_step_logs_reach_ram_at_logging_cadence(self):
     # 6 steps, a log every 3, one checkpoint at the end: two appends per log, not six.
     self.assertEqual(self.appends, {"losses.jsonl": 2, "data_keys/rank0.jsonl": 2})
-    losses = training.read_loss_log(os.path.join(self.model_dir, "losses.jsonl"))
+    losses = logs.read_loss_log(os.path.join(self.model_dir, "losses.jsonl"))
     self.assertEqual(losses, dict(enumerate(self.summary["losses"], start=1)))
     keys = _key_log(os.path.join(self.model_dir, "data_keys", "rank0.jsonl"))
     self.assertEqual(sorted(keys), list(range(1, STEPS + 1)))
@@ -228,11 +231,11 @@ class RamModelDirTest(tf.test.TestCase):
   def test_local_step_logs_are_written_every_step(self):
     # A local append is cheap and survives a kill: no buffering there.
     path = os.path.join(self.local, "losses.jsonl")
-    log = training.LossLog(path)
+    log = logs.LossLog(path)
     self.assertFalse(log.buffered)
     log.write(1, 2.5)
-    self.assertEqual(training.read_loss_log(path), {1: 2.5})
-    self.assertTrue(training.LossLog(_ram_dir("losses.jsonl")).buffered)
+    self.assertEqual(logs.read_loss_log(path), {1: 2.5})
+    self.assertTrue(logs.LossLog(_ram_dir("losses.jsonl")).buffered)
 
   def test_interrupted_run_on_ram_resumes_exactly_and_evaluates(self):
     resumed_dir = _ram_dir("resumed")
@@ -260,9 +263,9 @@ class RamModelDirTest(tf.test.TestCase):
 
     # Later lines win: the logs read as those of the uninterrupted run.
     self.assertEqual(_jsonl_steps(loss_path), [1, 2, 3, 4, 3, 4, 5, 6])
-    want = training.read_loss_log(os.path.join(self.model_dir, "losses.jsonl"))
+    want = logs.read_loss_log(os.path.join(self.model_dir, "losses.jsonl"))
     self.assertLen(want, STEPS)
-    self.assertEqual(training.read_loss_log(loss_path), want)
+    self.assertEqual(logs.read_loss_log(loss_path), want)
     self.assertEqual(_key_log(os.path.join(resumed_dir, "data_keys", "rank0.jsonl")),
                      _key_log(os.path.join(self.model_dir, "data_keys", "rank0.jsonl")))
     a = tf.compat.v1.train.NewCheckpointReader(
@@ -289,7 +292,7 @@ class RamModelDirTest(tf.test.TestCase):
     restored = generation.restore(self.model_dir)
     self.assertEqual(restored.checkpoint, os.path.join(self.model_dir, "checkpoints",
                                                        f"ckpt-{STEPS}"))
-    for k, v in training.variables_by_path(restored.model).items():
+    for k, v in trainer_lib.variables_by_path(restored.model).items():
       self.assertAllEqual(v.numpy(), a.get_tensor(k), msg=k)
 
 
@@ -316,7 +319,7 @@ class RamCheckpointTest(tf.test.TestCase):
     with self.assertRaisesRegex(ConfigError, r"model_dir='s3://bucket/run' is not writable "
                                             r"\(File system scheme 's3' not implemented.*"
                                             r"tensorflow-io"):
-      training.check_model_dir("s3://bucket/run")
+      checkpointing.check_model_dir("s3://bucket/run")
 
   def test_two_writers_on_ram_restore_onto_one(self):
     directory = _ram_dir("checkpoints")

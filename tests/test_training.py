@@ -20,7 +20,9 @@ import tensorflow as tf
 
 from m6t_tf.run import configurables
 from m6t_tf.run import evaluation as evaluate_lib
-from m6t_tf.run import training
+from m6t_tf.run import checkpointing
+from m6t_tf.run import inputs
+from m6t_tf.run import trainer as trainer_lib
 from m6t_tf.errors import ConfigError
 from m6t_tf.data import pipeline
 from m6t_tf.data import records
@@ -150,15 +152,15 @@ class GinFilesTest(tf.test.TestCase, parameterized.TestCase):
     # With a zero embedding table the logits are the output bias alone, so the model is a
     # unigram distribution softmax(bias) and its perplexity can be computed by hand.
     _tiny("demo.gin")
-    ds = training._batches_for_eval(f"{DEMO}/validation-*.tfrecord", batch_size=4, max_len=12,
+    ds = inputs.eval_stream(f"{DEMO}/validation-*.tfrecord", batch_size=4, max_len=12,
                                     image_mode="pixels", ctx=_local())
-    model = training.build_model(configurables.network_fn(), batch=next(iter(ds.take(1))))
+    model = trainer_lib.build_model(configurables.network_fn(), batch=next(iter(ds.take(1))))
     net = model.network
     net.token_embedding.embeddings.assign(tf.zeros_like(net.token_embedding.embeddings))
     bias = np.random.default_rng(0).normal(size=net.output_bias.shape).astype(np.float32)
     net.output_bias.assign(bias)
-    trainer = training.Trainer(model, evaluate_lib._NoOpt())
-    got = training.evaluate_perplexity(trainer, ds)
+    trainer = trainer_lib.Trainer(model, evaluate_lib._NoOpt())
+    got = trainer_lib.evaluate_perplexity(trainer, ds)
     log_p = bias - np.log(np.sum(np.exp(bias.astype(np.float64))))
     targets = np.concatenate([b["tokens"].numpy()[:, 1:].reshape(-1) for b in ds])
     targets = targets[targets != 0]
@@ -330,7 +332,7 @@ class BadConfigTest(tf.test.TestCase):
       path = _tmpdir()
       os.chmod(path, stat.S_IRUSR | stat.S_IXUSR)
     with self.assertRaisesRegex(ConfigError, "not writable"):
-      training.check_model_dir(path)
+      checkpointing.check_model_dir(path)
 
 
 class UnigramBaselineTest(tf.test.TestCase):

@@ -23,7 +23,8 @@ import tensorflow as tf
 from m6t_tf.run import checkpointing
 from m6t_tf import errors
 from m6t_tf.run import configurables
-from m6t_tf.run import training
+from m6t_tf.run import inputs
+from m6t_tf.run import trainer as trainer_lib
 from m6t_tf.data import records
 from m6t_tf.parallel import context as context_lib
 from tests import jobs
@@ -82,12 +83,12 @@ class UpcycleTest(tf.test.TestCase):
     gin.clear_config()
     configurables.parse(FILES, bindings, [REPO])
     ctx = context_lib.LocalContext()
-    batch = dict(next(iter(training.train_stream(
+    batch = dict(next(iter(inputs.train_stream(
         self.data, ctx=ctx, seed=0, batch_size=BATCH, max_len=configurables.query("train.max_len"),
         image_mode="pixels", shuffle_buffer=1))))
-    model = training.build_model(batch=batch, network=configurables.network_fn()(name="m6"))
+    model = trainer_lib.build_model(batch=batch, network=configurables.network_fn()(name="m6"))
     gin.clear_config()
-    entries = {k: v for k, v in training.variables_by_path(model).items()}
+    entries = {k: v for k, v in trainer_lib.variables_by_path(model).items()}
     num_experts = model.moe_layers[0].num_experts if model.moe_layers else 0
     ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"), entries, ctx=ctx,
                                       num_experts=num_experts)

@@ -9,7 +9,7 @@ Method:
   1. Build the model of the gin config as the trainer does (`compare_dense.Candidate`: its
      network, optimizer and `Trainer` on a real batch of `train.train_data`), run one training
      step so that the optimizer's slots exist, and collect the trainer's checkpoint entries
-     (`training.variables_by_path` plus the `train/*` counters).
+     (`trainer_lib.variables_by_path` plus the `train/*` counters).
   2. Save it with two `Checkpointer`s, one directory each under `--dir` (default `runs/`, where
      a `model_dir` lives: the same filesystem), `max_to_keep` as the trainer's default (3), so
      that steady-state saves also prune:
@@ -108,13 +108,13 @@ def checkpoint_entries(files, bindings, search_paths):
   import numpy as np
   import tensorflow as tf
   import compare_dense
-  from m6t_tf.run import training
+  from m6t_tf.run import trainer as trainer_lib
   from m6t_tf.data import records
   c = compare_dense.Candidate("model", files, bindings, False, search_paths)
   c.build()
   c.step()                                   # creates the optimizer's slots
   trainer = c.trainer
-  entries = training.variables_by_path(trainer.model, trainer.optimizer)
+  entries = trainer_lib.variables_by_path(trainer.model, trainer.optimizer)
   entries.update({"train/step": tf.Variable(1, dtype=tf.int64),
                   "train/loss_scale": trainer.loss_scale.scale,
                   "train/good_steps": trainer.loss_scale.good_steps,

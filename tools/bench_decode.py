@@ -62,8 +62,8 @@ def build_network(args):
   """(network, image size): restored from --model_dir, or demo.gin with random weights."""
   import tensorflow as tf
   from m6t_tf.run import configurables
+  from m6t_tf.run import trainer as trainer_lib
   from m6t_tf.run import generation
-  from m6t_tf.run import training
   if args.model_dir:
     restored = generation.restore(args.model_dir)
     return restored.network, restored.image_size
@@ -71,7 +71,7 @@ def build_network(args):
   gin.clear_config()
   configurables.parse(args.gin_file or ["gin/demo.gin"], args.gin_bindings, ["."])
   batch = {"image": tf.zeros([1, 64, 64, 3], tf.uint8), "tokens": tf.ones([1, 2], tf.int32)}
-  model = training.build_model(configurables.network_fn(), batch=batch)
+  model = trainer_lib.build_model(configurables.network_fn(), batch=batch)
   return model.network, 64
 
 

@@ -15,8 +15,8 @@ to every model. The dense model is its config's *dense twin*: `--dense_gin` plus
 every layer), so `--dense_gin` is normally the MoE's own file.
 
 Method:
-  1. Build every model from its gin config with the trainer's pieces (`training.build_model`,
-     `optimizers.make_optimizer` with the config's `train.*` values, `training.Trainer`), on a
+  1. Build every model from its gin config with the trainer's pieces (`trainer_lib.build_model`,
+     `optimizers.make_optimizer` with the config's `train.*` values, `trainer_lib.Trainer`), on a
      real training batch of the config's `train.train_data` (a synthetic batch of the same shape
      if the files are missing; the JSON says which).
   2. Step time: `Trainer.train_step` (the trainer's compiled `tf.function`: forward, backward,
@@ -306,7 +306,7 @@ class Candidate:
     import keras
     from m6t_tf.run import configurables
     from m6t_tf import optimizers
-    from m6t_tf.run import training
+    from m6t_tf.run import trainer as trainer_lib
     gin.clear_config()
     configurables.parse(self.files, self.bindings, self.search_paths)
     values = _train_values()
@@ -318,7 +318,7 @@ class Candidate:
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     network = configurables.network_fn()(name="m6")
     self.batch, self.batch_source = _batch(values, batch_size)
-    model = training.build_model(batch=self.batch, mixed_precision=mixed, network=network)
+    model = trainer_lib.build_model(batch=self.batch, mixed_precision=mixed, network=network)
     total_steps = values["num_steps"] if isinstance(values["num_steps"], int) else 0
     decay = values["lr_decay"] if total_steps > values["warmup_steps"] else "constant"
     schedule = optimizers.WarmupSchedule(values["learning_rate"], values["warmup_steps"],
@@ -327,7 +327,7 @@ class Candidate:
     opt = optimizers.make_optimizer(values["optimizer"], schedule,
                                     weight_decay=values["weight_decay"], beta_1=values["beta_1"],
                                     beta_2=values["beta_2"], epsilon=values["epsilon"])
-    self.trainer = training.Trainer(model, opt, clip_norm=values["clip_norm"],
+    self.trainer = trainer_lib.Trainer(model, opt, clip_norm=values["clip_norm"],
                                     mixed_precision=mixed, jit_compile=bool(values["jit_compile"]))
     self.tokens_per_step = batch_size * (NUM_PATCHES + values["max_len"] - 1)
     self.params = count_params(model)
@@ -512,27 +512,29 @@ def checkpoint_log_perplexity(model_dir: str, search_paths) -> dict:
   import gin
   from m6t_tf.run import checkpointing
   from m6t_tf.run import configurables
+  from m6t_tf.run import config as config_lib
   from m6t_tf.run import evaluation
-  from m6t_tf.run import training
+  from m6t_tf.run import inputs
+  from m6t_tf.run import trainer as trainer_lib
   from m6t_tf.parallel import context as context_lib
   _set_float32_policy()
   gin.clear_config()
   configurables.parse([os.path.join(model_dir, "config.gin")], [], search_paths)
   q = lambda name: configurables.query(f"train.{name}")
   ctx = context_lib.LocalContext()
-  batch_size = training.per_worker_batch(q("batch_size_per_worker"), q("global_batch_size") or 0,
+  batch_size = config_lib.per_worker_batch(q("batch_size_per_worker"), q("global_batch_size") or 0,
                                          1)
-  dataset = training._batches_for_eval(q("eval_data"), batch_size=batch_size,
+  dataset = inputs.eval_stream(q("eval_data"), batch_size=batch_size,
                                        max_len=q("max_len"), image_mode=q("image_mode"), ctx=ctx)
-  model = training.build_model(configurables.network_fn(), batch=next(iter(dataset.take(1))))
+  model = trainer_lib.build_model(configurables.network_fn(), batch=next(iter(dataset.take(1))))
   num_experts = model.moe_layers[0].num_experts if model.moe_layers else 0
   checkpointer = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoints"),
-                                            training.variables_by_path(model), ctx=ctx,
+                                            trainer_lib.variables_by_path(model), ctx=ctx,
                                             num_experts=num_experts)
   path = checkpointer.latest()
   checkpointer.restore(path)
-  trainer = training.Trainer(model, evaluation._NoOpt(), ctx=ctx)
-  out = training.evaluate_perplexity(trainer, dataset, q("eval_batches") or None)
+  trainer = trainer_lib.Trainer(model, evaluation._NoOpt(), ctx=ctx)
+  out = trainer_lib.evaluate_perplexity(trainer, dataset, q("eval_batches") or None)
   gin.clear_config()
   return {"checkpoint": path, "log_perplexity": out["log_perplexity"],
           "perplexity": out["perplexity"], "batches": out["batches"]}

@@ -6,7 +6,7 @@ r"""Per-element error of FP16 gradient communication against a float32 reduction
 
 Method, for each config (each one `horovodrun -np 2 --gloo` launch of this file with --worker):
   1. Build the gin config's model as the trainer does, on each rank's real batch of its shard of
-     `train.train_data` (`training.train_stream`), with the same initial dense weights on both
+     `train.train_data` (`inputs.train_stream`), with the same initial dense weights on both
      ranks (`broadcast_state`), mesh (data=1, expert=2): the paper's layout, whose dense
      gradients travel and whose expert gradients stay on their rank.
        * `base_shrunk`: gin/base.gin + gin/tiny.gin's sizes, keeping base's mixed_float16
@@ -112,7 +112,8 @@ def worker(args) -> None:
   import numpy as np
   import tensorflow as tf
   from m6t_tf.run import configurables
-  from m6t_tf.run import training
+  from m6t_tf.run import inputs
+  from m6t_tf.run import trainer as trainer_lib
   from m6t_tf.parallel import context as context_lib
 
   gin_files, bindings = CONFIGS[args.config]
@@ -120,17 +121,17 @@ def worker(args) -> None:
   q = configurables.query
   ctx = configurables.make_context_configured()
   mixed = bool(q("train.mixed_precision"))
-  training.set_seeds(q("train.seed", 0), False, rank=ctx.rank)  # as the trainer seeds
-  stream = training.train_stream(q("train.train_data"), ctx=ctx, seed=q("train.seed", 0),
+  trainer_lib.set_seeds(q("train.seed", 0), False, rank=ctx.rank)  # as the trainer seeds
+  stream = inputs.train_stream(q("train.train_data"), ctx=ctx, seed=q("train.seed", 0),
                                  batch_size=q("train.batch_size_per_worker"),
                                  max_len=q("train.max_len"), image_mode=q("train.image_mode"),
                                  shuffle_buffer=q("train.shuffle_buffer", 2048))
   batches = [dict(b) for b in stream.take(args.batches)]
   network = configurables.network_fn()(name="m6")
-  model = training.build_model(batch=batches[0], mixed_precision=mixed, network=network)
+  model = trainer_lib.build_model(batch=batches[0], mixed_precision=mixed, network=network)
   ctx.broadcast_state([v for v in model.variables if not context_lib.is_rng_state(v)])
   recording = RecordingContext(ctx)
-  trainer = training.Trainer(model, keras.optimizers.SGD(0.0), ctx=recording,
+  trainer = trainer_lib.Trainer(model, keras.optimizers.SGD(0.0), ctx=recording,
                              mixed_precision=mixed)
   travels = [ctx.size > 1 if not ctx.is_expert(v) else ctx.replica_process_set is not None
              for v in trainer.variables]

@@ -38,7 +38,7 @@ optimizer, the real 21128-entry vocabulary) and cut widths, depth, experts and b
 step runs in seconds on 2 CPU cores (`SHRUNK` below lists the bindings). `ratio` is planner /
 measured; the target is the activation ratio within [0.75, 1.25].
 
-Recomputation: `--remat=<value>` (default "none") hands `remat=<value>` to `training.Trainer`
+Recomputation: `--remat=<value>` (default "none") hands `remat=<value>` to `trainer_lib.Trainer`
 in the child (the trainer's `train.remat`) and compares the measurement with the planner's
 `activations_recompute`; each config is then also measured without recomputation, and the
 saving (activations without − with) is reported planned and measured, with its ratio (target:
@@ -132,7 +132,7 @@ def measure(gin_files, gin_bindings, remat: str = "none") -> dict:
   import tensorflow as tf
   from m6t_tf.run import configurables
   from m6t_tf import optimizers
-  from m6t_tf.run import training
+  from m6t_tf.run import trainer as trainer_lib
 
   configurables.parse(gin_files, gin_bindings, [ROOT, "."])
   bindings = list(gin_bindings)
@@ -148,11 +148,11 @@ def measure(gin_files, gin_bindings, remat: str = "none") -> dict:
                            configurables.query("M6Transformer.vocab_size", 21128))
   network = configurables.network_fn()(name="m6")
   m0 = info()["current"]
-  model = training.build_model(batch=batch, mixed_precision=mixed, network=network)
+  model = trainer_lib.build_model(batch=batch, mixed_precision=mixed, network=network)
   m1 = info()["current"]
   schedule = optimizers.WarmupSchedule(1e-4, 10)
   opt = optimizers.make_optimizer(opt_name, schedule)
-  trainer = training.Trainer(model, opt, clip_norm=clip_norm, mixed_precision=mixed,
+  trainer = trainer_lib.Trainer(model, opt, clip_norm=clip_norm, mixed_precision=mixed,
                              **trainer_kwargs)
   m2 = info()["current"]
   gin.clear_config()

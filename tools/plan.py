@@ -33,8 +33,8 @@ flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings, e.g. \"MoECon
 flags.DEFINE_multi_string("gin_search_paths", ["."], "Folders searched for gin includes.")
 flags.DEFINE_integer("num_workers", None, "Workers (one GPU each); default: the layout's "
                      "mesh_data × mesh_expert.", lower_bound=1)
-flags.DEFINE_float("gpu_memory_gb", 32.0, "Memory of one GPU in GiB (V100-32GB: 32).",
-                   lower_bound=0.0)
+flags.DEFINE_float("gpu_memory_gb", None, "Memory of one GPU in GiB; default: the layout's "
+                   "DEVICE_MEMORY_GB, else 32 (V100-32GB).", lower_bound=0.0)
 flags.DEFINE_integer("patch_dim", 768, "Width P of one patch's input: 16×16×3 = 768 pixels of a "
                      "64×64 image, or the width of precomputed patch features.", lower_bound=1)
 flags.DEFINE_enum("alltoall_dtype", "auto", ["auto", "float16", "float32"],

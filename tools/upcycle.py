@@ -99,7 +99,7 @@ def upcycle(*, dense_model_dir: str, moe_gin, gin_bindings=(), model_dir: str,
   from m6t_tf.run import checkpointing
   from m6t_tf.run import configurables
   from m6t_tf import optimizers
-  from m6t_tf.run import training
+  from m6t_tf.run import trainer as trainer_lib
   from m6t_tf.parallel import context as context_lib
 
   files = [f for spec in moe_gin for f in spec.split(",") if f]
@@ -144,15 +144,15 @@ def upcycle(*, dense_model_dir: str, moe_gin, gin_bindings=(), model_dir: str,
                       f"use a worker count that divides {num_experts}")
 
   # The MoE run's variables exactly as `training.train` creates them (same seed, same order).
-  training.set_seeds(seed, False, rank=0)
+  trainer_lib.set_seeds(seed, False, rank=0)
   batch = {"tokens": tf.zeros([1, max_len], tf.int32),
            "image": tf.zeros([1, 64, 64, 3], tf.uint8)}
   if configurables.query("train.image_mode", "pixels") == "features":
     batch = {"tokens": batch["tokens"], "patch_features": tf.zeros([1, 16, 2048], tf.float32)}
-  model = training.build_model(batch=batch, mixed_precision=mixed, network=network)
+  model = trainer_lib.build_model(batch=batch, mixed_precision=mixed, network=network)
   opt = optimizers.make_optimizer(opt_name, optimizers.WarmupSchedule(1e-4, 1))
-  trainer = training.Trainer(model, opt, mixed_precision=mixed)
-  entries = training.variables_by_path(model, opt)
+  trainer = trainer_lib.Trainer(model, opt, mixed_precision=mixed)
+  entries = trainer_lib.variables_by_path(model, opt)
   step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
   entries.update({"train/step": step_var, "train/loss_scale": trainer.loss_scale.scale,
                   "train/good_steps": trainer.loss_scale.good_steps,
@@ -163,7 +163,7 @@ def upcycle(*, dense_model_dir: str, moe_gin, gin_bindings=(), model_dir: str,
   fp16_wire = configurables.query("make_context.allreduce_compression", "none") == "fp16"
   if fp16_wire and num_workers > 1 and not mixed:
     # The trainer enables loss scaling for FP16 gradient communication: start from its scale.
-    trainer.loss_scale.scale.assign(training.LossScale(True).scale)
+    trainer.loss_scale.scale.assign(trainer_lib.LossScale(True).scale)
   config_text = gin.config_str()
   gin.clear_config()
 

@@ -1,7 +1,7 @@
 """Expert-sharded, atomic checkpoints that restore onto any number of workers.
 
 Every variable of a run (model weights, optimiser slots, step, loss scale) is stored under a
-stable key (its Keras path, see `training.variables_by_path`) as one *global* tensor:
+stable key (its Keras path, see `trainer.variables_by_path`) as one *global* tensor:
 
   * replicated variables (attention, embeddings, routers, norms, and their slots) are written
     whole, by rank 0;
@@ -47,11 +47,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 
+from m6t_tf import errors
 from m6t_tf import storage
+from m6t_tf.errors import ConfigError
 from m6t_tf.parallel import watchdog as watchdog_lib
 
 LATEST = "latest"
@@ -342,3 +346,31 @@ class Checkpointer:
                                   dtypes=[tf.as_dtype(self.entries[k].dtype) for k in keys])
     for k, value in zip(keys, values):
       self.entries[k].assign(value)
+
+
+def check_model_dir(model_dir: str) -> None:
+  """Fails at start-up, not at the first checkpoint, when `model_dir` cannot be written (on
+  any TensorFlow filesystem: `storage.check_writable`)."""
+  try:
+    storage.check_writable(model_dir)
+  except (OSError, tf.errors.OpError) as e:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else errors.one_line(e)
+    if isinstance(e, tf.errors.UnimplementedError):
+      why += "; s3://, hdfs:// and az:// need the tensorflow-io package (gs:// is built in)"
+    raise ConfigError(f"model_dir={model_dir!r} is not writable ({why}); choose another "
+                      f"--model_dir or free space there") from e
+
+
+def check_free_space(model_dir: str, entries: dict, keep: int) -> None:
+  """Fails at start-up when `model_dir` cannot hold the checkpoints the run will keep (a local
+  disk only: remote storage reports no free space)."""
+  if not storage.is_local(model_dir):
+    return
+  need = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in entries.values())
+  free = shutil.disk_usage(model_dir).free
+  # keep + 1: a new checkpoint is complete before the oldest is deleted.
+  if free < need * (keep + 1):
+    raise ConfigError(f"model_dir={model_dir!r} has {free / 2**20:,.0f} MiB free, but "
+                      f"{keep + 1} checkpoints of {need / 2**20:,.0f} MiB (this worker's share) "
+                      f"need {need * (keep + 1) / 2**20:,.0f} MiB; free space or lower "
+                      f"train.keep_checkpoints")

@@ -72,7 +72,7 @@ def number(minimum: float = None, maximum: float = None, *, below: float = None,
 
 
 def one_of(*choices) -> Callable[[Any], Optional[str]]:
-  return lambda x: None if isinstance(x, str) and x in choices else f"allowed: {choices}"
+  return lambda x: None if isinstance(x, str) and x in choices else f"; allowed: {choices}"
 
 
 def boolean(x) -> Optional[str]:
@@ -92,7 +92,7 @@ def remat_option(x) -> Optional[str]:
     return None
   if isinstance(x, (list, tuple)) and x and all(isinstance(b, str) and b for b in x):
     return None  # block names; the network checks they exist
-  return f"allowed: {REMAT_OPTIONS} or a list of block names such as ['block_0']"
+  return f"; allowed: {REMAT_OPTIONS} or a list of block names such as ['block_0']"
 
 
 def optional_caption_length(x) -> Optional[str]:
@@ -265,7 +265,8 @@ class RunConfig:
           fix = (f"train.{name}={f.default!r}",)
         elif name in _FIX_EXAMPLES:
           fix = (_FIX_EXAMPLES[name],)
-        raise ConfigError(f"train.{name}={value!r} {problem}"
+        sep = "" if problem.startswith(";") else " "
+        raise ConfigError(f"train.{name}={value!r}{sep}{problem}"
                           + (f", e.g. {bindings_flag(fix)}" if fix else ""), fix=fix)
     self._check_rules(num_workers)
     return self
@@ -291,11 +292,26 @@ class RunConfig:
                         "no XLA kernels); pass --gin_bindings=train.jit_compile=False", fix=fix)
 
   def batch_size_per_worker(self, num_workers: int) -> int:
-    """B: the global batch over the workers when it is set, else `batch_size_per_worker`. The
-    evaluator uses it too: capacity, and so perplexity, depends on B."""
-    if self.data.global_batch_size:
-      return self.data.global_batch_size // num_workers
-    return self.data.batch_size_per_worker
+    """B of this run on `num_workers` workers (`per_worker_batch`)."""
+    return per_worker_batch(self.data.batch_size_per_worker, self.data.global_batch_size,
+                            num_workers)
+
+
+def per_worker_batch(batch_size_per_worker: int, global_batch_size: int, num_workers: int) -> int:
+  """B: `train.global_batch_size / workers` when the global batch is set, else the per-worker
+  batch. The evaluator uses it too: capacity, and so perplexity, depends on B.
+
+  Raises:
+    ConfigError: a global batch the workers do not divide.
+  """
+  if not global_batch_size:
+    return batch_size_per_worker
+  if global_batch_size % num_workers:
+    fix = (f"train.global_batch_size={max(global_batch_size // num_workers, 1) * num_workers}",)
+    raise ConfigError(f"train.global_batch_size={global_batch_size} is not divisible by the "
+                      f"{num_workers} workers; use a multiple of {num_workers}, e.g. "
+                      f"{bindings_flag(fix)}", fix=fix)
+  return global_batch_size // num_workers
 
 
 _EXAMPLES = {"train_data": "\"train.train_data='data/mine/train-*.tfrecord'\"",

@@ -6,6 +6,7 @@ trainer, `m6t_tf.run.training.train`), `Mesh.*` (the worker layout). See gin/bas
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import tokenize
@@ -13,12 +14,15 @@ import tokenize
 import gin
 import tensorflow as tf
 
-from m6t_tf.errors import ConfigError
-
 from m6t_tf import storage
-from m6t_tf.run import training
+from m6t_tf.data import metadata
+from m6t_tf.errors import ConfigError
 from m6t_tf.networks import m6_transformer
 from m6t_tf.parallel import context as context_lib
+from m6t_tf.parallel import launch_env
+from m6t_tf.parallel import mesh as mesh_lib
+from m6t_tf.run import config as config_lib
+from m6t_tf.run import training
 
 _REGISTERED = []
 _CONFIGURED = {}
@@ -36,8 +40,11 @@ def register() -> None:
   _REGISTERED.append(True)
 
 
-def parse(gin_files, gin_bindings, search_paths=()) -> None:
+def parse(gin_files, gin_bindings, search_paths=(), *, read_data: bool = True) -> None:
   """Parses gin files and bindings, then fixes a data-following caption length.
+
+  `read_data` False (a dry run): `MAX_LEN = None` and `REAL_TOKEN_FRACTION = None` stay None
+  instead of following train.train_data.
 
   Raises:
     ConfigError: a missing gin file, an unknown configurable or parameter, a syntax error: one
@@ -49,7 +56,7 @@ def parse(gin_files, gin_bindings, search_paths=()) -> None:
   search_paths = list(search_paths)
   # Our gin files (`--gin_file=gin/demo.gin`, and their `include 'gin/base.gin'`) are found in
   # the checkout holding the package too, so a run can start in another folder (the user's).
-  checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   if os.path.isdir(os.path.join(checkout, "gin")):
     search_paths.append(checkout)
   for path in gin_files or []:
@@ -71,8 +78,9 @@ def parse(gin_files, gin_bindings, search_paths=()) -> None:
     raise ConfigError(f"gin config: {lines[0] if lines else type(e).__name__}{where}") from None
   finally:
     logging.getLogger().removeFilter(quiet)
-  resolve_max_len()
-  resolve_real_token_fraction()
+  if read_data:
+    resolve_max_len()
+    resolve_real_token_fraction()
 
 
 def _remote_file(path: str) -> bool:
@@ -104,7 +112,6 @@ def resolve_max_len() -> None:
       return
   except ValueError:  # no MAX_LEN macro: the config wires its lengths itself
     return
-  from m6t_tf.data import metadata
   lengths = []
   for name in ("train_data", "eval_data"):
     pattern = query(f"train.{name}")
@@ -148,7 +155,6 @@ def resolve_real_token_fraction() -> None:
       return
   except ValueError:  # no macro: the config wires MoEConfig itself
     return
-  from m6t_tf.data import metadata
   fraction = 1.0
   pattern, max_len = query("train.train_data"), query("train.max_len")
   if isinstance(pattern, str) and pattern and isinstance(max_len, int):
@@ -161,17 +167,24 @@ def resolve_real_token_fraction() -> None:
   gin.bind_parameter("%REAL_TOKEN_FRACTION", fraction)
 
 
-def check_required() -> None:
-  """ConfigError naming the first `train.*` value a config leaves `%gin.REQUIRED`."""
-  import inspect
-  examples = {"train_data": "\"train.train_data='data/mine/train-*.tfrecord'\"",
-              "num_steps": "train.num_steps=1000"}
+def required_unset() -> list[str]:
+  """The `train.*` settings the config leaves `%gin.REQUIRED`."""
+  out = []
   for name in inspect.signature(training.train).parameters:
     value = query(f"train.{name}")
     if isinstance(value, gin.config.ConfigurableReference) and (
         value.scoped_selector == "gin.REQUIRED/gin.constant"):
-      raise ConfigError(f"train.{name} is required by the config: pass --gin_bindings="
-                        f"{examples.get(name, f'train.{name}=...')}")
+      out.append(name)
+  return out
+
+
+def check_required() -> None:
+  """ConfigError naming the first `train.*` value a config leaves `%gin.REQUIRED`."""
+  examples = {"train_data": "\"train.train_data='data/mine/train-*.tfrecord'\"",
+              "num_steps": "train.num_steps=1000"}
+  for name in required_unset():
+    raise ConfigError(f"train.{name} is required by the config: pass --gin_bindings="
+                      f"{examples.get(name, f'train.{name}=...')}")
 
 
 def make_context(*, mesh_data: int = 1, mesh_expert: int = 0, alltoall_dtype=None,
@@ -186,7 +199,6 @@ def make_context(*, mesh_data: int = 1, mesh_expert: int = 0, alltoall_dtype=Non
       all-to-all payloads.
     allreduce_compression: "none" or "fp16" for the gradient allreduce.
   """
-  from m6t_tf.parallel import launch_env
   world = launch_env.world_size()
   if world <= 1 and mesh_data * max(mesh_expert, 1) <= 1:
     return context_lib.LocalContext()
@@ -196,8 +208,8 @@ def make_context(*, mesh_data: int = 1, mesh_expert: int = 0, alltoall_dtype=Non
         f"{mesh_data * max(mesh_expert, 1)} workers, but this is a single process: launch with "
         f"`horovodrun -np {mesh_data * max(mesh_expert, 1)} ...` (or python -m m6t_tf.launch), or "
         f"drop the layout file")
-  from m6t_tf.parallel import horovod as horovod_lib
-  from m6t_tf.parallel import mesh as mesh_lib
+  # Horovod only under a launcher: a single process never imports it.
+  from m6t_tf.parallel import horovod as horovod_lib  # pylint: disable=g-import-not-at-top
   expert = mesh_expert or max(world // max(mesh_data, 1), 1)
   ctx = horovod_lib.init_horovod(mesh_lib.Mesh(data=mesh_data, expert=expert),
                                  num_experts=query("MoEConfig.num_experts"),
@@ -220,6 +232,24 @@ def run_train(**overrides) -> dict:
   return gin.get_configurable("train")(ctx=ctx, network_fn=network_fn(), **overrides)
 
 
+def validate_run(*, num_workers: int = 1, **overrides) -> config_lib.RunConfig:
+  """The trainer's checks alone, on the parsed gin config: every `train.*` rule
+  (`RunConfig.validate`) and the network's own (sizes, MoE options, train.remat, caption
+  length against the network), with no data read and no weight made — what the dry run and
+  the configuration fuzzing run.
+
+  Raises:
+    ConfigError: the first problem, naming the binding (and a fix, `ConfigError.fix`).
+  """
+  register()
+  bindings = {**gin.get_bindings("train"), **overrides}
+  if any(name not in overrides for name in required_unset()):
+    check_required()
+  config = config_lib.RunConfig.from_bindings(**bindings).validate(num_workers)
+  training.build_network(config, network_fn())
+  return config
+
+
 def make_context_configured():
   return gin.get_configurable("make_context")()
 
@@ -238,5 +268,4 @@ def query(name: str, default=None):
 def make_eval_context():
   """Evaluation runs on whatever was launched, whatever layout trained the checkpoint: one
   process holds every expert; under horovodrun every worker is on the expert axis."""
-  from m6t_tf.parallel import launch_env
   return make_context(mesh_data=1, mesh_expert=launch_env.world_size())

@@ -1,9 +1,9 @@
 """Captions from a trainer's checkpoint (library side of `m6t_tf.generate`).
 
 `restore` rebuilds the model from `model_dir/config.gin` and its latest checkpoint, as
-`m6t_tf.run.evaluation` does; `Captioner` decodes batches with `m6t_tf.models.decoding` in one
-`tf.function`; `generate` reads images (files, or the records of a split), decodes them on every
-worker, and returns (and writes) one JSON row per image:
+`m6t_tf.run.evaluation` does; `generate` reads images (files, or the records of a split),
+decodes them on every worker (`m6t_tf.run.captioning`), and returns (and writes) one JSON row
+per image:
 
     {"key", "image", "caption", "log_prob", "score", "num_tokens", "candidates", "references"}
 
@@ -20,19 +20,22 @@ gathers the rows in input order and writes them.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
 from typing import Optional, Sequence
 
-import numpy as np
 import tensorflow as tf
 
-from m6t_tf.models import decoding
 from m6t_tf import storage
+from m6t_tf.data import tokenizer as tokenizer_lib
 from m6t_tf.errors import ConfigError
-from m6t_tf.data import images as images_lib
+from m6t_tf.models import decoding
+from m6t_tf.run import captioning
+from m6t_tf.run import checkpointing
+from m6t_tf.run import configurables
+from m6t_tf.run import evaluation
+from m6t_tf.run import trainer as trainer_lib
 
 _PATCH_KERNEL = "patch_embedding/proj/kernel"
 
@@ -69,10 +72,6 @@ class Restored:
 def restore(model_dir: str, *, checkpoint: Optional[str] = None, gin_bindings=(),
             ctx=None) -> Restored:
   """Rebuilds the model of `model_dir` and restores its latest (or the given) checkpoint."""
-  from m6t_tf.run import checkpointing
-  from m6t_tf.run import configurables
-  from m6t_tf.run import evaluation
-  from m6t_tf.run import training
 
   ctx = evaluation.load_run_config(model_dir, gin_bindings, ctx)
   q = lambda name: configurables.query(f"train.{name}")
@@ -98,141 +97,14 @@ def restore(model_dir: str, *, checkpoint: Optional[str] = None, gin_bindings=()
     feature_dim = width
     batch = {"patch_features": tf.zeros([1, 16, width], tf.float32)}
   batch["tokens"] = tf.constant([[decoding.CLS_ID, decoding.SEP_ID]], tf.int32)
-  model = training.build_model(configurables.network_fn(), batch=batch, mixed_precision=False)
+  model = trainer_lib.build_model(configurables.network_fn(), batch=batch, mixed_precision=False)
   num_experts = model.moe_layers[0].num_experts if model.moe_layers else 0
-  checkpointer = checkpointing.Checkpointer(ckpt_dir, training.variables_by_path(model), ctx=ctx,
+  checkpointer = checkpointing.Checkpointer(ckpt_dir, trainer_lib.variables_by_path(model), ctx=ctx,
                                             num_experts=num_experts)
   checkpointer.restore(path)
   return Restored(model=model, ctx=ctx, checkpoint=path, max_len=int(q("max_len")),
                   image_mode=image_mode, image_size=image_size, feature_dim=feature_dim,
                   train_data=q("train_data"), eval_data=q("eval_data"))
-
-
-class Captioner:
-  """Decodes fixed-size batches in one `tf.function` (traced once per batch size)."""
-
-  def __init__(self, network, options: decoding.DecodeOptions, *, lockstep: bool = False,
-               vocab: Optional[list[str]] = None):
-    options.check(network.max_text_length, network.vocab_size)
-    self.network, self.options, self.lockstep = network, options, lockstep
-    first_banned = None if vocab is None else tf.constant(decoding.continuations(vocab))
-    self._fn = tf.function(lambda features, row_mask: decoding.decode(
-        network, features, options, row_mask=row_mask, lockstep=lockstep,
-        first_banned=first_banned))
-
-  def __call__(self, features: dict, row_mask=None) -> dict:
-    """{"image" | "patch_features": [B, ...]} -> NumPy arrays of `decoding.decode`."""
-    first = next(iter(features.values()))
-    if row_mask is None:
-      row_mask = np.ones([first.shape[0]], bool)
-    out = self._fn({k: tf.convert_to_tensor(v) for k, v in features.items()},
-                   tf.convert_to_tensor(row_mask))
-    return {k: v.numpy() for k, v in out.items()}
-
-
-@dataclasses.dataclass
-class Item:
-  """One image to caption: its key, file path (or None), model input and references."""
-  key: str
-  path: Optional[str]
-  features: np.ndarray
-  references: list[str]
-
-
-def list_image_files(patterns: str) -> list[str]:
-  """Files of comma-separated glob patterns, sorted; raises if one matches nothing."""
-  files = []
-  for pattern in [p for p in patterns.split(",") if p]:
-    found = sorted(f for f in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(f))
-    if not found:
-      raise ConfigError(f"--images={pattern!r} matches no file")
-    files.extend(found)
-  return list(dict.fromkeys(files))
-
-
-def read_image_files(paths: Sequence[str], image_size: int) -> list[Item]:
-  """Decodes and resizes image files as the dataset builder did (`m6t_tf.data.images`)."""
-  decode = tf.function(lambda data: images_lib.decode_image(data, image_size))
-  items = []
-  for path in paths:
-    try:
-      pixels = decode(tf.io.read_file(path)).numpy()
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-      raise ConfigError(f"{path}: undecodable image ({e.message.splitlines()[0]}); give PNG, "
-                        f"JPEG, GIF or BMP files") from None
-    items.append(Item(key=path, path=path, features=pixels, references=[]))
-  return items
-
-
-def read_split_items(pattern: str, *, image_mode: str, max_len: int) -> list[Item]:
-  """One item per distinct record key, with every caption of that key as its references."""
-  from m6t_tf.data import records
-  del max_len  # references are the records' whole captions, as the metrics expect
-  files = records.list_files(pattern)
-  if not files:
-    raise ConfigError(f"no records match {pattern!r}")
-  feature = "image" if image_mode == "pixels" else "patch_features"
-  items: dict[str, Item] = {}
-  dataset = tf.data.TFRecordDataset(files).map(
-      lambda s: records.parse_example(s, image_mode=image_mode))
-  for ex in dataset.as_numpy_iterator():
-    key = ex["key"].decode("utf-8")
-    caption = ex["caption"].decode("utf-8")
-    if key not in items:
-      items[key] = Item(key=key, path=None, features=ex[feature], references=[])
-    items[key].references.append(caption)
-  return list(items.values())
-
-
-def _world_rank(ctx) -> tuple[int, int]:
-  return int(getattr(ctx, "size", 1)), int(getattr(ctx, "rank", 0))
-
-
-def decode_items(items: Sequence[Item], captioner: Captioner, *, feature: str, ctx,
-                 batch_size: int, tokenizer) -> list[dict]:
-  """Decodes this rank's share of `items` in lockstep with the other ranks; rows in order.
-
-  Returns every row on rank 0 (gathered from all ranks) and this rank's rows elsewhere.
-  """
-  world, rank = _world_rank(ctx)
-  mine = list(range(rank, len(items), world))
-  per_rank = math.ceil(len(items) / world)
-  batch = max(1, min(batch_size, per_rank))
-  num_batches = math.ceil(per_rank / batch)  # the same on every rank
-  shape = items[0].features.shape
-  dtype = items[0].features.dtype
-  rows = []
-  for i in range(num_batches):
-    index = mine[i * batch:(i + 1) * batch]
-    features = np.zeros([batch, *shape], dtype)
-    for j, n in enumerate(index):
-      features[j] = items[n].features
-    row_mask = np.arange(batch) < len(index)
-    out = captioner({feature: features}, row_mask)
-    for j, n in enumerate(index):
-      rows.append((n, _row(items[n], {k: v[j] for k, v in out.items()}, tokenizer)))
-  if world > 1:
-    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
-    rows = [r for part in hvd.allgather_object(rows) for r in part]
-  return [r for _, r in sorted(rows, key=lambda nr: nr[0])]
-
-
-def _row(item: Item, out: dict, tokenizer) -> dict:
-  """The JSON row of one image from its decode outputs ([N, ...] candidates, best first)."""
-  candidates = []
-  for tokens, log_prob, score, length in zip(out["tokens"], out["log_prob"], out["score"],
-                                             out["length"]):
-    if not np.isfinite(score):
-      continue  # a beam that never ended (not possible once the vocabulary exceeds 2K)
-    candidates.append({"caption": tokenizer.decode(tokens[:length + 1]),
-                       "log_prob": float(log_prob), "score": float(score),
-                       "num_tokens": int(length)})
-  best = candidates[0]
-  return {"key": item.key, "image": item.path, "caption": best["caption"],
-          "log_prob": best["log_prob"], "score": best["score"],
-          "num_tokens": best["num_tokens"],
-          "candidates": [{k: c[k] for k in ("caption", "log_prob", "score")} for c in candidates],
-          "references": list(item.references)}
 
 
 def generate(model_dir: str, *, images: Optional[str] = None, split: Optional[str] = None,
@@ -265,10 +137,10 @@ def generate(model_dir: str, *, images: Optional[str] = None, split: Optional[st
     raise ConfigError(f"--split={split!r}; allowed: 'validation', 'train'")
   if batch_size < 1 or num_images < 0:
     raise ConfigError(f"batch_size={batch_size} must be >= 1 and num_images={num_images} >= 0")
-  files = list_image_files(images) if images is not None else None
+  files = captioning.list_image_files(images) if images is not None else None
   restored = restore(model_dir, checkpoint=checkpoint, gin_bindings=gin_bindings, ctx=ctx)
   ctx = restored.ctx
-  world, rank = _world_rank(ctx)
+  world, rank = captioning.world_rank(ctx)
   say = log if rank == 0 else (lambda *a, **k: None)
   max_len = options.max_len or restored.max_len
   options = dataclasses.replace(options, max_len=max_len)
@@ -277,24 +149,23 @@ def generate(model_dir: str, *, images: Optional[str] = None, split: Optional[st
     if restored.image_mode != "pixels":
       raise ConfigError(f"--images needs a model trained on pixels; {model_dir} was trained on "
                        f"patch features: use --split")
-    items = read_image_files(files[:num_images or None], restored.image_size)
+    items = captioning.read_image_files(files[:num_images or None], restored.image_size)
   else:
     pattern = data or (restored.eval_data if split == "validation" else restored.train_data)
     if not pattern:
       raise ConfigError(f"no records for --split={split}: config.gin sets no train data pattern; "
                        f"pass --data")
-    items = read_split_items(pattern, image_mode=restored.image_mode, max_len=max_len)
+    items = captioning.read_split_items(pattern, image_mode=restored.image_mode, max_len=max_len)
     items = items[:num_images or None]
   if not items:
     raise ConfigError("no images to caption")
-  from m6t_tf.data import tokenizer as tokenizer_lib
   tokenizer = tokenizer_lib.Tokenizer()
-  captioner = Captioner(restored.network, options, lockstep=world > 1,
+  captioner = captioning.Captioner(restored.network, options, lockstep=world > 1,
                         vocab=tokenizer_lib.load_vocab(tokenizer.vocab_path))
   feature = "image" if restored.image_mode == "pixels" else "patch_features"
   say(f"Captioning {len(items)} images on {world} worker(s) ({options.method}, max_len "
       f"{max_len}) with {restored.checkpoint}")
-  rows = decode_items(items, captioner, feature=feature, ctx=ctx, batch_size=batch_size,
+  rows = captioning.decode_items(items, captioner, feature=feature, ctx=ctx, batch_size=batch_size,
                       tokenizer=tokenizer)
   result = {"rows": rows, "metrics": None, "ctx": ctx,
             "out": out or os.path.join(model_dir, "captions.jsonl")}

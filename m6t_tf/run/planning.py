@@ -180,7 +180,13 @@ import inspect
 import math
 from typing import Any, Optional, Sequence
 
+import gin
+
 from m6t_tf.errors import ConfigError
+from m6t_tf.layers import routing as routing_lib
+from m6t_tf.networks import m6_transformer
+from m6t_tf.run import configurables
+from m6t_tf.run import training
 
 NUM_PATCHES = 16            # 4×4 grid (m6t_tf.layers.embeddings.NUM_PATCHES)
 DEFAULT_PATCH_DIM = 16 * 16 * 3   # a 16×16 RGB patch of a 64×64 image
@@ -247,7 +253,6 @@ class PlanConfig:
 
   @property
   def moe_layers(self) -> list[int]:
-    from m6t_tf.networks import m6_transformer  # noqa: the placement rule, one definition
     if not self.moe:
       return []
     return m6_transformer.moe_layer_indices(self.num_layers, self.moe_placement, self.moe_every)
@@ -260,7 +265,6 @@ class PlanConfig:
     ceiling when one is set (the worst case it allows)."""
     if not self.moe:
       return 0
-    from m6t_tf.layers import routing as routing_lib  # noqa: the capacity rule, one definition
     groups = int(self.moe.get("num_groups", 1) or 1)
     if self.moe.get("capacity_mode") == "dropless":
       factor = self.moe.get("max_tokens_per_expert_factor")
@@ -303,7 +307,6 @@ class WeightSpec:
 # ---------------------------------------------------------------------------------------------
 def _resolve(value):
   """Evaluates gin references (`%MACRO`, `@MoEConfig()`) to plain values."""
-  import gin
   if isinstance(value, gin.config.ConfigurableReference):
     fn = value.scoped_configurable_fn
     return _resolve(fn() if value.evaluate else fn)
@@ -315,7 +318,6 @@ def _resolve(value):
 
 
 def _query(name: str, default: Any) -> Any:
-  import gin
   try:
     return _resolve(gin.query_parameter(name))
   except ValueError:   # not bound: the configurable's own default applies
@@ -328,12 +330,11 @@ def _signature_defaults(fn) -> dict:
 
 
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
-              search_paths: Sequence[str] = (".",)) -> None:
+              search_paths: Sequence[str] = (".",), *, read_data: bool = True) -> None:
   """Clears gin and parses a config (the configurables of `m6t_tf.run.configurables`)."""
-  import gin
-  from m6t_tf.run import configurables
   gin.clear_config()
-  configurables.parse(list(gin_files), list(gin_bindings), list(search_paths))
+  configurables.parse(list(gin_files), list(gin_bindings), list(search_paths),
+                      read_data=read_data)
 
 
 def config_from_gin(*, num_workers: Optional[int] = None, patch_dim: int = DEFAULT_PATCH_DIM,
@@ -350,9 +351,6 @@ def config_from_gin(*, num_workers: Optional[int] = None, patch_dim: int = DEFAU
   Raises:
     ValueError: the layout does not match num_workers, or E does not split over the expert axis.
   """
-  from m6t_tf.run import configurables
-  from m6t_tf.run import training
-  from m6t_tf.networks import m6_transformer
   configurables.register()
   net = _signature_defaults(m6_transformer.M6Transformer.__init__)
   values = {}
@@ -408,16 +406,20 @@ def validate(config: PlanConfig) -> None:
 
 def plan_from_gin(gin_files: Sequence[str], gin_bindings: Sequence[str] = (), *,
                   num_workers: Optional[int] = None, patch_dim: int = DEFAULT_PATCH_DIM,
-                  gpu_memory_gb: float = 32.0, search_paths: Sequence[str] = (".",),
-                  **plan_kwargs) -> dict:
+                  gpu_memory_gb: Optional[float] = None, search_paths: Sequence[str] = (".",),
+                  read_data: bool = True, **plan_kwargs) -> dict:
   """Parses a gin config (clearing gin first) and returns its `plan()`.
+
+  `gpu_memory_gb` None: the layout's `DEVICE_MEMORY_GB` macro, else 32 (a V100-32GB, the
+  paper's worker).
 
   Payload sizes not given (or None) come from the layout, as the trainer uses them:
   `make_context.alltoall_dtype` ("float16": 2 bytes; unset: the compute dtype) and
   `make_context.allreduce_compression` ("fp16": 2 bytes; else float32 gradients, 4 bytes).
   """
-  from m6t_tf.run import configurables
-  parse_gin(gin_files, gin_bindings, search_paths)
+  parse_gin(gin_files, gin_bindings, search_paths, read_data=read_data)
+  if gpu_memory_gb is None:
+    gpu_memory_gb = float(configurables.query("%DEVICE_MEMORY_GB", 32.0))
   config = config_from_gin(num_workers=num_workers, patch_dim=patch_dim, gin_files=gin_files,
                            gin_bindings=gin_bindings)
   if plan_kwargs.get("alltoall_bytes_per_element") is None:

@@ -40,13 +40,18 @@ The graph uses only core TensorFlow ops (no tensorflow_text): a client loads it 
 
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 
-from m6t_tf.models import decoding
 from m6t_tf import storage
-from m6t_tf.errors import ConfigError
 from m6t_tf.data import detokenizer as detokenizer_lib
 from m6t_tf.data import images as images_lib
+from m6t_tf.data import tokenizer as tokenizer_lib
+from m6t_tf.errors import ConfigError
+from m6t_tf.models import decoding
+from m6t_tf.parallel import launch_env
+from m6t_tf.run import generation
 
 SIGNATURE_KEY = "serving_default"
 #: Images with more pixels are refused (module docstring): 25 million, e.g. 5000×5000, whose
@@ -137,10 +142,6 @@ def export_model(model_dir: str, export_dir: str, *, options, serving_batch: int
                  checkpoint=None, max_pixels: int = MAX_PIXELS) -> dict:
   """Restores `model_dir` and writes the SavedModel (`python -m m6t_tf.export`); returns what
   was exported."""
-  import dataclasses
-  from m6t_tf.run import generation
-  from m6t_tf.data import tokenizer as tokenizer_lib
-  from m6t_tf.parallel import launch_env
   if launch_env.world_size() > 1:
     raise ConfigError("export runs in one process (it holds every expert): run it without "
                       "horovodrun")

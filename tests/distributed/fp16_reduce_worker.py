@@ -76,12 +76,12 @@ def main(argv):
   # The trainer's side: FP16 communication turns the dynamic loss scale on (float32 compute
   # here), and an overflowed reduction skips the step on every rank and halves the scale.
   import keras
-  from m6t_tf.run import training
+  from m6t_tf.run import trainer as trainer_lib
   from m6t_tf.parallel import context as context_lib
   layer = keras.layers.Dense(FLAGS.size // 8, name="probe")
   layer.build((None, 8))
   ctx.gradient_compression = "fp16"
-  trainer = training.Trainer(layer, keras.optimizers.SGD(1.0), ctx=ctx)
+  trainer = trainer_lib.Trainer(layer, keras.optimizers.SGD(1.0), ctx=ctx)
   ctx.broadcast_state(trainer.variables)
   out["trainer_scale_enabled"] = np.array(trainer.loss_scale.enabled)
   out["trainer_skips_nonfinite"] = np.array(trainer.skip_nonfinite)

@@ -47,7 +47,7 @@ def main(argv):
   tf.config.threading.set_inter_op_parallelism_threads(1)
   tf.config.threading.set_intra_op_parallelism_threads(1)
   from m6t_tf.run import configurables
-  from m6t_tf.run import training
+  from m6t_tf.run import trainer as trainer_lib
   from m6t_tf.data import pipeline
   from m6t_tf.parallel import context as context_lib
 
@@ -72,7 +72,7 @@ def main(argv):
   for remat in FLAGS.remat.split(","):
     keras.utils.set_random_seed(0)
     network = configurables.network_fn()(name="m6")
-    model = training.build_model(batch=batches[0], network=network)
+    model = trainer_lib.build_model(batch=batches[0], network=network)
     variables = [v for v in model.variables if not context_lib.is_rng_state(v)]
     if not os.path.exists(FLAGS.init):
       if ctx.size != 1:
@@ -86,7 +86,7 @@ def main(argv):
         value = value[ctx.expert_index * e:(ctx.expert_index + 1) * e]
       v.assign(value)
 
-    trainer = training.Trainer(model, keras.optimizers.SGD(FLAGS.learning_rate), ctx=ctx,
+    trainer = trainer_lib.Trainer(model, keras.optimizers.SGD(FLAGS.learning_rate), ctx=ctx,
                                clip_norm=0.0, remat=remat)
     compute = tf.function(tf.autograph.experimental.do_not_convert(trainer.compute_gradients))
     grads, metrics = compute(batches[0])

@@ -377,13 +377,13 @@ def _events(path: str):
 
 
 def load_run(run_dir: str) -> dict:
-  from m6t_tf.run import training
+  from m6t_tf.run import logs
   with open(os.path.join(run_dir, "train_summary.json")) as f:
     summary = json.load(f)
   with open(os.path.join(run_dir, "experiment.json")) as f:
     experiment = json.load(f)
   return {"dir": run_dir, "summary": summary, "experiment": experiment,
-          "losses": training.read_loss_log(os.path.join(run_dir, "losses.jsonl")),
+          "losses": logs.read_loss_log(os.path.join(run_dir, "losses.jsonl")),
           "scalars": read_scalars(run_dir)}
 
 
