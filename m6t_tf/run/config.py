@@ -71,8 +71,18 @@ def number(minimum: float = None, maximum: float = None, *, below: float = None,
   return check
 
 
+def _choices(choices) -> str:
+  names = [repr(c) for c in choices]
+  return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
 def one_of(*choices) -> Callable[[Any], Optional[str]]:
-  return lambda x: None if isinstance(x, str) and x in choices else f"; allowed: {choices}"
+  return lambda x: (None if isinstance(x, str) and x in choices
+                    else f"; allowed: {_choices(choices)}")
+
+
+def seconds(x) -> Optional[str]:
+  return None if _is_number(x) and x == x and x >= 0 else "must be a number of seconds >= 0"
 
 
 def boolean(x) -> Optional[str]:
@@ -92,7 +102,7 @@ def remat_option(x) -> Optional[str]:
     return None
   if isinstance(x, (list, tuple)) and x and all(isinstance(b, str) and b for b in x):
     return None  # block names; the network checks they exist
-  return f"; allowed: {REMAT_OPTIONS} or a list of block names such as ['block_0']"
+  return f"; allowed: {_choices(REMAT_OPTIONS)} or a list of block names such as ['block_0']"
 
 
 def optional_caption_length(x) -> Optional[str]:
@@ -101,8 +111,17 @@ def optional_caption_length(x) -> Optional[str]:
       "must be an integer >= 3 (caption tokens with [CLS] and [SEP]) or None (follow the data)")
 
 
-def _field(default, check, doc: str):
-  return dataclasses.field(default=default, metadata={"check": check, "doc": doc})
+def _literal(value) -> str:
+  """A value as gin reads it (`300` for 300.0: the shorter of the two)."""
+  if isinstance(value, float) and value.is_integer():
+    return str(int(value))
+  return repr(value)
+
+
+def _field(default, check, doc: str, why: Optional[str] = None):
+  """A setting: its default, its check, its doc, and `why` its rule is what it is (said in
+  the error message)."""
+  return dataclasses.field(default=default, metadata={"check": check, "doc": doc, "why": why})
 
 
 # ------------------------------------------------------------------------------------------
@@ -126,10 +145,12 @@ class DataConfig:
   global_batch_size: int = _field(
       0, integer(0), "If set, B = global_batch_size / workers (must divide); 0 = off.")
   shuffle_buffer: int = _field(
-      2048, integer(1), "Records shuffled together (1 = none: only the file order changes).")
+      2048, integer(1), "Records shuffled together (1 = none: only the file order changes).",
+      why="the records shuffled together; 1 = none, only the file order changes between epochs")
   on_bad_record: str = _field(
       "skip", one_of(*ON_BAD_RECORD),
-      "'skip' (drop and count malformed records) or 'fail' (stop at the first, naming it).")
+      "'skip' (drop and count malformed records) or 'fail' (stop at the first, naming it).",
+      why="'skip' drops and counts bad records, 'fail' stops at the first, naming it")
   log_data_keys: bool = _field(
       False, boolean, "Log each step's record keys per worker (model_dir/data_keys/).")
 
@@ -163,7 +184,8 @@ class CheckpointConfig:
   """How often the run checkpoints and how many checkpoints it keeps."""
   checkpoint_every: int = _field(500, integer(1), "Checkpoint period in steps.")
   keep_checkpoints: int = _field(
-      3, integer(1), "Checkpoints kept (>= 1: the one a restart resumes from).")
+      3, integer(1), "Checkpoints kept (>= 1: the one a restart resumes from).",
+      why="a run keeps at least the checkpoint it would resume from")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +205,8 @@ class ExecutionConfig:
   jit_compile: bool = _field(False, boolean, "XLA-compile the step (one process only).")
   deterministic: bool = _field(False, boolean, "TensorFlow deterministic ops (exact resume).")
   stall_timeout_s: float = _field(
-      300.0, number(0.0), "A phase without progress for this long ends the run; 0 = off.")
+      300.0, seconds, "A phase without progress for this long ends the run; 0 = off.",
+      why="0 = off")
 
 
 GROUPS = {"data": DataConfig, "optimization": OptimizationConfig,
@@ -262,11 +285,12 @@ class RunConfig:
       if problem:
         fix = ()
         if f.default is not REQUIRED and not f.metadata["check"](f.default):
-          fix = (f"train.{name}={f.default!r}",)
+          fix = (f"train.{name}={_literal(f.default)}",)
         elif name in _FIX_EXAMPLES:
           fix = (_FIX_EXAMPLES[name],)
         sep = "" if problem.startswith(";") else " "
-        raise ConfigError(f"train.{name}={value!r}{sep}{problem}"
+        why = f" ({f.metadata['why']})" if f.metadata["why"] else ""
+        raise ConfigError(f"train.{name}={value!r}{sep}{problem}{why}"
                           + (f", e.g. {bindings_flag(fix)}" if fix else ""), fix=fix)
     self._check_rules(num_workers)
     return self
