@@ -10,8 +10,8 @@ PYTEST_ARGS ?=
 
 .PHONY: setup data train evaluate caption test test-fast clean
 
-# `make setup GPU=1` on a GPU node: tensorflow[and-cuda] and Horovod with NCCL (README "GPU
-# clusters: the NCCL build"); without GPU= the command is exactly the CPU one.
+# `make setup GPU=1` on a GPU node: tensorflow[and-cuda] and Horovod with NCCL (docs/gpu.md "The
+# NCCL build"); without GPU= the command is exactly the CPU one.
 setup:
 	@$(if $(GPU),M6T_GPU=$(GPU) )bash tools/setup_env.sh
 

@@ -13,7 +13,7 @@ setuptools.setup(
         "gin-config==0.5.0",
         "absl-py>=2.1",
         "numpy>=1.26,<3",
-        # horovod==0.28.1 is built from source by tools/setup_env.sh (see README "Stack").
+        # horovod==0.28.1 is built from source by tools/setup_env.sh (see docs/setup.md "Stack, and why").
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],

@@ -33,7 +33,7 @@ flags.DEFINE_string("model_dir", None, "A trainer's model_dir (config.gin + chec
 flags.DEFINE_string("export_dir", None, "Where the SavedModel goes (must not exist, or be empty).")
 flags.DEFINE_enum("decode", "greedy", ["greedy", "beam"], "Decoding method in the graph.")
 flags.DEFINE_integer("beam_size", 4, "Beams (--decode=beam); the best is returned.")
-flags.DEFINE_float("length_penalty", 0.0, "GNMT alpha of the beam score (see m6t_tf/decoding.py).")
+flags.DEFINE_float("length_penalty", 0.0, "GNMT alpha of the beam score (see m6t_tf/models/decoding.py).")
 flags.DEFINE_integer("max_len", 0, "Caption tokens incl. [CLS]/[SEP]; 0 = the training max_len.")
 flags.DEFINE_integer("serving_batch", 8, "Images decoded together inside the graph.")
 flags.DEFINE_integer("max_pixels", 25_000_000, "Larger images are refused with a per-request "

@@ -13,7 +13,7 @@ caption, log_prob, score, num_tokens, candidates (all beams / samples, best firs
 references (all captions of the image in the split). With --split=validation the captions are
 scored with BLEU-1..4 and CIDEr-D next to two baselines (m6t_tf.run.caption_metrics), printed and
 written to model_dir/caption_metrics.json. Image files are decoded and resized exactly as
-tools/make_dataset.py built the training records. See m6t_tf/decoding.py for the scores and the
+tools/make_dataset.py built the training records. See m6t_tf/models/decoding.py for the scores and the
 length penalty.
 """
 

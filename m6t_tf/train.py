@@ -47,14 +47,17 @@ def dry_run(model_dir) -> int:
     raise ConfigError("MAX_LEN = None follows the data, which a dry run does not read: pass "
                       "--gin_bindings=MAX_LEN=<caption tokens incl. [CLS]/[SEP]>, e.g. "
                       "--gin_bindings=MAX_LEN=20", fix=("MAX_LEN=20",))
-  plan = planning.plan_from_gin(FLAGS.gin_file, FLAGS.gin_bindings, num_workers=FLAGS.num_workers,
-                                search_paths=FLAGS.gin_search_paths, read_data=False)
-  workers = plan["config"]["num_workers"]
-  # What only the real run needs stands in (and is named): a dry run reads no data.
+  # The trainer's own checks first, for the layout's workers: the planner's arithmetic assumes
+  # a valid config. What only the real run needs stands in, and is named.
+  mesh_data = configurables.query("make_context.mesh_data", 1)
+  mesh_expert = configurables.query("make_context.mesh_expert", 0)
+  workers = FLAGS.num_workers or mesh_data * max(mesh_expert, 1)
   unset = configurables.required_unset()
   stand_ins = {"train_data": "(train.train_data)", "num_steps": 1_000_000}
   config = configurables.validate_run(num_workers=workers, model_dir=model_dir or "(dry run)",
                                       **{name: stand_ins.get(name) for name in unset})
+  plan = planning.plan_from_gin(FLAGS.gin_file, FLAGS.gin_bindings, num_workers=FLAGS.num_workers,
+                                search_paths=FLAGS.gin_search_paths, read_data=False)
   print(f"Dry run: every binding is valid for {workers} worker(s); no data read, no weight "
         f"made." + (f" Still required to train: {', '.join(f'train.{n}' for n in unset)}."
                     if unset else "") + "\n")

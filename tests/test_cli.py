@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -68,6 +69,37 @@ class CliTestCase(tf.test.TestCase):
   def assertNoNoise(self, text):
     for word in NOISE:
       self.assertNotIn(word, text)
+
+
+@pytest.mark.multiprocess
+class DryRunTest(CliTestCase):
+
+  def test_the_paper_1t_layout_plans_in_seconds_without_data(self):
+    # The training data named here does not exist: a dry run reads none.
+    started = time.time()
+    proc = _train("--gin_file=gin/1T.gin", "--gin_file=gin/layouts/1x480.gin", "--dry_run",
+                  "--gin_bindings=train.train_data='/nonexistent/train-*.tfrecord'")
+    seconds = time.time() - started
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    out = proc.stdout
+    self.assertIn("every binding is valid for 480 worker(s); no data read, no weight made. "
+                  "Still required to train: train.num_steps.", out)
+    for row in ("| params total | 1,002,753,474,184 (1 T) |", "| T tokens per worker / C |",
+                "| memory: total (recompute) |", "| all-to-all per step |"):
+      self.assertIn(row, out)
+    # 1T.gin recomputes whole blocks: the verdict for this run is the one with recomputation.
+    self.assertRegex(out, r"This run \(train.remat='block'\): 17\.\d\d of 32 GiB per worker: "
+                          r"fits\.")
+    self.assertLess(seconds, 120, "a dry run should take seconds (TensorFlow's import aside)")
+    self.assertNoNoise(proc.stderr)
+
+  def test_a_bad_binding_is_one_line_before_any_plan(self):
+    proc = _train("--gin_file=gin/demo.gin", "--dry_run", "--gin_bindings=MAX_LEN=20",
+                  "--gin_bindings=MoEConfig.capacity_factor=0")
+    self.assertUserError(proc, "capacity_factor=0 must be > 0")
+    self.assertNotIn("| quantity |", proc.stdout)
+    self.assertUserError(_train("--gin_file=gin/demo.gin", "--dry_run"),
+                         "a dry run does not read", "--gin_bindings=MAX_LEN=20")
 
 
 @pytest.mark.multiprocess

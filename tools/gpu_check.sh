@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first thing to run on a GPU node, after `make setup GPU=1` (README "GPU clusters: the NCCL
+# The first thing to run on a GPU node, after `make setup GPU=1` (docs/gpu.md "The NCCL
 # build"). A minute or two; one verdict line per check, then the overall verdict:
 #
 #   bash tools/gpu_check.sh               # every GPU of this node (N = number of GPUs)

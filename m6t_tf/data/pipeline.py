@@ -75,6 +75,10 @@ from m6t_tf.data import records
 from m6t_tf.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, VOCAB_SIZE
 
 AUTOTUNE = tf.data.AUTOTUNE
+# Every function this module hands tf.data is written in TensorFlow ops (tf.where, tf.cond):
+# AutoGraph's conversion is not needed, and converting them the first time a process builds a
+# pipeline cost ~3 s of each trainer's, evaluator's and test's start-up.
+_graph = tf.autograph.experimental.do_not_convert
 
 
 # What an element of the stream is before parsing. A file's reader adds a _CORRUPT_FILE element
@@ -186,7 +190,7 @@ def _file_reader(files: Sequence[str]):
                                      index + tf.range(m), kind)
 
     zero = tf.constant(0, tf.int64)
-    return blocks.scan((zero, zero), account).unbatch()
+    return blocks.scan((zero, zero), _graph(account)).unbatch()
 
   return read
 
@@ -454,7 +458,7 @@ def _window_shuffle(ds: tf.data.Dataset, window: int, seed: int, epoch) -> tf.da
         tf.range(n), seed=tf.stack([tf.constant(seed, tf.int64) + 1, epoch * 2**20 + index]))
     return tuple(tf.gather(v, order) for v in block)
 
-  return ds.batch(window).enumerate().map(permute).unbatch()
+  return ds.batch(window).enumerate().map(_graph(permute)).unbatch()
 
 
 # Epochs of a repeated stream: unbounded in practice (a Dataset.range needs a bound).
@@ -470,7 +474,7 @@ def _marker(kind: int, index) -> tf.data.Dataset:
 
 def _parse_block(block: dict, parse) -> tf.data.Dataset:
   """The elements of one numbered block, parsed; those the parser rejects are dropped."""
-  return tf.data.Dataset.from_tensor_slices(block).map(parse).ignore_errors()
+  return tf.data.Dataset.from_tensor_slices(block).map(_graph(parse)).ignore_errors()
 
 
 def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len: int,
@@ -584,7 +588,7 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
       ids = tf.random.experimental.stateless_shuffle(
           ids, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
     ds = tf.data.Dataset.from_tensor_slices(ids).interleave(
-        read, cycle_length=min(cycle_length, len(files)), block_length=1,
+        _graph(read), cycle_length=min(cycle_length, len(files)), block_length=1,
         num_parallel_calls=AUTOTUNE, deterministic=True)
     if shard_records:
       # A corrupt-file element is sharded like a record: exactly one worker counts it.
@@ -596,11 +600,12 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
     return ds
 
   # Epochs one after another, each complete before the next starts.
-  ds = tf.data.Dataset.range(_EPOCHS_FOREVER if repeat else 1).flat_map(one_epoch)
+  ds = tf.data.Dataset.range(_EPOCHS_FOREVER if repeat else 1).flat_map(_graph(one_epoch))
   if not repeat:  # lets the judge see records the parser rejected at the very end
     ds = ds.concatenate(_marker(_END_OF_STREAM, -1))
   minus_one = tf.constant(-1, tf.int64)
-  ds = ds.batch(_BLOCK).scan((tf.constant(0, tf.int64), minus_one, minus_one), _number)
+  ds = ds.batch(_BLOCK).scan((tf.constant(0, tf.int64), minus_one, minus_one),
+                             _graph(_number))
 
   image_key = "image" if image_mode == "pixels" else "patch_features"
 
@@ -633,9 +638,9 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
   # argument) reaches the caller. One `ignore_errors` over the whole stream swallowed those
   # too, and a repeated stream whose every epoch failed spun forever without a batch. An
   # interleave whose block_length is at least a block's size keeps the blocks in order.
-  ds = ds.interleave(lambda block: _parse_block(block, parse), cycle_length=AUTOTUNE,
+  ds = ds.interleave(_graph(lambda block: _parse_block(block, parse)), cycle_length=AUTOTUNE,
                      block_length=_BLOCK, num_parallel_calls=AUTOTUNE, deterministic=True)
-  ds = ds.batch(_BLOCK).scan(judge.initial_state(), judge).unbatch()
+  ds = ds.batch(_BLOCK).scan(judge.initial_state(), _graph(judge)).unbatch()
   if skip_batches:
     # After the judge: the stream of good records is what a resumed run must continue, and
     # bad ones are not in it (this costs parsing the skipped records).
@@ -673,7 +678,7 @@ def make_dataset(file_pattern: str | Sequence[str], *, batch_size: int, max_len:
       return batch
     # Last, after the prefetch, and without a prefetch injected behind it: the map then runs
     # when the trainer asks for the batch, so the counts never run ahead of the training step.
-    ds = ds.map(count)
+    ds = ds.map(_graph(count))
     options.experimental_optimization.inject_prefetch = False
   return ds.with_options(options)
 
