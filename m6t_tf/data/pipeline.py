@@ -244,15 +244,16 @@ class _Judge:
   """The scan after parsing, a block at a time: finds dropped records, then fails on or counts
   every bad one, and keeps the good ones.
 
-  Each record is parsed under its own `ignore_errors` (`_parse_block`), which drops a record
-  the parser rejects ("not_an_example"); the gap it leaves in the sequence numbers finds it,
-  and the next element carries its file and index (`prev_file`, `prev_index`; for a run of
-  such records, those of the last). A repeated stream (`epochs`) must never spin without a
-  batch: an epoch that holds no good record fails (`shard`, a description of this worker's
-  files, is named), and with on_bad_record="skip" so do `max_consecutive_bad_records` bad
-  records in a row. The judge does not count inside the first `skip_records` good records (a resumed run
-  must not count again what the first run counted), and passes the counts on to the next good
-  record (`carry`, see `BadRecordCounter`) or adds them at once.
+  Each block is parsed under an `ignore_errors` of its own (`_parse_block`), which drops a
+  record the parser rejects ("not_an_example"); the gap it leaves in the sequence numbers
+  finds it, and the next element carries its file and index (`prev_file`, `prev_index`; for a
+  run of such records, those of the last). A repeated stream (`epochs`) must never spin
+  without a batch: an epoch that holds no good record fails (`shard`, a description of this
+  worker's files, is named), and with on_bad_record="skip" so do
+  `max_consecutive_bad_records` bad records in a row. The judge does not count inside the
+  first `skip_records` good records (a resumed run must not count again what the first run
+  counted), and passes the counts on to the next good record (`carry`, see
+  `BadRecordCounter`) or adds them at once.
   """
 
   def __init__(self, files, *, keep: Sequence[str], fail: bool,
