@@ -24,6 +24,8 @@ import math
 import keras
 import tensorflow as tf
 
+from m6t_tf.parallel import communicator as comm_lib
+
 OPTIMIZERS = ("adamw", "adafactor")
 DECAYS = ("constant", "linear", "cosine")
 
@@ -100,6 +102,11 @@ class Adafactor(keras.optimizers.Adafactor):
                                          name=var.path.replace("/", "_") + "_row"))
         self._c.append(self.add_variable(shape=var.shape[:-2] + (var.shape[-1],),
                                          dtype=var.dtype, name=var.path.replace("/", "_") + "_col"))
+        # Row [e, M] and column [e, I] statistics of an expert weight [e, M, I] hold this
+        # worker's experts too (`add_variable_from_reference` marks the full velocity itself).
+        if comm_lib.is_expert_sharded(var):
+          comm_lib.mark_expert_sharded(self._r[-1])
+          comm_lib.mark_expert_sharded(self._c[-1])
         self._v.append(None)
       else:
         self._r.append(None)
