@@ -82,11 +82,16 @@ class Adafactor(keras.optimizers.Adafactor):
     epsilon_1: added to g² (1e-30).
     clip_threshold: d of the RMS update clipping (1.0).
     weight_decay: decoupled weight decay (0 in the 1T config).
+    relative_step: must be False (the learning rate is used as given); accepted because
+      Keras' `get_config` records it, so that `from_config(get_config())` rebuilds the optimizer.
   """
 
   def __init__(self, learning_rate=5e-3, *, beta_2_decay: float = -0.8,
                epsilon_1: float = 1e-30, clip_threshold: float = 1.0, weight_decay=None,
-               name: str = "adafactor", **kwargs):
+               relative_step: bool = False, name: str = "adafactor", **kwargs):
+    if relative_step:
+      raise ValueError("relative_step=True: this Adafactor uses the learning rate (schedule) as "
+                       "given; use keras.optimizers.Adafactor for Keras' relative step")
     super().__init__(learning_rate=learning_rate, beta_2_decay=beta_2_decay, epsilon_1=epsilon_1,
                      clip_threshold=clip_threshold, relative_step=False, weight_decay=weight_decay,
                      name=name, **kwargs)
