@@ -185,6 +185,9 @@ class Trainer:
     # (read after, the log showed the next step's rate).
     lr = tf.cast(self.optimizer.learning_rate, tf.float32)
     self.apply_gradients(grads, metrics)
+    # Routers with state (none yet) update it from the loads summed over all workers.
+    for layer in getattr(self.model, "moe_layers", ()):
+      layer.after_step(self.ctx.sum_over_world, metrics["finite"])
     metrics.update(finite=tf.cast(metrics["finite"], tf.float32), learning_rate=lr)
     return metrics
 
@@ -206,9 +209,9 @@ class Trainer:
       out[f"{name}/dropped_fraction"] = float(layer.stats["dropped_fraction"].numpy())
       out[f"{name}/aux_loss"] = float(layer.stats["aux_loss"].numpy())
       out[f"{name}/z_loss"] = float(layer.stats["z_loss"].numpy())
-      if layer.last_capacity is not None:
-        # Forward and backward each move the [D, e, C, M] buffer out and back.
-        out[f"{name}/alltoall_bytes_per_step"] = 2.0 * layer.alltoall_bytes_per_forward()
+      alltoall = layer.alltoall_bytes_per_step()
+      if alltoall is not None:
+        out[f"{name}/alltoall_bytes_per_step"] = alltoall
     return out
 
 
@@ -217,16 +220,11 @@ def dropless_warnings(model, stats: dict) -> list[str]:
   token choices in the last step (`stats` from `Trainer.moe_stats`)."""
   lines = []
   for i, layer in enumerate(model.moe_layers):
-    if layer.capacity_mode != "dropless" or layer.max_tokens_per_expert_factor is None:
-      continue
     name = layer.path.split("/", 1)[-1] if hasattr(layer, "path") else f"moe_{i}"
-    dropped = stats.get(f"{name}/dropped_fraction", 0.0)
-    if dropped > 0:
-      lines.append(f"warning: {name} is dropless but its max_tokens_per_expert_factor="
-                   f"{layer.max_tokens_per_expert_factor:g} ceiling dropped {dropped:.2%} of its "
-                   f"token choices this step (busiest expert "
-                   f"{stats.get(f'{name}/max_over_mean_load', 0.0):.1f}× the mean load); raise "
-                   f"the factor if memory allows, or balance the router (MoEConfig.aux_loss_weight)")
+    line = layer.ceiling_warning(name, stats.get(f"{name}/dropped_fraction", 0.0),
+                                 stats.get(f"{name}/max_over_mean_load", 0.0))
+    if line is not None:
+      lines.append(line)
   return lines
 
 
@@ -806,17 +804,7 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
     print(f"Model: {n_params:,} parameters on this worker; {len(model.moe_layers)} MoE layers; "
           f"{ctx.describe()}; steps {start}→{num_steps}", flush=True)
     if model.moe_layers:
-      layer = model.moe_layers[0]
-      if layer.capacity_mode == "dropless":
-        print("Experts: dropless (no capacity; every token reaches its experts)", flush=True)
-      else:
-        fraction = layer.capacity_token_fraction
-        share = (f"{fraction:.1%} of the {positions_per_step:,} positions, the real tokens' "
-                 f"share" if fraction is not None and fraction < 1 else
-                 f"all {positions_per_step:,} positions (padding included)")
-        print(f"Experts: C = {layer.capacity_for(layer.group_size(positions_per_step), True)} "
-              f"slots per expert{' per group' if layer.num_groups > 1 else ''}, "
-              f"γ = {layer.capacity_factor} over {share}", flush=True)
+      print(model.moe_layers[0].capacity_summary(positions_per_step), flush=True)
   progress = Progress(num_steps, start, log_every, ctx.is_chief)
   with watchdog.phase("start-up (reading the caption images)", watchdog_lib.STORAGE):
     samples = (CaptionSamples(eval_data, num_images=eval_captions, network=model.network,
@@ -918,14 +906,12 @@ def train(*, model_dir: str, train_data: str, eval_data: Optional[str] = None,
       bad = bad_records()
       scalars.update({f"data/bad_records/{r}": float(n) for r, n in zip(records.REASON_NAMES, bad)})
       scalars["data/bad_records_total"] = float(bad.sum())
-      capped = [l for l in model.moe_layers if l.last_capacity is not None]
-      if capped and real_total > 0:
-        # γ the routed tokens got: slots per expert over the mean real choices per expert.
-        layer = capped[0]
-        real_per_worker = real_total / (ctx.size * steps_logged)
-        k_eff = layer.k if layer.capacity_mode == "k" else 1
-        scalars["moe/effective_capacity_factor"] = (
-            layer.last_capacity * layer.num_groups * layer.num_experts / (k_eff * real_per_worker))
+      # γ the routed tokens got (the first layer with a capacity reports it).
+      real_per_worker = real_total / (ctx.size * steps_logged)
+      gammas = [g for g in (l.effective_capacity_factor(real_per_worker)
+                            for l in model.moe_layers) if g is not None]
+      if gammas:
+        scalars["moe/effective_capacity_factor"] = gammas[0]
       with watchdog.phase(f"step {step} (writing logs)", watchdog_lib.STORAGE):
         summary_scalars(writer, step, scalars)
       last_log_time, last_log_step, real_positions = time.time(), step, 0
