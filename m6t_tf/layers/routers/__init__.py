@@ -2,10 +2,8 @@
 
 Importing this package imports every module in it, and each registers its router, so a new
 router is one new module here (and its test): the MoE layer, its options, `get_config`, gin's
-`MoEConfig` and the planner find it in the table. See `base` for what a router is.
-
-    top_k       looped argmax over all E experts (GShard / M6-T top-k)
-    prototype   expert prototyping, k groups with top-1 in each (M6-T §3.3)
+`MoEConfig` and the planner find it in the table. See `base` for what a router is, and each
+module's docstring for its rule (`names()` lists them).
 """
 
 from __future__ import annotations
