@@ -70,7 +70,8 @@ class RegisteredConfigTest(tf.test.TestCase):
     self.assertNotEmpty(modules)
     for module in modules:
       importlib.import_module(module)
-    registered = {key.split(">", 1)[1]: cls for key, cls in keras.saving.get_custom_objects().items()
+    registered = {key.split(">", 1)[1]: cls
+                  for key, cls in keras.saving.get_custom_objects().items()
                   if key.startswith("m6t_tf>")}
     examples = _examples()
     self.assertEqual(sorted(registered), sorted(examples),

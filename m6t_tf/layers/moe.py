@@ -307,7 +307,9 @@ class MoE(keras.layers.Layer):
                        "capacity=")
     c *= self.num_groups
     wire = self.communicator.wire_dtype or self.compute_dtype
-    n_out = (self.output_size or self.hidden_size) if self.expert_type == "linear" else self.hidden_size
+    n_out = self.hidden_size
+    if self.expert_type == "linear":
+      n_out = self.output_size or self.hidden_size
     return self.num_experts * c * (self.hidden_size + n_out) * tf.as_dtype(wire).size
 
   # -- What the trainer reads: the layer reports itself. --------------------------------------
