@@ -75,6 +75,19 @@ class OneSourceTest(tf.test.TestCase):
     want["num_experts"] = 32
     self.assertEqual(gin_fields, want)
 
+  def test_setting_an_option_checks_it(self):
+    layer = moe_lib.MoE(4, I, k=2)
+    layer.aux_loss_weight = 0.5                                  # read at each call
+    self.assertEqual(layer.options.aux_loss_weight, 0.5)
+    with self.assertRaisesRegex(ValueError, "capacity_factor=0.0 must be > 0"):
+      layer.capacity_factor = 0.0
+    layer.second_expert_policy = "random"                       # before build: gets its RNG
+    self.assertIsNotNone(layer._seed_generator)  # pylint: disable=protected-access
+    layer.build((None, M))
+    with self.assertRaisesRegex(ValueError, r"\['intermediate_size'\] of a built MoE layer"):
+      layer.intermediate_size = 2 * I
+    self.assertEqual(layer.get_config()["aux_loss_weight"], 0.5)
+
   def test_old_keras_config_loads(self):
     layer = moe_lib.MoE.from_config(dict(OLD_CONFIG))
     self.assertEqual((layer.routing, layer.k, layer.capacity_factor), ("prototype", 2, 2.0))

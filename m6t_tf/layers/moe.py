@@ -33,6 +33,7 @@ expert group, as the all-to-all exchanges equal [D, e, C, M] buffers (`MoE._agre
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import threading
 from typing import Callable, Optional
@@ -54,6 +55,10 @@ STAT_NAMES = ("tokens_per_expert", "load_cv", "dropped_fraction", "aux_loss", "z
 # per-step, per-layer seed (e.g. dropout) draw different numbers.
 _SECOND_EXPERT_SEED_SALT = 0x5EC0
 
+
+#: Options the layer's weights or router state are made from: fixed once it is built.
+BUILT_FROM = ("num_experts", "intermediate_size", "routing", "activation", "expert_type",
+              "output_size", "init_std", "router_init_std", "dropout_rate")
 
 _LOSS_SINK = threading.local()
 
@@ -218,13 +223,8 @@ class MoE(keras.layers.Layer):
                                           intermediate_size=intermediate_size, **values)
     #: The router of `options.routing`, from the table.
     self.gating = routers.get(self.options.routing)(self.options)
-    # Seeds the router's random draws (GShard's random second expert) in calls without `seed=`.
-    # Only a router that draws creates it (other layers' variables are unchanged). Its state
-    # is a layer variable whose path holds "seed_generator", so the trainer treats it as
-    # dropout's: reseeded every step from (seed, rank, step), never broadcast, averaged or
-    # stored, and a resumed run draws the same.
-    self._seed_generator = (keras.random.SeedGenerator(name="second_expert_seed_generator")
-                            if self.gating.draws_at_training else None)
+    self._seed_generator = None
+    self._add_seed_generator()
     self.communicator = communicator or comm_lib.get_default()
     # E must split evenly over the expert group; raised here, before any collective.
     self.expert_ids = self.communicator.expert_ids(num_experts)
@@ -232,6 +232,33 @@ class MoE(keras.layers.Layer):
     self._last_capacity: Optional[int] = None
     #: Recompute the expert FFNs in the backward pass (set by `M6Transformer.set_remat`).
     self.remat_experts = False
+
+  def _add_seed_generator(self):
+    """Seeds the router's random draws (GShard's random second expert) in calls without
+    `seed=`. Only a router that draws gets one (other layers' variables are unchanged). Its
+    state is a layer variable whose path holds "seed_generator", so the trainer treats it as
+    dropout's: reseeded every step from (seed, rank, step), never broadcast, averaged or
+    stored, and a resumed run draws the same."""
+    if self.gating.draws_at_training and self._seed_generator is None:
+      self._seed_generator = keras.random.SeedGenerator(name="second_expert_seed_generator")
+
+  def set_options(self, **changes) -> None:
+    """Changes options of this layer (checked again, as at construction).
+
+    Options read at each call (capacity factors and modes, losses' weights, policies, ...)
+    may change at any time; those the weights or the router were made from
+    (`BUILT_FROM`) only before the layer is built.
+    """
+    options = dataclasses.replace(self.options, **changes)
+    fixed = sorted(n for n in changes if n in BUILT_FROM and changes[n] != getattr(self, n))
+    if fixed and self.built:
+      raise ValueError(f"{fixed} of a built MoE layer shaped its weights or router state: set "
+                       f"them at construction")
+    self.options = options
+    if options.routing != self.gating.name:
+      self.gating = routers.get(options.routing)(options)
+    self.gating.options = options
+    self._add_seed_generator()
 
   @property
   def last_capacity(self) -> Optional[int]:
@@ -606,11 +633,16 @@ class MoE(keras.layers.Layer):
     return config
 
 
-# Every option reads as a layer attribute (`layer.k`, `layer.capacity_factor`, ...): read-only
-# views of `layer.options`, the one place the values live.
+def _option_property(name: str) -> property:
+  return property(lambda self: getattr(self.options, name),
+                  lambda self, value: self.set_options(**{name: value}),
+                  doc=f"The `{name}` option (`MoEOptions`); setting it is `set_options`.")
+
+
+# Every option is a layer attribute (`layer.k`, `layer.aux_loss_weight = 0.1`, ...): a view of
+# `layer.options`, the one place the values live.
 for _name in moe_options.option_names():
-  setattr(MoE, _name, property(lambda self, _n=_name: getattr(self.options, _n),
-                               doc=f"The `{_name}` option (`MoEOptions`)."))
+  setattr(MoE, _name, _option_property(_name))
 # `inspect.signature(MoE)` (help, IDEs) lists the options; Keras reads `__init__`'s own.
 MoE.__signature__ = moe_options.signature(
     leading=("num_experts", "intermediate_size"),

@@ -100,12 +100,15 @@ class Router:
 
   name: ClassVar[str] = ""
   Options: ClassVar[type] = NoOptions
-  #: True when the router draws random numbers at training (`random_draws`): the layer then
-  #: owns an RNG state that the trainer reseeds every step.
-  draws_at_training: bool = False
 
   def __init__(self, options):
     self.options = options
+
+  @property
+  def draws_at_training(self) -> bool:
+    """True when the router draws random numbers at training (`random_draws`): the layer then
+    owns an RNG state that the trainer reseeds every step."""
+    return False
 
   @classmethod
   def check(cls, options) -> None:

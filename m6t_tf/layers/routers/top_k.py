@@ -29,9 +29,9 @@ class TopK(base.Router):
   name = "top_k"
   Options = TopKOptions
 
-  def __init__(self, options):
-    super().__init__(options)
-    self.draws_at_training = options.second_expert_policy == "random"
+  @property
+  def draws_at_training(self) -> bool:
+    return self.options.second_expert_policy == "random"
 
   def random_draws(self, training: bool) -> int:
     return self.options.k - 1 if self.draws_at_training and training else 0
