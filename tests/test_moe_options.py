@@ -187,6 +187,19 @@ class RouterTableTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, "routing='nope'; allowed: .*'test_counting'"):
       moe_lib.MoE(4, I, routing="nope")
 
+  def test_a_late_router_cannot_bring_options(self):
+    @dataclasses.dataclass(frozen=True)
+    class LateOptions:
+      late_option: float = routers.option(1.0, "an option nobody could pass")
+
+    class Late(_CountingRouter):
+      name = "test_late"
+      Options = LateOptions
+
+    with self.assertRaisesRegex(ValueError, "'test_late' has options, but the MoE options"):
+      routers.register(Late)
+    self.assertNotIn("test_late", routers.names())
+
   def test_the_trainer_updates_router_state_after_every_step(self):
     keras.utils.set_random_seed(3)
     batch = {"x": tf.random.normal([6, M])}

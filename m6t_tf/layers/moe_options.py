@@ -75,6 +75,7 @@ def _with_router_options(cls):
       raise ValueError(f"router option {name!r} clashes with a common MoE option")
     annotations[name] = f.type
     setattr(cls, name, dataclasses.field(default=f.default, metadata=f.metadata))
+  routers.base.freeze_options()
   return dataclasses.dataclass(frozen=True)(cls)
 
 
@@ -131,14 +132,16 @@ class MoEOptions:
       "choices of a call and drops the rest (counted in stats['dropped_fraction']; the "
       "trainer warns). None: no ceiling", _ceiling)
   num_groups: int = option(
-      1, "O outer-batch groups: the T tokens split into O contiguous groups, each routed and "
+      1, "O outer-batch groups (the second paper; axlearn's outer_batch): the T tokens split "
+      "into O contiguous groups, each routed and "
       "capacity-limited on its own (C from G = ceil(T/O) tokens); one all-to-all carries all "
       "groups. The last group is filled up with masked positions when O does not divide T",
       routers.base.integer_at_least(1))
   capacity_token_fraction: Optional[float] = option(
       None, "the share of a call's T positions that are real tokens (padding is not routed): "
       "C is computed from that many tokens, so γ is the effective capacity factor over the "
-      "tokens routed. None or 1.0: every position (the paper's rule)", _fraction)
+      "tokens routed. None or 1.0: every position (the paper's rule). The trainer binds it "
+      "from the data (REAL_TOKEN_FRACTION, gin/demo.gin)", _fraction)
 
   def __post_init__(self):
     self.validate()

@@ -29,6 +29,8 @@ from m6t_tf.layers import routing as routing_lib
 
 #: name -> Router subclass, filled by `register` (the modules of this package register on import).
 ROUTERS: dict[str, type["Router"]] = {}
+# Set once `MoEOptions` has taken the routers' option fields (`freeze_options`).
+_OPTIONS_FROZEN = []
 
 
 def option(default: Any, doc: str, check: Optional[Callable[[str, Any], None]] = None, *,
@@ -151,10 +153,16 @@ class Router:
 def register(cls: type[Router]) -> type[Router]:
   """Class decorator: adds `cls` to `ROUTERS` under `cls.name`.
 
+  Routers of this package register when it is imported, before `MoEOptions` takes their
+  options; a router registered later (a test's, a user's) may read only the common options.
+
   Raises:
-    ValueError: the name is taken, or an option clashes with another router's (same name,
-      different default or type).
+    ValueError: the name is taken, an option clashes with another router's (same name,
+      different default or type), or the router brings options after `MoEOptions` was made.
   """
+  if _OPTIONS_FROZEN and dataclasses.fields(cls.Options):
+    raise ValueError(f"router {cls.name!r} has options, but the MoE options were made before "
+                     f"it registered: add its module to m6t_tf/layers/routers")
   if not cls.name or cls.name in ROUTERS:
     raise ValueError(f"router name {cls.name!r} is empty or already registered "
                      f"({sorted(ROUTERS)})")
@@ -165,6 +173,11 @@ def register(cls: type[Router]) -> type[Router]:
       raise ValueError(f"router {cls.name!r} option {f.name!r} clashes with another router's")
   ROUTERS[cls.name] = cls
   return cls
+
+
+def freeze_options() -> None:
+  """Called by `MoEOptions` once it has added the registered routers' options."""
+  _OPTIONS_FROZEN.append(True)
 
 
 def get(name: str) -> type[Router]:

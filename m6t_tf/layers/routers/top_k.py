@@ -17,7 +17,8 @@ class TopKOptions:
   second_expert_policy: str = base.option(
       "all", "'all' (every one of the k choices is used) or 'random' (GShard: a choice after "
       "the first is used with probability min(1, k·p_r / Σ p) over the k chosen probabilities, "
-      "2·g2/(g1+g2) at k = 2), at training only; evaluation and decoding use every choice",
+      "2·g2/(g1+g2) at k = 2), at training only: evaluation and decoding use every choice, so "
+      "they stay deterministic (Mesh-TF's default also samples at evaluation)",
       lambda name, value: routing_lib.check_second_expert_policy(value))
 
 
