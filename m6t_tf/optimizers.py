@@ -24,6 +24,8 @@ import math
 import keras
 import tensorflow as tf
 
+from m6t_tf.parallel import communicator as comm_lib
+
 OPTIMIZERS = ("adamw", "adafactor")
 DECAYS = ("constant", "linear", "cosine")
 
@@ -80,11 +82,16 @@ class Adafactor(keras.optimizers.Adafactor):
     epsilon_1: added to g² (1e-30).
     clip_threshold: d of the RMS update clipping (1.0).
     weight_decay: decoupled weight decay (0 in the 1T config).
+    relative_step: must be False (the learning rate is used as given); accepted because
+      Keras' `get_config` records it, so that `from_config(get_config())` rebuilds the optimizer.
   """
 
   def __init__(self, learning_rate=5e-3, *, beta_2_decay: float = -0.8,
                epsilon_1: float = 1e-30, clip_threshold: float = 1.0, weight_decay=None,
-               name: str = "adafactor", **kwargs):
+               relative_step: bool = False, name: str = "adafactor", **kwargs):
+    if relative_step:
+      raise ValueError("relative_step=True: this Adafactor uses the learning rate (schedule) as "
+                       "given; use keras.optimizers.Adafactor for Keras' relative step")
     super().__init__(learning_rate=learning_rate, beta_2_decay=beta_2_decay, epsilon_1=epsilon_1,
                      clip_threshold=clip_threshold, relative_step=False, weight_decay=weight_decay,
                      name=name, **kwargs)
@@ -100,6 +107,11 @@ class Adafactor(keras.optimizers.Adafactor):
                                          name=var.path.replace("/", "_") + "_row"))
         self._c.append(self.add_variable(shape=var.shape[:-2] + (var.shape[-1],),
                                          dtype=var.dtype, name=var.path.replace("/", "_") + "_col"))
+        # Row [e, M] and column [e, I] statistics of an expert weight [e, M, I] hold this
+        # worker's experts too (`add_variable_from_reference` marks the full velocity itself).
+        if comm_lib.is_expert_sharded(var):
+          comm_lib.mark_expert_sharded(self._r[-1])
+          comm_lib.mark_expert_sharded(self._c[-1])
         self._v.append(None)
       else:
         self._r.append(None)

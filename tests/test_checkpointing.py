@@ -11,10 +11,15 @@ import shutil
 import tempfile
 from unittest import mock
 
+import keras
 import numpy as np
 import tensorflow as tf
 
+from m6t_tf import optimizers
+from m6t_tf.layers import moe as moe_lib
+from m6t_tf.parallel import communicator as comm_lib
 from m6t_tf.run import checkpointing
+from m6t_tf.run import trainer as trainer_lib
 from m6t_tf.parallel import context as context_lib
 
 
@@ -59,6 +64,7 @@ class CheckpointerTest(tf.test.TestCase):
     # One replicated and one expert variable (E = 3 experts, all on this one worker).
     self.entries = {"model/dense/kernel": tf.Variable(np.arange(6.0).reshape(2, 3)),
                     "model/moe/experts/wi": tf.Variable(np.arange(12.0).reshape(3, 2, 2))}
+    comm_lib.mark_expert_sharded(self.entries["model/moe/experts/wi"])
 
   def _checkpointer(self, file_ops=None, max_to_keep=1):
     return checkpointing.Checkpointer(self.dir, self.entries, ctx=context_lib.LocalContext(),
@@ -71,6 +77,22 @@ class CheckpointerTest(tf.test.TestCase):
   def _latest(self):
     with open(os.path.join(self.dir, checkpointing.LATEST)) as f:
       return json.load(f)
+
+  def test_expert_entries_are_the_marked_variables_and_their_slots(self):
+    # An MoE layer's experts and every optimizer slot of theirs are expert shards; a dense
+    # layer that happens to be named "experts" is not (a name rule took it for one).
+    inputs = keras.Input((5, 6))
+    hidden = moe_lib.MoE(4, 8, name="moe")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(6, name="experts")(hidden))
+    for name, slots in (("adamw", ("momentum", "velocity")), ("adafactor", ("col", "row"))):
+      with self.subTest(name):
+        opt = optimizers.make_optimizer(name, 1e-3)
+        opt.build(model.trainable_variables)
+        ckpt = checkpointing.Checkpointer(self.dir, trainer_lib.variables_by_path(model, opt),
+                                          ctx=context_lib.LocalContext(), num_experts=4)
+        self.assertEqual(sorted(ckpt.expert_keys), sorted(
+            ["model/moe/experts/wi", "model/moe/experts/wo"]
+            + [f"optimizer/{name}/moe_experts_{w}_{s}" for w in ("wi", "wo") for s in slots]))
 
   def test_round_trip(self):
     ckpt = self._checkpointer()

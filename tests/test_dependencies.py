@@ -171,15 +171,13 @@ class DependencyTest(tf.test.TestCase):
     from m6t_tf.layers import experts  # pylint: disable=g-import-not-at-top
     from m6t_tf.layers import moe  # pylint: disable=g-import-not-at-top
     from m6t_tf.parallel import communicator  # pylint: disable=g-import-not-at-top
-    from m6t_tf.parallel import horovod  # pylint: disable=g-import-not-at-top
     layer = moe.MoE(4, 8)
     layer.build((None, 6))
-    self.assertTrue(communicator.is_expert_sharded(layer.experts))
-    self.assertFalse(communicator.is_expert_sharded(layer.router))
-    self.assertTrue(communicator.is_expert_sharded(experts.LinearExperts(2, 3, 3)))
-    is_expert = horovod.expert_variable_filter(layer)
-    self.assertEqual(sorted(v.path for v in layer.trainable_variables if is_expert(v)),
+    self.assertEqual(sorted(v.path for v in layer.weights if communicator.is_expert_sharded(v)),
                      sorted(v.path for v in layer.experts.trainable_variables))
+    linear = experts.LinearExperts(2, 3, 3)
+    linear.build(None)
+    self.assertTrue(communicator.is_expert_sharded(linear.kernel))
 
 
 if __name__ == "__main__":

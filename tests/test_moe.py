@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from m6t_tf.layers import moe as moe_lib
+from m6t_tf.layers import routers
 from m6t_tf.layers import routing as routing_lib
 from m6t_tf.parallel import communicator as comm_lib
 
@@ -295,7 +296,7 @@ class DispatchEquivalenceTest(parameterized.TestCase, tf.test.TestCase):
     for name, (dispatch, combine) in pairs.items():
       with tf.GradientTape(persistent=True) as tape:
         tape.watch([x, logits])
-        r = routing_lib.route(logits, routing=routing, k=k, capacity=cap)
+        r = routers.route(logits, routing=routing, k=k, capacity=cap)
         buffer = dispatch(x, r)                                   # [E, C, M]
         y = combine(buffer, r)                                    # [T, M]
         want = x * tf.reduce_sum(r.combine_weights, axis=[1, 2])[:, None]
@@ -338,7 +339,7 @@ class DispatchInvariantsTest(tf.test.TestCase):
   def test_buffers_hold_exactly_the_kept_tokens(self, problem):
     routing, k, cap, logits, x, mask = problem
     e = logits.shape[1]
-    r = routing_lib.route(tf.constant(logits), routing=routing, k=k, capacity=cap,
+    r = routers.route(tf.constant(logits), routing=routing, k=k, capacity=cap,
                           token_mask=mask)
     by_einsum = moe_lib.dispatch_einsum(tf.constant(x), r).numpy()
     by_index = moe_lib.dispatch_index(tf.constant(x), r, e).numpy()
@@ -473,7 +474,7 @@ class MixedPrecisionTest(parameterized.TestCase, tf.test.TestCase):
     reference = _make(4, k=2, activation="gelu", router_scale=2.0, dtype="float32")
     _copy_weights(layer, reference)
     x = _inputs(41)
-    with mock.patch.object(routing_lib, "route", wraps=routing_lib.route) as spy:
+    with mock.patch.object(routers, "route", wraps=routers.route) as spy:
       y = layer(x)
       y_train = layer(x, training=True)
     self.assertEqual(spy.call_args.args[0].dtype, tf.float32)        # logits

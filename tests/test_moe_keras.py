@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 
 from m6t_tf.layers import moe as moe_lib
-from m6t_tf.layers import routing as routing_lib
+from m6t_tf.layers import routers
 
 L, M, I, E = 5, 8, 6, 4
 ROUTINGS = {
@@ -80,7 +80,7 @@ class FunctionalModelTest(tf.test.TestCase):
     cls.model = build()
     x, y = data(14)
     # 14 = 4 + 4 + 4 + 2: a partial last batch, as in any real fit.
-    with mock.patch.object(routing_lib, "route", wraps=routing_lib.route) as spy:
+    with mock.patch.object(routers, "route", wraps=routers.route) as spy:
       cls.history = cls.model.fit(batches(x, y, batch_size=4), epochs=2, verbose=0)
     cls.fit_shapes = routed_shapes(spy)
 
@@ -133,7 +133,7 @@ class UnknownLengthTest(tf.test.TestCase):
 
   def test_sequence_length_unknown(self):
     model = build(length=None)
-    with mock.patch.object(routing_lib, "route", wraps=routing_lib.route) as spy:
+    with mock.patch.object(routers, "route", wraps=routers.route) as spy:
       for length, batch_size in ((3, 2), (7, 3)):
         x, _ = data(4, length=length, seed=length)
         self.assertAllClose(model.predict(batches(x, batch_size=batch_size), verbose=0),
@@ -153,7 +153,7 @@ class MixedPrecisionTest(tf.test.TestCase):
     keras.config.set_dtype_policy("mixed_float16")
     model = build()
     x, _ = data(6)
-    with mock.patch.object(routing_lib, "route", wraps=routing_lib.route) as spy:
+    with mock.patch.object(routers, "route", wraps=routers.route) as spy:
       got = model.predict(batches(x, batch_size=4), verbose=0)
     # Traced by predict, T unknown among the traces: the routers' logits are float32 there.
     self.assertIn((None, E), routed_shapes(spy))

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from m6t_tf.errors import ConfigError
 from m6t_tf.layers.moe import MoE
+from m6t_tf.parallel import context as context_lib
 from m6t_tf.parallel import horovod as hvd_lib
 from m6t_tf.parallel.mesh import Mesh
 
@@ -83,13 +84,12 @@ def test_moe_layer_refuses_experts_that_do_not_split_over_the_group():
     MoE(5, 7, communicator=comm)
 
 
-def test_expert_variable_filter():
+def test_expert_variables_carry_the_mark():
   comm = hvd_lib.HorovodCommunicator(Mesh(1, 2), 0, _STAND_IN_SET)
   layer = MoE(4, 7, communicator=comm)
   layer.build((None, 6))
-  is_expert = hvd_lib.expert_variable_filter(layer)
+  is_expert = context_lib.is_expert_variable   # what HorovodContext.is_expert defaults to
   assert is_expert(layer.experts.wi) and is_expert(layer.experts.wo)
-  assert is_expert(layer.experts.wi.value)  # the tf.Variable behind it too
   assert not is_expert(layer.router.kernel)
   assert not any(is_expert(v) for v in layer.non_trainable_variables)
 

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 import numpy as np
 import tensorflow as tf
 
+from m6t_tf.layers import routers
 from m6t_tf.layers import routing as routing_lib
 
 from tests import numpy_reference as ref
@@ -123,14 +124,14 @@ class RuntimeTokenCountTest(parameterized.TestCase, tf.test.TestCase):
     @tf.function(input_signature=[tf.TensorSpec([None, e], tf.float32),
                                   tf.TensorSpec([None], tf.bool), tf.TensorSpec([], tf.int32)])
     def dynamic(logits, mask, c):
-      r = routing_lib.route(logits, routing=routing, k=k, capacity=c, token_mask=mask,
+      r = routers.route(logits, routing=routing, k=k, capacity=c, token_mask=mask,
                             drop_policy=drop_policy)
       return {f: getattr(r, f) for f in fields}
 
     for t in (1, 7, 12):
       logits, mask = _random_logits(t, t, e), _random_mask(t, t)
       c = routing_lib.capacity(t, e, k=k, capacity_factor=0.75)
-      static = routing_lib.route(logits, routing=routing, k=k, capacity=c, token_mask=mask,
+      static = routers.route(logits, routing=routing, k=k, capacity=c, token_mask=mask,
                                  drop_policy=drop_policy)
       got = dynamic(logits, mask, tf.constant(c))
       for f in fields:
@@ -439,14 +440,14 @@ class PrototypeRoutingTest(_RoutingAsserts, parameterized.TestCase):
 
   def test_route_dispatches_and_rejects_unknown(self):
     logits = tf.constant(_random_logits(0, 5, 4))
-    a = routing_lib.route(logits, routing="prototype", k=2, capacity=2)
+    a = routers.route(logits, routing="prototype", k=2, capacity=2)
     b = routing_lib.prototype_routing(logits, num_prototypes=2, capacity=2)
     self.assertAllEqual(a.expert_index, b.expert_index)
-    a = routing_lib.route(logits, routing="top_k", k=2, capacity=2)
+    a = routers.route(logits, routing="top_k", k=2, capacity=2)
     b = routing_lib.top_k_routing(logits, k=2, capacity=2)
     self.assertAllEqual(a.expert_index, b.expert_index)
     with self.assertRaisesRegex(ValueError, "routing"):
-      routing_lib.route(logits, routing="hash", k=1, capacity=2)
+      routers.route(logits, routing="hash", k=1, capacity=2)
 
 
 class GateGradientTest(parameterized.TestCase, tf.test.TestCase):
@@ -463,7 +464,7 @@ class GateGradientTest(parameterized.TestCase, tf.test.TestCase):
     x = tf.constant(logits)
     with tf.GradientTape() as tape:
       tape.watch(x)
-      r = routing_lib.route(x, routing=routing, k=k, capacity=cap, normalization=normalization)
+      r = routers.route(x, routing=routing, k=k, capacity=cap, normalization=normalization)
       loss = tf.reduce_sum(r.combine_weights * tf.constant(probe, tf.float32))
     grad = tape.gradient(loss, x).numpy()
 
@@ -489,17 +490,17 @@ class ArrayInputTest(parameterized.TestCase, tf.test.TestCase):
   @parameterized.parameters(("top_k", 2), ("prototype", 2), ("top_k", 1))
   def test_numpy_and_lists_match_tensors(self, routing, k):
     logits = _random_logits(9, 5, 4)
-    want = routing_lib.route(tf.constant(logits), routing=routing, k=k, capacity=2)
+    want = routers.route(tf.constant(logits), routing=routing, k=k, capacity=2)
     mask = [True, False, True, True, True]
-    want_masked = routing_lib.route(tf.constant(logits), routing=routing, k=k, capacity=2,
+    want_masked = routers.route(tf.constant(logits), routing=routing, k=k, capacity=2,
                                     token_mask=tf.constant(mask))
     for name, value in (("float32 array", logits), ("float64 array", logits.astype(np.float64)),
                         ("list", logits.tolist())):
-      got = routing_lib.route(value, routing=routing, k=k, capacity=2)
+      got = routers.route(value, routing=routing, k=k, capacity=2)
       for field in ("expert_index", "slot", "kept", "gate", "aux_loss", "z_loss"):
         self.assertAllClose(getattr(got, field), getattr(want, field), atol=1e-7,
                             msg=f"{name}: {field}")
-      got = routing_lib.route(value, routing=routing, k=k, capacity=2, token_mask=mask)
+      got = routers.route(value, routing=routing, k=k, capacity=2, token_mask=mask)
       self.assertAllClose(got.combine_weights, want_masked.combine_weights, atol=1e-7, msg=name)
     got = routing_lib.top_k_routing(np.array([[0, 3, 1]]), k=2, capacity=1)   # integer logits
     self.assertAllEqual(got.expert_index, [[1], [2]])
@@ -558,7 +559,7 @@ class RoutingInvariantsTest(tf.test.TestCase):
   @hypothesis.given(routing_problems())
   def test_invariants(self, problem):
     routing, k, cap, normalization, logits, mask = problem
-    r = routing_lib.route(tf.constant(logits), routing=routing, k=k, capacity=cap,
+    r = routers.route(tf.constant(logits), routing=routing, k=k, capacity=cap,
                           normalization=normalization, token_mask=mask)
     t, e = logits.shape
     index, slot, kept = r.expert_index.numpy(), r.slot.numpy(), r.kept.numpy()

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from m6t_tf.layers import moe as moe_lib
+from m6t_tf.layers import routers
 from m6t_tf.layers import routing as routing_lib
 from m6t_tf.parallel import context as context_lib
 
@@ -157,7 +158,7 @@ class RandomSecondExpertTest(_Asserts, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "drop_policy='gate'.*allowed"):
       routing_lib.top_k_routing(logits, k=2, capacity=2, drop_policy="gate")
     with self.assertRaisesRegex(ValueError, "needs routing='top_k'"):
-      routing_lib.route(logits, routing="prototype", k=2, capacity=2,
+      routers.route(logits, routing="prototype", k=2, capacity=2,
                         second_expert_policy="random", uniform=np.zeros([1, 5]))
     # k = 1 has no second choice: "random" is the identity.
     r = routing_lib.top_k_routing(logits, k=1, capacity=2, second_expert_policy="random")
@@ -177,7 +178,7 @@ class ProbabilityDropPolicyTest(_Asserts, parameterized.TestCase):
       logits = _logits(seed, t, e)
       mask = _mask(seed, t) if masked else None
       valid = np.ones(t, bool) if mask is None else mask
-      got = routing_lib.route(logits, routing=routing, k=k, capacity=cap,
+      got = routers.route(logits, routing=routing, k=k, capacity=cap,
                               normalization=normalization, token_mask=mask,
                               drop_policy="probability")
       want, want_used = ref.routing_with_policies(
@@ -191,8 +192,8 @@ class ProbabilityDropPolicyTest(_Asserts, parameterized.TestCase):
   def test_kept_are_exactly_the_top_c_gates_of_each_expert(self, routing, k):
     t, e, cap = 32, 6, 2
     logits = _logits(11, t, e)
-    before = routing_lib.route(logits, routing=routing, k=k, capacity=t)  # nothing dropped
-    r = routing_lib.route(logits, routing=routing, k=k, capacity=cap, drop_policy="probability")
+    before = routers.route(logits, routing=routing, k=k, capacity=t)  # nothing dropped
+    r = routers.route(logits, routing=routing, k=k, capacity=cap, drop_policy="probability")
     gate, index, kept = before.gate.numpy(), r.expert_index.numpy(), r.kept.numpy()
     self.assertGreater(int((~kept).sum()), t // 2)                        # heavy dropping
     for expert in range(e):
@@ -345,7 +346,7 @@ class MoELayerPolicyTest(parameterized.TestCase, tf.test.TestCase):
     x = _x()
     layer(x, training=True)
     logits = layer.router(tf.reshape(x, [T, M]))
-    r = routing_lib.route(logits, routing="prototype", k=2, capacity=layer.capacity_for(T, True),
+    r = routers.route(logits, routing="prototype", k=2, capacity=layer.capacity_for(T, True),
                           drop_policy="probability")
     self.assertAllEqual(layer.stats["tokens_per_expert"], r.tokens_per_expert)
 

@@ -85,9 +85,6 @@ class Experts(keras.layers.Layer):
     dropout_rate: dropout on the intermediate activations (0.1 in M6).
   """
 
-  # Each worker holds its own e experts: `m6t_tf.parallel` reads this mark.
-  expert_sharded = True
-
   def __init__(self, num_local_experts: int, hidden_size: int, intermediate_size: int, *,
                activation: str = "gelu", init_std: float = 0.02, dropout_rate: float = 0.0,
                **kwargs):
@@ -112,6 +109,9 @@ class Experts(keras.layers.Layer):
     if self.activation == "swiglu":
       self.wi_gate = self.add_weight(name="wi_gate", shape=(e, m, i), initializer=init)
     self.wo = self.add_weight(name="wo", shape=(e, i, m), initializer=init)
+    # Each worker holds its own e experts: `m6t_tf.parallel` and checkpoints read the mark.
+    for v in (self.wi, self.wo) + ((self.wi_gate,) if self.activation == "swiglu" else ()):
+      comm_lib.mark_expert_sharded(v)
     self.built = True
 
   def call(self, x, training=None, group_sizes=None):
@@ -164,9 +164,6 @@ class Experts(keras.layers.Layer):
 class LinearExperts(keras.layers.Layer):
   """e one-matrix experts without non-linearity, `[e, M, N]` (MoE attention, paper §3.4)."""
 
-  # Each worker holds its own e experts: `m6t_tf.parallel` reads this mark.
-  expert_sharded = True
-
   def __init__(self, num_local_experts: int, input_size: int, output_size: int, *,
                init_std: float = 0.02, **kwargs):
     super().__init__(**kwargs)
@@ -179,6 +176,7 @@ class LinearExperts(keras.layers.Layer):
     self.kernel = self.add_weight(
         name="kernel", shape=(self.num_local_experts, self.input_size, self.output_size),
         initializer=keras.initializers.TruncatedNormal(stddev=self.init_std))
+    comm_lib.mark_expert_sharded(self.kernel)   # this worker's e experts (see `Experts.build`)
     self.built = True
 
   def call(self, x, training=None, group_sizes=None):

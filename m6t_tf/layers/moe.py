@@ -33,29 +33,32 @@ expert group, as the all-to-all exchanges equal [D, e, C, M] buffers (`MoE._agre
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
+import inspect
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 import keras
 import tensorflow as tf
 
 from m6t_tf.layers import dropout as dropout_lib
 from m6t_tf.layers import experts as experts_lib
+from m6t_tf.layers import moe_options
+from m6t_tf.layers import routers
 from m6t_tf.layers import routing as routing_lib
+from m6t_tf.layers.moe_options import CAPACITY_MODES, DISPATCHES, EXPERT_TYPES  # noqa: F401
+from m6t_tf.layers.moe_options import MoEOptions  # noqa: F401
 from m6t_tf.parallel import communicator as comm_lib
-
-ROUTINGS = ("top_k", "prototype")
-#: "k" and "1" route under a capacity C (`routing.capacity`); "dropless" drops nothing.
-CAPACITY_MODES = routing_lib.CAPACITY_MODES + ("dropless",)
-DISPATCHES = ("einsum", "index")
-EXPERT_TYPES = ("ffn", "linear")
 #: Names of the routing statistics every MoE layer exposes after each call (`MoE.stats`).
 STAT_NAMES = ("tokens_per_expert", "load_cv", "dropped_fraction", "aux_loss", "z_loss")
 # Folded into the call's seed for the second-expert draws, so that other random uses of the same
 # per-step, per-layer seed (e.g. dropout) draw different numbers.
 _SECOND_EXPERT_SEED_SALT = 0x5EC0
 
+
+#: Options the layer's weights or router state are made from: fixed once it is built.
+BUILT_FROM = ("num_experts", "intermediate_size", "routing", "activation", "expert_type",
+              "output_size", "init_std", "router_init_std", "dropout_rate")
 
 _LOSS_SINK = threading.local()
 
@@ -186,163 +189,82 @@ class MoE(keras.layers.Layer):
   """Sparse Mixture-of-Experts feed-forward layer (M6-T), expert parallel over a communicator.
 
   Args:
-    num_experts: E, experts in total over the expert-parallel group.
-    intermediate_size: I (for `expert_type="linear"`, ignored).
-    routing: "top_k" (looped argmax over all E) or "prototype" (k groups, top-1 in each).
-    k: choices per token; for "prototype" the number of prototypes Z (E must divide by Z).
-    capacity_factor: γ at training time (1.25 in M6-T).
-    eval_capacity_factor: γ at evaluation (`training=False`); defaults to `capacity_factor`.
-    capacity_mode: "k" (Capacity k×), "1" (Capacity 1×, the paper's limited setting) or
-      "dropless" (no capacity: every token reaches its k experts, in training and evaluation;
-      the experts compute the real rows only, exchanged with variable-size all-to-alls).
-    max_tokens_per_expert_factor: dropless only, optional memory guard: an expert takes at
-      most ceil(factor · k·T / E) choices of a call and drops the rest (counted in
-      `stats["dropped_fraction"]`, and the trainer warns). None = no ceiling.
-    capacity_token_fraction: the share of a call's T positions that are real tokens (padding
-      is not routed): C is computed from that many tokens, so γ is the effective capacity
-      factor over the tokens routed. None or 1.0: every position (the paper's rule). The
-      trainer binds it from the data (`REAL_TOKEN_FRACTION`, gin/demo.gin).
-    num_groups: O outer-batch groups (the second paper, axlearn's `outer_batch`): the T tokens
-      split into O contiguous groups, each routed and capacity-limited on its own (C computed
-      from G = ceil(T/O) tokens, `group_size`); one all-to-all carries all groups
-      ([D, e, O·C, M]). Any T works: when O does not divide it, the last group is filled up
-      with masked positions (never routed, no capacity). 1 = one group.
-    normalization: gate normalisation, see `routing.top_k_routing`; "auto" by default.
-    dispatch: "index" (fast gather) or "einsum" (GShard reference).
-    activation: "relu" | "gelu" | "swiglu" for FFN experts.
-    expert_type: "ffn" (two matmuls) or "linear" (one `[e, M, N]` matrix; MoE attention).
-    output_size: N for linear experts (defaults to M).
-    init_std: truncated-normal std of the experts (0.02; 0.002 at 1T).
-    router_init_std: std of the router `[M, E]` (defaults to `init_std`).
-    dropout_rate: dropout inside the experts.
-    aux_loss_weight: coefficient of the Switch load-balance loss (0 = off).
-    z_loss_weight: coefficient of the router z-loss (0 = off).
-    min_capacity: lower bound on C.
-    second_expert_policy: "all" (every one of the k choices is used) or "random" (GShard: a
-      choice after the first is used with probability min(1, k·p_r / Σ p) over the k chosen
-      probabilities, 2·g2/(g1+g2) at k = 2; `routing.top_k_routing`). "random" needs
-      routing="top_k" and applies at training only: evaluation and decoding use every choice,
-      so they stay deterministic (C = T decoding batch invariant). Mesh-TF's default also
-      samples at eval; we do not.
-    drop_policy: which tokens an overflowing expert keeps: "position" (earlier rounds, then
-      earlier tokens) or "probability" (the C with the largest gates, Megatron-Core's "probs").
+    num_experts, intermediate_size, and every other option as a keyword: the fields of
+      `MoEOptions` (`m6t_tf.layers.moe_options`), which hold each option's default, check
+      and doc — among them `routing` (a router of `m6t_tf.layers.routers`: "top_k", looped
+      argmax over all E; "prototype", k groups with top-1 in each; ...), `k`,
+      `capacity_factor`, `capacity_mode` ("k", "1" or "dropless"), `num_groups`,
+      `drop_policy`, the losses' weights, and each registered router's own options
+      (`second_expert_policy` of "top_k", ...). The options are readable as attributes
+      (`layer.k`) and as one object (`layer.options`).
     communicator: a `Communicator`; defaults to the process default (`LocalCommunicator`).
+    **kwargs: Keras layer arguments (name, dtype, ...).
+
+  The router is looked up by name in the table (`layer.gating`, one instance per layer). A
+  router that owns state (say, the per-expert bias of auxiliary-loss-free balancing,
+  DeepSeek-V3 §2.1.2) creates it in `Router.build` with `add_weight(trainable=False)`: it is
+  then a layer weight, saved in checkpoints and `.keras` files and broadcast at start like any
+  replicated weight, never trained. It records what it needs during `call` (e.g. the loads it
+  routed, into another non-trainable weight), and the trainer calls `after_step` on every MoE
+  layer after each step with a function summing over all workers: the router updates its state
+  there from the all-worker totals, so every worker holds the same state.
+
+  What the trainer reads, the layer reports: `capacity_for`, `last_capacity`,
+  `effective_capacity_factor`, `capacity_summary`, `alltoall_bytes_per_step`,
+  `ceiling_warning` and the routing statistics `stats`.
   """
 
-  def __init__(self, num_experts: int, intermediate_size: int = 0, *, routing: str = "top_k",
-               k: int = 1, capacity_factor: float = 1.25,
-               eval_capacity_factor: Optional[float] = None, capacity_mode: str = "k",
-               normalization: str = "auto", dispatch: str = "index", activation: str = "gelu",
-               expert_type: str = "ffn", output_size: Optional[int] = None,
-               init_std: float = 0.02, router_init_std: Optional[float] = None,
-               dropout_rate: float = 0.0, aux_loss_weight: float = 0.0,
-               z_loss_weight: float = 0.0, min_capacity: int = 1,
-               second_expert_policy: str = "all", drop_policy: str = "position",
-               max_tokens_per_expert_factor: Optional[float] = None, num_groups: int = 1,
-               capacity_token_fraction: Optional[float] = None,
+  def __init__(self, num_experts: int, intermediate_size: int = 0, *,
                communicator: Optional[comm_lib.Communicator] = None, **kwargs):
+    values = {name: kwargs.pop(name) for name in moe_options.option_names() if name in kwargs}
     super().__init__(**kwargs)
-    if not isinstance(num_experts, int) or num_experts < 1:
-      raise ValueError(f"num_experts={num_experts!r} must be an integer >= 1")
-    if routing not in ROUTINGS:
-      raise ValueError(f"routing={routing!r}; allowed: {ROUTINGS}")
-    if not isinstance(k, int) or k < 1:
-      raise ValueError(f"k={k!r} must be an integer >= 1")
-    if k > num_experts:
-      raise ValueError(f"k={k} must be <= num_experts={num_experts}")
-    if routing == "prototype" and num_experts % k:
-      raise ValueError(f"num_experts={num_experts} must be divisible by the number of "
-                       f"prototypes k={k} (E = Z·F)")
-    for name, value in (("capacity_factor", capacity_factor),
-                        ("eval_capacity_factor", eval_capacity_factor)):
-      if value is not None and not value > 0:
-        raise ValueError(f"{name}={value!r} must be > 0 (M6-T uses 1.25, the second paper 2.0)")
-    if capacity_mode not in CAPACITY_MODES:
-      raise ValueError(f"capacity_mode={capacity_mode!r}; allowed: {CAPACITY_MODES}")
-    if max_tokens_per_expert_factor is not None:
-      if capacity_mode != "dropless":
-        raise ValueError(f"max_tokens_per_expert_factor={max_tokens_per_expert_factor!r} is the "
-                         f"dropless memory guard; capacity_mode={capacity_mode!r} has a capacity "
-                         f"already (capacity_factor): set capacity_mode='dropless' or drop it")
-      if not max_tokens_per_expert_factor > 0:
-        raise ValueError(f"max_tokens_per_expert_factor={max_tokens_per_expert_factor!r} must be "
-                         f"> 0 (e.g. 4.0: an expert takes at most 4× its balanced share)")
-    if capacity_token_fraction is not None and not 0.0 < capacity_token_fraction <= 1.0:
-      raise ValueError(f"capacity_token_fraction={capacity_token_fraction!r} must be in (0, 1]: "
-                       f"the share of positions that are real tokens (None = all)")
-    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
-      raise ValueError(f"num_groups={num_groups!r} must be an integer >= 1")
-    if num_groups > 1 and capacity_mode == "dropless":
-      raise ValueError(f"num_groups={num_groups} splits the capacity into groups; "
-                       f"capacity_mode='dropless' has none: use num_groups=1")
-    if normalization not in routing_lib.NORMALIZATIONS:
-      raise ValueError(f"normalization={normalization!r}; allowed: {routing_lib.NORMALIZATIONS}")
-    if dispatch not in DISPATCHES:
-      raise ValueError(f"dispatch={dispatch!r}; allowed: {DISPATCHES}")
-    if expert_type not in EXPERT_TYPES:
-      raise ValueError(f"expert_type={expert_type!r}; allowed: {EXPERT_TYPES}")
-    if expert_type == "ffn":
-      experts_lib.activation_fn(activation)
-      if intermediate_size < 1:
-        raise ValueError(f"intermediate_size={intermediate_size!r} must be >= 1 for FFN experts")
-    if not isinstance(min_capacity, int) or min_capacity < 1:
-      raise ValueError(f"min_capacity={min_capacity!r} must be an integer >= 1")
-    if not init_std > 0 or (router_init_std is not None and not router_init_std > 0):
-      raise ValueError(f"init_std={init_std!r} / router_init_std={router_init_std!r} must be > 0")
-    if not 0.0 <= dropout_rate < 1.0:
-      raise ValueError(f"dropout_rate={dropout_rate!r} must be in [0, 1)")
-    if output_size is not None and output_size < 1:
-      raise ValueError(f"output_size={output_size!r} must be >= 1")
-    for name, value in (("aux_loss_weight", aux_loss_weight), ("z_loss_weight", z_loss_weight)):
-      if value < 0:
-        raise ValueError(f"{name}={value!r} must be >= 0 (0 turns it off)")
-    if second_expert_policy not in routing_lib.SECOND_EXPERT_POLICIES:
-      raise ValueError(f"second_expert_policy={second_expert_policy!r}; allowed: "
-                       f"{routing_lib.SECOND_EXPERT_POLICIES}")
-    if second_expert_policy == "random" and routing != "top_k":
-      raise ValueError(f"second_expert_policy='random' needs routing='top_k', got "
-                       f"routing={routing!r} (prototype routing has no second-best choice); "
-                       f"use second_expert_policy='all'")
-    if drop_policy not in routing_lib.DROP_POLICIES:
-      raise ValueError(f"drop_policy={drop_policy!r}; allowed: {routing_lib.DROP_POLICIES}")
-    self.num_experts = num_experts
-    self.intermediate_size = intermediate_size
-    self.routing = routing
-    self.k = k
-    self.capacity_factor = capacity_factor
-    self.eval_capacity_factor = eval_capacity_factor
-    self.capacity_mode = capacity_mode
-    self.normalization = normalization
-    self.dispatch = dispatch
-    self.activation = activation
-    self.expert_type = expert_type
-    self.output_size = output_size
-    self.init_std = init_std
-    self.router_init_std = router_init_std
-    self.dropout_rate = dropout_rate
-    self.aux_loss_weight = aux_loss_weight
-    self.z_loss_weight = z_loss_weight
-    self.min_capacity = min_capacity
-    self.second_expert_policy = second_expert_policy
-    self.drop_policy = drop_policy
-    self.max_tokens_per_expert_factor = max_tokens_per_expert_factor
-    self.num_groups = num_groups
-    self.capacity_token_fraction = capacity_token_fraction
-    # Seeds the second-expert draws of calls without `seed=`. Only the random policy creates it
-    # (other layers' variables are unchanged). Its state is a layer variable whose path holds
-    # "seed_generator", so the trainer treats it as dropout's: reseeded every step from
-    # (seed, rank, step), never broadcast, averaged or stored, and a resumed run draws the same.
-    self._seed_generator = (keras.random.SeedGenerator(name="second_expert_seed_generator")
-                            if second_expert_policy == "random" else None)
+    #: Every option of the layer (validated): one frozen `MoEOptions`.
+    self.options = moe_options.MoEOptions(num_experts=num_experts,
+                                          intermediate_size=intermediate_size, **values)
+    #: The router of `options.routing`, from the table.
+    self.gating = routers.get(self.options.routing)(self.options)
+    self._seed_generator = None
+    self._add_seed_generator()
     self.communicator = communicator or comm_lib.get_default()
     # E must split evenly over the expert group; raised here, before any collective.
     self.expert_ids = self.communicator.expert_ids(num_experts)
     self.num_local_experts = len(self.expert_ids)
-    #: C of the last call (static, per group), for reporting all-to-all volume; None when
-    #: dropless.
-    self.last_capacity: Optional[int] = None
+    self._last_capacity: Optional[int] = None
     #: Recompute the expert FFNs in the backward pass (set by `M6Transformer.set_remat`).
     self.remat_experts = False
+
+  def _add_seed_generator(self):
+    """Seeds the router's random draws (GShard's random second expert) in calls without
+    `seed=`. Only a router that draws gets one (other layers' variables are unchanged). Its
+    state is a layer variable whose path holds "seed_generator", so the trainer treats it as
+    dropout's: reseeded every step from (seed, rank, step), never broadcast, averaged or
+    stored, and a resumed run draws the same."""
+    if self.gating.draws_at_training and self._seed_generator is None:
+      self._seed_generator = keras.random.SeedGenerator(name="second_expert_seed_generator")
+
+  def set_options(self, **changes) -> None:
+    """Changes options of this layer (checked again, as at construction).
+
+    Options read at each call (capacity factors and modes, losses' weights, policies, ...)
+    may change at any time; those the weights or the router were made from
+    (`BUILT_FROM`) only before the layer is built.
+    """
+    options = dataclasses.replace(self.options, **changes)
+    fixed = sorted(n for n in changes if n in BUILT_FROM and changes[n] != getattr(self, n))
+    if fixed and self.built:
+      raise ValueError(f"{fixed} of a built MoE layer shaped its weights or router state: set "
+                       f"them at construction")
+    self.options = options
+    if options.routing != self.gating.name:
+      self.gating = routers.get(options.routing)(options)
+    self.gating.options = options
+    self._add_seed_generator()
+
+  @property
+  def last_capacity(self) -> Optional[int]:
+    """C of the last call (static, per group): None when dropless, before the first call, or
+    when the call's C was known only at run time."""
+    return self._last_capacity
 
   def build(self, input_shape):
     m = int(input_shape[-1])
@@ -371,6 +293,7 @@ class MoE(keras.layers.Layer):
     for name in STAT_NAMES[1:]:
       self._stats[name] = self.add_weight(name=name, shape=(), dtype="float32",
                                           initializer=zeros, trainable=False)
+    self.gating.build(self)
     self.built = True
 
   @property
@@ -388,39 +311,12 @@ class MoE(keras.layers.Layer):
     When O does not divide T, the last group is filled up with masked positions (never
     routed, no capacity taken), so every group has this size.
     """
-    return -(-num_tokens // self.num_groups)
+    return self.options.group_size(num_tokens)
 
   def capacity_for(self, num_tokens, training: bool):
-    """C for a call of `num_tokens` tokens (per group with `num_groups`). Dropless: the most
-    choices an expert may take, K·T, or the `max_tokens_per_expert_factor` ceiling.
-
-    `num_tokens` is an int, or an <int32>[] tensor when T is known only at run time: then C is
-    the same value as an <int32>[] tensor (the float64 operations of the Python formula, in
-    its order).
-    """
-    runtime = tf.is_tensor(num_tokens)
-    if self.capacity_mode == "dropless":
-      if self.max_tokens_per_expert_factor is None:
-        return self.k * num_tokens
-      if runtime:
-        bound = tf.math.ceil(self.max_tokens_per_expert_factor * self.k
-                             * tf.cast(num_tokens, tf.float64) / self.num_experts - 1e-9)
-        return tf.maximum(tf.cast(bound, tf.int32), 1)
-      return max(1, math.ceil(self.max_tokens_per_expert_factor * self.k * num_tokens
-                              / self.num_experts - 1e-9))
-    factor = self.capacity_factor
-    if not training and self.eval_capacity_factor is not None:
-      factor = self.eval_capacity_factor
-    if self.capacity_token_fraction is not None:
-      if runtime:
-        real = tf.math.ceil(self.capacity_token_fraction * tf.cast(num_tokens, tf.float64)
-                            - 1e-9)
-        num_tokens = tf.maximum(tf.cast(real, tf.int32), 1)
-      else:
-        num_tokens = max(1, math.ceil(self.capacity_token_fraction * num_tokens - 1e-9))
-    fn = routing_lib.capacity_tensor if runtime else routing_lib.capacity
-    return fn(num_tokens, self.num_experts, k=self.k, capacity_factor=factor,
-              mode=self.capacity_mode, min_capacity=self.min_capacity)
+    """C for a call of `num_tokens` tokens (per group with `num_groups`); see
+    `MoEOptions.capacity_for`. `num_tokens`: an int, or an <int32>[] run-time tensor."""
+    return self.options.capacity_for(num_tokens, training)
 
   def alltoall_bytes_per_forward(self, capacity: Optional[int] = None) -> int:
     """Bytes this worker sends by all-to-all in one forward pass: 2·E·C·M·bytes (same backward).
@@ -438,8 +334,73 @@ class MoE(keras.layers.Layer):
                        "capacity=")
     c *= self.num_groups
     wire = self.communicator.wire_dtype or self.compute_dtype
-    n_out = (self.output_size or self.hidden_size) if self.expert_type == "linear" else self.hidden_size
+    n_out = self.hidden_size
+    if self.expert_type == "linear":
+      n_out = self.output_size or self.hidden_size
     return self.num_experts * c * (self.hidden_size + n_out) * tf.as_dtype(wire).size
+
+  # -- What the trainer reads: the layer reports itself. --------------------------------------
+
+  def alltoall_bytes_per_step(self) -> Optional[float]:
+    """Bytes this worker sent by all-to-all in the last training step (forward and backward
+    each move the [D, e, C, M] buffer out and back); None when there is no static C (dropless,
+    or a run-time T)."""
+    if self.last_capacity is None:
+      return None
+    return 2.0 * self.alltoall_bytes_per_forward()
+
+  def effective_capacity_factor(self, real_tokens: float) -> Optional[float]:
+    """γ the routed tokens got in the last call: slots per expert over the mean real choices
+    per expert, E·O·C / (k'·real_tokens), k' = k under Capacity k× and 1 under Capacity 1×.
+
+    Args:
+      real_tokens: tokens routed per call on this worker (padding excluded).
+
+    Returns:
+      The factor, or None without a static C (dropless, a run-time T) or without tokens.
+    """
+    if self.last_capacity is None or not real_tokens > 0:
+      return None
+    k_eff = self.k if self.capacity_mode == "k" else 1
+    return self.last_capacity * self.num_groups * self.num_experts / (k_eff * real_tokens)
+
+  def capacity_summary(self, positions: int) -> str:
+    """One line for people: C of a training call of `positions` token positions and what γ
+    is computed over (or that the layer is dropless)."""
+    if self.capacity_mode == "dropless":
+      return "Experts: dropless (no capacity; every token reaches its experts)"
+    fraction = self.capacity_token_fraction
+    share = (f"{fraction:.1%} of the {positions:,} positions, the real tokens' share"
+             if fraction is not None and fraction < 1 else
+             f"all {positions:,} positions (padding included)")
+    return (f"Experts: C = {self.capacity_for(self.group_size(positions), True)} slots per "
+            f"expert{' per group' if self.num_groups > 1 else ''}, γ = {self.capacity_factor} "
+            f"over {share}")
+
+  def ceiling_warning(self, name: str, dropped_fraction: float,
+                      max_over_mean_load: float) -> Optional[str]:
+    """The warning line when this dropless layer's `max_tokens_per_expert_factor` ceiling
+    dropped token choices (`dropped_fraction` > 0, the busiest expert at `max_over_mean_load`
+    × the mean load, both over the expert group); None otherwise, and for layers with a
+    capacity (their drops are the capacity factor's, by design)."""
+    if (self.capacity_mode != "dropless" or self.max_tokens_per_expert_factor is None
+        or not dropped_fraction > 0):
+      return None
+    return (f"warning: {name} is dropless but its max_tokens_per_expert_factor="
+            f"{self.max_tokens_per_expert_factor:g} ceiling dropped {dropped_fraction:.2%} of "
+            f"its token choices this step (busiest expert {max_over_mean_load:.1f}× the mean "
+            f"load); raise the factor if memory allows, or balance the router "
+            f"(MoEConfig.aux_loss_weight)")
+
+  def after_step(self, sum_over_workers: Optional[Callable] = None, applied=True) -> None:
+    """The trainer's hook after every training step: the router updates its state, if any.
+
+    Args:
+      sum_over_workers: x -> Σ of x over all workers (`ctx.sum_over_world`); None on one
+        process. A stateful router calls it (a collective: every worker runs the same layers).
+      applied: <bool>[] or bool, whether the step's update was applied.
+    """
+    self.gating.after_step(sum_over_workers or (lambda x: x), applied)
 
   def call(self, inputs, training=None, token_mask=None, capacity=None, seed=None):
     """Routes `inputs` <float>[..., M] through the experts; returns <float>[..., M or N].
@@ -481,21 +442,19 @@ class MoE(keras.layers.Layer):
       c = capacity
     # C of the slot buffers (per group); a dropless layer has none (its rows vary per step),
     # nor has a traced call whose C is known only at run time.
-    self.last_capacity = c if self.capacity_mode != "dropless" and not tf.is_tensor(c) else None
+    self._last_capacity = c if self.capacity_mode != "dropless" and not tf.is_tensor(c) else None
 
-    uniform = self._second_expert_draws(t, training, seed)                 # [K-1, T] or None
+    uniform = self._router_draws(t, training, seed)                        # [n, T] or None
     if padded and o > 1:
       pad = o * group_tokens - t
       x = tf.concat([x, tf.zeros([pad, m], x.dtype)], axis=0)              # [O·G, M]
       mask = (tf.range(o * group_tokens) < t if mask is None else
               tf.concat([tf.cast(mask, tf.bool), tf.zeros([pad], tf.bool)], axis=0))  # [O·G]
       if uniform is not None:
-        uniform = tf.concat([uniform, tf.zeros([self.k - 1, pad], uniform.dtype)], axis=1)
+        uniform = tf.concat([uniform, tf.zeros([uniform.shape[0], pad], uniform.dtype)], axis=1)
     logits = self.router(tf.cast(x, tf.float32))                          # [T, E] float32
-    policy = "all" if uniform is None else "random"
-    route = lambda lg, cap, m, u: routing_lib.route(
-        lg, routing=self.routing, k=self.k, capacity=cap, normalization=self.normalization,
-        token_mask=m, second_expert_policy=policy, drop_policy=self.drop_policy, uniform=u)
+    route = lambda lg, cap, m, u: routers.route(
+        lg, routing=self.gating, capacity=cap, token_mask=m, uniform=u, training=bool(training))
 
     if self.capacity_mode == "dropless":
       r = route(logits, c, mask, uniform)
@@ -558,10 +517,11 @@ class MoE(keras.layers.Layer):
       return int(self.communicator.max_over_group(tf.constant(c, tf.int32)))
     return c
 
-  def _second_expert_draws(self, num_tokens, training, seed):
-    """<float32>[K-1, T] uniform draws of second_expert_policy="random" (training), or None.
-    T: an int, or an <int32>[] tensor (run-time token count)."""
-    if not (self.second_expert_policy == "random" and training and self.k > 1):
+  def _router_draws(self, num_tokens, training, seed):
+    """<float32>[n, T] uniform draws the router asks for (`Router.random_draws`: K-1 for the
+    random second expert at training), or None. T: an int, or an <int32>[] tensor."""
+    rows = self.gating.random_draws(bool(training))
+    if not rows:
       return None
     if seed is None:
       # Inside a Transformer block the seed comes from the block's per-step seed scope (so a
@@ -571,7 +531,7 @@ class MoE(keras.layers.Layer):
       seed = self._seed_generator.next()
     seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64),
                                                     _SECOND_EXPERT_SEED_SALT)
-    return tf.random.stateless_uniform([self.k - 1, num_tokens], seed=seed)
+    return tf.random.stateless_uniform([rows, num_tokens], seed=seed)
 
   def _run_experts(self, x, training, group_sizes=None):
     """The local experts on their buffer (or grouped rows); with `remat_experts` recomputed in
@@ -669,16 +629,22 @@ class MoE(keras.layers.Layer):
 
   def get_config(self):
     config = super().get_config()
-    config.update(
-        num_experts=self.num_experts, intermediate_size=self.intermediate_size,
-        routing=self.routing, k=self.k, capacity_factor=self.capacity_factor,
-        eval_capacity_factor=self.eval_capacity_factor, capacity_mode=self.capacity_mode,
-        normalization=self.normalization, dispatch=self.dispatch, activation=self.activation,
-        expert_type=self.expert_type, output_size=self.output_size, init_std=self.init_std,
-        router_init_std=self.router_init_std, dropout_rate=self.dropout_rate,
-        aux_loss_weight=self.aux_loss_weight, z_loss_weight=self.z_loss_weight,
-        min_capacity=self.min_capacity, second_expert_policy=self.second_expert_policy,
-        drop_policy=self.drop_policy,
-        max_tokens_per_expert_factor=self.max_tokens_per_expert_factor,
-        num_groups=self.num_groups, capacity_token_fraction=self.capacity_token_fraction)
+    config.update(self.options.as_dict())
     return config
+
+
+def _option_property(name: str) -> property:
+  return property(lambda self: getattr(self.options, name),
+                  lambda self, value: self.set_options(**{name: value}),
+                  doc=f"The `{name}` option (`MoEOptions`); setting it is `set_options`.")
+
+
+# Every option is a layer attribute (`layer.k`, `layer.aux_loss_weight = 0.1`, ...): a view of
+# `layer.options`, the one place the values live.
+for _name in moe_options.option_names():
+  setattr(MoE, _name, _option_property(_name))
+# `inspect.signature(MoE)` (help, IDEs) lists the options; Keras reads `__init__`'s own.
+MoE.__signature__ = moe_options.signature(
+    leading=("num_experts", "intermediate_size"),
+    extra=(inspect.Parameter("communicator", inspect.Parameter.KEYWORD_ONLY, default=None),
+           inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)))

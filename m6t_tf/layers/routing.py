@@ -6,7 +6,11 @@ Dimension cheat sheet (SPEC §1; every einsum and shape comment in `m6t_tf.layer
     C  capacity per expert (token slots)               k  choices per token
     Z  prototypes (groups of experts), F = E / Z       K  placements per token (k or Z)
 
-Both routing functions are pure: `[T, E]` float32 router logits in, a `Routing` out. They give
+The routing functions are pure: `[T, E]` float32 router logits in, a `Routing` out. The MoE
+layer reaches them through the table of routers (`m6t_tf.layers.routers`), which also holds
+routers written elsewhere from this module's building blocks: `check_logits`, `valid_mask`,
+`top_k_choices` (looped argmax), `assign_slots` (capacity placement by drop policy) and
+`finish` (both placement forms and the router losses). The functions give
 the GShard form (`combine_weights`/`dispatch_mask` over `[T, E, C]`, used by the reference einsum
 dispatch) and an index form (`expert_index`/`slot`/`gate` over `[K, T]`, used by the index
 dispatch whose cost is O(K·T·M) instead of O(T·E·C·M)). Both forms describe the same placement.
@@ -173,7 +177,7 @@ class Routing:
         choices - tf.reduce_sum(tf.cast(self.kept, tf.float32)), choices)
 
 
-def _check_logits(logits) -> tuple[tf.Tensor, int | tf.Tensor, int]:
+def check_logits(logits) -> tuple[tf.Tensor, int | tf.Tensor, int]:
   """<float32>[T, E] logits from a tensor, NumPy array or nested list (as TF ops accept), T, E.
 
   T is an int when static, else an <int32>[] tensor (a Keras model with an unknown batch size);
@@ -196,10 +200,28 @@ def _check_logits(logits) -> tuple[tf.Tensor, int | tf.Tensor, int]:
   return tf.cast(logits, tf.float32), t, e
 
 
-def _normalize(gates: tf.Tensor, top_logits: tf.Tensor, normalization: str, k: int) -> tf.Tensor:
-  """Gate values of the K choices, <float32>[K, T], before capacity drops."""
+def check_normalization(normalization: str) -> None:
+  """ValueError unless `normalization` is one of `NORMALIZATIONS`."""
   if normalization not in NORMALIZATIONS:
     raise ValueError(f"normalization={normalization!r}; allowed: {NORMALIZATIONS}")
+
+
+def check_second_expert_policy(second_expert_policy: str) -> None:
+  """ValueError unless `second_expert_policy` is one of `SECOND_EXPERT_POLICIES`."""
+  if second_expert_policy not in SECOND_EXPERT_POLICIES:
+    raise ValueError(f"second_expert_policy={second_expert_policy!r}; allowed: "
+                     f"{SECOND_EXPERT_POLICIES}")
+
+
+def check_drop_policy(drop_policy: str) -> None:
+  """ValueError unless `drop_policy` is one of `DROP_POLICIES`."""
+  if drop_policy not in DROP_POLICIES:
+    raise ValueError(f"drop_policy={drop_policy!r}; allowed: {DROP_POLICIES}")
+
+
+def _normalize(gates: tf.Tensor, top_logits: tf.Tensor, normalization: str, k: int) -> tf.Tensor:
+  """Gate values of the K choices, <float32>[K, T], before capacity drops."""
+  check_normalization(normalization)
   if normalization == "auto":
     # Top-1 keeps the raw probability so that the router receives a gradient (Switch);
     # k > 1 renormalises over the chosen k (GShard).
@@ -213,13 +235,15 @@ def _normalize(gates: tf.Tensor, top_logits: tf.Tensor, normalization: str, k: i
   return tf.nn.softmax(top_logits, axis=0)
 
 
-def _check_capacity(capacity_) -> None:
+def check_capacity(capacity_) -> None:
+  """ValueError for a static capacity below 1."""
   # A run-time C (a tensor) comes from `capacity_tensor`, which is >= min_capacity >= 1.
   if not tf.is_tensor(capacity_) and capacity_ < 1:
     raise ValueError(f"capacity={capacity_} must be >= 1")
 
 
-def _valid_mask(token_mask, num_tokens):
+def valid_mask(token_mask, num_tokens):
+  """<bool>[T] tokens that take part in routing: `token_mask` checked, or all of them."""
   if token_mask is None:
     return tf.ones([num_tokens], tf.bool)
   token_mask = tf.convert_to_tensor(token_mask)
@@ -227,14 +251,6 @@ def _valid_mask(token_mask, num_tokens):
   if token_mask.shape.rank != 1 or token_mask.shape[0] not in (None, static_t):
     raise ValueError(f"token_mask must be [T={num_tokens}], got shape {token_mask.shape}")
   return tf.cast(token_mask, tf.bool)
-
-
-def _check_policies(second_expert_policy: str, drop_policy: str) -> None:
-  if second_expert_policy not in SECOND_EXPERT_POLICIES:
-    raise ValueError(f"second_expert_policy={second_expert_policy!r}; allowed: "
-                     f"{SECOND_EXPERT_POLICIES}")
-  if drop_policy not in DROP_POLICIES:
-    raise ValueError(f"drop_policy={drop_policy!r}; allowed: {DROP_POLICIES}")
 
 
 def _used_choices(chosen_probs: tf.Tensor, valid: tf.Tensor, second_expert_policy: str,
@@ -326,8 +342,8 @@ def _slots_by_probability(expert_index: tf.Tensor, used: tf.Tensor, gate: tf.Ten
   return tf.reshape(rank, [k, -1 if num_tokens is None else num_tokens])
 
 
-def _finish(expert_index, slot, gates, probs, logits_z, first_choice, capacity_, num_experts,
-            balance_groups, valid, used) -> Routing:
+def finish(expert_index, slot, gates, probs, logits_z, first_choice, capacity_, num_experts,
+           balance_groups, valid, used) -> Routing:
   """Builds both placement forms from [K, T] choices and computes the router losses."""
   kept = tf.logical_and(slot < capacity_, used)                          # [K, T]
   gate = tf.where(kept, gates, tf.zeros_like(gates))                     # [K, T]
@@ -360,6 +376,46 @@ def _finish(expert_index, slot, gates, probs, logits_z, first_choice, capacity_,
       num_experts=num_experts)
 
 
+def top_k_choices(logits: tf.Tensor, k: int) -> list[tf.Tensor]:
+  """The k best experts of every token, by looped argmax on the logits: k × <int32>[T].
+
+  Choice r is the r-th largest logit, distinct from choices < r, ties to the lower index.
+  Padding tokens get choices too (the caller masks them out), always k distinct ones.
+
+  Args:
+    logits: <float32>[T, E] scores whose order decides (logits, or any increasing function's
+      arguments: the order of sigmoid(x) or softmax(x) is that of x).
+    k: choices per token, 1 ≤ k ≤ E.
+  """
+  num_experts = logits.shape[-1]
+  # An expert already chosen is marked with the lowest float32, and a -inf logit is lifted
+  # just above it, so the choices stay distinct (TF's CPU argmax never picks a value <= the
+  # lowest float32 over an earlier index: it would repeat expert 0).
+  remaining = tf.maximum(logits, _ABOVE_CHOSEN)                           # [T, E]
+  indices = []
+  for _ in range(k):
+    index = tf.argmax(remaining, axis=-1, output_type=tf.int32)           # [T]
+    indices.append(index)
+    # Mask the chosen expert so the next round picks the next best. Padding tokens must also
+    # move on, or they would list the same expert k times.
+    remaining = tf.where(tf.one_hot(index, num_experts) > 0, _CHOSEN, remaining)
+  return indices
+
+
+def assign_slots(expert_index: tf.Tensor, used: tf.Tensor, gate: tf.Tensor, capacity_,
+                 num_experts: int, drop_policy: str) -> tf.Tensor:
+  """<int32>[K, T] slot of every choice in its expert's buffer, by `drop_policy`.
+
+  "position": the looped-argmax priority (round, then token order; `_slots_by_position`);
+  "probability": rank by gate among the expert's choices (`_slots_by_probability`). A slot
+  ≥ C means the choice is dropped; unused choices take no slot.
+  """
+  check_drop_policy(drop_policy)
+  if drop_policy == "position":
+    return _slots_by_position(expert_index, used, capacity_, num_experts)
+  return _slots_by_probability(expert_index, used, gate, num_experts)
+
+
 def top_k_routing(logits: tf.Tensor, *, k: int, capacity: int, normalization: str = "auto",
                   token_mask: tf.Tensor | None = None, second_expert_policy: str = "all",
                   drop_policy: str = "position", uniform: tf.Tensor | None = None) -> Routing:
@@ -389,37 +445,24 @@ def top_k_routing(logits: tf.Tensor, *, k: int, capacity: int, normalization: st
   Returns:
     A `Routing` with K = k choices per token.
   """
-  logits, num_tokens, num_experts = _check_logits(logits)
+  logits, num_tokens, num_experts = check_logits(logits)
   if not 1 <= k <= num_experts:
     raise ValueError(f"k={k} must satisfy 1 <= k <= num_experts={num_experts}")
-  _check_capacity(capacity)
-  _check_policies(second_expert_policy, drop_policy)
-  valid = _valid_mask(token_mask, num_tokens)
+  check_capacity(capacity)
+  check_second_expert_policy(second_expert_policy)
+  check_drop_policy(drop_policy)
+  valid = valid_mask(token_mask, num_tokens)
   probs = tf.nn.softmax(logits, axis=-1)                                  # [T, E]
-  # Choices on the logits. An expert already chosen is marked with the lowest float32, and a
-  # -inf logit is lifted just above it, so the choices stay distinct (TF's CPU argmax never
-  # picks a value <= the lowest float32 over an earlier index: it would repeat expert 0).
-  remaining = tf.maximum(logits, _ABOVE_CHOSEN)                           # [T, E]
-  indices, gates, top_logits = [], [], []
-  for _ in range(k):
-    index = tf.argmax(remaining, axis=-1, output_type=tf.int32)           # [T]
-    indices.append(index)
-    gates.append(tf.gather(probs, index, batch_dims=1))
-    top_logits.append(tf.gather(logits, index, batch_dims=1))
-    # Mask the chosen expert so the next round picks the next best. Padding tokens must also
-    # move on, or they would list the same expert k times.
-    remaining = tf.where(tf.one_hot(index, num_experts) > 0, _CHOSEN, remaining)
+  indices = top_k_choices(logits, k)                                      # K × [T]
   expert_index = tf.stack(indices)                                        # [K, T]
-  chosen_probs = tf.stack(gates)                                          # [K, T]
-  gate = _normalize(chosen_probs, tf.stack(top_logits), normalization, k)  # [K, T]
+  chosen_probs = tf.stack([tf.gather(probs, i, batch_dims=1) for i in indices])  # [K, T]
+  top_logits = tf.stack([tf.gather(logits, i, batch_dims=1) for i in indices])   # [K, T]
+  gate = _normalize(chosen_probs, top_logits, normalization, k)           # [K, T]
   used = _used_choices(chosen_probs, valid, second_expert_policy, uniform)  # [K, T]
-  if drop_policy == "position":
-    slot = _slots_by_position(expert_index, used, capacity, num_experts)
-  else:
-    slot = _slots_by_probability(expert_index, used, gate, num_experts)
+  slot = assign_slots(expert_index, used, gate, capacity, num_experts, drop_policy)
   first_choice = tf.one_hot(indices[0], num_experts) * tf.cast(valid, tf.float32)[:, None]
-  return _finish(expert_index, slot, gate, probs, logits, first_choice, capacity, num_experts,
-                 balance_groups=1, valid=valid, used=used)
+  return finish(expert_index, slot, gate, probs, logits, first_choice, capacity, num_experts,
+                balance_groups=1, valid=valid, used=used)
 
 
 def prototype_routing(logits: tf.Tensor, *, num_prototypes: int, capacity: int,
@@ -442,19 +485,19 @@ def prototype_routing(logits: tf.Tensor, *, num_prototypes: int, capacity: int,
       only receives choices of its own prototype, so either way tokens compete per expert.
 
   There is no `second_expert_policy`: the Z choices are made in parallel, one per prototype, so
-  none of them is a "second" choice (`route` rejects "random" with prototype routing).
+  none of them is a "second" choice (the routers table rejects "random" with prototype routing).
 
   Returns:
     A `Routing` with K = Z choices per token.
   """
-  logits, num_tokens, num_experts = _check_logits(logits)
-  _check_policies("all", drop_policy)
+  logits, num_tokens, num_experts = check_logits(logits)
+  check_drop_policy(drop_policy)
   z = num_prototypes
   if not 1 <= z <= num_experts or num_experts % z:
     raise ValueError(f"num_prototypes={z} must divide num_experts={num_experts} (E = Z·F)")
-  _check_capacity(capacity)
+  check_capacity(capacity)
   f = num_experts // z
-  valid = _valid_mask(token_mask, num_tokens)
+  valid = valid_mask(token_mask, num_tokens)
   logits_z = tf.reshape(logits, [-1, z, f])                               # [T, Z, F]
   probs_z = tf.nn.softmax(logits_z, axis=-1)                              # [T, Z, F]
   local = tf.argmax(logits_z, axis=-1, output_type=tf.int32)             # [T, Z] on logits
@@ -473,33 +516,8 @@ def prototype_routing(logits: tf.Tensor, *, num_prototypes: int, capacity: int,
   else:
     slot = _slots_by_probability(tf.transpose(index), used, gate, num_experts)  # [Z, T]
   probs = tf.reshape(probs_z, [-1, num_experts])
-  return _finish(tf.transpose(index), slot, gate, probs, logits_z, tf.cast(mask, tf.float32),
-                 capacity, num_experts, balance_groups=z, valid=valid, used=used)
-
-
-def route(logits: tf.Tensor, *, routing: str, k: int, capacity: int,
-          normalization: str = "auto", token_mask: tf.Tensor | None = None,
-          second_expert_policy: str = "all", drop_policy: str = "position",
-          uniform: tf.Tensor | None = None) -> Routing:
-  """Dispatches to `top_k_routing` ("top_k") or `prototype_routing` ("prototype", Z = k).
-
-  second_expert_policy="random" needs routing="top_k" (a ValueError otherwise): prototype
-  routing has no second-best choice to skip.
-  """
-  if routing == "top_k":
-    return top_k_routing(logits, k=k, capacity=capacity, normalization=normalization,
-                         token_mask=token_mask, second_expert_policy=second_expert_policy,
-                         drop_policy=drop_policy, uniform=uniform)
-  if routing == "prototype":
-    _check_policies(second_expert_policy, drop_policy)
-    if second_expert_policy != "all" or uniform is not None:
-      raise ValueError(f"second_expert_policy={second_expert_policy!r} needs routing='top_k': "
-                       f"prototype routing makes its k choices in parallel, none is a second "
-                       f"choice; use second_expert_policy='all' with routing='prototype'")
-    return prototype_routing(logits, num_prototypes=k, capacity=capacity,
-                             normalization=normalization, token_mask=token_mask,
-                             drop_policy=drop_policy)
-  raise ValueError(f"routing={routing!r}; allowed: 'top_k', 'prototype'")
+  return finish(tf.transpose(index), slot, gate, probs, logits_z, tf.cast(mask, tf.float32),
+                capacity, num_experts, balance_groups=z, valid=valid, used=used)
 
 
 def coefficient_of_variation(tokens_per_expert: tf.Tensor) -> tf.Tensor:

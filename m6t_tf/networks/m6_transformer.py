@@ -16,7 +16,6 @@ checks it against `count_params()` of the built model for every gin file.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import keras
@@ -27,6 +26,7 @@ from m6t_tf.layers import dropout as dropout_lib
 from m6t_tf.layers import embeddings
 from m6t_tf.layers import feedforward
 from m6t_tf.layers import moe as moe_lib
+from m6t_tf.layers import moe_options
 from m6t_tf.layers import normalization
 
 PLACEMENTS = ("all", "every_k", "last_k", "none")
@@ -37,28 +37,10 @@ NORMS = ("post_ln", "pre_rms")
 POSITIONS = ("learned", "rope")
 
 
-@dataclasses.dataclass
-class MoEConfig:
-  """Keyword arguments of every MoE layer of the network (see `m6t_tf.layers.moe.MoE`)."""
-  num_experts: int = 32
-  routing: str = "top_k"
-  k: int = 1
-  capacity_factor: float = 1.25
-  eval_capacity_factor: Optional[float] = None
-  capacity_mode: str = "k"
-  normalization: str = "auto"
-  dispatch: str = "index"
-  aux_loss_weight: float = 0.0
-  z_loss_weight: float = 0.0
-  min_capacity: int = 1
-  second_expert_policy: str = "all"     # "all" | "random" (GShard, top_k only, training only)
-  drop_policy: str = "position"         # "position" | "probability" (largest gates kept)
-  max_tokens_per_expert_factor: Optional[float] = None  # dropless memory ceiling (× balanced)
-  num_groups: int = 1                   # O outer-batch groups, each routed on its own
-  capacity_token_fraction: Optional[float] = None  # C from this share of positions (real tokens)
-
-  def kwargs(self) -> dict:
-    return dataclasses.asdict(self)
+#: Keyword arguments of every MoE layer of the network, configured by gin (`MoEConfig.*`): the
+#: gin-bound fields of `MoEOptions` (every registered router's options included), with the
+#: base model's E = 32 as the default of `num_experts`. `kwargs()` gives the layer's arguments.
+MoEConfig = moe_options.gin_config_class("MoEConfig", __name__, num_experts=32)
 
 
 def moe_layer_indices(num_layers: int, placement: str, every: int) -> list[int]:

@@ -13,18 +13,37 @@ group it belongs to) and calls `all_to_all` twice per forward pass (Whale data f
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
-#: The attribute a layer sets to True when its variables are sharded over the expert axis
-#: (each worker holds its own e experts): `m6t_tf.parallel` reduces their gradients over the
-#: expert's replicas only and never broadcasts them. Layers import this module, never the other
-#: way round.
-EXPERT_SHARDED = "expert_sharded"
+#: The mesh axis expert weights are split over: each worker of an expert group holds e = E / D
+#: of the E experts, dimension 0 of every expert weight.
+EXPERT_AXIS = "expert"
 
 
-def is_expert_sharded(layer) -> bool:
-  """Whether `layer` marked its variables as expert-sharded (`EXPERT_SHARDED`)."""
-  return bool(getattr(layer, EXPERT_SHARDED, False))
+def mark_expert_sharded(variable) -> None:
+  """Marks `variable` as expert-sharded: dimension 0 holds this worker's e experts.
+
+  The one mark every reader goes by: the gradient reduction (expert gradients reduced over
+  their replicas only), the initial broadcast (from the replica root), the gradient norm
+  (summed over the expert group) and checkpoints (written as slices of the global [E, ...]
+  tensor). Layers mark their expert weights when they create them (`Experts.build`); layers
+  import this module, never the other way round.
+
+  The mark is the variable's Keras layout, `TensorLayout(("expert", None, ...))`, which is what
+  Keras itself copies onto every optimizer slot made from a variable
+  (`Optimizer.add_variable_from_reference`): AdamW's moments of an expert weight carry the mark
+  too, with no name matching. The TensorFlow backend does not act on layouts.
+  """
+  axes = (EXPERT_AXIS,) + (None,) * (len(variable.shape) - 1)
+  # Keras has no public setter; `_layout` is the attribute its optimizers read.
+  variable._layout = keras.distribution.TensorLayout(axes)  # pylint: disable=protected-access
+
+
+def is_expert_sharded(variable) -> bool:
+  """Whether `variable` (a model weight or an optimizer slot) carries the expert mark."""
+  axes = getattr(getattr(variable, "_layout", None), "axes", None)
+  return bool(axes) and axes[0] == EXPERT_AXIS
 
 
 class Communicator:

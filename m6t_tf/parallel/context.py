@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from m6t_tf.parallel import communicator as comm_lib
+
 
 def is_rng_state(variable) -> bool:
   """Keras dropout seed-generator states (per worker: never broadcast or averaged)."""
@@ -28,8 +30,9 @@ def is_rng_state(variable) -> bool:
 
 
 def is_expert_variable(variable) -> bool:
-  """Expert weights are sharded over the expert axis; everything else is replicated."""
-  return "/experts/" in variable.path
+  """Expert weights (and their optimizer slots) are sharded over the expert axis; everything
+  else is replicated. Read from the layers' mark (`communicator.mark_expert_sharded`)."""
+  return comm_lib.is_expert_sharded(variable)
 
 
 class LocalContext:

@@ -196,7 +196,8 @@ class HorovodContext:
     communicator: the `HorovodCommunicator` MoE layers use.
     expert_process_set: process set of this rank's expert group (None if one rank).
     replica_process_set: process set of this rank's replica group (None if one rank).
-    is_expert: variable -> bool used by the trainer-interface methods (by variable path).
+    is_expert: variable -> bool used by the trainer-interface methods (the layers' expert
+      mark, `context.is_expert_variable`).
   """
   mesh: Mesh
   rank: int
@@ -242,8 +243,8 @@ class HorovodContext:
 
     Args:
       grads_and_vars: (gradient, variable) pairs, e.g. `zip(tape.gradient(...), variables)`.
-      is_expert: variable -> bool; True for expert-sharded weights (see
-        `expert_variable_filter`).
+      is_expert: variable -> bool; True for expert-sharded weights (the layers' mark:
+        `context.is_expert_variable`).
       compression: "none" or "fp16" (cast to float16 for the reduction, back after). Cast as
         they are, unscaled gradients are mostly float16 subnormals or zero: the trainer sends
         loss-scaled ones instead (`reduce_gradients`).
@@ -666,22 +667,6 @@ def init_horovod(mesh: Optional[Mesh] = None, *, expert: Optional[int] = None,
   return HorovodContext(mesh=mesh, rank=rank, size=size, local_rank=hvd.local_rank(),
                         communicator=communicator, expert_process_set=expert_ps,
                         replica_process_set=replica_ps)
-
-
-def expert_variable_filter(model: keras.layers.Layer) -> Callable[[Any], bool]:
-  """`is_expert` for `allreduce_gradients`: True for variables of the model's expert layers.
-
-  Matches the Keras variables of every sub-layer marked `expert_sharded`
-  (`communicator.EXPERT_SHARDED`: `Experts`, `LinearExperts`) by identity, not name, i.e. what
-  `model.trainable_variables` hands to the optimizer.
-  """
-  ids = set()
-  # Keras 3 has no public recursive layer walk; `_flatten_layers` is what Keras itself uses.
-  for layer in model._flatten_layers(include_self=True, recursive=True):  # pylint: disable=protected-access
-    if comm_lib.is_expert_sharded(layer):
-      ids.update(id(v) for v in layer.variables)
-      ids.update(id(_tf_variable(v)) for v in layer.variables)
-  return lambda v: id(v) in ids
 
 
 def _tf_variable(v):

@@ -56,6 +56,7 @@ import tensorflow as tf
 from m6t_tf import errors
 from m6t_tf import storage
 from m6t_tf.errors import ConfigError
+from m6t_tf.parallel import communicator as comm_lib
 from m6t_tf.parallel import watchdog as watchdog_lib
 
 LATEST = "latest"
@@ -134,16 +135,14 @@ def step_of(prefix: str) -> int:
   return int(prefix.rsplit("-", 1)[-1])
 
 
-def _is_expert_key(key: str, expert_fragments: tuple[str, ...]) -> bool:
-  return any(fragment in key for fragment in expert_fragments)
-
-
 class Checkpointer:
   """Saves and restores `entries` ({key: variable}) as described in the module docstring.
 
   Args:
     directory: where `ckpt-<step>.{index,data-*}` and `latest` go (shared by all workers).
-    entries: every variable to save, by stable key.
+    entries: every variable to save, by stable key. Expert shards are the variables that
+      carry the layers' expert mark (`communicator.is_expert_sharded`: expert weights and
+      their optimizer slots); every other entry is replicated.
     ctx: the worker context (rank, expert_index, data_index, expert_group_size, barrier).
     num_experts: E (global); expert variables have leading dimension E / expert_group_size.
     max_to_keep: older checkpoints are deleted after a successful save (>= 1: the newest is
@@ -153,8 +152,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, entries: dict, *, ctx, num_experts: int = 0,
-               max_to_keep: int = 3, fragments: tuple[str, ...] = ("/experts/", "_experts_"),
-               file_ops=None, watchdog=None):
+               max_to_keep: int = 3, file_ops=None, watchdog=None):
     self.directory = directory
     self.entries = entries
     self.ctx = ctx
@@ -177,7 +175,7 @@ class Checkpointer:
         if name.startswith("tmp-"):
           storage.rmtree(os.path.join(directory, name))
     d = getattr(ctx, "expert_group_size", 1)
-    self.expert_keys = {k for k in entries if _is_expert_key(k, fragments)}
+    self.expert_keys = {k for k, v in entries.items() if comm_lib.is_expert_sharded(v)}
     for k in self.expert_keys:
       shape = entries[k].shape
       if num_experts and (not shape or shape[0] * d != num_experts):

@@ -154,14 +154,13 @@ class Metrics(Hook):
     bad = run.bad_records()
     scalars.update({f"data/bad_records/{r}": float(n) for r, n in zip(records.REASON_NAMES, bad)})
     scalars["data/bad_records_total"] = float(bad.sum())
-    capped = [layer for layer in run.model.moe_layers if layer.last_capacity is not None]
-    if capped and real_total > 0:
-      # γ the routed tokens got: slots per expert over the mean real choices per expert.
-      layer = capped[0]
+    if real_total > 0:
+      # γ the routed tokens got (the first layer with a capacity reports it).
       real_per_worker = real_total / (ctx.size * steps_logged)
-      k_eff = layer.k if layer.capacity_mode == "k" else 1
-      scalars["moe/effective_capacity_factor"] = (
-          layer.last_capacity * layer.num_groups * layer.num_experts / (k_eff * real_per_worker))
+      gammas = [g for g in (layer.effective_capacity_factor(real_per_worker)
+                            for layer in run.model.moe_layers) if g is not None]
+      if gammas:
+        scalars["moe/effective_capacity_factor"] = gammas[0]
     with run.watchdog.phase(f"step {step} (writing logs)", watchdog_lib.STORAGE):
       logs.summary_scalars(run.writer, step, scalars)
     self.last_time, self.last_step, self.real_positions = time.time(), step, 0

@@ -183,6 +183,7 @@ from typing import Any, Optional, Sequence
 import gin
 
 from m6t_tf.errors import ConfigError
+from m6t_tf.layers import moe_options as moe_options_lib
 from m6t_tf.layers import routing as routing_lib
 from m6t_tf.networks import m6_transformer
 from m6t_tf.run import configurables
@@ -258,26 +259,29 @@ class PlanConfig:
     return m6_transformer.moe_layer_indices(self.num_layers, self.moe_placement, self.moe_every)
 
   @property
+  def moe_options(self) -> Optional[moe_options_lib.MoEOptions]:
+    """The options every MoE FFN layer gets (validated: ValueError for a bad one), or None."""
+    if not self.moe:
+      return None
+    return moe_options_lib.MoEOptions(**{"intermediate_size": self.intermediate_size,
+                                         "activation": self.activation, **self.moe})
+
+  @property
   def capacity(self) -> int:
     """Slots per expert in the buffers: O · C, with C = `MoE.capacity_for(ceil(T / O), True)`
     for O outer groups (`num_groups`; 1 by default). Dropless has no C: the planner sizes it at
     balanced routing, k·T/E rows per expert, or at its `max_tokens_per_expert_factor`
     ceiling when one is set (the worst case it allows)."""
-    if not self.moe:
+    options = self.moe_options
+    if options is None:
       return 0
-    groups = int(self.moe.get("num_groups", 1) or 1)
-    if self.moe.get("capacity_mode") == "dropless":
-      factor = self.moe.get("max_tokens_per_expert_factor")
+    if options.capacity_mode == "dropless":
+      factor = options.max_tokens_per_expert_factor
       return routing_lib.capacity(self.tokens_per_worker, self.num_experts, k=self.k,
                                   capacity_factor=float(factor or 1.0), mode="k")
-    tokens = -(-self.tokens_per_worker // groups)   # `MoE.group_size`: the last group padded
-    fraction = self.moe.get("capacity_token_fraction")
-    if fraction is not None:   # `MoE.capacity_for`: C from the real tokens' share
-      tokens = max(1, math.ceil(float(fraction) * tokens - 1e-9))
-    return groups * routing_lib.capacity(
-        tokens, self.num_experts, k=self.k,
-        capacity_factor=float(self.moe.get("capacity_factor", 1.25)),
-        mode=self.moe.get("capacity_mode", "k"), min_capacity=int(self.moe.get("min_capacity", 1)))
+    # The layer's own rule: C of a group of ceil(T / O) tokens (the last group padded).
+    return options.num_groups * options.capacity_for(
+        options.group_size(self.tokens_per_worker), True)
 
   @property
   def ffn_matrices(self) -> int:
@@ -397,6 +401,11 @@ def validate(config: PlanConfig) -> None:
   if config.moe_placement != "none" and not config.moe:
     raise ConfigError(f"M6Transformer.moe_placement={config.moe_placement!r} needs an MoE config "
                      f"(M6Transformer.moe = @MoEConfig())")
+  if config.moe:
+    try:
+      config.moe_options  # pylint: disable=pointless-statement  (constructing it validates)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"the MoE config (MoEConfig.*): {e}") from None
   if config.moe and config.num_experts % config.mesh_expert:
     raise ConfigError(f"E={config.num_experts} experts do not split over the expert axis "
                      f"D={config.mesh_expert}; choose a layout whose mesh_expert divides E")

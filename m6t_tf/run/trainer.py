@@ -162,6 +162,9 @@ class Trainer:
     # (read after, the log showed the next step's rate).
     lr = tf.cast(self.optimizer.learning_rate, tf.float32)
     self.apply_gradients(grads, metrics)
+    # Routers with state update it from the loads summed over all workers (`MoE.after_step`).
+    for layer in getattr(self.model, "moe_layers", ()):
+      layer.after_step(self.ctx.sum_over_world, metrics["finite"])
     metrics.update(finite=tf.cast(metrics["finite"], tf.float32), learning_rate=lr)
     return metrics
 
@@ -183,9 +186,9 @@ class Trainer:
       out[f"{name}/dropped_fraction"] = float(layer.stats["dropped_fraction"].numpy())
       out[f"{name}/aux_loss"] = float(layer.stats["aux_loss"].numpy())
       out[f"{name}/z_loss"] = float(layer.stats["z_loss"].numpy())
-      if layer.last_capacity is not None:
-        # Forward and backward each move the [D, e, C, M] buffer out and back.
-        out[f"{name}/alltoall_bytes_per_step"] = 2.0 * layer.alltoall_bytes_per_forward()
+      alltoall = layer.alltoall_bytes_per_step()
+      if alltoall is not None:
+        out[f"{name}/alltoall_bytes_per_step"] = alltoall
     return out
 
 
@@ -194,16 +197,11 @@ def dropless_warnings(model, stats: dict) -> list[str]:
   token choices in the last step (`stats` from `Trainer.moe_stats`)."""
   lines = []
   for i, layer in enumerate(model.moe_layers):
-    if layer.capacity_mode != "dropless" or layer.max_tokens_per_expert_factor is None:
-      continue
     name = layer.path.split("/", 1)[-1] if hasattr(layer, "path") else f"moe_{i}"
-    dropped = stats.get(f"{name}/dropped_fraction", 0.0)
-    if dropped > 0:
-      lines.append(f"warning: {name} is dropless but its max_tokens_per_expert_factor="
-                   f"{layer.max_tokens_per_expert_factor:g} ceiling dropped {dropped:.2%} of its "
-                   f"token choices this step (busiest expert "
-                   f"{stats.get(f'{name}/max_over_mean_load', 0.0):.1f}× the mean load); raise "
-                   f"the factor if memory allows, or balance the router (MoEConfig.aux_loss_weight)")
+    line = layer.ceiling_warning(name, stats.get(f"{name}/dropped_fraction", 0.0),
+                                 stats.get(f"{name}/max_over_mean_load", 0.0))
+    if line is not None:
+      lines.append(line)
   return lines
 
 

@@ -257,19 +257,8 @@ class Run:
     print(f"Model: {model.count_params():,} parameters on this worker; "
           f"{len(model.moe_layers)} MoE layers; {self.ctx.describe()}; steps "
           f"{int(self.step_var)}→{self.config.num_steps}", flush=True)
-    if not model.moe_layers:
-      return
-    layer = model.moe_layers[0]
-    if layer.capacity_mode == "dropless":
-      print("Experts: dropless (no capacity; every token reaches its experts)", flush=True)
-      return
-    fraction = layer.capacity_token_fraction
-    share = (f"{fraction:.1%} of the {positions:,} positions, the real tokens' share"
-             if fraction is not None and fraction < 1 else
-             f"all {positions:,} positions (padding included)")
-    print(f"Experts: C = {layer.capacity_for(layer.group_size(positions), True)} slots per "
-          f"expert{' per group' if layer.num_groups > 1 else ''}, γ = {layer.capacity_factor} "
-          f"over {share}", flush=True)
+    if model.moe_layers:
+      print(model.moe_layers[0].capacity_summary(positions), flush=True)
 
   def bad_records(self) -> np.ndarray:
     """Per-reason bad records of the whole run so far (collective: every worker calls it)."""

@@ -203,7 +203,7 @@ def local_grads(layer, x, target):
 def distributed_step(ctx, layer, x, target, compression="none"):
   y, loss, gx, grads = local_grads(layer, x, target)
   reduced = ctx.allreduce_gradients(zip(grads, variables_of(layer)),
-                                    hvd_lib.expert_variable_filter(layer),
+                                    context_lib.is_expert_variable,
                                     compression=compression)
   return y, loss, gx, [g for g, _ in reduced]
 
