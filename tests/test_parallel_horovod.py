@@ -164,6 +164,15 @@ def _single_rank_context():
                                 expert_process_set=None, replica_process_set=None)
 
 
+def test_both_contexts_are_worker_contexts():
+  from m6t_tf.parallel import context  # pylint: disable=g-import-not-at-top
+  assert isinstance(_single_rank_context(), context.WorkerContext)
+  assert isinstance(context.LocalContext(), context.WorkerContext)
+  # The interface has no aliases: one name per collective.
+  for alias in ("allreduce_metrics", "broadcast_initial_state", "expert_norm_sq"):
+    assert not hasattr(_single_rank_context(), alias), alias
+
+
 @needs_horovod
 def test_one_rank_helpers_are_identities():
   ctx = _single_rank_context()
@@ -174,9 +183,9 @@ def test_one_rank_helpers_are_identities():
   np.testing.assert_array_equal(out[0][0], [0.5, -1.0])
   np.testing.assert_array_equal(out[1][0], [[2.0]])
   assert out[2][0] is None
-  assert {k: float(v) for k, v in ctx.allreduce_metrics({"b": 2, "a": 1.5}).items()} == {
+  assert {k: float(v) for k, v in ctx.mean_metrics({"b": 2, "a": 1.5}).items()} == {
       "a": 1.5, "b": 2.0}
-  ctx.broadcast_initial_state([dense], [expert])
+  ctx.broadcast_state([dense, expert])
   ctx.check_consistent({"capacity": 3})
   with pytest.raises(ValueError, match="compression='int8'"):
     ctx.allreduce_gradients(grads, lambda v: False, compression="int8")

@@ -1,6 +1,7 @@
 """The trainer's view of the worker world: one process (`LocalContext`) or Horovod ranks.
 
-The trainer calls only these methods, so the same step function runs on 1 CPU and on 480 GPUs:
+`WorkerContext` is the interface; the trainer calls only it, so the same step function runs
+on 1 CPU and on 480 GPUs (`LocalContext` here, `m6t_tf.parallel.horovod.HorovodContext`):
 
     rank, size, is_chief            who am I (rank 0 logs, writes TensorBoard and config.gin)
     data_shard()                    (index, count) of the input shard this worker reads
@@ -10,7 +11,8 @@ The trainer calls only these methods, so the same step function runs on 1 CPU an
                                     of loss_scale·L and returns float32 gradients of L (FP16
                                     communication sends them scaled, unscales after)
     sum_over_world(x)               Σ over all workers (global token counts, logged sums)
-    expert_norm_sq(sq)              Σ over the expert group of this worker's expert-gradient norm²
+    sum_over_expert_group(x)        Σ over this worker's expert group (the expert-gradient norm²,
+                                    the per-expert loads)
     all_finite(flag)                AND over all workers (a skipped step is skipped everywhere)
     broadcast_state(vars)           initial weights from rank 0 (experts from their replica root)
     mean_metrics(dict)              averages for logging
@@ -18,6 +20,8 @@ The trainer calls only these methods, so the same step function runs on 1 CPU an
 """
 
 from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import tensorflow as tf
 
@@ -33,6 +37,43 @@ def is_expert_variable(variable) -> bool:
   """Expert weights (and their optimizer slots) are sharded over the expert axis; everything
   else is replicated. Read from the layers' mark (`communicator.mark_expert_sharded`)."""
   return comm_lib.is_expert_sharded(variable)
+
+
+@runtime_checkable
+class WorkerContext(Protocol):
+  """What the trainer, the evaluator and the caption decoder ask of the worker world (module
+  docstring). Both contexts implement it; `isinstance(ctx, WorkerContext)` checks the methods."""
+
+  rank: int
+  size: int
+  is_chief: bool
+  expert_group_size: int
+  expert_index: int
+  data_index: int
+
+  def data_shard(self) -> tuple[int, int]: ...
+
+  def reduce_gradients(self, grads: Sequence[Any], variables: Sequence[Any],
+                       loss_scale: Any = None) -> list[Any]: ...
+
+  def sum_over_world(self, x): ...
+
+  def sum_over_expert_group(self, x): ...
+
+  def all_finite(self, flag): ...
+
+  def broadcast_state(self, variables: Sequence[Any]) -> None: ...
+
+  def mean_metrics(self, metrics: Mapping[str, Any]) -> dict: ...
+
+  def check_consistent(self, values: Mapping[str, Any], *, what: str = "configuration") -> None:
+    ...
+
+  def barrier(self) -> None: ...
+
+  def shutdown(self) -> None: ...
+
+  def describe(self) -> str: ...
 
 
 class LocalContext:
@@ -57,9 +98,6 @@ class LocalContext:
       return grads
     inv = 1.0 / loss_scale
     return [None if g is None else g * inv for g in grads]
-
-  def expert_norm_sq(self, sq):
-    return sq
 
   def all_finite(self, flag):
     return flag
@@ -101,7 +139,9 @@ def global_norm(grads, variables, ctx) -> tf.Tensor:
       expert_sq += sq
     else:
       dense_sq += sq
-  return tf.sqrt(dense_sq + ctx.expert_norm_sq(expert_sq))
+  # The expert group holds each expert exactly once, and after `reduce_gradients` every group
+  # holds the same values: its sum is the whole model's.
+  return tf.sqrt(dense_sq + ctx.sum_over_expert_group(expert_sq))
 
 
 def capacity_fingerprint(moe_layers, num_tokens: int) -> dict:

@@ -1,6 +1,6 @@
 """Expert parallelism over Horovod: the all-to-all communicator and the step's collectives.
 
-One process per GPU (or CPU worker), started by `horovodrun` or `mpirun` (SPEC §5). The ranks
+One process per GPU (or CPU worker), started by `horovodrun` or `mpirun`. The ranks
 form a `Mesh(data, expert)` (see `m6t_tf.parallel.mesh`); each expert group of D = `expert`
 ranks holds all E experts, e = E / D per rank, and exchanges its `[D, e, C, M]` buffers with
 `hvd.alltoall` on its own process set. Typical use in a trainer:
@@ -8,7 +8,7 @@ ranks holds all E experts, e = E / D per rank, and exchanges its `[D, e, C, M]` 
     ctx = init_horovod(expert=8, num_experts=E, wire_dtype="float16")  # or mesh=Mesh(data, 8)
     model = build_model()            # MoE layers pick up ctx.communicator as the default
     ctx.check_consistent(capacity_fingerprint(moe_layers, num_tokens=B * L))
-    ctx.broadcast_initial_state(dense_vars, expert_vars)
+    ctx.broadcast_state(model.variables)   # experts from their replica root, the rest from 0
     ...
     grads_and_vars = ctx.allreduce_gradients(zip(grads, variables), is_expert)
     ...
@@ -185,10 +185,8 @@ class HorovodCommunicator(comm_lib.Communicator):
 class HorovodContext:
   """What `init_horovod` set up, and the collectives of a training step.
 
-  It also implements the trainer's worker-context interface (`m6t_tf.parallel.context`, as
-  `LocalContext` does for one process): `data_shard`, `reduce_gradients`, `expert_norm_sq`,
-  `sum_over_expert_group`, `all_finite`, `broadcast_state`, `mean_metrics`, `barrier`,
-  `describe`, `is_chief`, `expert_group_size`, `data_parallel_size`.
+  It is the trainer's worker context under Horovod: `context.WorkerContext`, which
+  `LocalContext` implements for one process.
 
   Attributes:
     mesh: the (data, expert) layout.
@@ -258,8 +256,7 @@ class HorovodContext:
       raise ValueError(f"compression={compression!r}; allowed: 'none', 'fp16'")
     pairs = list(grads_and_vars)
     grads = [g for g, _ in pairs]
-    dense = [i for i, (g, v) in enumerate(pairs) if g is not None and not is_expert(v)]
-    expert = [i for i, (g, v) in enumerate(pairs) if g is not None and is_expert(v)]
+    dense, expert = _split(grads, [v for _, v in pairs], is_expert)
     if dense and self.size > 1:
       reduced = hvd.grouped_allreduce([grads[i] for i in dense], op=hvd.Average,
                                       compression=compressor,
@@ -279,26 +276,7 @@ class HorovodContext:
         grads[i] = g
     return [(g, v) for g, (_, v) in zip(grads, pairs)]
 
-  def broadcast_initial_state(self, dense_vars: Sequence[Any], expert_vars: Sequence[Any]) -> None:
-    """Makes replicas identical before the first step.
-
-    Dense variables come from rank 0; expert variables from the first rank (data_index 0) of
-    each replica group, so each expert block keeps the values its holder at data_index 0 drew.
-
-    Args:
-      dense_vars: Keras or tf variables replicated on every rank (same order everywhere).
-      expert_vars: Keras or tf variables of this rank's e experts (same order everywhere).
-    """
-    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
-    dense = [_tf_variable(v) for v in dense_vars]
-    expert = [_tf_variable(v) for v in expert_vars]
-    if dense and self.size > 1:
-      hvd.broadcast_variables(dense, root_rank=0, process_set=hvd.global_process_set)
-    if expert and self.replica_process_set is not None:
-      hvd.broadcast_variables(expert, root_rank=self.mesh.replica_root(self.rank),
-                              process_set=self.replica_process_set)
-
-  def allreduce_metrics(self, metrics: Mapping[str, Any]) -> dict[str, tf.Tensor]:
+  def mean_metrics(self, metrics: Mapping[str, Any]) -> dict[str, tf.Tensor]:
     """Averages scalar metrics over all ranks (for logging); keys must match on every rank."""
     import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
     keys = sorted(metrics)  # the same order on every rank, whatever order the dict was built in
@@ -401,10 +379,7 @@ class HorovodContext:
     import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
     out = list(grads)
     unscale = 1.0 / (tf.cast(loss_scale, tf.float32) * float(self.size))
-    dense = [i for i, (g, v) in enumerate(zip(grads, variables))
-             if g is not None and not self.is_expert(v)]
-    expert = [i for i, (g, v) in enumerate(zip(grads, variables))
-              if g is not None and self.is_expert(v)]
+    dense, expert = _split(grads, variables, self.is_expert)
     for indices, process_set in ((dense, hvd.global_process_set),
                                  (expert, self.replica_process_set)):
       if not indices:
@@ -433,11 +408,6 @@ class HorovodContext:
       return x
     return hvd.allreduce(x, op=hvd.Sum, process_set=hvd.global_process_set)
 
-  def expert_norm_sq(self, sq):
-    """Σ over the expert group of this rank's expert-gradient norm²: the group holds each
-    expert exactly once, and after `reduce_gradients` every group holds the same values."""
-    return self.sum_over_expert_group(sq)
-
   def all_finite(self, flag):
     """AND of a boolean over all ranks, so that a skipped step is skipped everywhere."""
     import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
@@ -448,13 +418,21 @@ class HorovodContext:
     return tf.equal(bad[0], 0.0)
 
   def broadcast_state(self, variables: Sequence[Any]) -> None:
-    """`broadcast_initial_state` with the variables split by `self.is_expert`."""
-    variables = list(variables)
-    self.broadcast_initial_state([v for v in variables if not self.is_expert(v)],
-                                 [v for v in variables if self.is_expert(v)])
+    """Makes replicas identical before the first step.
 
-  def mean_metrics(self, metrics: Mapping[str, Any]) -> dict[str, tf.Tensor]:
-    return self.allreduce_metrics(metrics)
+    Dense variables come from rank 0; expert variables (`self.is_expert`) from the first rank
+    (data_index 0) of each replica group, so each expert block keeps the values its holder at
+    data_index 0 drew. Every rank passes the same variables in the same order.
+    """
+    import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
+    variables = list(variables)
+    dense = [_tf_variable(v) for v in variables if not self.is_expert(v)]
+    expert = [_tf_variable(v) for v in variables if self.is_expert(v)]
+    if dense and self.size > 1:
+      hvd.broadcast_variables(dense, root_rank=0, process_set=hvd.global_process_set)
+    if expert and self.replica_process_set is not None:
+      hvd.broadcast_variables(expert, root_rank=self.mesh.replica_root(self.rank),
+                              process_set=self.replica_process_set)
 
   def describe(self) -> str:
     import horovod.tensorflow as hvd  # pylint: disable=g-import-not-at-top
@@ -667,6 +645,14 @@ def init_horovod(mesh: Optional[Mesh] = None, *, expert: Optional[int] = None,
   return HorovodContext(mesh=mesh, rank=rank, size=size, local_rank=hvd.local_rank(),
                         communicator=communicator, expert_process_set=expert_ps,
                         replica_process_set=replica_ps)
+
+
+def _split(grads: Sequence[Any], variables: Sequence[Any],
+           is_expert: Callable[[Any], bool]) -> tuple[list[int], list[int]]:
+  """Indices of the dense and of the expert gradients (None gradients in neither)."""
+  dense = [i for i, (g, v) in enumerate(zip(grads, variables)) if g is not None and not is_expert(v)]
+  expert = [i for i, (g, v) in enumerate(zip(grads, variables)) if g is not None and is_expert(v)]
+  return dense, expert
 
 
 def _tf_variable(v):

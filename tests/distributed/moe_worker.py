@@ -394,7 +394,7 @@ def run_equivalence(args, checks):
   layer.router.kernel.assign(np.full((M, E), rank + 1.0, np.float32))
   layer.experts.wi.assign(np.full(layer.experts.wi.shape, rank + 1.0, np.float32))
   layer.experts.wo.assign(np.full(layer.experts.wo.shape, -(rank + 1.0), np.float32))
-  ctx.broadcast_initial_state([layer.router.kernel], [layer.experts.wi, layer.experts.wo])
+  ctx.broadcast_state([layer.router.kernel, layer.experts.wi, layer.experts.wo])
   root = mesh.replica_root(rank)
   checks.equal("broadcast/router", float(np.unique(layer.router.kernel.numpy())[0]), 1.0)
   checks.equal("broadcast/wi", np.unique(layer.experts.wi.numpy()).tolist(), [root + 1.0])
@@ -402,7 +402,7 @@ def run_equivalence(args, checks):
 
   # Metrics: averaged over ranks whatever order each rank built its dict in.
   items = [("a", float(rank)), ("b", 2.0 * rank), ("steps", 3)]
-  metrics = ctx.allreduce_metrics(dict(items[::-1] if rank % 2 else items))
+  metrics = ctx.mean_metrics(dict(items[::-1] if rank % 2 else items))
   mean_rank = (world - 1) / 2
   checks.close("metrics/a", metrics["a"].numpy(), mean_rank, 1e-6)
   checks.close("metrics/b", metrics["b"].numpy(), 2 * mean_rank, 1e-6)
