@@ -1,10 +1,11 @@
-"""A pure-NumPy reference of M6-T routing, capacity and the MoE forward pass (SPEC §1).
+"""A pure-NumPy reference of M6-T routing, capacity and the MoE forward pass (arXiv 2105.15082
+§2-3).
 
 Written from the specification, not from the TensorFlow code, and deliberately naive: explicit
 Python loops over rounds, tokens and experts, float64 arithmetic, so that it is easy to check by
 eye. The tests compare `m6t_tf.layers.routing` / `m6t_tf.layers.moe` against it.
 
-Conventions (the letters of SPEC §1):
+Conventions (the letters of `m6t_tf.layers.moe`):
   T tokens, E experts, C capacity, K choices per token (k for top-k, Z for prototypes).
 
 Choices: the argmax of the logits, never of the probabilities (float32 probabilities more than

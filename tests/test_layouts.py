@@ -1,6 +1,7 @@
 """The size × layout combinations the README documents bind mixed precision and FP16
-communication as the paper's Table 5 has them (SPEC §2): base, 10B and 100B with mixed
-precision, float16 all-to-all payloads and fp16-compressed allreduce; 1T with neither.
+communication as the paper's Table 5 has them (arXiv 2105.15082, appendix A.2): base, 10B and
+100B with mixed precision, float16 all-to-all payloads and fp16-compressed allreduce; 1T with
+neither.
 
 The combinations are read from the README's own commands (`--gin_file=gin/<size>.gin
 --gin_file=gin/layouts/<layout>.gin`), so a documented command that loses or gains FP16

@@ -95,7 +95,7 @@ class AdafactorTest(tf.test.TestCase):
     q = configurables.query
     settings = {k: q(f"train.{k}") for k in ("optimizer", "learning_rate", "warmup_steps",
                                               "lr_decay", "weight_decay")}
-    # SPEC §2 / Table 5: Adafactor at 5e-3 after 500 warmup steps, no weight decay.
+    # arXiv 2105.15082 Table 5: Adafactor at 5e-3 after 500 warmup steps, no weight decay.
     self.assertEqual(settings, dict(optimizer="adafactor", learning_rate=5e-3, warmup_steps=500,
                                     lr_decay="constant", weight_decay=0.0))
     schedule = optimizers.WarmupSchedule(settings["learning_rate"], settings["warmup_steps"],
@@ -142,7 +142,7 @@ class AdafactorTest(tf.test.TestCase):
 
   def test_expert_update_does_not_depend_on_the_other_experts_of_its_worker(self):
     # One worker holding 4 experts [4, M, I] must update each expert exactly as two workers
-    # holding [2, M, I] each (the 1-worker == D-worker promise of SPEC §5, for the optimiser).
+    # holding [2, M, I] each (the 1-worker == D-worker promise, for the optimiser).
     rng = np.random.default_rng(3)
     w0 = rng.normal(size=(4, 5, 3)).astype(np.float32)
     steps = [(rng.normal(size=(4, 5, 3)) * np.array([1.0, 1.0, 50.0, 0.02])[:, None, None])

@@ -79,7 +79,8 @@ class GinFilesTest(tf.test.TestCase, parameterized.TestCase):
     self.assertEqual(moe.experts.wi.dtype, "float32")  # float32 master weights
 
   def test_size_files_pin_the_paper(self):
-    expected = {  # SPEC §2, Table 5: layers, experts, I, init std, optimizer, lr, mixed precision
+    # arXiv 2105.15082 Table 5: layers, experts, I, init std, optimizer, lr, mixed precision
+    expected = {
         "base.gin": (5, 32, 4096, 0.02, "adamw", 8e-5, True),
         "10B.gin": (10, 128, 4096, 0.02, "adamw", 8e-5, True),
         "100B.gin": (24, 512, 4096, 0.02, "adamw", 8e-5, True),

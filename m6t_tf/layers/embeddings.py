@@ -1,7 +1,8 @@
 """Inputs of M6: image patches (raw pixels or precomputed features), caption tokens, positions.
 
-M6 reads `[16 image patches ; caption tokens]` (SPEC §2). The paper takes the patch features
-from a trained ResNet; `PatchEmbedding` accepts such features of any width P, or cuts raw pixels
+M6 reads `[16 image patches ; caption tokens]` (arXiv 2105.15082, appendix A.1). The paper
+takes the patch features from a trained ResNet; `PatchEmbedding` accepts such features of any width
+P, or cuts raw pixels
 into a 4×4 grid itself and projects each flattened patch with a learned matrix.
 """
 

@@ -3,8 +3,9 @@
     h = act(einsum("...eCM,eMI->...eCI", x, wi))       first matmul  (SwiGLU: act(x·wi_0) ⊙ x·wi_1)
     y =     einsum("...eCI,eIM->...eCM", h, wo)        second matmul
 
-At the 1T scale these two matmuls are ~98% of an MoE layer's FLOPs (SPEC §1). Experts carry no
-biases (as in Mesh-TF / Switch), so an expert holds 2·M·I parameters (3·M·I with SwiGLU).
+At the 1T scale these two matmuls are ~98% of an MoE layer's FLOPs (arXiv 2105.15082 §3.1;
+`tools/plan.py` counts them). Experts carry no biases (as in Mesh-TF / Switch), so an expert holds
+2·M·I parameters (3·M·I with SwiGLU).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The M6-T Mixture-of-Experts layer with the Whale data flow (SPEC §1, paper appendix A.3).
+"""The M6-T Mixture-of-Experts layer with the Whale data flow (arXiv 2105.15082 §2-3, appendix A.3).
 
-Dimension cheat sheet (letters of SPEC.md, used in every einsum and `# [..]` comment below):
+Dimension cheat sheet (used in every einsum and `# [..]` comment below):
 
     D  workers in the expert-parallel group      e  experts per worker, E = e·D
     E  experts in total                          C  capacity per expert (token slots)

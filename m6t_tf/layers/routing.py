@@ -1,6 +1,7 @@
 """Routing for M6-T Mixture-of-Experts layers: top-k (looped argmax) and expert prototyping.
 
-Dimension cheat sheet (SPEC §1; every einsum and shape comment in `m6t_tf.layers` uses it):
+Dimension cheat sheet (the letters of `m6t_tf.layers.moe`; every einsum and shape comment in
+`m6t_tf.layers` uses it):
 
     T  tokens routed together on this worker (B·L)     E  experts in total (E = e·D)
     C  capacity per expert (token slots)               k  choices per token
@@ -19,8 +20,9 @@ Choices are made on the logits, gates come from the probabilities: softmax prese
 of the logits, but in float32 every probability more than ~90 below the top logit underflows to
 exactly 0.0, and an argmax over those zeros would pick by index, not by logit.
 
-Priority (SPEC §1): top-k is a looped argmax. Round r places every token's r-th choice *after*
-all tokens that rounds < r already placed in that expert, in token order; a token whose slot
+Priority (arXiv 2105.15082 §2, GShard's looped argmax): top-k is a looped argmax. Round r
+places every token's r-th choice *after* all tokens that rounds < r already placed in that expert,
+in token order; a token whose slot
 would be ≥ C is dropped for that expert. First choices therefore always beat second choices.
 Prototype routing makes its Z choices in parallel: expert j of prototype z only ever receives
 tokens of prototype z, so one cumulative sum over tokens places them all (no loop over k),
@@ -60,7 +62,7 @@ DROP_POLICIES = ("position", "probability")
 
 def capacity(num_tokens: int, num_experts: int, *, k: int = 1, capacity_factor: float = 1.25,
              mode: str = "k", min_capacity: int = 1) -> int:
-  """Expert capacity `C = ceil(k' · T / E · γ)` (SPEC §1).
+  """Expert capacity `C = ceil(k' · T / E · γ)` (arXiv 2105.15082 §3.2).
 
   Args:
     num_tokens: T, tokens routed together on one worker.
@@ -521,7 +523,8 @@ def prototype_routing(logits: tf.Tensor, *, num_prototypes: int, capacity: int,
 
 
 def coefficient_of_variation(tokens_per_expert: tf.Tensor) -> tf.Tensor:
-  """Population std / mean of real tokens per expert (SPEC §1), 0 when no token was kept."""
+  """Population std / mean of real tokens per expert (arXiv 2105.15082 §3.3, Figure 1), 0 when
+  no token was kept."""
   x = tf.cast(tokens_per_expert, tf.float32)
   mean = tf.reduce_mean(x)
   return tf.math.divide_no_nan(tf.math.reduce_std(x), mean)

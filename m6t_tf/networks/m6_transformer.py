@@ -1,4 +1,4 @@
-"""The M6 Transformer over `[16 image patches ; caption tokens]` (SPEC §2, paper A.1).
+"""The M6 Transformer over `[16 image patches ; caption tokens]` (arXiv 2105.15082, appendix A.1).
 
 Patches attend to each other (bidirectionally); caption tokens are causal and see every patch.
 The network returns next-token logits for the caption positions only.

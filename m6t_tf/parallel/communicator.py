@@ -1,7 +1,8 @@
 """Communicators: how an MoE layer exchanges its `[D, e, C, M]` buffers between workers.
 
 The MoE layer never imports Horovod. It asks its communicator for D (the size of the expert
-group it belongs to) and calls `all_to_all` twice per forward pass (Whale data flow, SPEC §1):
+group it belongs to) and calls `all_to_all` twice per forward pass (the Whale data flow, arXiv
+2105.15082 appendix A.3):
 
     dispatched [D, e, C, M]  --all_to_all-->  [D, e, C, M]   row d now holds worker d's tokens
                                                             for *my* e experts

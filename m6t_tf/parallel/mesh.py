@@ -1,4 +1,5 @@
-"""The worker mesh: Horovod ranks laid out as (data, expert) for expert parallelism (SPEC §4, §5).
+"""The worker mesh: Horovod ranks laid out as (data, expert) for expert parallelism
+(arXiv 2405.15052 §3: data × expert; M6-T's 480 workers are all on the expert axis).
 
     world = data × expert                 rank r ↔ (data_index, expert_index)
     data_index   = r // expert            which replica of the full expert set r belongs to
@@ -38,7 +39,7 @@ class Mesh:
 
   Attributes:
     data: ranks holding a replica of the same experts (the Data axis; experts replicate on it).
-    expert: ranks of one expert-parallel group (the Expert axis), D of SPEC §1.
+    expert: ranks of one expert-parallel group (the Expert axis), D in the MoE layer's notation.
   """
   data: int
   expert: int

@@ -1,4 +1,5 @@
-"""Everything gin may configure, registered in one place (layers never import gin; STYLE.md).
+"""Everything gin may configure, registered in one place (layers never import gin: gin stays
+at the edge, as in t5x).
 
 Gin names: `M6Transformer.*` (the network), `MoEConfig.*` (every MoE layer), `train.*` (the
 trainer, `m6t_tf.run.training.train`), `Mesh.*` (the worker layout). See gin/base.gin.

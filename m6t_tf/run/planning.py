@@ -6,7 +6,8 @@ command line over it:
 
     python tools/plan.py --gin_file=gin/1T.gin --gin_file=gin/layouts/1x480.gin --format=table
 
-Notation (SPEC §1): V vocabulary, M hidden size, N layers, H·d = A attention width, I expert /
+Notation (the MoE layer's, `m6t_tf.layers.moe`): V vocabulary, M hidden size, N layers,
+H·d = A attention width, I expert /
 FFN intermediate size, E experts, e = E/D per worker, D expert-axis workers, R data-axis
 replicas (workers = R·D), k choices per token, C capacity, P patch input width, B batch per
 worker, S = 16 + max_len − 1 positions per caption (16 patches, `tokens[:, :-1]`), T = B·S
@@ -183,13 +184,14 @@ from typing import Any, Optional, Sequence
 import gin
 
 from m6t_tf.errors import ConfigError
+from m6t_tf.layers import embeddings
 from m6t_tf.layers import moe_options as moe_options_lib
 from m6t_tf.layers import routing as routing_lib
 from m6t_tf.networks import m6_transformer
 from m6t_tf.run import configurables
 from m6t_tf.run import training
 
-NUM_PATCHES = 16            # 4×4 grid (m6t_tf.layers.embeddings.NUM_PATCHES)
+NUM_PATCHES = embeddings.NUM_PATCHES   # 4×4 grid
 DEFAULT_PATCH_DIM = 16 * 16 * 3   # a 16×16 RGB patch of a 64×64 image
 GIB = 2 ** 30
 PARAM_COMPONENTS = ("embeddings", "attention", "attention_experts", "routers", "experts",
