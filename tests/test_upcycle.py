@@ -24,14 +24,13 @@ from m6t_tf import checkpointing
 from m6t_tf import cli
 from m6t_tf import configurables
 from m6t_tf import training
+from m6t_tf.bench import upcycle
 from m6t_tf.data import records
 from m6t_tf.parallel import context as context_lib
 from tests import jobs
 
 from tests import support
 from tests.support import DEMO, HOROVODRUN, REPO
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import upcycle  # noqa: E402  pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.multiprocess
 
