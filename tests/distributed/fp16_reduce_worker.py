@@ -22,7 +22,6 @@ The launching test puts the checkout on PYTHONPATH (`tests/jobs.py`), so this sc
 the checkout's `m6t_tf`.
 """
 
-import os
 
 from absl import app
 from absl import flags

@@ -13,7 +13,6 @@ the checkout's `m6t_tf`.
 
 import hashlib
 import json
-import os
 
 from absl import app
 from absl import flags
