@@ -277,7 +277,7 @@ _WORKER_ARGS = ("steps", "model_root", "eval_points", "log_every", "tiny", "gin_
 def _train_one(payload: str) -> int:
   """A worker of `Sweep.ensure_all`: trains (or reuses) one run."""
   d = json.loads(payload)
-  quiet_tensorflow()
+  quiet_retracing()
   sweep = Sweep(argparse.Namespace(**d["args"], jobs=1))
   sweep.ensure(RunSpec(d["label"], tuple(d["gins"]), d["seed"]))
   return 0
@@ -588,11 +588,11 @@ def start(p: argparse.ArgumentParser, argv) -> tuple:
     p.error("--time_rounds must be >= 0")
   args.model_root = os.path.abspath(args.model_root)
   args.out_dir = os.path.abspath(args.out_dir)
-  quiet_tensorflow()
+  quiet_retracing()
   return args, Sweep(args), timing.machine_info()
 
 
-def quiet_tensorflow() -> None:
+def quiet_retracing() -> None:
   """Every run and timed model has its own `Trainer` (own tf.functions), which TF reports as
   "retracing"; that warning is expected here, not a problem to chase."""
   tf.get_logger().setLevel("ERROR")

@@ -318,7 +318,7 @@ def markdown(args, argv, machine, rows, results, share_1t) -> tuple[str, str]:
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
-  experiments.quiet_tensorflow()
+  experiments.quiet_retracing()
   machine = timing.machine_info()
   info = {v[0]: v for v in VARIANTS}
   results = []

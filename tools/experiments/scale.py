@@ -33,6 +33,7 @@ if __name__ == "__main__":
   cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
 
 # pylint: disable=g-import-not-at-top
+from m6t_tf import planning
 from m6t_tf.bench import experiments
 from m6t_tf.bench import plots
 from m6t_tf.bench import report
@@ -67,7 +68,6 @@ def specs_for(args) -> list:
 
 def param_counts(sweep, gins: tuple) -> dict:
   """The planner's parameter counts of a run's config (no model is built)."""
-  from m6t_tf import planning
   cwd = os.getcwd()
   os.chdir(experiments.ROOT)
   try:
