@@ -13,6 +13,7 @@
   moe          the MoE layer benchmark, one module per suite
 
 The scripts in `tools/` are the command lines; they import from here
-(`from m6t_tf.bench import timing`). Importing this package imports nothing heavy: TensorFlow,
-Keras and gin are imported by the functions that need them.
+(`from m6t_tf.bench import timing`). `stats`, `report` and `processes`
+need no TensorFlow; a script that imports the others quiets TensorFlow's start-up first
+(`cli.quiet_tensorflow`). Nothing in the rest of `m6t_tf` imports this package.
 """
