@@ -1,5 +1,5 @@
-"""What every test shares: the checkout on sys.path, the markers' rules, and the expensive
-artefacts built once per session.
+"""What every test shares: the markers' rules and the expensive artefacts built once per
+session (pytest.ini puts the checkout first on the path).
 
 Markers (registered in pytest.ini; `make test-fast` runs neither):
   multiprocess  the test starts worker processes (horovodrun, mpirun, a CLI, a trainer run as
@@ -17,8 +17,6 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)  # `from tests import support`, and this checkout's m6t_tf
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top

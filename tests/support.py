@@ -1,14 +1,16 @@
 """Where the tests find the checkout, its demo data and Horovod's launcher; what they require.
 
-Imported as `from tests import support` (tests/conftest.py puts the repository root on
-sys.path, whatever folder pytest runs from). A missing demo dataset or `horovodrun` is a
+Imported as `from tests import support` (pytest.ini puts the repository root on the path,
+whatever folder pytest runs from). A missing demo dataset or `horovodrun` is a
 failure that names the set-up step, never a skip: a suite that turns green by skipping what
 it could not set up proves nothing (`make test` sets both up first).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
+import importlib.util
 import os
 import sys
 
@@ -35,6 +37,28 @@ def require_horovodrun() -> str:
     pytest.fail(f"{HOROVODRUN} is missing: run `make setup` (it builds Horovod with TensorFlow "
                 f"and Gloo into .venv)", pytrace=False)
   return HOROVODRUN
+
+
+def checkout_env(**extra: str) -> dict:
+  """This environment for a tool or worker started as a script (`python tools/x.py`): the
+  checkout first on PYTHONPATH, so that the child imports this checkout's `m6t_tf` (a script's
+  own folder is all Python puts on its path), plus `extra`."""
+  path = [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+  return dict(os.environ, PYTHONPATH=os.pathsep.join(path), **extra)
+
+
+@functools.cache
+def load_tool(path: str):
+  """The script `path` of the checkout (e.g. "tools/bench_moe.py") as a module, loaded once:
+  what a test calls of a command line (`main`, `parse_args`, its tables). Its
+  `if __name__ == "__main__"` block does not run. The library a tool uses is imported from
+  `m6t_tf.bench` instead."""
+  name = "tool_" + os.path.splitext(path)[0].replace(os.sep, "_").replace("/", "_")
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module   # dataclasses and pickling look a module up by its name
+  spec.loader.exec_module(module)
+  return module
 
 
 def runs_dir(name: str) -> str:

@@ -11,10 +11,10 @@ import tempfile
 import unittest
 
 import pytest
+from tests import support
 from tests.support import REPO
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
-import bench_checkpoint  # noqa: E402
+bench_checkpoint = support.load_tool("tools/bench_checkpoint.py")
 
 REPEATS = 2
 

@@ -4,6 +4,8 @@ The peers (Keras-Hub, Model Garden; `make bench-setup`) are optional: with them 
 smoke run times them too, without them it must say why instead of failing.
 """
 
+import ast
+import glob
 import json
 import math
 import os
@@ -12,12 +14,16 @@ import sys
 import unittest
 from unittest import mock
 
-from tests.support import REPO
-sys.path.insert(0, os.path.join(REPO, "tools"))
-
-import bench_moe  # noqa: E402
 import pytest
-from m6t_tf import errors
+
+from m6t_tf import cli
+from m6t_tf.bench.moe import candidates
+from m6t_tf.bench.moe import dropless
+from m6t_tf.bench.moe import peers
+from tests import support
+from tests.support import REPO
+
+bench_moe = support.load_tool("tools/bench_moe.py")
 
 ROUTING_VARIANTS = {"top1", "top2", "top4", "2xtop1", "4xtop1"}
 RESULT_KEYS = {"name": str, "variant": str, "shape": str, "tokens": int, "median_s": float,
@@ -31,7 +37,7 @@ class SmokeReportTest(unittest.TestCase):
 
   @classmethod
   def setUpClass(cls):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env = support.checkout_env(TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "bench_moe.py"), "--smoke",
          "--format=json"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
@@ -126,7 +132,7 @@ class DroplessSmokeReportTest(unittest.TestCase):
 
   @classmethod
   def setUpClass(cls):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env = support.checkout_env(TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "bench_moe.py"), "--suite=dropless",
          "--smoke", "--repeats=1", "--format=json"],
@@ -155,7 +161,7 @@ class DroplessSmokeReportTest(unittest.TestCase):
       self.assertEqual(len(baselines), 1, key)
       self.assertAlmostEqual(baselines[0]["ratio_to_baseline"], 1.0, places=9)
     self.assertEqual({row["num_groups"] for row in r["results"]
-                      if row["name"] == "groups-natural"}, set(bench_moe.GROUPS))
+                      if row["name"] == "groups-natural"}, set(dropless.GROUPS))
 
   def test_dropped_fractions(self):
     shape = self.report["shape"]["T=64"]
@@ -163,8 +169,8 @@ class DroplessSmokeReportTest(unittest.TestCase):
       if row["variant"].startswith("dropless"):
         self.assertEqual(row["dropped_fraction"], 0.0, row["variant"])
     # Skewed at capacity 1.25: expert 0 keeps C of its round(0.6·T) tokens, the others fit.
-    c = bench_moe._capacity(shape)
-    want = (round(bench_moe.SKEW * shape["T"]) - c) / shape["T"]
+    c = candidates.capacity(shape)
+    want = (round(dropless.SKEW * shape["T"]) - c) / shape["T"]
     for row in self.report["results"]:
       if row["name"] == "dropless-skewed" and row["variant"].startswith("capacity"):
         self.assertAlmostEqual(row["dropped_fraction"], want, places=6)
@@ -182,7 +188,7 @@ class DroplessSmokeReportTest(unittest.TestCase):
       self.assertLess(s["padded_max_rel_difference"], 1e-5, routing)
       for variant in ("capacity", "variable", "padded"):
         per_rank = s["bytes"][variant]["per_rank"]
-        self.assertEqual(len(per_rank), bench_moe.A2A_RANKS)
+        self.assertEqual(len(per_rank), dropless.A2A_RANKS)
         for b in per_rank:
           self.assertGreater(b["bytes"], 0)
           self.assertGreaterEqual(b["bytes"], b["remote_bytes"])
@@ -202,17 +208,17 @@ class PinnedRoutingTest(unittest.TestCase):
 
   def test_balanced_and_skewed_counts(self):
     import numpy as np
-    balanced = np.bincount(bench_moe.pinned_experts(64, 8), minlength=8)
+    balanced = np.bincount(dropless.pinned_experts(64, 8), minlength=8)
     self.assertEqual(balanced.tolist(), [8] * 8)
-    skewed = np.bincount(bench_moe.pinned_experts(100, 8, 0.6), minlength=8)
+    skewed = np.bincount(dropless.pinned_experts(100, 8, 0.6), minlength=8)
     self.assertEqual(skewed[0], 60)
     self.assertEqual(skewed.sum(), 100)
     self.assertLessEqual(skewed[1:].max() - skewed[1:].min(), 1)
 
   def test_dropless_suite_arguments(self):
     args = bench_moe.parse_args(["--suite=dropless"])
-    self.assertEqual(args.sections, bench_moe.DROPLESS_SECTIONS)
-    with self.assertRaisesRegex(errors.ConfigError, "routing"):
+    self.assertEqual(args.sections, dropless.DROPLESS_SECTIONS)
+    with self.assertRaisesRegex(cli.ConfigError, "routing"):
       bench_moe.parse_args(["--suite=dropless", "--sections=routing"])
 
 
@@ -224,7 +230,7 @@ class PeerImportTest(unittest.TestCase):
                "keras_hub.src.models.mixtral.mixtral_decoder": None,
                "official": None, "official.nlp.modeling.layers.moe": None}
     with mock.patch.dict(sys.modules, blocked):
-      status, modules = bench_moe.import_peers(True)
+      status, modules = peers.import_peers(True)
     self.assertEqual(modules, {})
     for name in ("keras_hub", "model_garden"):
       self.assertFalse(status[name]["available"])
@@ -235,8 +241,44 @@ class PeerImportTest(unittest.TestCase):
                                  "--sections=routing,scaling"])
     self.assertEqual(args.tokens, [32, 64])
     self.assertEqual(args.sections, ("routing", "scaling"))
-    with self.assertRaisesRegex(errors.ConfigError, "nope"):  # one line and exit 2 (m6t_tf.cli)
+    with self.assertRaisesRegex(cli.ConfigError, "nope"):  # one line and exit 2 (m6t_tf.cli)
       bench_moe.parse_args(["--sections=nope"])
+
+
+class PublicApiTest(unittest.TestCase):
+  """The benchmark measures the layer as a model uses it: through its public API only."""
+
+  FILES = sorted(glob.glob(os.path.join(REPO, "m6t_tf", "bench", "moe", "*.py"))
+                 + [os.path.join(REPO, "tools", "bench_moe.py")])
+
+  def test_no_private_access_subclassing_or_patching_of_the_layers(self):
+    self.assertGreater(len(self.FILES), 5)
+    problems = []
+    for path in self.FILES:
+      tree = ast.parse(open(path, encoding="utf-8").read(), path)
+      layer_modules = {a.asname or a.name for node in ast.walk(tree)
+                       if isinstance(node, ast.ImportFrom) and node.module
+                       and node.module.startswith("m6t_tf.layers") for a in node.names}
+      where = lambda node: f"{os.path.relpath(path, REPO)}:{node.lineno}"
+      for node in ast.walk(tree):
+        # x._name of anything but the class's own `self` (dunders such as __path__ are public).
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and not (isinstance(node.value, ast.Name) and node.value.id == "self")):
+          problems.append(f"{where(node)} reads private {ast.unparse(node)}")
+        if isinstance(node, ast.ClassDef):
+          for base in node.bases:
+            root = base
+            while isinstance(root, ast.Attribute):
+              root = root.value
+            if isinstance(root, ast.Name) and root.id in layer_modules:
+              problems.append(f"{where(node)} subclasses {ast.unparse(base)}")
+        if isinstance(node, ast.Assign):
+          for target in node.targets:
+            if (isinstance(target, ast.Attribute) and target.attr in ("__class__", "call")
+                and not (isinstance(target.value, ast.Name) and target.value.id == "self")):
+              problems.append(f"{where(node)} patches {ast.unparse(target)}")
+    self.assertEqual(problems, [])
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ import unittest
 import pytest
 import tensorflow as tf
 
+from m6t_tf import cli
+from m6t_tf.bench import dense as dense_lib
+from m6t_tf.bench import models
+from m6t_tf.bench import timing
 from tests import support
 from tests.support import REPO
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
-import compare_dense  # noqa: E402
-from m6t_tf import errors
+compare_dense = support.load_tool("tools/compare_dense.py")
 
 TINY_DENSE = "gin/demo.gin,gin/tiny.gin"
 TINY_MOES = ("gin/demo.gin,gin/tiny.gin", "tools/experiments/gin/top2_cap_k.gin,gin/tiny.gin")
@@ -40,15 +42,15 @@ class BudgetArithmeticTest(unittest.TestCase):
 
   def test_chinchilla_budget_by_hand(self):
     # 1,000 params × 20 = 20,000 tokens; 100 tokens/step → 200 steps; × 0.5 s = 100 s.
-    b = compare_dense.budget(dense_params=1000, tokens_per_param=20, dense_tokens_per_step=100,
-                             dense_step_time_s=0.5)
+    b = dense_lib.budget(dense_params=1000, tokens_per_param=20, dense_tokens_per_step=100,
+                         dense_step_time_s=0.5)
     self.assertEqual(b, {"budget_params": 1000, "budget_tokens": 20000, "steps": 200.0,
                          "budget_s": 100.0})
 
   def test_moe_inside_the_same_wall_clock(self):
     # An MoE 25% slower per step gets 200 / 1.25 = 160 steps of 100 tokens in the same 100 s.
-    m = compare_dense.moe_at_budget(budget_s=100.0, dense_steps=200.0, dense_tokens=20000.0,
-                                    dense_step_time_s=0.5, ratio=1.25, tokens_per_step=100)
+    m = dense_lib.moe_at_budget(budget_s=100.0, dense_steps=200.0, dense_tokens=20000.0,
+                                dense_step_time_s=0.5, ratio=1.25, tokens_per_step=100)
     self.assertAlmostEqual(m["step_time_s"], 0.625)
     self.assertAlmostEqual(m["steps"], 160.0)
     self.assertAlmostEqual(m["tokens"], 16000.0)
@@ -60,13 +62,13 @@ class BudgetArithmeticTest(unittest.TestCase):
 
   def test_paired_ratio_is_the_median_of_per_round_ratios(self):
     # Round 2 was slowed for both models (a shared machine): the paired ratio ignores that.
-    self.assertAlmostEqual(compare_dense.paired_ratio([1.1, 2.2, 1.3], [1.0, 2.0, 1.0]), 1.1)
+    self.assertAlmostEqual(timing.paired_ratio([1.1, 2.2, 1.3], [1.0, 2.0, 1.0]), 1.1)
 
   def test_upcycle_budgets_by_hand(self):
     # Budget 8 dense steps of 0.5 s = 4 s; the MoE step is 1.4 × 0.5 = 0.7 s. Upcycled after 4
     # dense steps: (8 − 4) / 1.4 = 2.86 → 2 MoE steps; from scratch 8 / 1.4 = 5.71 → 5 steps.
-    b = compare_dense.upcycle_budgets(upcycle_at=4, budget_steps=8, dense_step_time_s=0.5,
-                                      ratio=1.4)
+    b = dense_lib.upcycle_budgets(upcycle_at=4, budget_steps=8, dense_step_time_s=0.5,
+                                  ratio=1.4)
     self.assertAlmostEqual(b["budget_s"], 4.0)
     self.assertAlmostEqual(b["moe_step_time_s"], 0.7)
     got = {arm: (a["dense_steps"], a["moe_steps"]) for arm, a in b["arms"].items()}
@@ -74,22 +76,22 @@ class BudgetArithmeticTest(unittest.TestCase):
     self.assertAlmostEqual(b["arms"]["upcycled"]["budget_used_s"], 4 * 0.5 + 2 * 0.7)
     self.assertAlmostEqual(b["arms"]["moe_scratch"]["budget_fraction"], 3.5 / 4.0)
     # A budget of exactly k MoE steps gives k (no floating-point loss of the last step).
-    b = compare_dense.upcycle_budgets(upcycle_at=1, budget_steps=12, dense_step_time_s=0.1,
-                                      ratio=1.2)
+    b = dense_lib.upcycle_budgets(upcycle_at=1, budget_steps=12, dense_step_time_s=0.1,
+                                  ratio=1.2)
     self.assertEqual(b["arms"]["moe_scratch"]["moe_steps"], 10)
     with self.assertRaisesRegex(ValueError, "upcycle_budget_steps"):
-      compare_dense.upcycle_budgets(upcycle_at=4, budget_steps=4, dense_step_time_s=0.5,
-                                    ratio=1.0)
+      dense_lib.upcycle_budgets(upcycle_at=4, budget_steps=4, dense_step_time_s=0.5,
+                                ratio=1.0)
     with self.assertRaisesRegex(ValueError, "fit no MoE step"):
-      compare_dense.upcycle_budgets(upcycle_at=4, budget_steps=5, dense_step_time_s=0.5,
-                                    ratio=1.5)
+      dense_lib.upcycle_budgets(upcycle_at=4, budget_steps=5, dense_step_time_s=0.5,
+                                ratio=1.5)
 
   def test_gin_specs_split_on_commas(self):
-    self.assertEqual(compare_dense.split_files("gin/a.gin, gin/b.gin"), ["gin/a.gin", "gin/b.gin"])
-    self.assertEqual(compare_dense.model_name(["gin/demo.gin", "gin/tiny.gin"], True),
+    self.assertEqual(models.split_files("gin/a.gin, gin/b.gin"), ["gin/a.gin", "gin/b.gin"])
+    self.assertEqual(models.model_name(["gin/demo.gin", "gin/tiny.gin"], True),
                      "dense(demo+tiny)")
     with self.assertRaises(ValueError):
-      compare_dense.split_files(" , ")
+      models.split_files(" , ")
 
 
 @pytest.mark.multiprocess
@@ -101,7 +103,7 @@ class TinyJsonRunTest(unittest.TestCase):
     cmd = [sys.executable, os.path.join(REPO, "tools", "compare_dense.py"),
            f"--dense_gin={TINY_DENSE}", *[f"--moe_gin={m}" for m in TINY_MOES],
            f"--steps_to_time={ROUNDS}", "--warmup_steps=1", "--format=json"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env = support.checkout_env(TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     if proc.returncode != 0:
       raise AssertionError(f"compare_dense.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -129,7 +131,7 @@ class TinyJsonRunTest(unittest.TestCase):
 
   def test_dense_twin_has_no_moe_and_is_the_same_backbone(self):
     d = self.report["dense"]
-    self.assertIn(compare_dense.DENSE_BINDING, d["gin_bindings"])
+    self.assertIn(models.DENSE_BINDING, d["gin_bindings"])
     self.assertEqual(d["params_activated"], d["params_total"])
     for row in self.report["moe"]:
       # Same embeddings (same vocabulary, M, positions, patch projection) on both sides.
@@ -143,7 +145,7 @@ class TinyJsonRunTest(unittest.TestCase):
     self.addCleanup(gin.clear_config)
     d = self.report["dense"]
     files = TINY_DENSE.split(",")
-    p = planning.plan_from_gin(files, [compare_dense.DENSE_BINDING], search_paths=[REPO])
+    p = planning.plan_from_gin(files, [models.DENSE_BINDING], search_paths=[REPO])
     self.assertEqual(d["params_total"], p["params_total"])
     self.assertEqual(d["params_embedding"], p["params_by_component"]["embeddings"])
     for row, spec in zip(self.report["moe"], TINY_MOES):
@@ -208,7 +210,7 @@ class TinyUpcycleRunTest(tf.test.TestCase):
            f"--upcycle_at={UPCYCLE_AT}", f"--upcycle_budget_steps={UPCYCLE_BUDGET}",
            f"--upcycle_dir={os.path.join(cls.tmp, 'arms')}", "--steps_to_time=2",
            "--warmup_steps=1", "--format=json", *[f"--gin_bindings={b}" for b in EXACT]]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env = support.checkout_env(TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     if proc.returncode != 0:
       raise AssertionError(f"compare_dense.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -222,7 +224,7 @@ class TinyUpcycleRunTest(tf.test.TestCase):
 
   def test_three_arms_in_json_and_table(self):
     u = self.up
-    self.assertEqual([a["arm"] for a in u["arms"]], list(compare_dense.ARMS))
+    self.assertEqual([a["arm"] for a in u["arms"]], list(dense_lib.ARMS))
     self.assertEqual(u["upcycle_at"], UPCYCLE_AT)
     self.assertEqual(u["budget_dense_steps"], UPCYCLE_BUDGET)
     self.assertEqual(u["upcycled_experts"], 8)
@@ -286,8 +288,8 @@ class TinyUpcycleRunTest(tf.test.TestCase):
     import gin
     from m6t_tf.run import checkpointing
     from m6t_tf.run import configurables
-    from m6t_tf.run import inputs
     from m6t_tf.run import trainer as trainer_lib
+    from m6t_tf.run import inputs
     from m6t_tf.parallel import context as context_lib
     self.addCleanup(gin.clear_config)
     gin.clear_config()
@@ -311,18 +313,18 @@ class FlagsTest(unittest.TestCase):
   def test_bad_flags_fail_before_building(self):
     # One-line errors (m6t_tf.cli): the CLI prints them and exits 2.
     for bad in (["--steps_to_time=0"], ["--warmup_steps=0"], ["--tokens_per_param=0"]):
-      with self.assertRaisesRegex(errors.ConfigError, bad[0].split("=")[0]):
+      with self.assertRaisesRegex(cli.ConfigError, bad[0].split("=")[0]):
         compare_dense.parse_args(["--dense_gin=gin/demo.gin", "--moe_gin=gin/demo.gin", *bad])
-    with self.assertRaisesRegex(errors.ConfigError, "--moe_gin"):
+    with self.assertRaisesRegex(cli.ConfigError, "--moe_gin"):
       compare_dense.parse_args(["--dense_gin=gin/demo.gin"])        # no --moe_gin
     upcycle = ["--dense_gin=gin/demo.gin", "--upcycle_moe_gin=gin/demo.gin"]
     for bad, message in (([], "needs --upcycle_at"),
                          (["--upcycle_at=0"], "--upcycle_at=0"),
                          (["--upcycle_at=5", "--upcycle_budget_steps=5"], "must exceed"),
                          (["--upcycle_at=5", "--upcycle_noise_std=-1"], "noise_std")):
-      with self.assertRaisesRegex(errors.ConfigError, message):
+      with self.assertRaisesRegex(cli.ConfigError, message):
         compare_dense.parse_args(upcycle + bad)
-    with self.assertRaisesRegex(errors.ConfigError, "need --upcycle_moe_gin"):
+    with self.assertRaisesRegex(cli.ConfigError, "need --upcycle_moe_gin"):
       compare_dense.parse_args(["--dense_gin=a.gin", "--moe_gin=b.gin", "--upcycle_at=5"])
     args = compare_dense.parse_args(upcycle + ["--upcycle_at=5", "--upcycle_dir=runs/none/x"])
     self.assertEqual((args.moe_gin, args.upcycle_budget_steps), ([], 10))    # default 2N

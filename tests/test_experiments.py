@@ -12,28 +12,21 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import unittest
 
 import numpy as np
 import pytest
 
+from m6t_tf.bench import experiments
+from m6t_tf.bench import plots
+from m6t_tf.bench import report
+from m6t_tf.bench import stats
 from tests import support
-from tests.support import REPO
-
-EXPERIMENTS = os.path.join(REPO, "tools", "experiments")
-sys.path.insert(0, EXPERIMENTS)
-
-import common  # noqa: E402
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}",
-                                                os.path.join(EXPERIMENTS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return support.load_tool(f"tools/experiments/{name}.py")
 
 
 SMOKE = ["--tiny", "--steps=2", "--eval_points=1", "--log_every=1"]
@@ -118,7 +111,7 @@ class ScriptsSmokeTest(unittest.TestCase):
     self.assertAlmostEqual(arm["delta_vs_top1"]["mean"],
                            (by_seed[0] - base[0] + by_seed[1] - base[1]) / 2)
     # The verdict these two seeds must give, from the 95% t-interval of the paired
-    # differences (t = 12.706 at 1 degree of freedom), computed here, not by `common`.
+    # differences (t = 12.706 at 1 degree of freedom), computed here, not by `m6t_tf.bench.stats`.
     diffs = np.array([by_seed[s] - base[s] for s in (0, 1)])
     half = 12.706 * diffs.std(ddof=1) / np.sqrt(2)
     want = ("lower" if diffs.mean() + half < 0 else
@@ -213,25 +206,25 @@ def _restore_globals():
 class HelpersTest(unittest.TestCase):
 
   def test_smooth_is_a_trailing_mean(self):
-    self.assertEqual(common.smooth([1.0, 3.0, 5.0, 7.0], 2), [1.0, 2.0, 4.0, 6.0])
+    self.assertEqual(stats.smooth([1.0, 3.0, 5.0, 7.0], 2), [1.0, 2.0, 4.0, 6.0])
 
   def test_late_mean_uses_the_second_half(self):
     run = {"scalars": {"x": {10: 1.0, 20: 1.0, 30: 3.0, 40: 5.0}}}
-    self.assertEqual(common.late_mean(run, "x"), 3.0)     # steps 20, 30, 40 of 40
-    self.assertIsNone(common.late_mean(run, "missing"))
+    self.assertEqual(experiments.late_mean(run, "x"), 3.0)     # steps 20, 30, 40 of 40
+    self.assertIsNone(experiments.late_mean(run, "missing"))
 
   def test_layer_names(self):
-    self.assertEqual(common.short_layer("m6/block_2/moe"), "layer 2")
-    self.assertEqual(common.short_layer("m6/block_0/attention/query"), "layer 0 query")
+    self.assertEqual(experiments.short_layer("m6/block_2/moe"), "layer 2")
+    self.assertEqual(experiments.short_layer("m6/block_0/attention/query"), "layer 0 query")
     run = {"scalars": {"moe/m6/block_10/moe/load_cv": {}, "moe/m6/block_2/moe/load_cv": {},
                        "loss": {}}}
-    self.assertEqual(common.moe_layer_names(run), ["m6/block_2/moe", "m6/block_10/moe"])
+    self.assertEqual(experiments.moe_layer_names(run), ["m6/block_2/moe", "m6/block_10/moe"])
 
   def test_bindings_scale_with_steps(self):
     class Args:
       steps, eval_points, log_every, tiny, gin_bindings, model_root = 400, 4, 10, False, [], "r"
-    sweep = common.Sweep(Args())
-    spec = common.RunSpec("top-1", ("top1",), seed=3)
+    sweep = experiments.Sweep(Args())
+    spec = experiments.RunSpec("top-1", ("top1",), seed=3)
     b = sweep.bindings(spec)
     for want in ("train.num_steps = 400", "train.warmup_steps = 40", "train.eval_every = 100",
                  "train.log_every = 10", "train.seed = 3"):
@@ -241,63 +234,62 @@ class HelpersTest(unittest.TestCase):
     self.assertIn("--gin_file=tools/experiments/gin/top1.gin", sweep.command(spec))
 
   def test_group_arms_keeps_one_run_per_seed(self):
-    base0, base1 = common.RunSpec("b", ("top1",), 0), common.RunSpec("b", ("top1",), 1)
-    arm0 = common.RunSpec("a", ("top1", "dropless"), 0)
-    groups = common.group_arms([arm0, base0, base0, base1, base1])
+    base0, base1 = experiments.RunSpec("b", ("top1",), 0), experiments.RunSpec("b", ("top1",), 1)
+    arm0 = experiments.RunSpec("a", ("top1", "dropless"), 0)
+    groups = experiments.group_arms([arm0, base0, base0, base1, base1])
     self.assertEqual(groups, {("top1", "dropless"): [arm0], ("top1",): [base0, base1]})
 
   def test_stats_mean_sd_and_t_interval(self):
-    st = common.stats([1.0, 2.0, 3.0])
+    st = stats.describe([1.0, 2.0, 3.0])
     self.assertEqual((st["n"], st["mean"], st["sd"]), (3, 2.0, 1.0))
     self.assertAlmostEqual(st["ci95"], 4.303 / 3 ** 0.5)     # t(0.975, 2 df) · sd / √n
-    self.assertAlmostEqual(common.stats([5.0, 7.0])["ci95"], 12.706 * 2 ** 0.5 / 2 ** 0.5)
-    one = common.stats([4.0])
+    self.assertAlmostEqual(stats.describe([5.0, 7.0])["ci95"], 12.706 * 2 ** 0.5 / 2 ** 0.5)
+    one = stats.describe([4.0])
     self.assertEqual((one["mean"], one["sd"], one["ci95"]), (4.0, None, None))
-    self.assertEqual(common.stats([None, float("nan")])["n"], 0)
-    self.assertEqual(common.fmt_sd(st), "2.000 ± 1.000")
-    self.assertEqual(common.fmt_ci(common.stats([-1.0, -1.0, -1.0])), "-1.000 [-1.000, -1.000]")
+    self.assertEqual(stats.describe([None, float("nan")])["n"], 0)
+    self.assertEqual(report.fmt_sd(st), "2.000 ± 1.000")
+    self.assertEqual(report.fmt_ci(stats.describe([-1.0, -1.0, -1.0])), "-1.000 [-1.000, -1.000]")
 
   def test_paired_differences_remove_the_seed_effect(self):
     # The seed moves both arms by up to 1.0; the arm is 0.05 better in every seed: unpaired
     # intervals would overlap, the paired one excludes 0.
     base = {0: 2.0, 1: 3.0, 2: 2.5}
     arm = {0: 1.95, 1: 2.96, 2: 2.44}
-    d = common.paired(arm, base)
+    d = stats.paired(arm, base)
     self.assertEqual(d["seeds"], [0, 1, 2])
     self.assertAlmostEqual(d["mean"], -0.05)
     self.assertEqual(d["verdict"], "lower")
-    self.assertEqual(common.paired(base, arm)["verdict"], "higher")
-    self.assertEqual(common.paired({0: 1.0, 1: 2.0, 2: 0.9}, {0: 1.0, 1: 1.0, 2: 1.0})["verdict"],
+    self.assertEqual(stats.paired(base, arm)["verdict"], "higher")
+    self.assertEqual(stats.paired({0: 1.0, 1: 2.0, 2: 0.9}, {0: 1.0, 1: 1.0, 2: 1.0})["verdict"],
                      "tie")
-    self.assertEqual(common.paired({0: 1.0}, {0: 2.0})["verdict"], "tie")   # one seed: no claim
-    self.assertEqual(common.paired({0: 1.0, 1: 2.0}, {1: 1.5, 2: 0.0})["seeds"], [1])
+    self.assertEqual(stats.paired({0: 1.0}, {0: 2.0})["verdict"], "tie")   # one seed: no claim
+    self.assertEqual(stats.paired({0: 1.0, 1: 2.0}, {1: 1.5, 2: 0.0})["seeds"], [1])
 
-  def test_scale_slope_and_its_interval(self):
-    scale = _load("scale")
-    exact = scale.slope([1.0, 2.0, 3.0, 4.0], [0.5, 0.7, 0.9, 1.1])
+  def test_slope_and_its_interval(self):
+    exact = stats.slope([1.0, 2.0, 3.0, 4.0], [0.5, 0.7, 0.9, 1.1])
     self.assertAlmostEqual(exact["slope"], 0.2)
     self.assertAlmostEqual(exact["ci95"], 0.0)
-    noisy = scale.slope([0, 0, 1, 1, 2, 2], [0.0, 0.2, 0.1, 0.3, 0.2, 0.4])
+    noisy = stats.slope([0, 0, 1, 1, 2, 2], [0.0, 0.2, 0.1, 0.3, 0.2, 0.4])
     self.assertAlmostEqual(noisy["slope"], 0.1)
     # residual variance 0.02 · 4/4 … from the formula: s² = Σr²/(n − 2), se = √(s²/Sxx)
     resid = sum(r * r for r in (-0.1, 0.1, -0.1, 0.1, -0.1, 0.1)) / 4
     self.assertAlmostEqual(noisy["ci95"], 2.776 * (resid / 4) ** 0.5)
-    with self.assertRaisesRegex(ValueError, "sizes must differ"):
-      scale.slope([1.0, 1.0], [0.0, 1.0])
+    with self.assertRaisesRegex(ValueError, "must differ in x"):
+      stats.slope([1.0, 1.0], [0.0, 1.0])
 
   def test_band_is_the_mean_over_common_steps(self):
-    plt = common.pyplot() if importlib.util.find_spec("matplotlib") else None
+    plt = plots.pyplot() if importlib.util.find_spec("matplotlib") else None
     if plt is None:
       pytest.fail("matplotlib is missing: `make experiments-setup` installs "
                   "requirements-plots.txt (make test does it first)", pytrace=False)
     fig, ax = plt.subplots()
-    xs, mean = common.band(ax, [([0, 10, 20], [1.0, 2.0, 3.0]), ([10, 20, 30], [4.0, 6.0, 8.0])],
-                           "black")
+    xs, mean = plots.band(ax, [([0, 10, 20], [1.0, 2.0, 3.0]), ([10, 20, 30], [4.0, 6.0, 8.0])],
+                          "black")
     self.assertEqual((xs, mean), ([10, 20], [3.0, 4.5]))
     plt.close(fig)
 
   def test_markdown_table(self):
-    self.assertEqual(common.markdown_table(["a", "b"], [[1, 2]], align="lr"),
+    self.assertEqual(report.markdown_table(["a", "b"], [[1, 2]], align="lr"),
                      "| a | b |\n| --- | ---: |\n| 1 | 2 |")
 
 

@@ -17,31 +17,18 @@ for both capacities at k = 1, 2, 4 and both routings), then checks on its JSON:
 * the planner's C equals the trainer's.
 """
 
-import importlib.util
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import unittest
 
 import pytest
 
 from tests import support
-from tests.support import REPO
 
-EXPERIMENTS = os.path.join(REPO, "tools", "experiments")
-sys.path.insert(0, EXPERIMENTS)
 VARIANTS = ["top1", "top2_cap_k", "top2_cap_1", "top4_cap_k", "4top1_cap_k", "4top1_cap_1"]
-
-
-def _load_flops():
-  spec = importlib.util.spec_from_file_location("experiments_flops",
-                                                os.path.join(EXPERIMENTS, "flops.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.mark.slow
@@ -53,8 +40,8 @@ class FlopsTableTest(unittest.TestCase):
     cls.tmp = tempfile.mkdtemp(prefix="m6t_flops_")
     cwd = os.getcwd()
     try:
-      cls.rc = _load_flops().main(["--tiny", f"--out_dir={cls.tmp}",
-                                   "--variants=" + ",".join(VARIANTS)])
+      flops = support.load_tool("tools/experiments/flops.py")
+      cls.rc = flops.main(["--tiny", f"--out_dir={cls.tmp}", "--variants=" + ",".join(VARIANTS)])
     finally:
       import gin
       import keras

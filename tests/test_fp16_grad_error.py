@@ -4,18 +4,13 @@
 test; `tests/test_parallel_fp16_gradients.py` tests the FP16 reduction it measures.)
 """
 
-import os
-import sys
-
 import numpy as np
 import pytest
 
-from tests.support import REPO
+from m6t_tf.cli import ConfigError
+from tests import support
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-
-import fp16_grad_error  # noqa: E402
-from m6t_tf.errors import ConfigError  # noqa: E402
+fp16_grad_error = support.load_tool("tools/fp16_grad_error.py")
 
 
 def test_statistics_of_hand_made_values():

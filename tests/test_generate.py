@@ -11,7 +11,6 @@
   rank decodes a filler row in lockstep) give the rows of 1 process.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -40,10 +39,7 @@ VALIDATION = os.path.join(DEMO, "validation-*.tfrecord")
 ROW_KEYS = {"key", "image", "caption", "log_prob", "score", "num_tokens", "candidates",
             "references"}
 
-_spec = importlib.util.spec_from_file_location("make_dataset_tool",
-                                               os.path.join(REPO, "tools", "make_dataset.py"))
-make_dataset = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_dataset)
+make_dataset = support.load_tool("tools/make_dataset.py")
 
 
 def train_tiny(model_dir: str) -> None:

@@ -1,6 +1,5 @@
 """Tests of tools/make_dataset.py: JSON lines + images -> TFRecords, bad-record handling."""
 
-import importlib.util
 import io
 import json
 import os
@@ -13,11 +12,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from m6t_tf.data import pipeline, records  # pylint: disable=g-import-not-at-top
+from tests import support  # pylint: disable=g-import-not-at-top
 
-_TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_dataset.py"
-_spec = importlib.util.spec_from_file_location("make_dataset_tool", _TOOL)
-make_dataset = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_dataset)
+make_dataset = support.load_tool("tools/make_dataset.py")
 
 GOOD = [  # (file, caption)
     ("red.png", "一个红色的方块"),

@@ -21,18 +21,17 @@ import pytest
 import tensorflow as tf
 
 from m6t_tf.run import checkpointing
-from m6t_tf import errors
+from m6t_tf import cli
 from m6t_tf.run import configurables
-from m6t_tf.run import inputs
 from m6t_tf.run import trainer as trainer_lib
+from m6t_tf.run import inputs
+from m6t_tf.bench import upcycle
 from m6t_tf.data import records
 from m6t_tf.parallel import context as context_lib
 from tests import jobs
 
 from tests import support
 from tests.support import DEMO, HOROVODRUN, REPO
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import upcycle  # noqa: E402  pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.multiprocess
 
@@ -177,7 +176,7 @@ class UpcycleTest(tf.test.TestCase):
       args = dict(dense_model_dir=self.dense_dir, moe_gin=FILES,
                   gin_bindings=self.moe_bindings(), model_dir=target, search_paths=[REPO])
       args.update(kwargs)
-      with self.assertRaisesRegex(errors.ConfigError, message):
+      with self.assertRaisesRegex(cli.ConfigError, message):
         upcycle.upcycle(**args)
       self.assertFalse(os.path.exists(target), message)
 

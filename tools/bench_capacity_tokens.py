@@ -14,40 +14,39 @@ after / before measured in this one process (absolute figures on a shared machin
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import statistics
 import sys
 import tempfile
 
+from m6t_tf import cli
+
+if __name__ == "__main__":
+  cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
+
+# pylint: disable=g-import-not-at-top
+import gin
+
+from m6t_tf.run import configurables
+from m6t_tf.bench import experiments
+# pylint: enable=g-import-not-at-top
+
+# gin/demo.gin of the checkout holding this script, from any folder.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-
-def _scalars(model_dir: str) -> dict:
-  import tensorflow as tf
-  out = {}
-  for path in glob.glob(os.path.join(model_dir, "train", "events*")):
-    for raw in tf.data.TFRecordDataset(path):
-      event = tf.compat.v1.Event.FromString(raw.numpy())
-      for value in event.summary.value:
-        out.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
-  return out
 
 
 def run(fraction: str, steps: int) -> dict:
-  import gin
-  from m6t_tf.run import configurables
   gin.clear_config()
   configurables.parse([os.path.join(ROOT, "gin", "demo.gin")], [
       f"train.num_steps = {steps}", f"train.log_every = {steps // 2}", "train.eval_data = None",
       f"REAL_TOKEN_FRACTION = {fraction}"], [ROOT])
   model_dir = tempfile.mkdtemp(prefix="m6t_bench_capacity_")
   summary = configurables.run_train(model_dir=model_dir)
-  scalars = _scalars(model_dir)
+  scalars = experiments.read_scalars(model_dir)
   layer = summary["model"].moe_layers[0]
-  dropped = [v for k, v in scalars.items() if k.endswith("/dropped_fraction")]
+  first = experiments.moe_layer_names({"scalars": scalars})[:1]    # in network order
+  dropped = [scalars[f"moe/{name}/dropped_fraction"] for name in first]
   return {"fraction": layer.capacity_token_fraction or 1.0, "capacity": layer.last_capacity,
           "tokens_per_s": scalars["tokens_per_s"][steps],
           "effective_capacity_factor": scalars["moe/effective_capacity_factor"][steps],

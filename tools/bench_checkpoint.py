@@ -1,4 +1,4 @@
-r"""Cost of durable checkpoints: a save that fsyncs (m6t_tf.run.checkpointing) against one that
+r"""Cost of durable checkpoints: a save that fsyncs (m6t_tf.checkpointing) against one that
 does not, on a real model's checkpoint, in one process.
 
   python tools/bench_checkpoint.py                                   # the demo model, a table
@@ -6,10 +6,10 @@ does not, on a real model's checkpoint, in one process.
   python tools/bench_checkpoint.py --gin_file=gin/demo.gin --gin_file=gin/tiny.gin --repeats=2
 
 Method:
-  1. Build the model of the gin config as the trainer does (`compare_dense.Candidate`: its
+  1. Build the model of the gin config as the trainer does (`m6t_tf.bench.models.GinModel`: its
      network, optimizer and `Trainer` on a real batch of `train.train_data`), run one training
      step so that the optimizer's slots exist, and collect the trainer's checkpoint entries
-     (`trainer_lib.variables_by_path` plus the `train/*` counters).
+     (`training.variables_by_path` plus the `train/*` counters).
   2. Save it with two `Checkpointer`s, one directory each under `--dir` (default `runs/`, where
      a `model_dir` lives: the same filesystem), `max_to_keep` as the trainer's default (3), so
      that steady-state saves also prune:
@@ -37,7 +37,6 @@ JSON (--format=json), schema_version 1:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -45,11 +44,24 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from m6t_tf import cli
 
-from m6t_tf.machine import machine_info  # noqa: E402
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# pylint: disable=g-import-not-at-top
+import numpy as np
+import tensorflow as tf
+
+from m6t_tf.run import checkpointing
+from m6t_tf.run import trainer as trainer_lib
+from m6t_tf.bench import models
+from m6t_tf.bench import report as report_lib
+from m6t_tf.bench import timing
+from m6t_tf.data import records
+from m6t_tf.parallel import context as context_lib
+# pylint: enable=g-import-not-at-top
 
 SCHEMA_VERSION = 1
 TOOL = "tools/bench_checkpoint.py"
@@ -80,7 +92,6 @@ def parse_args(argv):
 
 def file_ops(variant: str):
   """The `LocalFileOps` of a variant, counting its fsyncs in `.fsyncs`."""
-  from m6t_tf.run import checkpointing
 
   class Counting(checkpointing.LocalFileOps):
     def __init__(self, only_latest: bool):
@@ -105,12 +116,7 @@ def file_ops(variant: str):
 
 def checkpoint_entries(files, bindings, search_paths):
   """(the trainer's checkpoint entries of the config's model, the batch's source)."""
-  import numpy as np
-  import tensorflow as tf
-  import compare_dense
-  from m6t_tf.run import trainer as trainer_lib
-  from m6t_tf.data import records
-  c = compare_dense.Candidate("model", files, bindings, False, search_paths)
+  c = models.GinModel("model", files, bindings, False, search_paths)
   c.build()
   c.step()                                   # creates the optimizer's slots
   trainer = c.trainer
@@ -142,11 +148,8 @@ def filesystem_of(path: str) -> str:
 
 
 def run(args, log) -> dict:
-  from m6t_tf.run import checkpointing
-  from m6t_tf.parallel import context as context_lib
-  import tensorflow as tf
   tf.get_logger().setLevel("ERROR")
-  machine = machine_info()
+  machine = timing.machine_info()
   log(f"building {'+'.join(args.gin_file)}")
   entries, num_experts, batch_source = checkpoint_entries(args.gin_file, args.gin_bindings,
                                                           args.gin_search_paths)
@@ -167,7 +170,7 @@ def run(args, log) -> dict:
       ckpts[variant].save(step)
     for r in range(args.repeats):
       step += 1
-      for variant in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+      for variant in timing.rotation(VARIANTS, r):
         before = ops[variant].fsyncs
         start = time.perf_counter()
         ckpts[variant].save(step)
@@ -179,7 +182,6 @@ def run(args, log) -> dict:
   finally:
     shutil.rmtree(root, ignore_errors=True)
   machine["loadavg_end"] = list(os.getloadavg())
-  ratios = [d / b for d, b in zip(times["durable"], times["before"])]
   return {
       "schema_version": SCHEMA_VERSION, "tool": TOOL, "argv": sys.argv[1:],
       "machine": machine,
@@ -189,7 +191,7 @@ def run(args, log) -> dict:
       "dir": args.dir, "filesystem": filesystem, "repeats": args.repeats,
       "variants": {v: {"median_s": statistics.median(times[v]), "times_s": times[v],
                        "fsyncs_per_save": fsyncs[v]} for v in VARIANTS},
-      "ratio_durable_to_before": statistics.median(ratios),
+      "ratio_durable_to_before": timing.paired_ratio(times["durable"], times["before"]),
       "extra_ms_per_save": statistics.median(
           [(d - b) * 1e3 for d, b in zip(times["durable"], times["before"])]),
   }
@@ -218,11 +220,7 @@ def main(argv=None) -> int:
   except (ValueError, IOError) as e:
     print(f"bench_checkpoint.py: {e}", file=sys.stderr)
     return 2
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
-  print(json.dumps(result, indent=1) if args.format == "json" else table(result))
+  report_lib.emit(result, format=args.format, table=table, out=args.out)
   return 0
 
 

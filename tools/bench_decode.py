@@ -24,16 +24,27 @@ and (--format=json) the JSON report, schema_version 1:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from m6t_tf import cli
 
-from m6t_tf import cli  # pylint: disable=wrong-import-position
+if __name__ == "__main__":
+  cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
 
-from m6t_tf import errors
+# pylint: disable=g-import-not-at-top
+import gin
+import numpy as np
+import tensorflow as tf
+
+from m6t_tf.run import configurables
+from m6t_tf.models import decoding
+from m6t_tf.run import generation
+from m6t_tf.run import trainer as trainer_lib
+from m6t_tf.bench import report as report_lib
+from m6t_tf.bench import timing
+# pylint: enable=g-import-not-at-top
 
 
 def parse_args(argv=None):
@@ -60,14 +71,9 @@ def parse_args(argv=None):
 
 def build_network(args):
   """(network, image size): restored from --model_dir, or demo.gin with random weights."""
-  import tensorflow as tf
-  from m6t_tf.run import configurables
-  from m6t_tf.run import trainer as trainer_lib
-  from m6t_tf.run import generation
   if args.model_dir:
     restored = generation.restore(args.model_dir)
     return restored.network, restored.image_size
-  import gin
   gin.clear_config()
   configurables.parse(args.gin_file or ["gin/demo.gin"], args.gin_bindings, ["."])
   batch = {"image": tf.zeros([1, 64, 64, 3], tf.uint8), "tokens": tf.ones([1, 2], tf.int32)}
@@ -77,8 +83,6 @@ def build_network(args):
 
 def recompute_decoder(network, length: int):
   """Greedy decoding that reruns the full network on the whole prefix at every step."""
-  import tensorflow as tf
-  from m6t_tf.models import decoding
   steps = {}
 
   def step_fn(t):
@@ -104,8 +108,6 @@ def recompute_decoder(network, length: int):
 
 
 def cached_decoder(network, length: int):
-  import tensorflow as tf
-  from m6t_tf.models import decoding
   # max_len = length + 1: `length` tokens after [CLS], the last one forced to [SEP] (the
   # recomputing decoder forces it too; it costs a full step either way). lockstep: no early stop.
   options = decoding.DecodeOptions(method="greedy", max_len=length + 1)
@@ -118,8 +120,6 @@ def cached_decoder(network, length: int):
 def until_sep(tokens):
   """[PAD] after each row's first [SEP], as the cached decoder writes finished captions (both
   decoders keep computing every step, so their costs stay comparable)."""
-  import numpy as np
-  from m6t_tf.models import decoding
   after = np.cumsum(np.cumsum(tokens == decoding.SEP_ID, axis=1), axis=1) > 1
   return np.where(after, decoding.PAD_ID, tokens)
 
@@ -136,10 +136,7 @@ def time_best(fn, image, repeats: int) -> tuple[float, object]:
 
 
 def run(args, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
-  import numpy as np
-  import tensorflow as tf
-  from m6t_tf import machine
-  machine_start = machine.machine_info()  # load average before the timing
+  machine_start = timing.machine_info()  # load average before the timing
   network, size = build_network(args)
   length = args.caption_length
   if length > network.max_text_length:
@@ -181,19 +178,15 @@ def table(report: dict) -> str:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  import tensorflow as tf
   # The recomputing decoder has one tf.function per prefix length by design; TF calls it
   # "retracing".
   tf.get_logger().setLevel("ERROR")
   try:
-    report = run(args)
+    result = run(args)
   except (ValueError, OSError) as e:
-    raise errors.ConfigError(errors.one_line(e)) from e
-  report["machine"]["loadavg_end"] = list(os.getloadavg())
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=1)
-  print(json.dumps(report, indent=1) if args.format == "json" else table(report))
+    raise cli.ConfigError(cli.one_line(e)) from e
+  result["machine"]["loadavg_end"] = list(os.getloadavg())
+  report_lib.emit(result, format=args.format, table=table, out=args.out)
   return 0
 
 

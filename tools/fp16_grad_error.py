@@ -6,7 +6,7 @@ r"""Per-element error of FP16 gradient communication against a float32 reduction
 
 Method, for each config (each one `horovodrun -np 2 --gloo` launch of this file with --worker):
   1. Build the gin config's model as the trainer does, on each rank's real batch of its shard of
-     `train.train_data` (`inputs.train_stream`), with the same initial dense weights on both
+     `train.train_data` (`training.train_stream`), with the same initial dense weights on both
      ranks (`broadcast_state`), mesh (data=1, expert=2): the paper's layout, whose dense
      gradients travel and whose expert gradients stay on their rank.
        * `base_shrunk`: gin/base.gin + gin/tiny.gin's sizes, keeping base's mixed_float16
@@ -41,17 +41,33 @@ JSON (--format=json), schema_version 1:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from m6t_tf import cli
 
-from m6t_tf import cli  # noqa: E402
+if __name__ == "__main__":
+  cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
+
+# pylint: disable=g-import-not-at-top
+import keras
+import numpy as np
+import tensorflow as tf
+
+from m6t_tf.run import configurables
+from m6t_tf.run import trainer as trainer_lib
+from m6t_tf.run import inputs
+from m6t_tf.bench import processes
+from m6t_tf.bench import report as report_lib
+from m6t_tf.bench import timing
+from m6t_tf.parallel import context as context_lib
+# pylint: enable=g-import-not-at-top
+
+# The gin files are the checkout's, named relative to it, from any folder.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCHEMA_VERSION = 1
 TOOL = "tools/fp16_grad_error.py"
@@ -108,14 +124,6 @@ class RecordingContext:
 
 def worker(args) -> None:
   """One rank: records, reduces three ways, writes the travelling elements to an .npz."""
-  import keras
-  import numpy as np
-  import tensorflow as tf
-  from m6t_tf.run import configurables
-  from m6t_tf.run import inputs
-  from m6t_tf.run import trainer as trainer_lib
-  from m6t_tf.parallel import context as context_lib
-
   gin_files, bindings = CONFIGS[args.config]
   configurables.parse(gin_files, [*bindings, *LAYOUT], [REPO])
   q = configurables.query
@@ -170,7 +178,6 @@ def worker(args) -> None:
 
 
 def statistics_of(reference, values) -> dict:
-  import numpy as np
   nz = reference != 0
   ref, got = reference[nz].astype(np.float64), values[nz].astype(np.float64)
   rel = np.abs(got - ref) / np.abs(ref)
@@ -183,12 +190,11 @@ def statistics_of(reference, values) -> dict:
 
 
 def measure(name: str, args, tmp: str) -> dict:
-  import numpy as np
   result = os.path.join(tmp, name)
   cmd = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(args.ranks),
          "-H", f"localhost:{args.ranks}", "--gloo", sys.executable, os.path.abspath(__file__),
          "--worker", f"--config={name}", f"--batches={args.batches}", f"--result={result}"]
-  env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+  env = processes.child_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
   if proc.returncode:
     raise RuntimeError(f"{name}: the {args.ranks}-rank run failed:\n{proc.stdout[-3000:]}\n"
@@ -232,20 +238,16 @@ def main(argv=None) -> int:
   if args.worker:
     worker(args)
     return 0
-  from m6t_tf.machine import machine_info
   tmp = tempfile.mkdtemp(prefix="fp16_grad_error-")
   try:
     configs = {name: measure(name, args, tmp) for name in args.names}
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  report = {"schema_version": SCHEMA_VERSION, "tool": TOOL, "argv": sys.argv[1:],
-            "machine": machine_info(), "ranks": args.ranks, "batches": args.batches,
+  result = {"schema_version": SCHEMA_VERSION, "tool": TOOL, "argv": sys.argv[1:],
+            "machine": timing.machine_info(), "ranks": args.ranks, "batches": args.batches,
             "configs": configs}
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=2, sort_keys=True)
-  print(json.dumps(report, indent=2, sort_keys=True) if args.format == "json" else table(report))
+  report_lib.emit(result, format=args.format, table=table, out=args.out, indent=2,
+                  sort_keys=True)
   return 0
 
 

@@ -38,7 +38,7 @@ optimizer, the real 21128-entry vocabulary) and cut widths, depth, experts and b
 step runs in seconds on 2 CPU cores (`SHRUNK` below lists the bindings). `ratio` is planner /
 measured; the target is the activation ratio within [0.75, 1.25].
 
-Recomputation: `--remat=<value>` (default "none") hands `remat=<value>` to `trainer_lib.Trainer`
+Recomputation: `--remat=<value>` (default "none") hands `remat=<value>` to `training.Trainer`
 in the child (the trainer's `train.remat`) and compares the measurement with the planner's
 `activations_recompute`; each config is then also measured without recomputation, and the
 saving (activations without − with) is reported planned and measured, with its ratio (target:
@@ -61,15 +61,27 @@ import os
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+from m6t_tf import cli
 
-from m6t_tf import cli  # noqa: E402
+if __name__ == "__main__":
+  cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
 
-from m6t_tf import errors
-from m6t_tf.machine import machine_info  # noqa: E402
+# pylint: disable=g-import-not-at-top
+import gin
+import keras
+import numpy as np
+import tensorflow as tf
+
+from m6t_tf.run import configurables
+from m6t_tf import optimizers
+from m6t_tf.run import planning
+from m6t_tf.run import trainer as trainer_lib
+from m6t_tf.bench import processes
+from m6t_tf.bench import timing
+# pylint: enable=g-import-not-at-top
+
+# The gin files are the checkout's, named relative to it, from any folder.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SMALL = ["HIDDEN=64", "NUM_HEADS=4", "HEAD_SIZE=16", "MAX_LEN=32",
           "train.batch_size_per_worker=4", "train.mixed_precision=False"]
@@ -116,8 +128,6 @@ def _rss(field: str) -> int:
 
 def _synthetic_batch(batch_size: int, max_len: int, vocab_size: int = 21128):
   """A full batch of the pipeline's shapes: uint8 64×64 images, captions of max_len tokens."""
-  import numpy as np
-  import tensorflow as tf
   rng = np.random.default_rng(0)
   tokens = rng.integers(103, min(vocab_size, 8000), (batch_size, max_len)).astype(np.int32)
   tokens[:, 0], tokens[:, -1] = 101, 102                         # [CLS] ... [SEP]
@@ -127,13 +137,6 @@ def _synthetic_batch(batch_size: int, max_len: int, vocab_size: int = 21128):
 
 def measure(gin_files, gin_bindings, remat: str = "none") -> dict:
   """Builds the config's model and optimiser and measures each component (module docstring)."""
-  import gin
-  import keras
-  import tensorflow as tf
-  from m6t_tf.run import configurables
-  from m6t_tf import optimizers
-  from m6t_tf.run import trainer as trainer_lib
-
   configurables.parse(gin_files, gin_bindings, [ROOT, "."])
   bindings = list(gin_bindings)
   batch_size = configurables.query("train.batch_size_per_worker", 8)
@@ -235,7 +238,6 @@ def measure(gin_files, gin_bindings, remat: str = "none") -> dict:
 
 
 def planned(gin_files, gin_bindings, remat: str) -> dict:
-  from m6t_tf.run import planning
   p = planning.plan_from_gin(gin_files, gin_bindings, num_workers=1, search_paths=[ROOT, "."])
   mem = p["memory_bytes"]
   return {"weights": mem["weights"] + mem["weight_casts"],
@@ -249,7 +251,7 @@ def run_child(gin_files, gin_bindings, remat: str) -> dict:
   cmd += [f"--gin_file={f}" for f in gin_files] + [f"--gin_bindings={b}" for b in gin_bindings]
   # The BFC allocator on CPU: TF 2.21's default CPU allocator counts only large allocations in
   # get_memory_info (100 tensors of [188, 64] read as 0 bytes); BFC counts every tensor.
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CPU_ALLOCATOR_USE_BFC="true")
+  env = processes.child_env(TF_CPP_MIN_LOG_LEVEL="3", TF_CPU_ALLOCATOR_USE_BFC="true")
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   if proc.returncode:
     raise RuntimeError(f"measuring {gin_files} {gin_bindings} failed (exit {proc.returncode}):\n"
@@ -296,13 +298,13 @@ def main(argv=None) -> int:
     runs = [(name, SHRUNK[name][0], SHRUNK[name][1] + args.gin_bindings)
             for name in (args.config or list(SHRUNK))]
   if args.remat not in REMATS:
-    raise errors.ConfigError(f"--remat={args.remat!r}; allowed: {REMATS}")
+    raise cli.ConfigError(f"--remat={args.remat!r}; allowed: {REMATS}")
   configs = []
   for name, files, bindings in runs:
     try:
       plan = planned(files, bindings, args.remat)
     except ValueError as e:
-      raise errors.ConfigError(errors.one_line(e)) from e
+      raise cli.ConfigError(cli.one_line(e)) from e
     measured = run_child(files, bindings, args.remat)
     ratio = {k: plan[k] / measured[k] if measured[k] else float("nan") for k in MEMORY_KEYS}
     config = {"name": name, "gin_files": files, "gin_bindings": bindings,
@@ -318,7 +320,7 @@ def main(argv=None) -> int:
       config["saving"] = saving
     configs.append(config)
   report = {"schema_version": 1, "tool": "tools/measure_memory.py", "argv": sys.argv[1:],
-            "machine": machine_info(),
+            "machine": timing.machine_info(),
             "method": {"allocator": "tf.config.experimental.get_memory_info('CPU:0')",
                        "env": {"TF_CPU_ALLOCATOR_USE_BFC": "true"},
                        "activations": "compiled forward + backward to the first layer, peak",

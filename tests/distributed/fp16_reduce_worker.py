@@ -17,15 +17,14 @@ times the base value) and writes `P.rank<R>.npz` with:
   trainer_*, step_*  a `Trainer` over a Dense layer with FP16 communication: whether its loss
                      scale is on, and an overflowing then a finite `apply_gradients` (finite
                      flag, loss scale after, weights), `skipped`
+
+The launching test puts the checkout on PYTHONPATH (`tests/jobs.py`), so this script imports
+the checkout's `m6t_tf`.
 """
 
-import os
-import sys
 
 from absl import app
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output prefix.")

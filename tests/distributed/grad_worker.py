@@ -15,16 +15,16 @@ them, keyed by variable path; expert stacks [E, ...] are sliced to this rank's e
   * `P-<remat>.rank<R>.json`: rank, size, expert_index, data_index, e, this rank's target
     tokens;
 for each recomputation option of --remat, each from the same initial weights.
+
+The launching test puts the checkout on PYTHONPATH (`tests/jobs.py`), so this script imports
+the checkout's `m6t_tf`.
 """
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output prefix.")

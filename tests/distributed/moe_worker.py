@@ -22,6 +22,9 @@ Modes `bad_mesh`, `bad_experts_init`, `bad_experts_layer`, `capacity_mismatch` m
 rank: each rank writes DIR/rank{r}.err with its error, waits (by files, not Horovod, so a rank
 stuck in a collective shows up as a missing file) until all ranks wrote theirs, and exits 1.
 Without that wait horovodrun kills the remaining ranks as soon as the first one exits.
+
+The launching test puts the checkout on PYTHONPATH (`tests/jobs.py`), so this script imports
+the checkout's `m6t_tf`.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

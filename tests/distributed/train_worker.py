@@ -6,17 +6,16 @@
 Writes `<out>.rank<R>.json` with this rank's view: losses (global), final evaluation, and a
 fingerprint of the weights, so the test can check that dense weights agree on every rank and
 expert weights agree within each replica group.
+
+The launching test puts the checkout on PYTHONPATH (`tests/jobs.py`), so this script imports
+the checkout's `m6t_tf`.
 """
 
 import hashlib
 import json
-import os
-import sys
 
 from absl import app
 from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Result prefix.")

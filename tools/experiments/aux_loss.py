@@ -27,33 +27,42 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from m6t_tf import cli
 
-import common  # noqa: E402
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
+
+# pylint: disable=g-import-not-at-top
+from m6t_tf.bench import experiments
+from m6t_tf.bench import plots
+from m6t_tf.bench import report
+from m6t_tf.bench import stats
+# pylint: enable=g-import-not-at-top
 
 NAME = "aux_loss"
 
 
 def parse_args(argv):
-  p = common.make_parser(__doc__, NAME)
+  p = experiments.make_parser(__doc__, NAME)
   p.add_argument("--routing", default="top1",
                  help="routing file of tools/experiments/gin/ (default top1)")
-  args, sweep, machine = common.start(p, argv)
-  if not os.path.exists(os.path.join(common.ROOT, common.GIN_DIR, f"{args.routing}.gin")):
-    p.error(f"--routing={args.routing}: no {common.GIN_DIR}/{args.routing}.gin")
+  args, sweep, machine = experiments.start(p, argv)
+  if not os.path.exists(os.path.join(experiments.ROOT, experiments.GIN_DIR, f"{args.routing}.gin")):
+    p.error(f"--routing={args.routing}: no {experiments.GIN_DIR}/{args.routing}.gin")
   return args, sweep, machine
 
 
 def specs_for(args) -> list:
   """The two arms (without / with the loss), every seed of `--seeds`."""
-  return [common.RunSpec(label, gins, seed) for seed in args.seeds for label, gins in (
+  return [experiments.RunSpec(label, gins, seed) for seed in args.seeds for label, gins in (
       (f"{args.routing}, no auxiliary loss", (args.routing,)),
       (f"{args.routing}, auxiliary loss 0.01", (args.routing, "aux_loss")))]
 
 
 def plot(runs: dict, off: list, on: list, args):
-  plt = common.pyplot()
-  layers = common.moe_layer_names(runs[off[0]])
+  plt = plots.pyplot()
+  layers = experiments.moe_layer_names(runs[off[0]])
   n = len(layers)
   fig, axes = plt.subplots(2, n + 1, figsize=(3.3 * (n + 1), 6.4), squeeze=False)
   styles = ((off, "tab:blue", "no auxiliary loss"), (on, "tab:orange", "auxiliary loss 0.01"))
@@ -64,13 +73,13 @@ def plot(runs: dict, off: list, on: list, args):
       for ax, stat, scale in ((cv_ax, "load_cv", 1.0), (drop_ax, "dropped_fraction", 100.0)):
         curves = []
         for spec in specs:
-          xs, ys = common.series(runs[spec], f"moe/{layer}/{stat}")
-          curves.append((xs, [scale * y for y in common.smooth(ys, window)]))
-        common.band(ax, curves, color, "-", label)
+          xs, ys = experiments.series(runs[spec], f"moe/{layer}/{stat}")
+          curves.append((xs, [scale * y for y in stats.smooth(ys, window)]))
+        plots.band(ax, curves, color, "-", label)
     cv_ax.axhline(0.3, color="grey", ls=":", lw=1)
-    cv_ax.set_title(f"{common.short_layer(layer)}: load cv")
+    cv_ax.set_title(f"{experiments.short_layer(layer)}: load cv")
     cv_ax.set_ylim(bottom=0)
-    drop_ax.set_title(f"{common.short_layer(layer)}: dropped %")
+    drop_ax.set_title(f"{experiments.short_layer(layer)}: dropped %")
     drop_ax.set_ylim(bottom=0)
     drop_ax.set_xlabel("step")
   axes[0][0].legend(loc="upper right")
@@ -79,12 +88,12 @@ def plot(runs: dict, off: list, on: list, args):
   train_ax, val_ax = axes[0][n], axes[1][n]
   curves_t, curves_v = [], []
   for specs, color, label in styles:
-    curves_t.append(common.band(train_ax, [common.loss_curve(runs[s]) for s in specs], color,
-                                "-", label))
-    curves_v.append(common.band(val_ax, [common.eval_curve(runs[s]) for s in specs], color,
-                                "-", label, marker="o"))
-  common.zoom_to_tail(train_ax, curves_t, skip_fraction=0.3, pad=0.25)
-  common.zoom_to_tail(val_ax, curves_v, skip_fraction=0.3, pad=0.25)
+    curves_t.append(plots.band(train_ax, [experiments.loss_curve(runs[s]) for s in specs], color,
+                               "-", label))
+    curves_v.append(plots.band(val_ax, [experiments.eval_curve(runs[s]) for s in specs], color,
+                               "-", label, marker="o"))
+  plots.zoom_to_tail(train_ax, curves_t, skip_fraction=0.3, pad=0.25)
+  plots.zoom_to_tail(val_ax, curves_v, skip_fraction=0.3, pad=0.25)
   train_ax.set_title("training log-perplexity")
   val_ax.set_title("validation log-perplexity")
   val_ax.set_xlabel("step")
@@ -100,54 +109,57 @@ def main(argv=None) -> int:
   args, sweep, machine = parse_args(argv)
   specs = specs_for(args)
   runs = sweep.ensure_all(specs)
-  arms = common.group_arms(specs)
+  arms = experiments.group_arms(specs)
   (off_gins, off), (on_gins, on) = arms.items()
-  timing = common.time_arms(sweep, arms, args.time_rounds)
+  timing = experiments.time_arms(sweep, arms, args.time_rounds)
   machine["loadavg_end"] = list(os.getloadavg())
 
-  layers = common.moe_layer_names(runs[off[0]])
+  layers = experiments.moe_layer_names(runs[off[0]])
   header = (["run", "seeds", "val log-PPL (mean ± sd)", "Δ vs no loss [95% CI]", "",
              "train loss (last 10%)"]
-            + [f"cv {common.short_layer(l)}" for l in layers]
+            + [f"cv {experiments.short_layer(l)}" for l in layers]
             + ["cv mean", "dropped (mean)", "balance loss E·Σf·P", "step time vs off"])
-  log_ppl = {g: common.by_seed(runs, group, common.final_log_ppl)
+  log_ppl = {g: experiments.by_seed(runs, group, experiments.final_log_ppl)
              for g, group in ((off_gins, off), (on_gins, on))}
   rows, records, arms = [], [], {}
   for gins, group in ((off_gins, off), (on_gins, on)):
-    per_layer = {l: common.stats(common.late_mean(runs[s], f"moe/{l}/load_cv") for s in group)
+    per_layer = {l: stats.describe(experiments.late_mean(runs[s], f"moe/{l}/load_cv")
+                                   for s in group)
                  for l in layers}
-    arm = {"log_ppl": common.stats(log_ppl[gins].values()),
+    arm = {"log_ppl": stats.describe(log_ppl[gins].values()),
            "log_ppl_by_seed": {str(k): v for k, v in log_ppl[gins].items()},
-           "train_loss": common.stats(common.final_train_loss(runs[s]) for s in group),
+           "train_loss": stats.describe(experiments.final_train_loss(runs[s]) for s in group),
            "load_cv_by_layer": per_layer,
-           "load_cv": common.stats(common.layer_mean(runs[s], "load_cv") for s in group),
-           "dropped": common.stats(common.layer_mean(runs[s], "dropped_fraction")
-                                   for s in group),
-           "balance_loss": common.stats(common.layer_mean(runs[s], "aux_loss") for s in group)}
-    delta = common.paired(log_ppl[gins], log_ppl[off_gins]) if gins == on_gins else None
+           "load_cv": stats.describe(experiments.layer_mean(runs[s], "load_cv") for s in group),
+           "dropped": stats.describe(experiments.layer_mean(runs[s], "dropped_fraction")
+                                     for s in group),
+           "balance_loss": stats.describe(experiments.layer_mean(runs[s], "aux_loss")
+                                          for s in group)}
+    delta = stats.paired(log_ppl[gins], log_ppl[off_gins]) if gins == on_gins else None
     arm["delta_vs_off"] = delta
     arms["+".join(gins)] = arm
     t = timing.get(group[0].label)
-    rows.append([group[0].label, arm["log_ppl"]["n"], common.fmt_sd(arm["log_ppl"]),
-                 common.fmt_ci(delta) if delta else "0", delta["verdict"] if delta else "",
-                 common.fmt_sd(arm["train_loss"])]
-                + [common.fmt_sd(per_layer[l], 2) for l in layers]
-                + [common.fmt_sd(arm["load_cv"], 2), common.fmt_sd(arm["dropped"], 1, pct=True),
-                   common.fmt_sd(arm["balance_loss"]), common.fmt(t["ratio"]) if t else "—"])
+    rows.append([group[0].label, arm["log_ppl"]["n"], report.fmt_sd(arm["log_ppl"]),
+                 report.fmt_ci(delta) if delta else "0", delta["verdict"] if delta else "",
+                 report.fmt_sd(arm["train_loss"])]
+                + [report.fmt_sd(per_layer[l], 2) for l in layers]
+                + [report.fmt_sd(arm["load_cv"], 2), report.fmt_sd(arm["dropped"], 1, pct=True),
+                   report.fmt_sd(arm["balance_loss"]), report.fmt(t["ratio"]) if t else "—"])
     for spec in group:
       run = runs[spec]
       records.append({"label": spec.label, "gins": list(spec.gins), "seed": spec.seed,
                       "derived": run["experiment"].get("derived"),
-                      "late_load_cv": {l: common.late_mean(run, f"moe/{l}/load_cv")
+                      "late_load_cv": {l: experiments.late_mean(run, f"moe/{l}/load_cv")
                                        for l in layers},
                       "late_dropped_fraction": {
-                          l: common.late_mean(run, f"moe/{l}/dropped_fraction") for l in layers},
-                      "late_balance_loss": {l: common.late_mean(run, f"moe/{l}/aux_loss")
+                          l: experiments.late_mean(run, f"moe/{l}/dropped_fraction")
+                          for l in layers},
+                      "late_balance_loss": {l: experiments.late_mean(run, f"moe/{l}/aux_loss")
                                             for l in layers},
-                      **common.run_record(run)})
-  train_delta = common.paired(common.by_seed(runs, on, common.final_train_loss),
-                              common.by_seed(runs, off, common.final_train_loss))
-  table = common.markdown_table(header, rows, align="lrrrlr" + "r" * (len(header) - 6))
+                      **experiments.run_record(run)})
+  train_delta = stats.paired(experiments.by_seed(runs, on, experiments.final_train_loss),
+                             experiments.by_seed(runs, off, experiments.final_train_loss))
+  table = report.markdown_table(header, rows, align="lrrrlr" + "r" * (len(header) - 6))
   notes = ("\nColumns: val log-PPL is the teacher-forced log-perplexity on the validation split "
            "at the last step (mean ± sample sd over seeds); Δ is with − without the loss, paired "
            "by seed, with its 95% t-interval (\"lower\"/\"higher\" only when it excludes 0). "
@@ -155,21 +167,20 @@ def main(argv=None) -> int:
            "step's batch each: 32 captions) and over the MoE layers for the mean columns; the "
            "balance loss E·Σ_e f_e·P_e is the Switch loss the auxiliary term adds ×0.01 (1.0 = "
            "perfectly balanced), logged in both arms although only the second trains on it. "
-           f"Training loss, with − without: {common.fmt_ci(train_delta)} "
+           f"Training loss, with − without: {report.fmt_ci(train_delta)} "
            f"({train_delta['verdict']}).\n")
-  md = (common.header_block(f"Auxiliary loss on vs off, {args.routing} routing on the demo "
-                            f"model, {args.steps} steps, seeds "
-                            f"{', '.join(map(str, args.seeds))} (paper Figure 1)", args, sweep,
-                            specs, machine, argv, "tools/experiments/aux_loss.py")
+  md = (experiments.header_block(f"Auxiliary loss on vs off, {args.routing} routing on the demo "
+                                 f"model, {args.steps} steps, seeds "
+                                 f"{', '.join(map(str, args.seeds))} (paper Figure 1)", args, sweep,
+                                 specs, machine, argv, "tools/experiments/aux_loss.py")
         + f"![aux loss curves]({NAME}.png)\n\n" + table + "\n" + notes)
   fig = plot(runs, off, on, args)
   payload = {"experiment": NAME, "argv": argv, "steps": args.steps, "seeds": args.seeds,
              "machine": machine, "runs": records, "timing": timing, "arms": arms,
              "train_loss_delta": train_delta}
-  common.finish(args, NAME, md, table, payload, fig)
+  experiments.finish(args, NAME, md, table, payload, fig)
   return 0
 
 
 if __name__ == "__main__":
-  from m6t_tf import cli
   sys.exit(cli.run_argparse(main))

@@ -37,28 +37,34 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
-import re
 import shlex
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from m6t_tf import cli
 
-import common  # noqa: E402
-import routing  # noqa: E402  (the sweep's variants and labels, one definition)
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
+
+# pylint: disable=g-import-not-at-top
+import gin
+import tensorflow as tf
+
+from m6t_tf.run import planning
+from m6t_tf.bench import experiments
+from m6t_tf.bench import flops as flops_lib
+from m6t_tf.bench import models
+from m6t_tf.bench import report
+from m6t_tf.bench import timing
+# pylint: enable=g-import-not-at-top
 
 NAME = "flops"
-VARIANTS = routing.VARIANTS
-MATMUL_OPS = ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum")
-# Expert matmuls: the MoE FFN's expert layer; Keras suffixes scopes with _1, _2 when retraced.
-_EXPERT_SCOPE = re.compile(r"/moe(_\d+)?/experts(_\d+)?/")
-_BACKWARD_SCOPE = "gradient_tape/"
+VARIANTS = experiments.ROUTING_VARIANTS
 
 
 def parse_args(argv):
-  from m6t_tf import cli
   p = cli.ArgumentParser(description=__doc__.split("\n")[0],
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   p.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
@@ -80,112 +86,19 @@ def parse_args(argv):
 
 
 # --------------------------------------------------------------------------------------------
-# Counting a graph
-
-
-def matmul_flops(op) -> int:
-  """2 × output elements × contracted size of a MatMul, BatchMatMul* or two-operand Einsum."""
-  out = math.prod(op.outputs[0].shape.as_list())
-  if op.type == "Einsum":
-    lhs, _ = op.get_attr("equation").decode().split("->")
-    labels = {}
-    for sub, tensor in zip(lhs.split(","), op.inputs):
-      dims = tensor.shape.as_list()
-      if "..." in sub:
-        head, tail = sub.split("...")
-        pairs = list(zip(head, dims[:len(head)])) + list(zip(tail, dims[len(dims) - len(tail):]))
-      else:
-        pairs = list(zip(sub, dims))
-      labels.update(pairs)
-    out_labels = op.get_attr("equation").decode().split("->")[1]
-    return 2 * out * math.prod(labels[c] for c in set(labels) - set(out_labels))
-  a = op.inputs[0].shape.as_list()
-  adj = op.get_attr("transpose_a" if op.type == "MatMul" else "adj_x")
-  return 2 * out * (a[-2] if adj else a[-1])
-
-
-def _registered_flops(graph, op):
-  """The op's registered "flops" statistic (what the profiler sums), or None if it has none."""
-  from tensorflow.python.framework import ops as tf_ops   # the profiler's own registry
-  return tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value
-
-
-def count_graph(graph) -> dict:
-  """FLOPs of one traced graph: the profiler's total and per-op-type counts (module docstring).
-
-  Raises:
-    RuntimeError: an op has a non-static shape, or the per-op statistics do not add up to the
-      profiler's total (then the "matmul ops only" column would not be the profiler's).
-  """
-  import tensorflow as tf
-  options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-  options["output"] = "none"
-  total = int(tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops)
-  profiler_by_type: dict = {}
-  shape_by_type: dict = {}
-  unregistered: dict = {}
-  shape = {"forward": 0, "backward": 0, "experts": 0}
-  for op in graph.get_operations():
-    value = _registered_flops(graph, op)
-    if value is not None:
-      profiler_by_type[op.type] = profiler_by_type.get(op.type, 0) + int(value)
-    if op.type not in MATMUL_OPS:
-      continue
-    if value is None:
-      unregistered[op.type] = unregistered.get(op.type, 0) + 1
-    if not all(t.shape.is_fully_defined() for t in list(op.inputs) + list(op.outputs)):
-      raise RuntimeError(f"{op.name} ({op.type}) has a non-static shape; trace on a real batch")
-    flops = matmul_flops(op)
-    shape_by_type[op.type] = shape_by_type.get(op.type, 0) + flops
-    shape["backward" if op.name.startswith(_BACKWARD_SCOPE) else "forward"] += flops
-    if _EXPERT_SCOPE.search(op.name):
-      shape["experts"] += flops
-  if sum(profiler_by_type.values()) != total:
-    raise RuntimeError(f"per-op flops statistics sum to {sum(profiler_by_type.values())}, the "
-                       f"profiler's total is {total}")
-  return {"profiler_total": total,
-          "profiler_matmul": sum(v for k, v in profiler_by_type.items() if k in MATMUL_OPS),
-          "profiler_by_type": dict(sorted(profiler_by_type.items())),
-          "shape_matmul": sum(shape_by_type.values()),
-          "shape_by_type": dict(sorted(shape_by_type.items())),
-          "shape_forward": shape["forward"], "shape_backward": shape["backward"],
-          "shape_experts": shape["experts"],
-          "matmul_ops_without_flops_statistic": unregistered,
-          "functions": _function_flops(graph)}
-
-
-def _function_flops(graph) -> dict:
-  """Registered flops inside the graph's function-valued ops (the tf.cond that applies the
-  optimizer): the profiler sees only the outer graph's ops, so these are not in its total.
-  Uses the FuncGraph's private function table; {} when this TF version does not have it."""
-  out = {}
-  for name, fn in sorted(getattr(graph, "_functions", {}).items()):
-    inner = getattr(fn, "graph", None)
-    if inner is None:
-      continue
-    flops = sum(int(v) for op in inner.get_operations()
-                for v in [_registered_flops(inner, op)] if v is not None)
-    out[name] = {"registered_flops": flops, "ops": len(inner.get_operations())}
-  return out
-
-
-# --------------------------------------------------------------------------------------------
 # One variant
 
 
 def measure(gins: list[str]) -> dict:
   """Planner and graph counts of one config (gin files relative to the repository)."""
-  import tensorflow as tf
-  import compare_dense
-  from m6t_tf.run import planning
-  cand = compare_dense.Candidate("flops", gins, [], False, [common.ROOT])
+  cand = models.GinModel("flops", gins, [], False, [experiments.ROOT])
   cand.build()
   model, trainer, batch = cand.trainer.model, cand.trainer, cand.batch
   if cand.batch_source != "data":
     raise RuntimeError(f"no demo data ({cand.batch_source}); `make data` builds it")
   patch_dim = next(int(v.shape[0]) for v in model.trainable_variables
                    if "patch_embedding" in v.path and v.path.endswith("kernel"))
-  plan = planning.plan_from_gin(gins, [], patch_dim=patch_dim, search_paths=[common.ROOT])
+  plan = planning.plan_from_gin(gins, [], patch_dim=patch_dim, search_paths=[experiments.ROOT])
   c_plan = plan["config"]["capacity"]
   c_trainer = sorted({layer.last_capacity for layer in model.moe_layers})
   if c_trainer != [c_plan]:
@@ -198,7 +111,8 @@ def measure(gins: list[str]) -> dict:
          "patch_dim": patch_dim, "batch_shapes": {k: v.shape.as_list() for k, v in batch.items()},
          "planner": {"flops_per_step": plan["flops_per_step"],
                      "flops_forward": plan["flops_forward"], "config": plan["config"]},
-         "step": count_graph(step_graph), "forward": count_graph(forward_graph)}
+         "step": flops_lib.count_graph(step_graph),
+         "forward": flops_lib.count_graph(forward_graph)}
   del cand, model, trainer, step_graph, forward_graph, forward
   gc.collect()
   return out
@@ -228,7 +142,7 @@ def _g(x) -> str:
 
 
 def _r(x, digits: int = 3) -> str:
-  return common.fmt(x, digits)
+  return report.fmt(x, digits)
 
 
 def build_rows(results: list) -> list:
@@ -272,14 +186,14 @@ def markdown(args, argv, machine, rows, results, share_1t) -> tuple[str, str]:
             "profiler matmul GFLOPs/step (as TF reports)", "profiler matmul / planner",
             "profiler all float ops GFLOPs/step", "planner × top-1", "shape count × top-1",
             "expert matmuls GFLOPs/step", "experts × top-1"]
-  table = common.markdown_table(header, [[
+  table = report.markdown_table(header, [[
       r["routing"], r["capacity"], f"{r['C_planner']} / {r['C_trainer']}",
       _g(r["planner_flops_per_step"]), _g(r["shape_matmul_flops_per_step"]),
       _r(r["shape_over_planner"], 4), _g(r["profiler_matmul_flops_per_step"]),
       _r(r["profiler_matmul_over_planner"]), _g(r["profiler_total_flops_per_step"]),
       _r(r["planner_vs_top1"]), _r(r["shape_vs_top1"]), _g(r["expert_flops_per_step_graph"]),
       _r(r["experts_vs_top1"])] for r in rows], align="llr" + "r" * 10)
-  fwd_table = common.markdown_table(
+  fwd_table = report.markdown_table(
       ["routing", "capacity", "planner forward GFLOPs", "forward matmul GFLOPs, shape count",
        "planner − shape (MFLOPs)", "planner dispatch_combine (MFLOPs)",
        "profiler matmul forward GFLOPs", "profiler all float ops forward GFLOPs"],
@@ -404,17 +318,16 @@ def markdown(args, argv, machine, rows, results, share_1t) -> tuple[str, str]:
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
-  common.quiet_tensorflow()
-  machine = common.machine_info()
+  experiments.quiet_retracing()
+  machine = timing.machine_info()
   info = {v[0]: v for v in VARIANTS}
-  import gin
-  from m6t_tf.run import planning
   results = []
   cwd = os.getcwd()
-  os.chdir(common.ROOT)   # gin files name their includes and data relative to the repository
+  os.chdir(experiments.ROOT)   # gin files name includes and data relative to the repository
   try:
     for variant in args.variants:
-      gins = [f"{common.GIN_DIR}/{variant}.gin"] + ([common.TINY_GIN] if args.tiny else [])
+      gins = ([f"{experiments.GIN_DIR}/{variant}.gin"]
+              + ([experiments.TINY_GIN] if args.tiny else []))
       start = time.time()
       r = measure(gins)
       _, r["routing"], r["capacity"] = info[variant]
@@ -430,7 +343,7 @@ def main(argv=None) -> int:
     os.chdir(cwd)
   # The paper's scale, for the text: arithmetic only, nothing is built.
   share_1t = planning.plan_from_gin(
-      ["gin/1T.gin"], search_paths=[common.ROOT])["moe_expert_flops_share"]
+      ["gin/1T.gin"], search_paths=[experiments.ROOT])["moe_expert_flops_share"]
   gin.clear_config()
   rows = build_rows(results)
   machine["loadavg_end"] = list(os.getloadavg())
@@ -443,11 +356,10 @@ def main(argv=None) -> int:
                "rows": rows, "results": results,
                "moe_expert_flops_share_1T": share_1t}, f, indent=1, sort_keys=True, default=int)
   print(table)
-  print(f"wrote {common.rel(os.path.join(args.out_dir, NAME + '.md'))}, "
-        f"{common.rel(os.path.join(args.out_dir, NAME + '.json'))}")
+  print(f"wrote {experiments.rel(os.path.join(args.out_dir, NAME + '.md'))}, "
+        f"{experiments.rel(os.path.join(args.out_dir, NAME + '.json'))}")
   return 0
 
 
 if __name__ == "__main__":
-  from m6t_tf import cli
   sys.exit(cli.run_argparse(main))

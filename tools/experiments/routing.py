@@ -31,27 +31,30 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from m6t_tf import cli
 
-import common  # noqa: E402
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
+
+# pylint: disable=g-import-not-at-top
+from m6t_tf.bench import experiments
+from m6t_tf.bench import plots
+from m6t_tf.bench import report
+from m6t_tf.bench import stats
+# pylint: enable=g-import-not-at-top
 
 NAME = "routing"
-# (gin file, routing label, capacity label); the paper's Table 3 rows.
-VARIANTS = (
-    ("top1", "top-1", "k× = 1×"),
-    ("top2_cap_k", "top-2", "k×"), ("top2_cap_1", "top-2", "1×"),
-    ("top4_cap_k", "top-4", "k×"), ("top4_cap_1", "top-4", "1×"),
-    ("2top1_cap_k", "2 top-1", "k×"), ("2top1_cap_1", "2 top-1", "1×"),
-    ("4top1_cap_k", "4 top-1", "k×"), ("4top1_cap_1", "4 top-1", "1×"))
+VARIANTS = experiments.ROUTING_VARIANTS
 STYLE = {"top-1": ("black", "-"), "top-2": ("tab:blue", "-"), "top-4": ("tab:red", "-"),
          "2 top-1": ("tab:green", "--"), "4 top-1": ("tab:purple", "--")}
 
 
 def parse_args(argv):
-  p = common.make_parser(__doc__, NAME)
+  p = experiments.make_parser(__doc__, NAME)
   p.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
                  help="comma-separated subset of " + ", ".join(v[0] for v in VARIANTS))
-  args, sweep, machine = common.start(p, argv)
+  args, sweep, machine = experiments.start(p, argv)
   known = {v[0] for v in VARIANTS}
   args.variants = [v for v in args.variants.split(",") if v]
   bad = [v for v in args.variants if v not in known]
@@ -63,7 +66,7 @@ def parse_args(argv):
 def specs_for(args) -> list:
   """Every variant of `--variants`, every seed of `--seeds`."""
   info = {v[0]: v for v in VARIANTS}
-  return [common.RunSpec(f"{info[v][1]}, capacity {info[v][2]}", (v,), seed)
+  return [experiments.RunSpec(f"{info[v][1]}, capacity {info[v][2]}", (v,), seed)
           for seed in args.seeds for v in args.variants]
 
 
@@ -79,7 +82,7 @@ def in_panel(capacity: str, panel: str) -> bool:
 
 
 def plot(runs: dict, arms: dict, timing: dict, summary: dict):
-  plt = common.pyplot()
+  plt = plots.pyplot()
   fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
   for col, cap in enumerate(("k×", "1×")):
     train_ax, val_ax = axes[0][col], axes[1][col]
@@ -90,12 +93,12 @@ def plot(runs: dict, arms: dict, timing: dict, summary: dict):
         continue
       color, ls = STYLE[routing]
       label = f"{routing} (n={len(specs)})"
-      train_curves.append(common.band(train_ax, [common.loss_curve(runs[s]) for s in specs],
-                                      color, ls, label))
-      val_curves.append(common.band(val_ax, [common.eval_curve(runs[s]) for s in specs],
-                                    color, ls, label, marker="o"))
-    common.zoom_to_tail(train_ax, train_curves, skip_fraction=0.3, pad=0.25)
-    common.zoom_to_tail(val_ax, val_curves, skip_fraction=0.3, pad=0.25)
+      train_curves.append(plots.band(train_ax, [experiments.loss_curve(runs[s]) for s in specs],
+                                     color, ls, label))
+      val_curves.append(plots.band(val_ax, [experiments.eval_curve(runs[s]) for s in specs],
+                                   color, ls, label, marker="o"))
+    plots.zoom_to_tail(train_ax, train_curves, skip_fraction=0.3, pad=0.25)
+    plots.zoom_to_tail(val_ax, val_curves, skip_fraction=0.3, pad=0.25)
     train_ax.set_title(f"Capacity {cap}: training log-perplexity (running mean)")
     val_ax.set_title(f"Capacity {cap}: validation log-perplexity")
     val_ax.set_xlabel("step")
@@ -153,50 +156,52 @@ def main(argv=None) -> int:
   args, sweep, machine = parse_args(argv)
   specs = specs_for(args)
   runs = sweep.ensure_all(specs)
-  arms = common.group_arms(specs)
-  timing = common.time_arms(sweep, arms, args.time_rounds,
-                            ("top1",) if ("top1",) in arms else None, dense_twin=True)
+  arms = experiments.group_arms(specs)
+  timing = experiments.time_arms(sweep, arms, args.time_rounds,
+                                 ("top1",) if ("top1",) in arms else None, dense_twin=True)
   machine["loadavg_end"] = list(os.getloadavg())
 
   summary = {}
   for gins, group in arms.items():
     summary[gins] = {
-        "log_ppl_by_seed": common.by_seed(runs, group, common.final_log_ppl),
-        "dropped": common.stats(common.layer_mean(runs[s], "dropped_fraction") for s in group),
-        "load_cv": common.stats(common.layer_mean(runs[s], "load_cv") for s in group),
-        "train_loss": common.stats(common.final_train_loss(runs[s]) for s in group)}
-    summary[gins]["log_ppl"] = common.stats(summary[gins]["log_ppl_by_seed"].values())
+        "log_ppl_by_seed": experiments.by_seed(runs, group, experiments.final_log_ppl),
+        "dropped": stats.describe(experiments.layer_mean(runs[s], "dropped_fraction")
+                                  for s in group),
+        "load_cv": stats.describe(experiments.layer_mean(runs[s], "load_cv") for s in group),
+        "train_loss": stats.describe(experiments.final_train_loss(runs[s]) for s in group)}
+    summary[gins]["log_ppl"] = stats.describe(summary[gins]["log_ppl_by_seed"].values())
   base = summary.get(("top1",))
   rows, records = [], []
   for gins, group in arms.items():
     routing, capacity = labels(group[0])
     sm = summary[gins]
-    delta = (common.paired(sm["log_ppl_by_seed"], base["log_ppl_by_seed"])
+    delta = (stats.paired(sm["log_ppl_by_seed"], base["log_ppl_by_seed"])
              if base and gins != ("top1",) else None)
     sm["delta_vs_top1"] = delta
     t = timing.get(group[0].label)
     c = runs[group[0]]["experiment"].get("derived", {}).get("capacity")
     rows.append([routing, capacity, c if c is not None else "—", sm["log_ppl"]["n"],
-                 common.fmt_sd(sm["log_ppl"]),
-                 common.fmt(math.exp(sm["log_ppl"]["mean"])),
-                 common.fmt_ci(delta) if delta else "0", delta["verdict"] if delta else "",
-                 common.fmt_sd(sm["train_loss"]), common.fmt_sd(sm["dropped"], 1, pct=True),
-                 common.fmt_sd(sm["load_cv"], 2), common.fmt(t["ratio"]) if t else "—"])
+                 report.fmt_sd(sm["log_ppl"]),
+                 report.fmt(math.exp(sm["log_ppl"]["mean"])),
+                 report.fmt_ci(delta) if delta else "0", delta["verdict"] if delta else "",
+                 report.fmt_sd(sm["train_loss"]), report.fmt_sd(sm["dropped"], 1, pct=True),
+                 report.fmt_sd(sm["load_cv"], 2), report.fmt(t["ratio"]) if t else "—"])
     for spec in group:
       run = runs[spec]
-      layers = common.moe_layer_names(run)
+      layers = experiments.moe_layer_names(run)
       records.append({"label": spec.label, "variant": spec.gins[0], "seed": spec.seed,
                       "routing": routing, "capacity": capacity,
                       "derived": run["experiment"].get("derived", {}),
-                      "late_load_cv": {l: common.late_mean(run, f"moe/{l}/load_cv")
+                      "late_load_cv": {l: experiments.late_mean(run, f"moe/{l}/load_cv")
                                        for l in layers},
                       "late_dropped_fraction": {
-                          l: common.late_mean(run, f"moe/{l}/dropped_fraction") for l in layers},
-                      **common.run_record(run)})
+                          l: experiments.late_mean(run, f"moe/{l}/dropped_fraction")
+                          for l in layers},
+                      **experiments.run_record(run)})
   header = ["routing", "capacity", "C", "seeds", "val log-PPL (mean ± sd)", "val PPL (of mean)",
             "Δ log-PPL vs top-1 [95% CI]", "vs top-1", "train loss (last 10%)",
             "dropped (2nd half)", "load cv (2nd half)", "step time vs top-1"]
-  table = common.markdown_table(header, rows, align="llrrrrrlrrrr")
+  table = report.markdown_table(header, rows, align="llrrrrrlrrrr")
 
   sections = []
   for cap in ("k×", "1×"):
@@ -211,21 +216,21 @@ def main(argv=None) -> int:
         if g == h:
           cells.append("")
           continue
-        d = common.paired(summary[g]["log_ppl_by_seed"], summary[h]["log_ppl_by_seed"])
-        cells.append(f"{common.fmt_ci(d)} {d['verdict']}")
+        d = stats.paired(summary[g]["log_ppl_by_seed"], summary[h]["log_ppl_by_seed"])
+        cells.append(f"{report.fmt_ci(d)} {d['verdict']}")
       body.append(cells)
     sections.append(f"**Capacity {cap}: pairwise differences** of validation log-perplexity "
                     f"(row − column, paired by seed, 95% interval; \"lower\" = the row is "
-                    f"better):\n\n" + common.markdown_table(head, body))
+                    f"better):\n\n" + report.markdown_table(head, body))
   order_rows = []
   for a, rel_, b in PAPER_ORDER_K:
     if (a,) in summary and (b,) in summary:
-      d = common.paired(summary[(a,)]["log_ppl_by_seed"], summary[(b,)]["log_ppl_by_seed"])
+      d = stats.paired(summary[(a,)]["log_ppl_by_seed"], summary[(b,)]["log_ppl_by_seed"])
       order_rows.append([f"{labels(arms[(a,)][0])[0]} {rel_} {labels(arms[(b,)][0])[0]}",
-                         common.fmt_ci(d), d["verdict"], agreement(rel_, d["verdict"])])
+                         report.fmt_ci(d), d["verdict"], agreement(rel_, d["verdict"])])
   if order_rows:
     sections.append("**The paper's Table 3 ordering at Capacity k×** (top-4 < 4 top-1 < 2 top-1 "
-                    "≈ top-2 < top-1 in PPL), pair by pair:\n\n" + common.markdown_table(
+                    "≈ top-2 < top-1 in PPL), pair by pair:\n\n" + report.markdown_table(
                         ["paper", "ours: Δ log-PPL (left − right) [95% CI]", "verdict",
                          "agreement"], order_rows, align="lrll"))
   notes = [
@@ -243,9 +248,10 @@ def main(argv=None) -> int:
   if "dense" in timing:
     notes.append(f"The dense twin (same backbone, `moe_placement = 'none'`) steps at "
                  f"{timing['dense']['ratio']:.2f}× top-1's time.")
-  md = (common.header_block(f"Routing × capacity on the demo model, {args.steps} steps, seeds "
-                            f"{', '.join(map(str, args.seeds))} (paper Figure 3 / Table 3)",
-                            args, sweep, specs, machine, argv, "tools/experiments/routing.py")
+  md = (experiments.header_block(
+            f"Routing × capacity on the demo model, {args.steps} steps, seeds "
+            f"{', '.join(map(str, args.seeds))} (paper Figure 3 / Table 3)",
+            args, sweep, specs, machine, argv, "tools/experiments/routing.py")
         + f"![routing curves]({NAME}.png)\n\n"
         + (f"![quality vs step time]({NAME}_cost.png)\n\n" if timing else "")
         + table + "\n" + "\n".join(notes) + "\n\n" + "\n\n".join(sections) + "\n")
@@ -256,12 +262,11 @@ def main(argv=None) -> int:
                       | {"log_ppl_by_seed": {str(k): v for k, v in
                                              sm["log_ppl_by_seed"].items()}}
                       for g, sm in summary.items()}}
-  common.finish(args, NAME, md, table, payload, fig)
+  experiments.finish(args, NAME, md, table, payload, fig)
   if cost is not None:
     cost.savefig(os.path.join(args.out_dir, f"{NAME}_cost.png"), bbox_inches="tight")
   return 0
 
 
 if __name__ == "__main__":
-  from m6t_tf import cli
   sys.exit(cli.run_argparse(main))

@@ -29,9 +29,19 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from m6t_tf import cli
 
-import common  # noqa: E402
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
+
+# pylint: disable=g-import-not-at-top
+from m6t_tf.bench import experiments
+from m6t_tf.bench import plots
+from m6t_tf.bench import report
+from m6t_tf.bench import stats
+from m6t_tf.bench import timing
+# pylint: enable=g-import-not-at-top
 
 NAME = "routing_options"
 # (arm name, gin files of the arm, gin files of its baseline, baseline name)
@@ -48,14 +58,14 @@ ARMS = (
 
 
 def parse_args(argv):
-  p = common.make_parser(__doc__, NAME)
+  p = experiments.make_parser(__doc__, NAME)
   p.add_argument("--arms", default="",
                  help="comma-separated subset of the arms by their gin files joined by '_' "
                       "(e.g. top1_dropless,top2_cap_k_second_random; default: all)")
   p.add_argument("--captions", type=int, default=1, choices=(0, 1),
                  help="1: greedy-caption the validation split with every final model and "
                       "report BLEU-4 / CIDEr-D (default 1; ~30 s per run)")
-  args, sweep, machine = common.start(p, argv)
+  args, sweep, machine = experiments.start(p, argv)
   known = {"_".join(gins): (name, gins, base, base_name) for name, gins, base, base_name in ARMS}
   chosen = [a for a in args.arms.split(",") if a]
   bad = [a for a in chosen if a not in known]
@@ -70,13 +80,13 @@ def specs_for(args) -> list:
   out = []
   for seed in args.seeds:
     for name, gins, base, base_name in args.arms:
-      out.append(common.RunSpec(name, gins, seed))
-      out.append(common.RunSpec(base_name, base, seed))
+      out.append(experiments.RunSpec(name, gins, seed))
+      out.append(experiments.RunSpec(base_name, base, seed))
   return out
 
 
 def plot(runs: dict, arms: dict, summary: list, chosen: list):
-  plt = common.pyplot()
+  plt = plots.pyplot()
   n = len(chosen)
   cols = min(3, n + 1)
   rows_ = (n + 1 + cols - 1) // cols
@@ -85,9 +95,9 @@ def plot(runs: dict, arms: dict, summary: list, chosen: list):
   for ax, (name, gins, base, base_name) in zip(flat, chosen):
     curves = []
     for g, label, color in ((base, base_name, "black"), (gins, name, "tab:orange")):
-      curves.append(common.band(ax, [common.eval_curve(runs[s]) for s in arms[g]], color, "-",
-                                label, marker="o"))
-    common.zoom_to_tail(ax, curves, skip_fraction=0.3, pad=0.3)
+      curves.append(plots.band(ax, [experiments.eval_curve(runs[s]) for s in arms[g]], color, "-",
+                               label, marker="o"))
+    plots.zoom_to_tail(ax, curves, skip_fraction=0.3, pad=0.3)
     ax.set_title(name, fontsize=9)
     ax.set_xlabel("step")
     ax.set_ylabel("val log-perplexity")
@@ -116,56 +126,55 @@ def main(argv=None) -> int:
   args, sweep, machine = parse_args(argv)
   specs = specs_for(args)
   runs = sweep.ensure_all(specs)
-  arms = common.group_arms(specs)
-  captions = (common.caption_metrics({s: runs[s] for s in specs}, args.jobs, sweep.log)
+  arms = experiments.group_arms(specs)
+  captions = (experiments.caption_metrics({s: runs[s] for s in specs}, args.jobs, sweep.log)
               if args.captions else {})
-  timing = common.time_arms(sweep, arms, args.time_rounds)
+  step_times = experiments.time_arms(sweep, arms, args.time_rounds)
   machine["loadavg_end"] = list(os.getloadavg())
 
   def arm_summary(gins):
     group = arms[gins]
-    by = common.by_seed(runs, group, common.final_log_ppl)
-    out = {"gins": list(gins), "log_ppl": common.stats(by.values()),
+    by = experiments.by_seed(runs, group, experiments.final_log_ppl)
+    out = {"gins": list(gins), "log_ppl": stats.describe(by.values()),
            "log_ppl_by_seed": {str(k): v for k, v in by.items()},
-           "dropped": common.stats(common.layer_mean(runs[s], "dropped_fraction")
-                                   for s in group),
-           "max_over_mean_load": common.stats(common.layer_mean(runs[s], "max_over_mean_load")
-                                              for s in group),
+           "dropped": stats.describe(experiments.layer_mean(runs[s], "dropped_fraction")
+                                     for s in group),
+           "max_over_mean_load": stats.describe(
+               experiments.layer_mean(runs[s], "max_over_mean_load") for s in group),
            "capacity": runs[group[0]]["experiment"].get("derived", {}).get("capacity")}
     if captions:
       for metric in ("BLEU-4", "CIDEr-D"):
-        out[metric] = common.stats(captions[s][metric] for s in group)
+        out[metric] = stats.describe(captions[s][metric] for s in group)
         out[metric + "_by_seed"] = {str(s.seed): captions[s][metric] for s in group}
     return out, by
 
-  import compare_dense
   rows, summary = [], []
   for name, gins, base, base_name in args.arms:
     arm, arm_by = arm_summary(gins)
     bas, base_by = arm_summary(base)
-    delta = common.paired(arm_by, base_by)
-    t_arm, t_base = timing.get(arms[gins][0].label), timing.get(arms[base][0].label)
-    step = (compare_dense.paired_ratio(t_arm["times_s"], t_base["times_s"])
+    delta = stats.paired(arm_by, base_by)
+    t_arm, t_base = step_times.get(arms[gins][0].label), step_times.get(arms[base][0].label)
+    step = (timing.paired_ratio(t_arm["times_s"], t_base["times_s"])
             if t_arm and t_base else None)
     summary.append({"name": name, "baseline": base_name, "arm": arm, "base": bas,
                     "delta": delta, "step_time_ratio": step})
     cap = lambda d: "dropless" if d["capacity"] is None else str(d["capacity"])
-    row = [name, base_name, f"{cap(arm)} / {cap(bas)}", common.fmt_sd(arm["log_ppl"]),
-           common.fmt_sd(bas["log_ppl"]), common.fmt_ci(delta), delta["verdict"],
-           f"{common.fmt_sd(arm['dropped'], 1, pct=True)} / "
-           f"{common.fmt_sd(bas['dropped'], 1, pct=True)}",
-           common.fmt_sd(arm["max_over_mean_load"], 2)]
+    row = [name, base_name, f"{cap(arm)} / {cap(bas)}", report.fmt_sd(arm["log_ppl"]),
+           report.fmt_sd(bas["log_ppl"]), report.fmt_ci(delta), delta["verdict"],
+           f"{report.fmt_sd(arm['dropped'], 1, pct=True)} / "
+           f"{report.fmt_sd(bas['dropped'], 1, pct=True)}",
+           report.fmt_sd(arm["max_over_mean_load"], 2)]
     if captions:
-      row += [f"{common.fmt_sd(arm['BLEU-4'], 3)} / {common.fmt_sd(bas['BLEU-4'], 3)}",
-              f"{common.fmt_sd(arm['CIDEr-D'], 3)} / {common.fmt_sd(bas['CIDEr-D'], 3)}"]
-    row.append(common.fmt(step) if step else "—")
+      row += [f"{report.fmt_sd(arm['BLEU-4'], 3)} / {report.fmt_sd(bas['BLEU-4'], 3)}",
+              f"{report.fmt_sd(arm['CIDEr-D'], 3)} / {report.fmt_sd(bas['CIDEr-D'], 3)}"]
+    row.append(report.fmt(step) if step else "—")
     rows.append(row)
   header = (["arm", "baseline", "C (arm / baseline)", "arm val log-PPL", "baseline val log-PPL",
              "Δ arm − baseline [95% CI]", "", "dropped (arm / baseline)",
              "max/mean expert load (arm)"]
             + (["BLEU-4 (arm / baseline)", "CIDEr-D (arm / baseline)"] if captions else [])
             + ["step time arm / baseline"])
-  table = common.markdown_table(header, rows, align="llrrrrlrr" + "r" * (len(header) - 9))
+  table = report.markdown_table(header, rows, align="llrrrrlrr" + "r" * (len(header) - 9))
   notes = ("\nColumns: val log-PPL is the teacher-forced log-perplexity on the validation split "
            "at the last step (mean ± sample sd over seeds); Δ is arm − baseline paired by seed "
            "with its 95% t-interval (\"lower\" = the arm is better, \"higher\" = worse, only "
@@ -176,21 +185,20 @@ def main(argv=None) -> int:
            "of greedy captions of the 388 validation images by the final model, against all "
            "their references (m6t_tf.run.caption_metrics). Step time: median over interleaved "
            "rounds of arm / baseline `Trainer.train_step`, one process (no all-to-all).\n")
-  md = (common.header_block(f"Routing options on the demo model, {args.steps} steps, seeds "
-                            f"{', '.join(map(str, args.seeds))}", args, sweep, specs, machine,
-                            argv, "tools/experiments/routing_options.py")
+  md = (experiments.header_block(f"Routing options on the demo model, {args.steps} steps, seeds "
+                                 f"{', '.join(map(str, args.seeds))}", args, sweep, specs, machine,
+                                 argv, "tools/experiments/routing_options.py")
         + f"![routing options]({NAME}.png)\n\n" + table + "\n" + notes)
   fig = plot(runs, arms, summary, args.arms)
   records = [{"label": s.label, "gins": list(s.gins), "seed": s.seed,
               "derived": runs[s]["experiment"].get("derived"),
-              "caption_metrics": captions.get(s), **common.run_record(runs[s])}
+              "caption_metrics": captions.get(s), **experiments.run_record(runs[s])}
              for s in specs]
   payload = {"experiment": NAME, "argv": argv, "steps": args.steps, "seeds": args.seeds,
-             "machine": machine, "comparisons": summary, "timing": timing, "runs": records}
-  common.finish(args, NAME, md, table, payload, fig)
+             "machine": machine, "comparisons": summary, "timing": step_times, "runs": records}
+  experiments.finish(args, NAME, md, table, payload, fig)
   return 0
 
 
 if __name__ == "__main__":
-  from m6t_tf import cli
   sys.exit(cli.run_argparse(main))

@@ -26,9 +26,19 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from m6t_tf import cli
 
-import common  # noqa: E402
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
+
+# pylint: disable=g-import-not-at-top
+from m6t_tf.run import planning
+from m6t_tf.bench import experiments
+from m6t_tf.bench import plots
+from m6t_tf.bench import report
+from m6t_tf.bench import stats
+# pylint: enable=g-import-not-at-top
 
 NAME = "scale"
 # (size label, overlay gin files): the demo (E = 8) and 2× / 4× its experts.
@@ -37,11 +47,11 @@ ROUTINGS = (("top-1", "top1"), ("4 top-1", "4top1_cap_k"))
 
 
 def parse_args(argv):
-  p = common.make_parser(__doc__, NAME)
+  p = experiments.make_parser(__doc__, NAME)
   p.add_argument("--sizes", default="8,16,32",
                  help="comma-separated experts per MoE layer of the sizes, from "
                       f"{sorted(SIZES)} (default 8,16,32; at least two)")
-  args, sweep, machine = common.start(p, argv)
+  args, sweep, machine = experiments.start(p, argv)
   try:
     args.sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
   except ValueError:
@@ -52,35 +62,18 @@ def parse_args(argv):
 
 
 def specs_for(args) -> list:
-  return [common.RunSpec(f"{routing}, {SIZES[e][0]}", (gin,) + SIZES[e][1], seed)
+  return [experiments.RunSpec(f"{routing}, {SIZES[e][0]}", (gin,) + SIZES[e][1], seed)
           for seed in args.seeds for e in args.sizes for routing, gin in ROUTINGS]
-
-
-def slope(xs: list, ys: list) -> dict:
-  """Least-squares slope of ys on xs with its 95% t-interval (n − 2 degrees of freedom)."""
-  n = len(xs)
-  mx, my = sum(xs) / n, sum(ys) / n
-  sxx = sum((x - mx) ** 2 for x in xs)
-  if sxx == 0:
-    raise ValueError(f"slope: every x is {xs[0]}; the sizes must differ in parameters")
-  b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-  a = my - b * mx
-  out = {"n": n, "slope": b, "intercept": a, "ci95": None}
-  if n > 2 and n - 2 in common._T95:
-    resid = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys)) / (n - 2)
-    out["ci95"] = common._T95[n - 2] * math.sqrt(resid / sxx)
-  return out
 
 
 def param_counts(sweep, gins: tuple) -> dict:
   """The planner's parameter counts of a run's config (no model is built)."""
-  from m6t_tf.run import planning
   cwd = os.getcwd()
-  os.chdir(common.ROOT)
+  os.chdir(experiments.ROOT)
   try:
-    spec = common.RunSpec("", gins)
+    spec = experiments.RunSpec("", gins)
     p = planning.plan_from_gin(sweep.files(spec), sweep.bindings(spec),
-                               search_paths=[common.ROOT])
+                               search_paths=[experiments.ROOT])
   finally:
     os.chdir(cwd)
   return {"params_total": p["params_total"],
@@ -89,7 +82,7 @@ def param_counts(sweep, gins: tuple) -> dict:
 
 
 def plot(sizes: list, trend: dict):
-  plt = common.pyplot()
+  plt = plots.pyplot()
   fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
   for routing, color in (("top-1", "black"), ("4 top-1", "tab:purple")):
     xs = [s["params"]["params_total"] for s in sizes]
@@ -130,21 +123,21 @@ def main(argv=None) -> int:
   args, sweep, machine = parse_args(argv)
   specs = specs_for(args)
   runs = sweep.ensure_all(specs)
-  arms = common.group_arms(specs)
-  timing = common.time_arms(sweep, arms, args.time_rounds)
+  arms = experiments.group_arms(specs)
+  timing = experiments.time_arms(sweep, arms, args.time_rounds)
   machine["loadavg_end"] = list(os.getloadavg())
 
   sizes, xs, ys, rows = [], [], [], []
   for e in args.sizes:
     size, overlay = SIZES[e]
-    by = {routing: common.by_seed(runs, arms[(gin,) + overlay], common.final_log_ppl)
+    by = {routing: experiments.by_seed(runs, arms[(gin,) + overlay], experiments.final_log_ppl)
           for routing, gin in ROUTINGS}
     params = param_counts(sweep, (ROUTINGS[0][1],) + overlay)
-    benefit = common.paired(by["top-1"], by["4 top-1"])   # top-1 − 4 top-1
+    benefit = stats.paired(by["top-1"], by["4 top-1"])   # top-1 − 4 top-1
     benefit["verdict"] = {"higher": "4 top-1 better", "lower": "top-1 better",
                           "tie": "tie"}[benefit["verdict"]]
     entry = {"size": size, "gins": list(overlay), "params": params, "benefit": benefit,
-             **{r: common.stats(by[r].values()) for r, _ in ROUTINGS},
+             **{r: stats.describe(by[r].values()) for r, _ in ROUTINGS},
              "by_seed": {r: {str(k): v for k, v in by[r].items()} for r, _ in ROUTINGS}}
     for routing, gin in ROUTINGS:
       t = timing.get(arms[(gin,) + overlay][0].label)
@@ -153,11 +146,11 @@ def main(argv=None) -> int:
     xs += [math.log2(params["params_total"])] * benefit["n"]
     ys += benefit["values"]
     rows.append([size, f"{params['params_total'] / 1e6:.2f}M",
-                 f"{params['params_expert'] / 1e6:.2f}M", common.fmt_sd(entry["top-1"]),
-                 common.fmt_sd(entry["4 top-1"]), common.fmt_ci(benefit), benefit["verdict"],
-                 common.fmt(entry["step_time_4 top-1"] / entry["step_time_top-1"])
+                 f"{params['params_expert'] / 1e6:.2f}M", report.fmt_sd(entry["top-1"]),
+                 report.fmt_sd(entry["4 top-1"]), report.fmt_ci(benefit), benefit["verdict"],
+                 report.fmt(entry["step_time_4 top-1"] / entry["step_time_top-1"])
                  if timing else "—"])
-  trend = slope(xs, ys)
+  trend = stats.slope(xs, ys)
   lo = trend["slope"] - (trend["ci95"] or math.inf)
   hi = trend["slope"] + (trend["ci95"] or math.inf)
   trend["verdict"] = ("grows" if lo > 0 else "shrinks" if hi < 0
@@ -165,7 +158,7 @@ def main(argv=None) -> int:
   header = ["size", "parameters", "expert parameters", "top-1 val log-PPL",
             "4 top-1 val log-PPL", "benefit: top-1 − 4 top-1 [95% CI]", "",
             "step time 4 top-1 / top-1"]
-  table = common.markdown_table(header, rows, align="lrrrrrlr")
+  table = report.markdown_table(header, rows, align="lrrrrrlr")
   ci = "—" if trend["ci95"] is None else f"{trend['ci95']:.3f}"
   notes = (f"\nTrend: the benefit changes by {trend['slope']:+.3f} ± {ci} log-PPL per doubling "
            f"of the parameters (least-squares slope over {trend['n']} per-seed benefits, 95% "
@@ -175,22 +168,21 @@ def main(argv=None) -> int:
            "(positive: prototyping better). Parameters: trainable, from the planner (the tied "
            "21128-entry embedding is 2.70M of each). Step time: median over interleaved rounds, "
            "one process.\n")
-  md = (common.header_block(f"Expert prototyping by model size on the demo model, {args.steps} "
-                            f"steps, seeds {', '.join(map(str, args.seeds))} (paper Figure 6's "
-                            f"question)", args, sweep, specs, machine, argv,
-                            "tools/experiments/scale.py")
+  md = (experiments.header_block(
+            f"Expert prototyping by model size on the demo model, {args.steps} steps, seeds "
+            f"{', '.join(map(str, args.seeds))} (paper Figure 6's question)", args, sweep, specs,
+            machine, argv, "tools/experiments/scale.py")
         + f"![scale]({NAME}.png)\n\n" + table + "\n" + notes)
   fig = plot(sizes, trend)
   records = [{"label": s.label, "gins": list(s.gins), "seed": s.seed,
-              "derived": runs[s]["experiment"].get("derived"), **common.run_record(runs[s])}
+              "derived": runs[s]["experiment"].get("derived"), **experiments.run_record(runs[s])}
              for s in specs]
   payload = {"experiment": NAME, "argv": argv, "steps": args.steps, "seeds": args.seeds,
              "machine": machine, "sizes": sizes, "trend": trend, "timing": timing,
              "runs": records}
-  common.finish(args, NAME, md, table, payload, fig)
+  experiments.finish(args, NAME, md, table, payload, fig)
   return 0
 
 
 if __name__ == "__main__":
-  from m6t_tf import cli
   sys.exit(cli.run_argparse(main))

@@ -16,20 +16,24 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from m6t_tf import cli
 
-import common  # noqa: E402
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  cli.quiet_tensorflow()  # before TensorFlow is imported: its start-up notices are not ours
+
+from m6t_tf.bench import experiments  # pylint: disable=g-import-not-at-top
 
 EXPERIMENTS = ("routing", "aux_loss", "moe_attention", "routing_options", "scale")
 
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  p = common.cli_parser(__doc__, "train_runs")
+  p = experiments.cli_parser(__doc__, "train_runs")
   p.add_argument("--experiments", default=",".join(EXPERIMENTS),
                  help="comma-separated subset of " + ", ".join(EXPERIMENTS))
   args = p.parse_args(argv)
-  common.check_common_flags(p, args)
+  experiments.check_common_flags(p, args)
   names = [n for n in args.experiments.split(",") if n]
   bad = [n for n in names if n not in EXPERIMENTS]
   if bad or not names:
@@ -37,11 +41,12 @@ def main(argv=None) -> int:
   shared = [a for a in argv if not a.startswith("--experiments")]
   specs = []
   for name in names:   # each script's own defaults for its other flags
-    module = importlib.import_module(name)
+    module = importlib.import_module(name)   # the script beside this one (its folder is first
+                                             # on the path of a script run as `python x.py`)
     sub_args, _, _ = module.parse_args(shared + ["--time_rounds=0"])
     specs += module.specs_for(sub_args)
   args.model_root = os.path.abspath(args.model_root)
-  sweep = common.Sweep(args)
+  sweep = experiments.Sweep(args)
   by_seed = sorted(specs, key=lambda s: args.seeds.index(s.seed))
   todo = {sweep.run_dir(s) for s in by_seed if not sweep.done(s)}
   start = time.time()
@@ -53,5 +58,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from m6t_tf import cli
   sys.exit(cli.run_argparse(main))

@@ -1,4 +1,4 @@
-"""What the experiment scripts share: runs of the demo model, their curves, plots and tables.
+"""The paper's experiments at demo scale: runs of the demo model, their curves and tables.
 
 A run is a list of gin files (`gin/demo.gin` variants in `tools/experiments/gin/`, plus
 `gin/tiny.gin` with `--tiny`) and the sweep's bindings (steps, schedule, logging). It trains
@@ -7,8 +7,9 @@ in this process with the trainer itself (`configurables.run_train`), exactly wha
 
     <model_root>/<gin names joined by +>[+tiny]-steps<N>-seed<S>/
 
-so the three scripts share runs: the top-1 run of the routing sweep is the "aux loss off" run
-of the auxiliary-loss experiment and the baseline of the MoE-attention one. A directory whose
+so the scripts (`tools/experiments/*.py`) share runs: the top-1 run of the routing sweep is the
+"aux loss off" run of the auxiliary-loss experiment and the baseline of the MoE-attention one.
+A directory whose
 `experiment.json` records the same files and bindings and whose `train_summary.json` reached
 the step count is reused; one with other settings is replaced; an interrupted one resumes from
 its last checkpoint (the trainer's own resume).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import glob
 import json
 import math
@@ -34,14 +36,36 @@ import sys
 import time
 from typing import Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import gin
+import keras
+import tensorflow as tf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from m6t_tf import cli
+from m6t_tf.run import configurables
+from m6t_tf.run import logs
+from m6t_tf.bench import models
+from m6t_tf.bench import processes
+from m6t_tf.bench import report
+from m6t_tf.bench import stats
+from m6t_tf.bench import timing
+from m6t_tf.layers import moe as moe_lib
+from m6t_tf.parallel import context as context_lib
+
+# The checkout this package lives in: the experiments' gin files name data and includes
+# relative to it (`tools/experiments/gin/`, `gin/`, `.data/`).
+ROOT = processes.PACKAGE_ROOT
 GIN_DIR = "tools/experiments/gin"            # relative to ROOT, as the gin files include paths
 TINY_GIN = "gin/tiny.gin"
 DEFAULT_STEPS = 300
 DEFAULT_SEEDS = "0,1,2"
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+# (gin file of GIN_DIR, routing label, capacity label): the paper's Table 3 rows, as the routing
+# sweep and the FLOP table run them.
+ROUTING_VARIANTS = (
+    ("top1", "top-1", "k× = 1×"),
+    ("top2_cap_k", "top-2", "k×"), ("top2_cap_1", "top-2", "1×"),
+    ("top4_cap_k", "top-4", "k×"), ("top4_cap_1", "top-4", "1×"),
+    ("2top1_cap_k", "2 top-1", "k×"), ("2top1_cap_1", "2 top-1", "1×"),
+    ("4top1_cap_k", "4 top-1", "k×"), ("4top1_cap_1", "4 top-1", "1×"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +114,6 @@ def check_common_flags(p: argparse.ArgumentParser, args) -> None:
     p.error(f"--seeds={args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
   if not args.seeds or len(set(args.seeds)) != len(args.seeds):
     p.error(f"--seeds={args.seeds}: give one or more distinct seeds")
-
-
-def machine_info() -> dict:
-  import compare_dense
-  return compare_dense.machine_info()
 
 
 def rel(path: str) -> str:
@@ -163,7 +182,7 @@ class Sweep:
 
   def ensure_all(self, specs: list) -> dict:
     """`ensure` of every spec, the missing runs trained `args.jobs` at a time in processes of
-    their own (each one `python tools/experiments/common.py --train_one=...`, which calls
+    their own (each one `python -m m6t_tf.bench.experiments --train_one=...`, which calls
     `ensure` there); returns {spec: load_run}. A failed run raises after the others finished,
     naming its log."""
     unique = {}
@@ -182,16 +201,12 @@ class Sweep:
       payload = {"args": {k: getattr(self.args, k) for k in _WORKER_ARGS},
                  "label": spec.label, "gins": list(spec.gins), "seed": spec.seed}
       tasks.append((f"training {spec.label} (seed {spec.seed})",
-                    [sys.executable, os.path.abspath(__file__),
+                    [sys.executable, "-m", "m6t_tf.bench.experiments",
                      "--train_one=" + json.dumps(payload)], self.run_dir(spec) + ".log"))
-    run_processes(tasks, jobs, self.log)
+    processes.run_processes(tasks, jobs, self.log, cwd=ROOT, rel=rel)
 
   def ensure(self, spec: RunSpec) -> dict:
     """Trains the run unless a finished one with the same settings exists; returns `load_run`."""
-    import gin
-    import keras
-    from m6t_tf.run import configurables
-    from m6t_tf.parallel import context as context_lib
     run_dir = self.run_dir(spec)
     manifest = self.manifest(spec)
     path = os.path.join(run_dir, "experiment.json")
@@ -230,36 +245,6 @@ class Sweep:
     return load_run(run_dir)
 
 
-def run_processes(tasks: list, jobs: int, log) -> None:
-  """Runs `tasks` ([(what, argv, log path)]) `jobs` at a time from the repository root, each
-  writing its output to its log; raises after all finished if any failed, naming their logs."""
-  import subprocess
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-  pending, running, failed = list(tasks), [], []
-  while pending or running:
-    while pending and len(running) < jobs:
-      what, argv, log_path = pending.pop(0)
-      log(f"{what} in a process of its own; log {rel(log_path)}")
-      out = open(log_path, "w")
-      proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-      running.append((proc, what, out, log_path))
-    time.sleep(1.0)
-    for item in list(running):
-      proc, what, out, log_path = item
-      if proc.poll() is None:
-        continue
-      running.remove(item)
-      out.close()
-      if proc.returncode != 0:
-        failed.append(f"{what} (exit {proc.returncode}; see {rel(log_path)})")
-        log(f"FAILED: {failed[-1]}")
-      else:
-        log(f"done: {what}; {len(pending)} waiting, {len(running)} running")
-  if failed:
-    raise RuntimeError("failed: " + "; ".join(failed))
-
-
 def caption_metrics(runs: dict, jobs: int, log) -> dict:
   """{spec: {"BLEU-4", "CIDEr-D", ...}} of each run's final model: greedy captions of the
   validation split (`python -m m6t_tf.generate --split=validation`, which writes
@@ -277,7 +262,7 @@ def caption_metrics(runs: dict, jobs: int, log) -> dict:
     tasks.append((f"captioning {rel(run['dir'])}",
                   [sys.executable, "-m", "m6t_tf.generate", f"--model_dir={run['dir']}",
                    "--split=validation"], run["dir"] + ".captions.log"))
-  run_processes(tasks, jobs, log)
+  processes.run_processes(tasks, jobs, log, cwd=ROOT, rel=rel)
   out = {}
   for spec, path in paths.items():
     with open(path) as f:
@@ -292,7 +277,7 @@ _WORKER_ARGS = ("steps", "model_root", "eval_points", "log_every", "tiny", "gin_
 def _train_one(payload: str) -> int:
   """A worker of `Sweep.ensure_all`: trains (or reuses) one run."""
   d = json.loads(payload)
-  quiet_tensorflow()
+  quiet_retracing()
   sweep = Sweep(argparse.Namespace(**d["args"], jobs=1))
   sweep.ensure(RunSpec(d["label"], tuple(d["gins"]), d["seed"]))
   return 0
@@ -301,8 +286,6 @@ def _train_one(payload: str) -> int:
 def derived_config() -> dict:
   """Routing values of the parsed gin config, and the training capacity C they give (None for
   dropless routing, which has no capacity)."""
-  from m6t_tf.run import configurables
-  from m6t_tf.layers import moe as moe_lib
   q = configurables.query
   batch, max_len = q("train.batch_size_per_worker", 8), q("train.max_len", 64)
   tokens = batch * (16 + max_len - 1)
@@ -324,10 +307,7 @@ def derived_config() -> dict:
 
 
 def _write_json(path: str, payload) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  report.write_json(path, payload, indent=1, sort_keys=True)
 
 
 def _finished(run_dir: str, steps: int) -> bool:
@@ -345,7 +325,6 @@ def _finished(run_dir: str, steps: int) -> bool:
 def read_scalars(run_dir: str) -> dict:
   """{tag: {step: value}} from the TensorBoard events of `run_dir/train`; a step logged twice
   (an interrupted run resumed) keeps the later value."""
-  import tensorflow as tf
   rows = []
   for path in glob.glob(os.path.join(run_dir, "train", "events.out.tfevents.*")):
     for event in _events(path):
@@ -368,7 +347,6 @@ def read_scalars(run_dir: str) -> dict:
 
 def _events(path: str):
   """The `Event` protos of one events file; a torn last record (a killed run) ends the file."""
-  import tensorflow as tf
   try:
     for record in tf.data.TFRecordDataset(path):
       yield tf.compat.v1.Event.FromString(record.numpy())
@@ -377,7 +355,6 @@ def _events(path: str):
 
 
 def load_run(run_dir: str) -> dict:
-  from m6t_tf.run import logs
   with open(os.path.join(run_dir, "train_summary.json")) as f:
     summary = json.load(f)
   with open(os.path.join(run_dir, "experiment.json")) as f:
@@ -434,87 +411,15 @@ def final_train_loss(run: dict, fraction: float = 0.1) -> float:
   return sum(run["losses"][s] for s in tail) / len(tail)
 
 
-def smooth(values: list, window: int) -> list:
-  """Trailing running mean over `window` points (the first points average what exists)."""
-  out, acc = [], 0.0
-  for i, v in enumerate(values):
-    acc += v
-    if i >= window:
-      acc -= values[i - window]
-    out.append(acc / min(i + 1, window))
-  return out
-
-
 def loss_curve(run: dict, window: Optional[int] = None) -> tuple[list, list]:
   steps = sorted(run["losses"])
   values = [run["losses"][s] for s in steps]
   window = window or max(1, len(steps) // 20)
-  return steps, smooth(values, window)
+  return steps, stats.smooth(values, window)
 
 
 def eval_curve(run: dict) -> tuple[list, list]:
   return series(run, "eval/log_perplexity")
-
-
-# --------------------------------------------------------------------------------------------
-# Seeds: means, intervals, paired differences
-
-# Two-sided 95% quantiles of Student's t with n − 1 degrees of freedom (n = 2 … 10 seeds).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262}
-
-
-def stats(values) -> dict:
-  """n, mean, sample sd and the 95% t-interval half-width of `values` (None where undefined:
-  sd and interval need two values; the t table goes to 10)."""
-  vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-  n = len(vals)
-  if not n:
-    return {"n": 0, "mean": None, "sd": None, "ci95": None, "values": []}
-  mean = sum(vals) / n
-  sd = statistics.stdev(vals) if n > 1 else None
-  half = _T95[n - 1] * sd / math.sqrt(n) if n > 1 and n - 1 in _T95 else None
-  return {"n": n, "mean": mean, "sd": sd, "ci95": half, "values": vals}
-
-
-def paired(a: dict, b: dict) -> dict:
-  """`stats` of a[seed] − b[seed] over the seeds both have, and a verdict: "lower" / "higher"
-  when the 95% interval excludes 0, else "tie". Pairing by seed removes what the seed does to
-  both arms alike (data order, initial embedding), so the interval is that of the difference
-  itself, not of two noisy means."""
-  seeds = sorted(set(a) & set(b))
-  out = stats([a[s] - b[s] for s in seeds])
-  out["seeds"] = seeds
-  lo, hi = interval(out)
-  out["verdict"] = ("lower" if hi is not None and hi < 0 else
-                    "higher" if lo is not None and lo > 0 else "tie")
-  return out
-
-
-def interval(st: dict) -> tuple:
-  if st.get("ci95") is None or st.get("mean") is None:
-    return None, None
-  return st["mean"] - st["ci95"], st["mean"] + st["ci95"]
-
-
-def fmt_sd(st: dict, digits: int = 3, pct: bool = False) -> str:
-  """"2.245 ± 0.012" (mean ± sample sd), "2.245" with one value, "—" with none."""
-  if not st or st.get("mean") is None:
-    return "—"
-  scale, unit = (100.0, "%") if pct else (1.0, "")
-  mean = f"{scale * st['mean']:.{digits}f}"
-  if st.get("sd") is None:
-    return mean + unit
-  return f"{mean} ± {scale * st['sd']:.{digits}f}{unit}"
-
-
-def fmt_ci(st: dict, digits: int = 3) -> str:
-  """"−0.047 [−0.080, −0.014]" (mean and 95% interval), signed."""
-  if not st or st.get("mean") is None:
-    return "—"
-  lo, hi = interval(st)
-  mean = f"{st['mean']:+.{digits}f}"
-  return mean if lo is None else f"{mean} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def by_seed(runs: dict, specs: list, value) -> dict:
@@ -540,70 +445,6 @@ def group_arms(specs: list) -> dict:
     if all(s.seed != spec.seed for s in group):
       group.append(spec)
   return out
-
-
-def band(ax, curves: list, color, ls="-", label=None, marker=None, alpha=0.18) -> tuple:
-  """Mean of `curves` ([(xs, ys)], one per seed) over their common x, and a ±1 sd band (the
-  min–max range with two seeds). Returns the mean curve (for `zoom_to_tail`)."""
-  curves = [(list(x), list(y)) for x, y in curves if len(x)]
-  if not curves:
-    return [], []
-  common_x = sorted(set(curves[0][0]).intersection(*[set(x) for x, _ in curves[1:]]))
-  cols = [[dict(zip(x, y))[s] for x, y in curves] for s in common_x]
-  mean = [sum(c) / len(c) for c in cols]
-  ax.plot(common_x, mean, color=color, ls=ls, lw=1.4, label=label, marker=marker,
-          ms=4 if marker else None)
-  if len(curves) > 1:
-    if len(curves) > 2:
-      sd = [statistics.stdev(c) for c in cols]
-      lo = [m - d for m, d in zip(mean, sd)]
-      hi = [m + d for m, d in zip(mean, sd)]
-    else:
-      lo, hi = [min(c) for c in cols], [max(c) for c in cols]
-    ax.fill_between(common_x, lo, hi, color=color, alpha=alpha, lw=0)
-  return common_x, mean
-
-
-# --------------------------------------------------------------------------------------------
-# Plots and tables
-
-
-def pyplot():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.grid": True,
-                       "grid.alpha": 0.3, "legend.fontsize": 8})
-  return plt
-
-
-def zoom_to_tail(ax, curves: list, skip_fraction: float = 0.15, pad: float = 0.05) -> None:
-  """y-limits from the curves after their first `skip_fraction` of steps, so the differences
-  late in training are visible instead of the initial drop from log(21128) ≈ 10."""
-  lo, hi = math.inf, -math.inf
-  for xs, ys in curves:
-    if not xs:
-      continue
-    cut = xs[0] + (xs[-1] - xs[0]) * skip_fraction
-    tail = [y for x, y in zip(xs, ys) if x >= cut and math.isfinite(y)] or ys
-    lo, hi = min(lo, min(tail)), max(hi, max(tail))
-  if math.isfinite(lo) and math.isfinite(hi):
-    span = max(hi - lo, 1e-3)
-    ax.set_ylim(lo - pad * span, hi + pad * span)
-
-
-def markdown_table(header: list[str], rows: list[list], align: Optional[str] = None) -> str:
-  align = align or "l" + "r" * (len(header) - 1)
-  sep = ["---:" if a == "r" else "---" for a in align]
-  lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
-def fmt(x, digits: int = 2, pct: bool = False) -> str:
-  if x is None or (isinstance(x, float) and not math.isfinite(x)):
-    return "—"
-  return f"{100 * x:.{digits}f}%" if pct else f"{x:.{digits}f}"
 
 
 def header_block(title: str, args, sweep: Sweep, specs: list[RunSpec], machine: dict,
@@ -670,34 +511,33 @@ def time_step_ratios(sweep: Sweep, specs: list[RunSpec], baseline: RunSpec, *, r
                      warmup: int = 2, dense_twin: bool = False) -> dict:
   """Step time of each run's model relative to `baseline`'s, measured in this process.
 
-  `compare_dense`'s method: every model is built from its gin files, then `rounds` rounds each
-  time one `Trainer.train_step` of every model in a rotated order; a model's ratio is the
+  The method of `tools/compare_dense.py`: every model is built from its gin files, then
+  `rounds` rounds each time one `Trainer.train_step` of every model in a rotated order (after
+  `warmup` untimed steps of each); a model's ratio is the
   median over rounds of its time / the baseline's time in the same round. With `dense_twin`,
   the baseline's dense twin (`moe_placement = 'none'`) is timed too, under the key "dense".
 
   Returns:
     {label: {"ratio": float, "median_s": float, "times_s": [...]}}.
   """
-  import gc
-  import compare_dense
   todo = [baseline] + [s for s in specs if s != baseline]
-  cands = [compare_dense.Candidate(s.label, sweep.files(s), list(sweep.args.gin_bindings),
-                                   False, [ROOT]) for s in todo]
+  cands = [models.GinModel(s.label, sweep.files(s), list(sweep.args.gin_bindings), False,
+                           [ROOT]) for s in todo]
   if dense_twin:
-    cands.append(compare_dense.Candidate(
+    cands.append(models.GinModel(
         "dense", sweep.files(baseline),
-        list(sweep.args.gin_bindings) + [compare_dense.DENSE_BINDING], True, [ROOT]))
+        list(sweep.args.gin_bindings) + [models.DENSE_BINDING], True, [ROOT]))
   cwd = os.getcwd()
   os.chdir(ROOT)
   try:
     for c in cands:
       sweep.log(f"building {c.name} for timing")
       c.build()
-    compare_dense.time_interleaved(cands, rounds, warmup, sweep.log)
+    models.time_interleaved(cands, rounds, warmup, sweep.log)
   finally:
     os.chdir(cwd)
   base = cands[0].times
-  out = {c.name: {"ratio": compare_dense.paired_ratio(c.times, base),
+  out = {c.name: {"ratio": timing.paired_ratio(c.times, base),
                   "median_s": statistics.median(c.times), "times_s": c.times}
          for c in cands}
   del cands
@@ -707,7 +547,6 @@ def time_step_ratios(sweep: Sweep, specs: list[RunSpec], baseline: RunSpec, *, r
 
 def cli_parser(doc: str, name: str) -> argparse.ArgumentParser:
   """A parser with the flags every experiment shares (`add_common_flags`)."""
-  from m6t_tf import cli
   p = cli.ArgumentParser(description=doc.split("\n")[0],
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
   add_common_flags(p, name)
@@ -733,26 +572,34 @@ def make_parser(doc: str, name: str) -> argparse.ArgumentParser:
 
 
 def start(p: argparse.ArgumentParser, argv) -> tuple:
-  """Parses flags, makes the output paths absolute and returns (args, sweep, machine)."""
+  """Parses flags, makes the output paths absolute and returns (args, sweep, machine).
+
+  Raises:
+    ConfigError: a flag is wrong, or this package is not inside a checkout (the experiments'
+      gin files and data are the checkout's).
+  """
+  if not os.path.isdir(os.path.join(ROOT, GIN_DIR)):
+    raise cli.ConfigError(f"the experiments need the checkout holding this package, but {ROOT} "
+                          f"has no {GIN_DIR}: install it from the checkout with "
+                          f"`pip install -e .`")
   args = p.parse_args(argv)
   check_common_flags(p, args)
   if args.time_rounds < 0:
     p.error("--time_rounds must be >= 0")
   args.model_root = os.path.abspath(args.model_root)
   args.out_dir = os.path.abspath(args.out_dir)
-  quiet_tensorflow()
-  return args, Sweep(args), machine_info()
+  quiet_retracing()
+  return args, Sweep(args), timing.machine_info()
 
 
-def quiet_tensorflow() -> None:
+def quiet_retracing() -> None:
   """Every run and timed model has its own `Trainer` (own tf.functions), which TF reports as
   "retracing"; that warning is expected here, not a problem to chase."""
-  import tensorflow as tf
   tf.get_logger().setLevel("ERROR")
 
 
 if __name__ == "__main__":
   if len(sys.argv) == 2 and sys.argv[1].startswith("--train_one="):
     sys.exit(_train_one(sys.argv[1][len("--train_one="):]))
-  sys.exit("tools/experiments/common.py is a library; its only command line is the "
+  sys.exit("m6t_tf.bench.experiments is a library; its only command line is the "
            "--train_one=<json> of Sweep.ensure_all's worker processes")
