@@ -1,13 +1,14 @@
-"""The size × layout combinations the README documents bind mixed precision and FP16
+"""The size × layout combinations the documentation shows bind mixed precision and FP16
 communication as the paper's Table 5 has them (arXiv 2105.15082, appendix A.2): base, 10B and
 100B with mixed precision, float16 all-to-all payloads and fp16-compressed allreduce; 1T with
 neither.
 
-The combinations are read from the README's own commands (`--gin_file=gin/<size>.gin
---gin_file=gin/layouts/<layout>.gin`), so a documented command that loses or gains FP16
+The combinations are read from the commands of README.md and docs/*.md
+(`--gin_file=gin/<size>.gin --gin_file=gin/layouts/<layout>.gin`), so a documented command that loses or gains FP16
 communication fails here; the values are the ones `make_context` and `train` receive from gin.
 """
 
+import glob
 import inspect
 import os
 import re
@@ -26,8 +27,8 @@ TABLE_5 = {"base": (8, True, True), "10B": (16, True, True), "100B": (128, True,
 
 def _documented_pairs():
   pairs = set()
-  for name in ("README.md", os.path.join("docs", "plan_table.md")):
-    with open(os.path.join(REPO, name)) as f:
+  for path in [os.path.join(REPO, "README.md")] + glob.glob(os.path.join(REPO, "docs", "*.md")):
+    with open(path) as f:
       text = f.read()
     pairs |= set(re.findall(r"--gin_file=gin/([\w.]+)\.gin\s+(?:\\\n\s*)?"
                             r"(?:--gin_bindings=\S+\s+)*--gin_file=gin/layouts/(\w+)\.gin", text))

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from m6t_tf.errors import ConfigError
 from m6t_tf.run import logs
 from m6t_tf.run import trainer as trainer_lib
 from tests import jobs
@@ -260,7 +261,9 @@ class BadDataTrainingTest(tf.test.TestCase):
     self.assertGreaterEqual(summary["bad_records"].get("corrupt_file", 0), 1)
 
   def test_fail_names_file_and_record(self):
-    with self.assertRaisesRegex(tf.errors.OpError, r"train-1\.tfrecord.*record"):
+    # One line naming the file, the record and the fix (the CLI prints it and exits 2).
+    with self.assertRaisesRegex(ConfigError, r"train-1\.tfrecord record \d+: corrupt_file.*"
+                                             r"on_bad_record='skip'"):
       self._train("fail")
 
 

@@ -241,7 +241,7 @@ class RematTrainingTest(tf.test.TestCase):
 
   def test_bad_remat_binding_fails_before_compute(self):
     _tiny(["train.remat='everything'"])
-    with self.assertRaisesRegex(ConfigError, r"train.remat: remat='everything'; allowed"):
+    with self.assertRaisesRegex(ConfigError, r"train.remat='everything'; allowed"):
       configurables.run_train(model_dir=tempfile.mkdtemp(prefix="m6t_remat_"))
 
 
