@@ -40,6 +40,7 @@ from m6t_tf.run import evaluation
 from m6t_tf.errors import ConfigError
 from m6t_tf.run import captioning
 from m6t_tf.run import faults
+from m6t_tf.parallel import communicator as comm_lib
 from m6t_tf.run import logs
 from m6t_tf.run import trainer as trainer_lib
 from m6t_tf.run import generation
@@ -76,6 +77,10 @@ def _tree(root):
   return out
 
 
+def _repo_tree():
+  return {p for p in _tree(REPO) if p.split(os.sep)[0] not in ("runs", ".venv", ".data")}
+
+
 # AutoGraph writes the Python source of each function it converts to the temporary directory
 # (TensorFlow's cache of generated code, not an output of the run).
 _AUTOGRAPH = "__autograph_generated_file"
@@ -86,8 +91,9 @@ def _local_disk_watch():
   """Runs the block in a fresh, empty working directory, with the temporary directory
   (Python's and TMPDIR) moved to another fresh one; yields a list that, on exit, holds every
   local path the block created: in either directory (AutoGraph's sources aside), or new in
-  the repository."""
-  before = _tree(REPO)
+  the repository outside runs/ (where the tests running beside this one, under
+  `pytest -n`, write their own model dirs)."""
+  before = _repo_tree()
   cwd, tmp = tempfile.mkdtemp(prefix="m6t_cwd_"), tempfile.mkdtemp(prefix="m6t_tmp_")
   saved = os.getcwd(), tempfile.tempdir, os.environ.get("TMPDIR")
   created = []
@@ -102,7 +108,7 @@ def _local_disk_watch():
       os.environ.pop("TMPDIR")
     else:
       os.environ["TMPDIR"] = saved[2]
-    created += sorted(os.path.join(REPO, p) for p in _tree(REPO) - before)
+    created += sorted(os.path.join(REPO, p) for p in _repo_tree() - before)
     for folder in (cwd, tmp):
       created += sorted(os.path.join(folder, p) for p in _tree(folder)
                         if not (folder == tmp and p.startswith(_AUTOGRAPH)))
@@ -334,6 +340,7 @@ class RamCheckpointTest(tf.test.TestCase):
         e = num_experts // size
         entries = {"model/dense/kernel": tf.Variable(dense),
                    "model/moe/experts/wi": tf.Variable(experts[rank * e:(rank + 1) * e])}
+        comm_lib.mark_expert_sharded(entries["model/moe/experts/wi"])  # as Experts.build does
         ckpt = checkpointing.Checkpointer(directory, entries, ctx=_ThreadRank(rank, size, barrier),
                                           num_experts=num_experts)
         self.assertIsInstance(ckpt.fs, checkpointing.GFileOps)
@@ -355,6 +362,7 @@ class RamCheckpointTest(tf.test.TestCase):
                       "ckpt-7.index", "latest"])
     one = {"model/dense/kernel": tf.Variable(tf.zeros_like(dense)),
            "model/moe/experts/wi": tf.Variable(tf.zeros_like(experts))}
+    comm_lib.mark_expert_sharded(one["model/moe/experts/wi"])
     from m6t_tf.parallel import context as context_lib
     ckpt = checkpointing.Checkpointer(directory, one, ctx=context_lib.LocalContext(),
                                       num_experts=num_experts)
