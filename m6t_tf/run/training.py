@@ -17,6 +17,7 @@ can wait on storage or on the other ranks is watched (`m6t_tf.parallel.watchdog`
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import time
 from typing import Optional
@@ -164,11 +165,15 @@ class Run:
       keras.mixed_precision.set_global_policy("mixed_float16")
     network = build_network(config, network_fn,
                             max((f.max_caption_tokens or 0) for f in facts))
-    first = self._stream(0).take(1)  # building the pipeline traces its functions: local work
+    # The stream of a run from step 0: its first batch gives the model its shapes, and is
+    # then step 1's batch (a resumed run builds the stream again below, from its step).
+    # Building the pipeline traces its functions: local work, not watched.
+    self.counter = pipeline.BadRecordCounter()
+    stream = iter(self._stream(0, self.counter))
     with self.watchdog.phase("start-up (reading the first batch)", watchdog_lib.STORAGE):
-      first = dict(inputs.next_batch(iter(first), train_data=data.train_data, step=1))
-    first.pop("key", None)
-    self.model = trainer_lib.build_model(batch=first, network=network,
+      first = inputs.next_batch(stream, train_data=data.train_data, step=1)
+    shapes = {k: v for k, v in first.items() if k != "key"}
+    self.model = trainer_lib.build_model(batch=shapes, network=network,
                                          mixed_precision=config.optimization.mixed_precision)
     optimizer = make_optimizer(config)
     self.trainer = trainer_lib.Trainer(
@@ -183,11 +188,13 @@ class Run:
     # The input stream is a pure function of (seed, shard, step): resuming skips the records
     # of the steps already taken (before parsing), so it continues exactly, on any worker
     # count that keeps the same sharding.
-    self.counter = pipeline.BadRecordCounter()
     self.bad_at_start = self.bad_total.numpy().copy()
-    iterator = self._stream(int(self.step_var), self.counter)
-    with self.watchdog.phase("start-up", watchdog_lib.STORAGE):
-      self.iterator = iter(iterator)
+    if int(self.step_var) == 0:
+      self.iterator = itertools.chain([first], stream)
+    else:
+      self.counter = pipeline.BadRecordCounter()  # counts from the resumed step on
+      with self.watchdog.phase("start-up", watchdog_lib.STORAGE):
+        self.iterator = iter(self._stream(int(self.step_var), self.counter))
     self.writer = (tf.summary.create_file_writer(os.path.join(config.model_dir, "train"))
                    if ctx.is_chief else None)
     if ctx.is_chief:
@@ -202,7 +209,8 @@ class Run:
     return inputs.train_stream(
         data.train_data, ctx=self.ctx, seed=self.config.seed, batch_size=self.batch_size,
         max_len=data.max_len, image_mode=data.image_mode, shuffle_buffer=data.shuffle_buffer,
-        skip_batches=skip, on_bad_record=data.on_bad_record, counter=counter,
+        skip_batches=skip, on_bad_record=data.on_bad_record,
+        counter=counter if data.on_bad_record == "skip" else None,  # 'fail' drops nothing
         include_keys=data.log_data_keys)
 
   @property
