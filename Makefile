@@ -7,6 +7,10 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 MODEL_DIR ?= runs/demo
 PYTEST_ARGS ?=
+# Test processes: 2 fills the 2 cores CI has; each is a TensorFlow process (~1 GB), and the
+# multi-process tests start 2-4 ranks of their own. `make test PYTEST_WORKERS=0` runs in one.
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 .PHONY: setup data train evaluate caption test test-fast clean
 
@@ -34,12 +38,12 @@ caption: setup
 # matplotlib (requirements-plots.txt) so that the experiment scripts' smoke tests run too.
 # Markers and options: pytest.ini; shared fixtures: tests/conftest.py.
 test: experiments-setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # The unit tests: no worker process, nothing slow (pytest.ini's markers); a few minutes.
 test-fast: data
 	@echo "make test-fast: tests marked neither multiprocess nor slow (make test runs them all)"
-	$(PY) -m pytest -q -m "not multiprocess and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not multiprocess and not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

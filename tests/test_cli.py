@@ -1,4 +1,5 @@
-"""The command lines as a user meets them, run as real subprocesses (m6t_tf.cli).
+"""The command lines as a user meets them, run as real subprocesses (m6t_tf.cli), and the
+trainer's configuration checks behind them (in this process: a ConfigError each).
 
 A configuration or input error is one line on stderr and exit status 2, before any model is
 built; a genuine crash keeps its traceback; a successful call prints none of TensorFlow's
@@ -13,9 +14,14 @@ import sys
 import tempfile
 import time
 
+import gin
 import numpy as np
 import pytest
 import tensorflow as tf
+
+from m6t_tf import errors
+from m6t_tf.errors import ConfigError
+from m6t_tf.run import configurables
 from tests import support
 from tests.support import HOROVODRUN, REPO
 
@@ -102,32 +108,46 @@ class DryRunTest(CliTestCase):
                          "a dry run does not read", "--gin_bindings=MAX_LEN=20")
 
 
-@pytest.mark.multiprocess
-class TrainerConfigErrorsTest(CliTestCase):
+class TrainerConfigErrorsTest(tf.test.TestCase):
+  """The trainer's own checks, in this process: each is a ConfigError (the CLI prints it as
+  one line and exits 2: `TrainerCliTest` and `DryRunTest` run that path as subprocesses),
+  raised before the model is built and before anything is written to the model dir."""
 
   def setUp(self):
+    super().setUp()
     support.require_demo()
 
-  def test_max_len_beyond_the_network_names_max_len_before_the_model(self):
+  def tearDown(self):
+    gin.clear_config()
+    super().tearDown()
+
+  def assertConfigError(self, bindings, *needles):
+    """train() on demo.gin with `bindings` raises a one-line ConfigError holding every needle,
+    and the model dir stays empty."""
+    gin.clear_config()
+    configurables.parse([os.path.join(REPO, "gin", "demo.gin")], list(bindings), [REPO])
     model_dir = _tmpdir()
-    proc = _train("--gin_file=gin/demo.gin", "--gin_bindings=train.max_len=64",
-                  f"--model_dir={model_dir}")
-    self.assertUserError(proc, "train.max_len=64", "M6Transformer.max_text_length=20",
-                         "--gin_bindings=MAX_LEN=64")
-    self.assertNotIn("Model:", proc.stdout)  # the line printed once the model is built
-    self.assertFalse(os.path.exists(os.path.join(model_dir, "checkpoints")))
+    with self.assertRaises(ConfigError) as raised:
+      configurables.run_train(model_dir=model_dir)
+    line = errors.one_line(raised.exception)
+    self.assertNotIn("\n", line)
+    for needle in needles:
+      self.assertIn(needle, line)
+    self.assertEqual(os.listdir(model_dir), [])
+    return line
+
+  def test_max_len_beyond_the_network_names_max_len_before_the_model(self):
+    self.assertConfigError(["train.max_len=64"], "train.max_len=64",
+                           "M6Transformer.max_text_length=20", "--gin_bindings=MAX_LEN=64")
 
   def test_data_longer_than_a_pinned_length_names_the_data_length(self):
-    proc = _train("--gin_file=gin/demo.gin", "--gin_bindings=MAX_LEN=10",
-                  f"--model_dir={_tmpdir()}")
-    self.assertUserError(proc, "captions of up to 20 tokens", "metadata.json",
-                         "--gin_bindings=MAX_LEN=20", "train.truncate_captions=True")
+    self.assertConfigError(["MAX_LEN=10"], "captions of up to 20 tokens", "metadata.json",
+                           "--gin_bindings=MAX_LEN=20", "train.truncate_captions=True")
 
   def test_cosine_horizon_shorter_than_warmup_is_one_line(self):
-    proc = _train("--gin_file=gin/demo.gin", "--gin_bindings=train.warmup_steps=100",
-                  "--gin_bindings=train.num_steps=30", f"--model_dir={_tmpdir()}")
-    self.assertUserError(proc, "train.num_steps=30", "100 warmup steps",
-                         "--gin_bindings=train.warmup_steps=3")
+    self.assertConfigError(["train.warmup_steps=100", "train.num_steps=30"],
+                           "train.num_steps=30", "100 warmup steps",
+                           "--gin_bindings=train.warmup_steps=3")
 
   def test_settings_that_hung_or_crashed_are_one_line(self):
     # shuffle_buffer=0 once spun through empty epochs in silence, never reaching step 1;
@@ -137,11 +157,15 @@ class TrainerConfigErrorsTest(CliTestCase):
                                     "--gin_bindings=train.shuffle_buffer=2048"]),
         ("train.on_bad_record='bogus'", ["train.on_bad_record='bogus'; allowed: 'skip'"])):
       with self.subTest(binding):
-        model_dir = _tmpdir()
-        proc = _train("--gin_file=gin/demo.gin", f"--gin_bindings={binding}",
-                      f"--model_dir={model_dir}", timeout=120)
-        self.assertUserError(proc, *needles)
-        self.assertEqual(os.listdir(model_dir), [])
+        self.assertConfigError([binding], *needles)
+
+
+@pytest.mark.multiprocess
+class TrainerCliTest(CliTestCase):
+  """`python -m m6t_tf.train` itself: flag errors, and one line per rank under horovodrun."""
+
+  def setUp(self):
+    support.require_demo()
 
   def test_missing_or_bad_gin_file(self):
     self.assertUserError(_train(f"--model_dir={_tmpdir()}"), "--gin_file is required")

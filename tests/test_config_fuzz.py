@@ -15,6 +15,7 @@ import os
 import gin
 import hypothesis
 from hypothesis import strategies as st
+import pytest
 import tensorflow as tf
 
 from m6t_tf.run import configurables
@@ -69,6 +70,7 @@ def _outcome(bindings):
     return e
 
 
+@pytest.mark.slow
 class ConfigFuzzTest(tf.test.TestCase):
 
   def tearDown(self):

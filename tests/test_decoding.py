@@ -64,6 +64,7 @@ def allowed(position: int) -> np.ndarray:
   return decoding._allowed(VOCAB, position, MAX_LEN).numpy()  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 class CachedDecodingTest(tf.test.TestCase):
 
   @classmethod
@@ -231,6 +232,7 @@ class BatchInvarianceTest(tf.test.TestCase):
 
 
 
+@pytest.mark.slow
 class OuterGroupsDecodingTest(tf.test.TestCase):
 
   def test_groups_decode_any_number_of_images(self):

@@ -65,6 +65,7 @@ ROUTINGS = [("top1", "top_k", 1), ("top2", "top_k", 2), ("top3", "top_k", 3),
             ("proto2", "prototype", 2), ("proto4", "prototype", 4)]
 
 
+@pytest.mark.slow
 class DroplessTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.named_parameters(
@@ -152,6 +153,7 @@ class DroplessTest(tf.test.TestCase, parameterized.TestCase):
       moe_lib.MoE(E, I, num_groups=0)
 
 
+@pytest.mark.slow
 class OuterGroupsTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters(*[(o, d, r, k) for o in (2, 5) for d in ("index", "einsum")

@@ -131,6 +131,7 @@ class UnscaledGradientsTest(tf.test.TestCase):
       self.assertAllClose(a, b, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 class MixedPrecisionTrainingTest(tf.test.TestCase):
 
   def setUp(self):

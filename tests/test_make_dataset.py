@@ -9,6 +9,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from m6t_tf.data import pipeline, records  # pylint: disable=g-import-not-at-top
@@ -122,6 +123,7 @@ class MakeDatasetTest(tf.test.TestCase):
     return {records.parse_example(s)["key"].numpy().decode()
             for s in records.read_serialized(str(self.out / "validation-*.tfrecord"))}
 
+  @pytest.mark.slow
   def test_validation_fraction_gives_the_split(self):
     self._many([1] * 20)
     for fraction, expected in ((0.1, 2), (0.25, 5), (0.5, 10), (0.0, 0)):

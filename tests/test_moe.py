@@ -10,6 +10,7 @@ import hypothesis
 from hypothesis import strategies as st
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf.layers import moe as moe_lib
@@ -416,6 +417,7 @@ class GradientAndDroppingTest(parameterized.TestCase, tf.test.TestCase):
     self.assertAllClose(layer.stats["dropped_fraction"], 1.0 - min(cap, len(real)) / len(real))
 
 
+@pytest.mark.slow
 class CompilationTest(parameterized.TestCase, tf.test.TestCase):
 
   @parameterized.named_parameters(

@@ -129,6 +129,7 @@ class FunctionalModelTest(tf.test.TestCase):
                             atol=1e-5, rtol=1e-5, msg=f"batch {n}")
 
 
+@pytest.mark.slow
 class UnknownLengthTest(tf.test.TestCase):
 
   def test_sequence_length_unknown(self):
@@ -143,6 +144,7 @@ class UnknownLengthTest(tf.test.TestCase):
     self.assertIn((None, E), routed_shapes(spy))
 
 
+@pytest.mark.slow
 class MixedPrecisionTest(tf.test.TestCase):
 
   def setUp(self):

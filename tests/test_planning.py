@@ -183,6 +183,7 @@ class PlanningTest(parameterized.TestCase, tf.test.TestCase):
       ("moe_attention", "base", VARIANTS[3][1]),
       ("capacity1_features", "base", VARIANTS[-1][1], 7),
   )
+  @pytest.mark.slow
   def test_flops_match_traced_graph(self, size, bindings, patch_dim=768):
     result, model, batch = _build(_gin_files(size), bindings, patch_dim)
     counted = graph_flops(model, batch)

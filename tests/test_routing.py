@@ -6,6 +6,7 @@ from absl.testing import parameterized
 import hypothesis
 from hypothesis import strategies as st
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from m6t_tf.layers import routers
@@ -109,6 +110,7 @@ class RuntimeCapacityTest(tf.test.TestCase):
         routing_lib.capacity_tensor(tf.constant(8), **{"num_experts": 4, **kwargs})
 
 
+@pytest.mark.slow
 class RuntimeTokenCountTest(parameterized.TestCase, tf.test.TestCase):
   """Routing traced with T unknown (and C a tensor) equals the static routing."""
 
