@@ -4,7 +4,7 @@ session (pytest.ini puts the checkout first on the path).
 Markers (registered in pytest.ini; `make test-fast` runs neither):
   multiprocess  the test starts worker processes (horovodrun, mpirun, a CLI, a trainer run as
                 `python -m ...`): it pays TensorFlow's start-up once per process.
-  slow          one process, but more than ~15 s (training runs, sweeps, benchmarks' smoke runs).
+  slow          one process, but more than ~5 s (training runs, sweeps, many traced variants, tools).
 
 A test that launches a Python interpreter, horovodrun or mpirun without the `multiprocess`
 marker fails: `make test-fast` must mean "no worker processes".
