@@ -10,7 +10,6 @@ allocate; all-to-all bytes against `MoE.alltoall_bytes_per_forward`.
 """
 
 import json
-import math
 import os
 import re
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 import tensorflow as tf
 
 from m6t_tf import optimizers
+from m6t_tf.bench import flops as flops_lib
 from m6t_tf.run import planning
 from m6t_tf.errors import ConfigError
 from m6t_tf.models import m6_captioner
@@ -52,7 +52,7 @@ VARIANTS = (
     ("features_capacity1", ["train.image_mode='features'", "MoEConfig.k=2",
                             "MoEConfig.capacity_mode='1'", "HEAD_SIZE=8"], 7),
 )
-MATMUL_OPS = ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum")
+MATMUL_OPS = flops_lib.MATMUL_OPS
 
 
 def _gin_files(size, *more):
@@ -83,30 +83,6 @@ def _size(v) -> int:
   return int(np.prod(v.shape))
 
 
-def _einsum_flops(op) -> int:
-  """2 × Π(output dims) × Π(contracted dims) of a two-operand Einsum op."""
-  lhs, out = op.get_attr("equation").decode().split("->")
-  labels = {}
-  for sub, tensor in zip(lhs.split(","), op.inputs):
-    dims = list(tensor.shape)
-    if "..." in sub:
-      head, tail = sub.split("...")
-      pairs = list(zip(head, dims[:len(head)])) + list(zip(tail, dims[len(dims) - len(tail):]))
-    else:
-      pairs = list(zip(sub, dims))
-    labels.update(pairs)
-  contracted = set(labels) - set(out)
-  return 2 * math.prod(op.outputs[0].shape) * math.prod(labels[c] for c in contracted)
-
-
-def _matmul_flops(op) -> int:
-  if op.type == "Einsum":
-    return _einsum_flops(op)
-  a = op.inputs[0].shape
-  adj = op.get_attr("transpose_a" if op.type == "MatMul" else "adj_x")
-  return 2 * math.prod(op.outputs[0].shape) * (a[-2] if adj else a[-1])
-
-
 def graph_flops(model, batch) -> dict:
   """Matmul FLOPs of the forward ops the logits depend on: {"total", "experts"}."""
   specs = {k: tf.TensorSpec(v.shape, v.dtype) for k, v in batch.items()}
@@ -121,7 +97,7 @@ def graph_flops(model, batch) -> dict:
     stack.extend(t.op for t in op.inputs)
     assert "Conv" not in op.type and ("MatMul" not in op.type or op.type in MATMUL_OPS), op.type
     if op.type in MATMUL_OPS:
-      flops = _matmul_flops(op)
+      flops = flops_lib.matmul_flops(op)
       out["total"] += flops
       if re.search(r"/moe(_\d+)?/experts(_\d+)?/", op.name):   # scopes get _1, _2 suffixes
         out["experts"] += flops
