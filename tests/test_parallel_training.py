@@ -73,7 +73,7 @@ class ParallelTrainingTest(tf.test.TestCase):
 
   def launch(self, name, *, ranks, layout=None, batch=GLOBAL_BATCH, stop_after=None,
              model_dir=None, init=True, init_dir=None, continue_dir=None, continue_steps=None,
-             eval_dirs=(), extra=(), timeout=240):
+             eval_dirs=(), extra=(), timeout=420):
     model_dir = model_dir or os.path.join(self.tmp, name)
     if init and not os.path.exists(model_dir):
       shutil.copytree(os.path.join(self.tmp, "init", "checkpoints"),
