@@ -70,10 +70,10 @@ class KillAndResumeTest(tf.test.TestCase):
     os.makedirs(os.path.join(REPO, "runs"), exist_ok=True)
 
   def _kill_and_resume(self, ranks, *, first_phases=None, lost_rank_phase=None):
-    """Kills a run of `ranks` ranks in turn inside a checkpoint save, right after a step, (on
-    2 ranks: in `lost_rank_phase`, one rank alone) and at a random moment, restarts it until
-    done, and compares it with the straight reference run. `first_phases(model_dir)` runs
-    first on the same model dir: its restart is the first kill's launch."""
+    """Kills a run of `ranks` ranks in turn inside a checkpoint save, right after a step, then
+    (`lost_rank_phase(model_dir)`, if given) one rank alone, and at a random moment; restarts
+    it until done and compares it with the straight reference run. `first_phases(model_dir)`
+    runs first on the same model dir: the first kill's launch is its restart."""
     reference = support.reference_run(ranks)
     killed = _tmpdir()
     last_rank = ranks - 1
