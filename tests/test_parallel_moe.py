@@ -6,7 +6,12 @@ routing groups, L = (1/W) Σ_r L_r, expert grads summed over the replica group /
 per mesh runs every check and writes one JSON file per rank; the tests below read them.
 
 Meshes: (data=1, expert=2) on 2 ranks, (1, 4) and (2, 2) on 4 ranks — the last replicates each
-expert on 2 ranks, so expert gradients are reduced over a replica process set.
+expert on 2 ranks, so expert gradients are reduced over a replica process set. Every variant
+(routing × dispatch, dropless load, outer groups and drop policy, unequal batches) runs on the
+cheapest mesh, (1, 2); the 4-rank meshes run a subset that keeps both dispatches, both routing
+families, skewed dropless, a policy and unequal batches, and every check that depends on the
+mesh (the worker's `SCOPES`; the parameter lists below mirror it). The bad configurations run
+in one 4-rank launch, each failing on every rank in turn.
 """
 
 from __future__ import annotations
@@ -29,7 +34,33 @@ WORKER = pathlib.Path(REPO) / "tests" / "distributed" / "moe_worker.py"
 pytestmark = pytest.mark.multiprocess
 
 MESHES = [(1, 2), (1, 4), (2, 2)]
+FULL_MESH = (1, 2)   # launched with --scope full, the others with --scope mesh
 ROUTING_TAGS = [f"{r}/{d}" for r in ("top_k1", "top_k2", "prototype2") for d in ("einsum", "index")]
+DROPLESS = [(load, r) for load in ("balanced", "skewed")
+            for r in ("top_k1", "top_k2", "prototype2")]
+POLICIES = ["groups2", "groups5", "drop_probability", "groups2_drop_probability"]
+UNEQUAL = ["top_k2_index", "prototype2_einsum", "top_k2_groups2", "dropless_top_k2"]
+# What the 4-rank meshes run of each sweep.
+MESH_SCOPE = dict(tags=["top_k2/index", "prototype2/einsum"], dropless=[("skewed", "top_k2")],
+                  policies=["groups2_drop_probability"], policy_routings=["top_k2"],
+                  unequal=["top_k2_index", "dropless_top_k2"], fp16_wire=["top_k2"])
+FULL_SCOPE = dict(tags=ROUTING_TAGS, dropless=DROPLESS, policies=POLICIES,
+                  policy_routings=["top_k2", "prototype2"], unequal=UNEQUAL,
+                  fp16_wire=["top_k2", "prototype2"])
+
+
+def scope(data: int, expert: int) -> dict:
+  return FULL_SCOPE if (data, expert) == FULL_MESH else MESH_SCOPE
+
+
+def per_mesh(sweep: str) -> list:
+  """(data, expert, *point) for every point of `sweep` each mesh runs."""
+  cases = []
+  for data, expert in MESHES:
+    for point in scope(data, expert)[sweep]:
+      cases.append((data, expert, *(point if isinstance(point, tuple) else (point,))))
+  return cases
+
 EQUIVALENCE_TIMEOUT = 240.0
 FAILURE_DEADLINE = 60.0  # every rank must have failed and exited by then
 
@@ -74,8 +105,8 @@ class Runs:
       world = data * expert
       out = self._tmp.mktemp(f"equivalence_{data}x{expert}")
       code, output, seconds = launch(
-          world, ["--mode", "equivalence", "--data", str(data), "--expert", str(expert)], out,
-          EQUIVALENCE_TIMEOUT)
+          world, ["--mode", "equivalence", "--data", str(data), "--expert", str(expert),
+                  "--scope", "full" if key == FULL_MESH else "mesh"], out, EQUIVALENCE_TIMEOUT)
       records = {}
       for r in range(world):
         path = out / f"rank{r}.json"
@@ -108,8 +139,7 @@ def _assert_ok(run, prefix: str):
   assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("data,expert", MESHES)
-@pytest.mark.parametrize("tag", ROUTING_TAGS)
+@pytest.mark.parametrize("data,expert,tag", per_mesh("tags"))
 def test_matches_one_process_holding_all_experts(runs, data, expert, tag):
   """Outputs, losses, input grads, router grads and expert-slice grads to 1e-5 (fp32)."""
   run = runs.equivalence(data, expert)
@@ -119,9 +149,7 @@ def test_matches_one_process_holding_all_experts(runs, data, expert, tag):
     assert len(_checks(run, f"{tag}/{part}")) == run["world"]  # every rank compared
 
 
-@pytest.mark.parametrize("data,expert", MESHES)
-@pytest.mark.parametrize("load", ["balanced", "skewed"])
-@pytest.mark.parametrize("routing", ["top_k1", "top_k2", "prototype2"])
+@pytest.mark.parametrize("data,expert,load,routing", per_mesh("dropless"))
 def test_dropless_matches_one_process(runs, data, expert, load, routing):
   """Dropless: variable-size all-to-alls, eager and traced, training and evaluation, equal to
   one process; nothing dropped, even when every token's first choice is one expert."""
@@ -136,22 +164,18 @@ def test_dropless_matches_one_process(runs, data, expert, load, routing):
     assert min(loads) >= 4.0 - 1e-6, loads
 
 
-@pytest.mark.parametrize("data,expert", MESHES)
-@pytest.mark.parametrize("tag", ["groups2", "groups5", "drop_probability",
-                                 "groups2_drop_probability"])
+@pytest.mark.parametrize("data,expert,tag", per_mesh("policies"))
 def test_outer_groups_and_drop_policy_match_one_process(runs, data, expert, tag):
   """num_groups and drop_policy="probability" under expert parallelism, with tokens dropped."""
   run = runs.equivalence(data, expert)
-  for routing in ("top_k2", "prototype2"):
+  for routing in scope(data, expert)["policy_routings"]:
     for part in ("out", "loss", "grad_x", "grad_router", "grad_wi", "grad_wo"):
       _assert_ok(run, f"policies/{tag}/{routing}/{part}")
   dropped = [c["value"] for _, c in _checks(run, f"policies/{tag}/") if "value" in c]
   assert max(dropped) > 0
 
 
-@pytest.mark.parametrize("data,expert", MESHES)
-@pytest.mark.parametrize("tag", ["top_k2_index", "prototype2_einsum", "top_k2_groups2",
-                                 "dropless_top_k2"])
+@pytest.mark.parametrize("data,expert,tag", per_mesh("unequal"))
 def test_unequal_batches_agree_on_the_largest_capacity(runs, data, expert, tag):
   """Rank r routes T_r = 5, 9, 15, 19 tokens, eagerly and traced with T unknown (a Keras
   model's unknown batch): the expert group uses the largest C (an allreduce-max), and every
@@ -188,7 +212,7 @@ def test_under_tf_function(runs, data, expert):
 def test_alltoall_bytes_are_2_E_C_M_bytes(runs, data, expert):
   """Payload handed to hvd.alltoall in one forward = the layer's report = 2·E·C·M·4 (fp32)."""
   run = runs.equivalence(data, expert)
-  for tag in ROUTING_TAGS:
+  for tag in scope(data, expert)["tags"]:
     _assert_ok(run, f"{tag}/alltoall_bytes")
     _assert_ok(run, f"{tag}/alltoall_calls")
 
@@ -196,7 +220,11 @@ def test_alltoall_bytes_are_2_E_C_M_bytes(runs, data, expert):
 @pytest.mark.parametrize("data,expert", MESHES)
 def test_fp16_wire(runs, data, expert):
   """FP16 communication: 2 bytes per element, results within 1e-2 of fp32, not bit-equal."""
-  _assert_ok(runs.equivalence(data, expert), "fp16_wire")
+  run = runs.equivalence(data, expert)
+  for routing in scope(data, expert)["fp16_wire"]:
+    for part in ("alltoall_bytes", "alltoall_bytes_reported", "out", "loss", "grad_x",
+                 "grad_router", "grad_wi", "grad_wo", "not_bit_identical"):
+      _assert_ok(run, f"fp16_wire/{routing}/index/{part}")
 
 
 @pytest.mark.parametrize("data,expert", MESHES)
@@ -224,33 +252,35 @@ def test_trainer_context_interface(runs, data, expert):
   _assert_ok(runs.equivalence(data, expert), "trainer_interface")
 
 
+# name: text every rank's error must contain. All run in one launch of 4 ranks, mesh (2, 2)
+# (the worker's FAILURES, in that order).
 FAILURES = {
-    # name: (processes, worker args, text every rank's error must contain)
-    "mesh_larger_than_world": (
-        2, ["--mode", "bad_mesh", "--data", "2", "--expert", "3"],
-        "mesh data=2 × expert=3 = 6 ranks, but 2 were started"),
-    "experts_not_divisible_at_init": (
-        2, ["--mode", "bad_experts_init", "--data", "1", "--expert", "2", "--num_experts", "5"],
-        "num_experts=5 is not divisible by the expert axis expert=2"),
-    "experts_not_divisible_in_layer": (
-        2, ["--mode", "bad_experts_layer", "--data", "1", "--expert", "2", "--num_experts", "5"],
-        "num_experts=5 is not divisible"),
-    "capacity_mismatch": (
-        4, ["--mode", "capacity_mismatch", "--data", "2", "--expert", "2"],
-        "moe0.capacity_train (rank 0: 2, rank 1: 2, rank 2: 2, rank 3: 3)"),
+    "mesh_larger_than_world": "mesh data=2 × expert=3 = 6 ranks, but 4 were started",
+    "experts_not_divisible_at_init": "num_experts=5 is not divisible by the expert axis expert=2",
+    "experts_not_divisible_in_layer": "num_experts=5 is not divisible",
+    "capacity_mismatch": "moe0.capacity_train (rank 0: 2, rank 1: 2, rank 2: 2, rank 3: 3)",
 }
+FAILURE_RANKS = 4
+
+
+@pytest.fixture(scope="module")
+def failures(tmp_path_factory):
+  out = tmp_path_factory.mktemp("failures")
+  code, output, seconds = launch(FAILURE_RANKS, ["--mode", "failures", "--world",
+                                                 str(FAILURE_RANKS)], out,
+                                 timeout=FAILURE_DEADLINE + 30)
+  return dict(out=out, code=code, output=output, seconds=seconds)
 
 
 @pytest.mark.parametrize("name", sorted(FAILURES))
-def test_bad_configuration_fails_on_every_rank_without_hanging(tmp_path, name):
-  num_procs, args, expected = FAILURES[name]
-  code, output, seconds = launch(num_procs, args + ["--world", str(num_procs)], tmp_path,
-                                 timeout=FAILURE_DEADLINE + 30)
-  assert code is not None, f"{name}: still running after {FAILURE_DEADLINE + 30:.0f}s:\n{output[-4000:]}"
-  assert code != 0, f"{name}: horovodrun exited 0:\n{output[-4000:]}"
-  assert seconds < FAILURE_DEADLINE, f"{name}: took {seconds:.0f}s"
-  for r in range(num_procs):
-    err = tmp_path / f"rank{r}.err"
+def test_bad_configuration_fails_on_every_rank_without_hanging(failures, name):
+  expected = FAILURES[name]
+  code, output, out = failures["code"], failures["output"], failures["out"]
+  assert code is not None, f"still running after {FAILURE_DEADLINE + 30:.0f}s:\n{output[-4000:]}"
+  assert code != 0, f"horovodrun exited 0:\n{output[-4000:]}"
+  assert failures["seconds"] < FAILURE_DEADLINE, f"took {failures['seconds']:.0f}s"
+  for r in range(FAILURE_RANKS):
+    err = out / f"rank{r}.{name}.err"
     assert err.exists(), f"{name}: rank {r} did not report an error:\n{output[-4000:]}"
     assert expected in err.read_text(), f"rank {r}: {err.read_text()}"
   assert expected in output  # and the user sees it

@@ -135,10 +135,12 @@ def _key_log(path):
 
 
 def _parse(eval_data, *bindings):
+  """The run's config; `eval_data=None`: no evaluation (nothing reads it)."""
   gin.clear_config()
   configurables.parse(
       [os.path.join(REPO, "gin", "demo.gin"), os.path.join(REPO, "gin", "tiny.gin")],
-      [f"train.train_data='{DEMO}/train-*.tfrecord'", f"train.eval_data='{eval_data}'",
+      [f"train.train_data='{DEMO}/train-*.tfrecord'",
+       f"train.eval_data={eval_data and repr(eval_data)}",
        f"train.num_steps={STEPS}", "train.checkpoint_every=2", "train.deterministic=True",
        "train.keep_checkpoints=2", "train.eval_batches=0", f"train.log_every={LOG_EVERY}",
        "train.log_data_keys=True", *bindings], [REPO])
@@ -197,7 +199,9 @@ class RamModelDirTest(tf.test.TestCase):
     super().tearDown()
 
   def _train(self, model_dir, fault=None):
-    _parse(self.eval_data)
+    # Without evaluation: the interrupted runs' checks are of training, its logs and its
+    # checkpoints (the straight run evaluates from ram://); each evaluation would trace again.
+    _parse(None)
     with mock.patch.dict(os.environ, {"M6T_FAULT_INJECT": fault or ""}), \
          mock.patch.object(faults.FaultInjection, "maybe_kill", _raise_instead_of_kill):
       return configurables.run_train(model_dir=model_dir)
