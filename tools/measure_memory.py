@@ -50,7 +50,9 @@ JSON (--format=json): {"schema_version": 1, "tool", "argv", "machine", "method",
                             activations_all_grads, activations_eager_tape, step_peak, rss_step_peak, params},
                "planned": {weights, optimizer_state, gradients, activations, params},
                "ratio": {weights, optimizer_state, gradients, activations},
-               "saving": {planned, measured, ratio} (with --remat only)}]}
+               "saving": {planned, measured, ratio} (with --remat only),
+               "without_remat": {measured, planned, ratio} (with --remat only: the same
+                                 config measured without recomputation)}]}
 """
 
 from __future__ import annotations
@@ -311,10 +313,16 @@ def main(argv=None) -> int:
               "shrunk": not args.gin_file, "remat": args.remat, "measured": measured,
               "planned": plan, "ratio": ratio}
     if args.remat != "none":
-      plan_none = planned(files, bindings, "none")["activations"]
-      measured_none = run_child(files, bindings, "none")["activations"]
-      saving = {"planned": plan_none - plan["activations"],
-                "measured": measured_none - measured["activations"]}
+      plan_none = planned(files, bindings, "none")
+      measured_none = run_child(files, bindings, "none")
+      # The run without recomputation is measured anyway (for the saving): report all of it,
+      # so one invocation also gives the plain config's comparison.
+      config["without_remat"] = {
+          "measured": measured_none, "planned": plan_none,
+          "ratio": {k: plan_none[k] / measured_none[k] if measured_none[k] else float("nan")
+                    for k in MEMORY_KEYS}}
+      saving = {"planned": plan_none["activations"] - plan["activations"],
+                "measured": measured_none["activations"] - measured["activations"]}
       saving["ratio"] = (saving["planned"] / saving["measured"] if saving["measured"] > 0
                          else float("nan"))
       config["saving"] = saving
