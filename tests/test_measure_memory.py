@@ -28,13 +28,14 @@ class MeasureMemoryTest(tf.test.TestCase):
     super().setUpClass()
     # One invocation for both properties: with --remat the tool measures the config with and
     # without recomputation (one fresh child each), and reports both.
-    cls.proc = cls.run_tool("--config=base", "--remat=block", "--format=json")
+    # Two measuring children: the time two invocations had before.
+    cls.proc = cls.run_tool("--config=base", "--remat=block", "--format=json", timeout=1200)
 
   @staticmethod
-  def run_tool(*args):
+  def run_tool(*args, timeout=600):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
     return subprocess.run([sys.executable, TOOL, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
   def config(self):
     self.assertEqual(self.proc.returncode, 0, self.proc.stderr[-3000:])
