@@ -52,7 +52,6 @@ VARIANTS = (
     ("features_capacity1", ["train.image_mode='features'", "MoEConfig.k=2",
                             "MoEConfig.capacity_mode='1'", "HEAD_SIZE=8"], 7),
 )
-MATMUL_OPS = flops_lib.MATMUL_OPS
 
 
 def _gin_files(size, *more):
@@ -95,8 +94,9 @@ def graph_flops(model, batch) -> dict:
       continue
     seen.add(op.name)
     stack.extend(t.op for t in op.inputs)
-    assert "Conv" not in op.type and ("MatMul" not in op.type or op.type in MATMUL_OPS), op.type
-    if op.type in MATMUL_OPS:
+    assert "Conv" not in op.type and ("MatMul" not in op.type
+                                      or op.type in flops_lib.MATMUL_OPS), op.type
+    if op.type in flops_lib.MATMUL_OPS:
       flops = flops_lib.matmul_flops(op)
       out["total"] += flops
       if re.search(r"/moe(_\d+)?/experts(_\d+)?/", op.name):   # scopes get _1, _2 suffixes
